@@ -1,0 +1,89 @@
+"""What every participant of a run derives from its scenario: data, model, seeds."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedmerge.data import DatasetBundle, PartitionConfig, load_dataset, partition_indices
+from fedmerge.models import build_model
+from fedmerge.scenario import Scenario
+
+
+def dataset_for(scenario: Scenario, root: str | None = None) -> DatasetBundle:
+    """Load the scenario's data set (cached per process)."""
+    ds = scenario.dataset
+    return load_dataset(
+        ds.name,
+        root or ds.root or None,
+        synthetic_alpha=ds.synthetic_alpha,
+        synthetic_beta=ds.synthetic_beta,
+        synthetic_users=ds.synthetic_users,
+        mnist1d_samples=ds.mnist1d_samples,
+    )
+
+
+def partition_config(scenario: Scenario) -> PartitionConfig:
+    """The scenario's ``[partition]`` table as a :class:`PartitionConfig`."""
+    p = scenario.partition
+    return PartitionConfig(
+        scheme=p.scheme,
+        alpha=p.alpha,
+        classes_per_client=p.classes_per_client,
+        shards_per_client=p.shards_per_client,
+        min_partition_size=p.min_partition_size,
+    )
+
+
+@lru_cache(maxsize=8)
+def _partitions(scenario: Scenario, root: str | None) -> tuple[np.ndarray, ...]:
+    data = dataset_for(scenario, root)
+    parts = partition_indices(
+        data.train_y.numpy(),
+        scenario.num_clients,
+        partition_config(scenario),
+        seed=scenario.seed,
+        groups=data.train_groups,
+    )
+    return tuple(parts)
+
+
+def client_indices(scenario: Scenario, root: str | None = None) -> tuple[np.ndarray, ...]:
+    """Indices of every client's training samples (cached per process)."""
+    return _partitions(scenario, root)
+
+
+def client_data(
+    scenario: Scenario, partition_id: int, root: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training tensors ``(x, y)`` of one client."""
+    if not 0 <= partition_id < scenario.num_clients:
+        raise ValueError(
+            f"partition-id: got {partition_id}; allowed: 0 to {scenario.num_clients - 1}"
+        )
+    data = dataset_for(scenario, root)
+    idx = torch.from_numpy(client_indices(scenario, root)[partition_id])
+    return data.train_x[idx], data.train_y[idx]
+
+
+def initial_model(scenario: Scenario) -> nn.Module:
+    """The model every run starts from: same scenario and seed, same weights."""
+    data = dataset_for(scenario)
+    m = scenario.model
+    return build_model(
+        m.name,
+        input_shape=data.input_shape,
+        num_classes=data.num_classes,
+        width=m.width,
+        hidden=m.hidden,
+        seed=scenario.seed,
+    )
+
+
+def client_seed(scenario: Scenario, server_round: int, partition_id: int) -> int:
+    """Seed of one client's training in one round, derived from the run seed."""
+    seq = np.random.SeedSequence([scenario.seed, server_round, partition_id])
+    return int(seq.generate_state(1, dtype=np.uint64)[0] >> 1)

@@ -1,0 +1,313 @@
+"""Scenarios: typed, validated run configurations read from TOML."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fedmerge.data import DATASET_NAMES, PARTITION_SCHEMES
+from fedmerge.models import MODEL_NAMES
+
+SCENARIO_DIR = Path(__file__).resolve().parent.parent / "sims" / "scenarios"
+STRATEGY_NAMES: tuple[str, ...] = ("fedavg", "fedprox")
+
+
+class ConfigError(ValueError):
+    """A scenario value that is not allowed; the message names key, value and range."""
+
+
+@dataclass(frozen=True)
+class DatasetSection:
+    """``[dataset]``: which data set, and where its files are."""
+
+    name: str = "fashion-mnist"
+    root: str = ""
+    synthetic_alpha: float = 1.0
+    synthetic_beta: float = 1.0
+    synthetic_users: int = 30
+    mnist1d_samples: int = 5000
+
+
+@dataclass(frozen=True)
+class PartitionSection:
+    """``[partition]``: how the training set is split (see PartitionConfig)."""
+
+    scheme: str = "iid"
+    alpha: float = 0.5
+    classes_per_client: int = 2
+    shards_per_client: int = 2
+    min_partition_size: int = 10
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """``[model]``: architecture and width."""
+
+    name: str = "simple-cnn"
+    width: int = 1
+    hidden: tuple[int, ...] = (200, 200)
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    """``[train]``: local SGD (see TrainConfig)."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class StrategySection:
+    """``[strategy]``: server-side aggregation and client-side evaluation."""
+
+    name: str = "fedavg"
+    prox_mu: float = 0.01
+    fraction_evaluate: float = 0.0
+
+
+@dataclass(frozen=True)
+class SimulationSection:
+    """``[simulation]``: Ray resources and cluster."""
+
+    num_cpus_per_client: int = 1
+    num_gpus_per_client: float = 0.0
+    ray_address: str = ""
+    ray_num_cpus: int = 0
+    timeout: float = 600.0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One simulated run, fully resolved.
+
+    Every field is validated on construction; :func:`load_scenario` builds it
+    from TOML plus ``--set`` overrides.
+    """
+
+    name: str = "default"
+    seed: int = 0
+    rounds: int = 5
+    num_clients: int = 10
+    clients_per_round: int = 5
+    device: str = "cpu"
+    dataset: DatasetSection = field(default_factory=DatasetSection)
+    partition: PartitionSection = field(default_factory=PartitionSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    strategy: StrategySection = field(default_factory=StrategySection)
+    simulation: SimulationSection = field(default_factory=SimulationSection)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dict (tuples as lists), the inverse of :func:`scenario_from_dict`."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def digest(self) -> str:
+        """Hash of the resolved configuration (16 hex digits)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _check(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: got {value!r}; allowed: {allowed}")
+
+
+def _validate(s: Scenario) -> None:
+    _check(s.rounds >= 1, "rounds", s.rounds, "an integer >= 1")
+    _check(s.num_clients >= 1, "num_clients", s.num_clients, "an integer >= 1")
+    _check(
+        1 <= s.clients_per_round <= s.num_clients,
+        "clients_per_round",
+        s.clients_per_round,
+        f"1 to num_clients ({s.num_clients})",
+    )
+    _check(
+        s.device == "cpu" or s.device.startswith("cuda"), "device", s.device, "'cpu' or 'cuda[:N]'"
+    )
+    _check(s.dataset.name in DATASET_NAMES, "dataset.name", s.dataset.name, ", ".join(DATASET_NAMES))
+    root = s.dataset.root
+    _check(not root or Path(root).is_dir(), "dataset.root", root, "an existing directory")
+    _check(s.dataset.synthetic_users >= 1, "dataset.synthetic_users", s.dataset.synthetic_users, ">= 1")
+    _check(s.dataset.mnist1d_samples >= 10, "dataset.mnist1d_samples", s.dataset.mnist1d_samples, ">= 10")
+    p = s.partition
+    _check(p.scheme in PARTITION_SCHEMES, "partition.scheme", p.scheme, ", ".join(PARTITION_SCHEMES))
+    _check(p.alpha > 0, "partition.alpha", p.alpha, "a number > 0")
+    _check(p.classes_per_client >= 1, "partition.classes_per_client", p.classes_per_client, ">= 1")
+    _check(p.shards_per_client >= 1, "partition.shards_per_client", p.shards_per_client, ">= 1")
+    _check(p.min_partition_size >= 0, "partition.min_partition_size", p.min_partition_size, ">= 0")
+    _check(s.model.name in MODEL_NAMES, "model.name", s.model.name, ", ".join(MODEL_NAMES))
+    _check(s.model.width >= 1, "model.width", s.model.width, "an integer >= 1")
+    _check(
+        len(s.model.hidden) >= 1 and all(h >= 1 for h in s.model.hidden),
+        "model.hidden",
+        list(s.model.hidden),
+        "a non-empty list of integers >= 1",
+    )
+    t = s.train
+    _check(t.epochs >= 1, "train.epochs", t.epochs, "an integer >= 1")
+    _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1")
+    _check(t.lr > 0, "train.lr", t.lr, "a number > 0")
+    _check(0 <= t.momentum < 1, "train.momentum", t.momentum, "a number in [0, 1)")
+    _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "a number >= 0")
+    st = s.strategy
+    _check(st.name in STRATEGY_NAMES, "strategy.name", st.name, ", ".join(STRATEGY_NAMES))
+    _check(st.prox_mu >= 0, "strategy.prox_mu", st.prox_mu, "a number >= 0")
+    _check(
+        0 <= st.fraction_evaluate <= 1,
+        "strategy.fraction_evaluate",
+        st.fraction_evaluate,
+        "a number in [0, 1]",
+    )
+    sim = s.simulation
+    _check(sim.num_cpus_per_client >= 1, "simulation.num_cpus_per_client", sim.num_cpus_per_client, ">= 1")
+    _check(sim.num_gpus_per_client >= 0, "simulation.num_gpus_per_client", sim.num_gpus_per_client, ">= 0")
+    _check(sim.ray_num_cpus >= 0, "simulation.ray_num_cpus", sim.ray_num_cpus, ">= 0 (0: all cores)")
+    _check(sim.timeout > 0, "simulation.timeout", sim.timeout, "seconds > 0")
+
+
+_SECTION_TYPES = {
+    "dataset": DatasetSection,
+    "partition": PartitionSection,
+    "model": ModelSection,
+    "train": TrainSection,
+    "strategy": StrategySection,
+    "simulation": SimulationSection,
+}
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Convert ``value`` to the type of ``default`` or raise ConfigError."""
+    kind = type(default)
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind is tuple:
+        if isinstance(value, str):  # "200,200" from flat run configs
+            try:
+                value = [int(v) for v in value.split(",") if v.strip()]
+            except ValueError:
+                value = None
+        ok = isinstance(value, list) and all(isinstance(v, int) for v in value)
+        value = tuple(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"{key}: got {value!r}; allowed: a value of type {kind.__name__}")
+    return value
+
+
+def scenario_from_dict(data: dict[str, Any]) -> Scenario:
+    """Build a Scenario from a nested dict; unknown keys are rejected."""
+    top_defaults = {f.name: f.default for f in fields(Scenario) if f.name not in _SECTION_TYPES}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _SECTION_TYPES:
+            section = _SECTION_TYPES[key]
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: got {value!r}; allowed: a table [{key}]")
+            defaults = {f.name: f.default for f in fields(section)}
+            sub = {}
+            for k, v in value.items():
+                if k not in defaults:
+                    raise ConfigError(
+                        f"{key}.{k}: unknown key; allowed: {', '.join(sorted(defaults))}"
+                    )
+                sub[k] = _coerce(f"{key}.{k}", v, defaults[k])
+            kwargs[key] = section(**sub)
+        elif key in top_defaults:
+            kwargs[key] = _coerce(key, value, top_defaults[key])
+        else:
+            allowed = sorted([*top_defaults, *_SECTION_TYPES])
+            raise ConfigError(f"{key}: unknown key; allowed: {', '.join(allowed)}")
+    return Scenario(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    """Parse the right-hand side of ``--set key=value`` as TOML, else keep the string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` overrides (dotted keys) to a nested dict."""
+    out = json.loads(json.dumps(data))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set: got {item!r}; allowed: key=value, e.g. train.lr=0.05")
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {part!r} is not a table")
+        node[leaf] = _parse_value(text.strip())
+    return out
+
+
+def resolve_scenario_path(spec: str | None) -> Path:
+    """Map ``None`` or a shipped scenario's name to its file; keep explicit paths."""
+    if spec is None:
+        return SCENARIO_DIR / "default.toml"
+    path = Path(spec)
+    if path.suffix != ".toml" and (SCENARIO_DIR / f"{spec}.toml").exists():
+        return SCENARIO_DIR / f"{spec}.toml"
+    if not path.exists():
+        shipped = ", ".join(sorted(p.stem for p in SCENARIO_DIR.glob("*.toml")))
+        raise ConfigError(
+            f"scenario: {spec!r} does not exist; allowed: a TOML file or one of {shipped}"
+        )
+    return path
+
+
+def load_scenario(spec: str | None = None, overrides: list[str] | None = None) -> Scenario:
+    """Read a scenario TOML, apply ``--set`` overrides, validate."""
+    path = resolve_scenario_path(spec)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"scenario: {str(path)!r} is not valid TOML ({exc})") from exc
+    return scenario_from_dict(apply_overrides(data, overrides or []))
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten a nested dict to dotted keys (lists become comma-joined strings)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            out[name] = ",".join(str(v) for v in value)
+        else:
+            out[name] = value
+    return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`flatten` for dotted keys."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out

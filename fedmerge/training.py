@@ -1,0 +1,161 @@
+"""Local training and evaluation on in-memory tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of local training (SGD with momentum).
+
+    Attributes
+    ----------
+    epochs : int (default: 1)
+        Passes over the local data; >= 1.
+    batch_size : int (default: 32)
+        Mini-batch size; >= 1.
+    lr : float (default: 0.01)
+        Learning rate; > 0.
+    momentum : float (default: 0.9)
+        SGD momentum in [0, 1).
+    weight_decay : float (default: 0.0)
+        L2 penalty; >= 0.
+    prox_mu : float (default: 0.0)
+        FedProx proximal term :math:`\\frac{\\mu}{2}\\lVert w - w_g\\rVert^2`; >= 0.
+    """
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    prox_mu: float = 0.0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs": (self.epochs >= 1, ">= 1"),
+            "batch_size": (self.batch_size >= 1, ">= 1"),
+            "lr": (self.lr > 0, "> 0"),
+            "momentum": (0 <= self.momentum < 1, "in [0, 1)"),
+            "weight_decay": (self.weight_decay >= 0, ">= 0"),
+            "prox_mu": (self.prox_mu >= 0, ">= 0"),
+        }
+        for key, (ok, allowed) in checks.items():
+            if not ok:
+                raise ValueError(f"train.{key}: got {getattr(self, key)}; allowed: {allowed}")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one call of :func:`train_local` measured."""
+
+    loss: float
+    num_examples: int
+    num_steps: int
+
+
+def train_local(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: TrainConfig,
+    *,
+    generator: torch.Generator,
+    global_state: Mapping[str, torch.Tensor] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place with mini-batch SGD on ``(x, y)``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Model to train; it stays on its device.
+    x : Tensor, shape (n, *input_shape)
+        Local inputs.
+    y : Tensor, shape (n,)
+        Local labels.
+    config : TrainConfig
+        Hyper-parameters.
+    generator : torch.Generator
+        Shuffles the mini-batches (CPU generator).
+    global_state : mapping of str to Tensor, optional
+        Weights of the global model, needed when ``config.prox_mu > 0``.
+
+    Returns
+    -------
+    TrainResult
+        Mean training loss over the last epoch, samples and optimiser steps.
+    """
+    device = next(model.parameters()).device
+    n = len(y)
+    if n == 0:
+        return TrainResult(loss=float("nan"), num_examples=0, num_steps=0)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+    anchors: list[tuple[nn.Parameter, torch.Tensor]] = []
+    if config.prox_mu > 0:
+        if global_state is None:
+            raise ValueError("train.prox_mu: > 0 needs the global model's weights")
+        anchors = [
+            (p, global_state[name].to(device)) for name, p in model.named_parameters()
+        ]
+    model.train()
+    steps = 0
+    epoch_loss = 0.0
+    for _ in range(config.epochs):
+        order = torch.randperm(n, generator=generator)
+        total = torch.zeros((), device=device)
+        for start in range(0, n, config.batch_size):
+            idx = order[start : start + config.batch_size]
+            if len(idx) < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+                continue  # BatchNorm cannot train on a single sample
+            xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+            loss = F.cross_entropy(model(xb), yb)
+            total += loss.detach() * len(idx)
+            if anchors:
+                prox = sum(((p - g) ** 2).sum() for p, g in anchors)
+                loss = loss + 0.5 * config.prox_mu * prox
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+        epoch_loss = float(total) / n
+    return TrainResult(loss=epoch_loss, num_examples=n, num_steps=steps)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 2048
+) -> tuple[float, float]:
+    """Return ``(mean cross-entropy loss, accuracy)`` of ``model`` on ``(x, y)``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Model to evaluate (put in eval mode, left in eval mode).
+    x : Tensor, shape (n, *input_shape)
+    y : Tensor, shape (n,)
+    batch_size : int (default: 2048)
+        Evaluation batch size.
+    """
+    device = next(model.parameters()).device
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for start in range(0, len(y), batch_size):
+        xb = x[start : start + batch_size].to(device)
+        yb = y[start : start + batch_size].to(device)
+        logits = model(xb)
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum")
+        correct += (logits.argmax(1) == yb).sum()
+    n = max(len(y), 1)
+    return float(loss_sum) / n, float(correct) / n

@@ -1,0 +1,202 @@
+"""Run a scenario through Flower's simulation runtime (Ray backend)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fedmerge.federation import client_indices, initial_model
+from fedmerge.scenario import Scenario, flatten
+
+#: The Flower App: the repository root, whose pyproject.toml names the apps.
+APP_DIR = Path(__file__).resolve().parent.parent
+
+#: Environment every Flower process of a run gets (see README, "Environment").
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    # Ray >= 2.50 warns that it will stop overriding CUDA_VISIBLE_DEVICES for
+    # actors with num_gpus=0; opt in to that future behaviour now.
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
+
+
+class SimulationError(RuntimeError):
+    """The Flower run did not complete; the message says where its log is."""
+
+
+def preflight(scenario: Scenario) -> None:
+    """Load data, partition it and build the model: fail before any process starts."""
+    parts = client_indices(scenario)
+    empty = [i for i, p in enumerate(parts) if len(p) == 0]
+    if empty:
+        raise ValueError(
+            f"num_clients: {scenario.num_clients} leaves clients {empty[:5]} without data; "
+            f"allowed: fewer clients or another partition"
+        )
+    initial_model(scenario)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SimulationError(f"flower-superlink exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SimulationError(f"flower-superlink did not become healthy within {timeout:.0f} s")
+
+
+def _stop(proc: subprocess.Popen[bytes] | None) -> None:
+    """Stop a process we started and everything in its session, by its PID."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def run_config_toml(scenario: Scenario, run_dir: Path) -> str:
+    """The scenario as a flat TOML run config for ``flwr run --run-config``."""
+    flat = flatten(scenario.to_dict())
+    flat["output.run-dir"] = str(run_dir.resolve())
+    return "\n".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in flat.items()) + "\n"
+
+
+def federation_config(scenario: Scenario) -> str:
+    """``--federation-config`` for the simulation runtime."""
+    sim = scenario.simulation
+    items = [
+        f"num-supernodes={scenario.num_clients}",
+        "backend=\"ray\"",
+        f"client-resources-num-cpus={sim.num_cpus_per_client}",
+        f"client-resources-num-gpus={sim.num_gpus_per_client}",
+    ]
+    if sim.ray_num_cpus and not sim.ray_address:
+        items.append(f"init-args-num-cpus={sim.ray_num_cpus}")
+    return " ".join(items)
+
+
+def simulate(
+    scenario: Scenario,
+    run_dir: Path,
+    *,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run ``scenario`` through ``flwr run`` against a SuperLink of its own.
+
+    Starts ``flower-superlink --simulation`` on free loopback ports (its own
+    ``FLWR_HOME`` and ``RAY_TMPDIR`` in a temp directory), submits the app
+    with ``flwr run --stream``, follows ``metrics.jsonl`` (calling
+    ``on_round`` for every new row), then stops the SuperLink and everything
+    it started. Flower's output goes to ``run_dir/flower.log``.
+
+    Returns
+    -------
+    dict
+        ``summary.json`` plus ``wall_time`` (seconds, this call end to end).
+
+    Raises
+    ------
+    SimulationError
+        If the run did not write its summary (Flower can exit 0 on a crash).
+    """
+    t0 = time.perf_counter()
+    run_dir = run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="fm-"))  # short: Ray's socket paths are length-limited
+    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(tmp / "flwr"), "RAY_TMPDIR": str(tmp / "r")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    if scenario.simulation.ray_address:
+        env["RAY_ADDRESS"] = scenario.simulation.ray_address
+    port, control = _free_port(), _free_port()
+    (tmp / "flwr").mkdir()
+    (tmp / "r").mkdir()
+    (tmp / "flwr" / "config.toml").write_text(
+        f'[superlink]\ndefault = "fedmerge"\n\n[superlink.fedmerge]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    (run_dir / "run_config.toml").write_text(run_config_toml(scenario, run_dir))
+    metrics = run_dir / "metrics.jsonl"
+    summary_path = run_dir / "summary.json"
+    summary_path.unlink(missing_ok=True)
+    log_path = run_dir / "flower.log"
+    superlink = None
+    try:
+        with log_path.open("wb") as log:
+            superlink = subprocess.Popen(
+                [
+                    "flower-superlink", "--insecure", "--simulation",
+                    "--isolation", "subprocess",
+                    "--host", "127.0.0.1", "--port", str(port),
+                    "--control-api-address", f"127.0.0.1:{control}",
+                ],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+            _wait_healthy(port, superlink, timeout=60)
+            client = subprocess.Popen(
+                [
+                    "flwr", "run", str(APP_DIR), "fedmerge", "--stream",
+                    "--run-config", str(run_dir / "run_config.toml"),
+                    "--federation-config", federation_config(scenario),
+                ],
+                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=run_dir,
+                start_new_session=True,
+            )  # fmt: skip
+            seen = 0
+            while True:
+                done = client.poll() is not None or summary_path.exists()
+                if metrics.exists():
+                    rows = metrics.read_text().splitlines()
+                    for line in rows[seen:]:
+                        if line.strip() and on_round is not None:
+                            on_round(json.loads(line))
+                    seen = len(rows)
+                if done:
+                    break
+                time.sleep(0.1)
+            if client.poll() is None:
+                try:
+                    client.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    _stop(client)
+    finally:
+        _stop(superlink)
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not summary_path.exists():
+        tail = log_path.read_text(errors="replace").splitlines()[-15:]
+        raise SimulationError(
+            f"run did not complete; see {log_path}\n" + "\n".join(tail)
+        )
+    summary: dict[str, Any] = json.loads(summary_path.read_text())
+    summary["wall_time"] = time.perf_counter() - t0
+    return summary

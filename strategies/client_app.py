@@ -1,0 +1,104 @@
+"""fedmerge's Flower ClientApp: local training and evaluation on one partition."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
+
+from fedmerge.federation import client_data, client_seed, initial_model
+from fedmerge.scenario import Scenario, scenario_from_dict
+from fedmerge.training import TrainConfig, evaluate, train_local
+
+app = ClientApp()
+
+
+@lru_cache(maxsize=4)
+def _scenario(blob: str) -> Scenario:
+    return scenario_from_dict(json.loads(blob))
+
+
+@lru_cache(maxsize=4)
+def _model(scenario: Scenario) -> nn.Module:
+    """One model object per process and scenario; weights are loaded per message."""
+    return initial_model(scenario).to(scenario.device)
+
+
+def _partition(context: Context) -> tuple[int, str | None]:
+    cfg = context.node_config
+    root = cfg.get("dataset-root")
+    return int(cfg["partition-id"]), (str(root) if root else None)  # type: ignore[arg-type]
+
+
+def _setup(msg: Message, context: Context) -> tuple[Scenario, int, torch.Tensor, torch.Tensor]:
+    scenario = _scenario(str(msg.content["config"]["scenario"]))
+    pid, root = _partition(context)
+    num = context.node_config.get("num-partitions")
+    if num is not None and int(num) != scenario.num_clients:  # type: ignore[arg-type]
+        raise ValueError(
+            f"num-partitions: node config says {num}, scenario num_clients is "
+            f"{scenario.num_clients}; allowed: equal values"
+        )
+    torch.set_num_threads(scenario.simulation.num_cpus_per_client)
+    x, y = client_data(scenario, pid, root)
+    return scenario, pid, x, y
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Answer with this node's partition id; load the local data if a scenario came."""
+    if "scenario" in msg.content["config"]:
+        _setup(msg, context)
+    pid, _ = _partition(context)
+    return Message(RecordDict({"config": ConfigRecord({"partition-id": pid})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received model on the local partition and send it back."""
+    scenario, pid, x, y = _setup(msg, context)
+    config = msg.content["config"]
+    server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
+    model = _model(scenario)
+    global_state = msg.content["arrays"].to_torch_state_dict()
+    model.load_state_dict(global_state)
+    t = scenario.train
+    result = train_local(
+        model,
+        x,
+        y,
+        TrainConfig(
+            epochs=t.epochs,
+            batch_size=t.batch_size,
+            lr=t.lr,
+            momentum=t.momentum,
+            weight_decay=t.weight_decay,
+            prox_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
+        ),
+        generator=torch.Generator().manual_seed(client_seed(scenario, server_round, pid)),
+        global_state=global_state,
+    )
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(model.state_dict()),
+            "metrics": MetricRecord(
+                {"train_loss": result.loss, "num-examples": result.num_examples}
+            ),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_local(msg: Message, context: Context) -> Message:
+    """Evaluate the received model on the local partition."""
+    scenario, _, x, y = _setup(msg, context)
+    model = _model(scenario)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    loss, acc = evaluate(model, x, y)
+    metrics = MetricRecord({"eval_loss": loss, "eval_accuracy": acc, "num-examples": len(y)})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,74 @@
+"""A Grid wrapper that counts the bytes of model weights crossing it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+
+def arrayrecord_bytes(content: RecordDict) -> int:
+    """Bytes of every array in the ArrayRecords of ``content``."""
+    total = 0
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            total += sum(len(array.data) for array in record.values())
+    return total
+
+
+@dataclass
+class Traffic:
+    """Counters since the last :meth:`MeteredGrid.take`."""
+
+    bytes_down: int = 0
+    bytes_up: int = 0
+    sent: int = 0
+    replies: int = 0
+    errors: int = 0
+    train_losses: list[float] = field(default_factory=list)
+
+
+class MeteredGrid:
+    """Delegates to a Flower :class:`~flwr.serverapp.Grid` and meters it.
+
+    Counts ArrayRecord bytes of every message sent (down) and every reply
+    (up), reply errors, and collects the ``train_loss`` metric of training
+    replies. Anything else is forwarded to the wrapped grid unchanged.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self._traffic = Traffic()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Forward to the grid, counting what goes down and comes back up."""
+        messages = list(messages)
+        t = self._traffic
+        for m in messages:
+            t.bytes_down += arrayrecord_bytes(m.content)
+        t.sent += len(messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        for r in replies:
+            if r.has_error():
+                t.errors += 1
+                continue
+            t.replies += 1
+            t.bytes_up += arrayrecord_bytes(r.content)
+            metrics = r.content.metric_records
+            for record in metrics.values():
+                if "train_loss" in record:
+                    t.train_losses.append(float(record["train_loss"]))  # type: ignore[arg-type]
+        return replies
+
+    def take(self) -> Traffic:
+        """Return the counters and start new ones."""
+        traffic, self._traffic = self._traffic, Traffic()
+        return traffic

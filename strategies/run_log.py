@@ -1,0 +1,63 @@
+"""The run directory: resolved config, per-round metrics, summary, final weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunLog:
+    """Writes one run's files.
+
+    Parameters
+    ----------
+    run_dir : Path
+        Created if missing. Holds ``config.json``, ``metrics.jsonl`` (one JSON
+        object per round, appended and flushed as each round ends),
+        ``summary.json`` and ``model.safetensors`` (both written atomically).
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_path.write_text("")
+
+    def write_json(self, name: str, data: dict[str, Any]) -> None:
+        """Write ``name`` (e.g. ``config.json``) atomically."""
+        write_atomic(self.run_dir / name, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        """Append one round's metrics as a JSON line."""
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def save_model(self, state: dict[str, torch.Tensor]) -> None:
+        """Save final weights as safetensors (temp file, then rename)."""
+        path = self.run_dir / "model.safetensors"
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+        os.replace(tmp, path)
