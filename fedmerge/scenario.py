@@ -135,13 +135,24 @@ def _validate(s: Scenario) -> None:
     _check(
         s.device == "cpu" or s.device.startswith("cuda"), "device", s.device, "'cpu' or 'cuda[:N]'"
     )
-    _check(s.dataset.name in DATASET_NAMES, "dataset.name", s.dataset.name, ", ".join(DATASET_NAMES))
+    _check(
+        s.dataset.name in DATASET_NAMES, "dataset.name", s.dataset.name, ", ".join(DATASET_NAMES)
+    )
     root = s.dataset.root
     _check(not root or Path(root).is_dir(), "dataset.root", root, "an existing directory")
-    _check(s.dataset.synthetic_users >= 1, "dataset.synthetic_users", s.dataset.synthetic_users, ">= 1")
-    _check(s.dataset.mnist1d_samples >= 10, "dataset.mnist1d_samples", s.dataset.mnist1d_samples, ">= 10")
+    _check(
+        s.dataset.synthetic_users >= 1, "dataset.synthetic_users", s.dataset.synthetic_users, ">= 1"
+    )
+    _check(
+        s.dataset.mnist1d_samples >= 10,
+        "dataset.mnist1d_samples",
+        s.dataset.mnist1d_samples,
+        ">= 10",
+    )
     p = s.partition
-    _check(p.scheme in PARTITION_SCHEMES, "partition.scheme", p.scheme, ", ".join(PARTITION_SCHEMES))
+    _check(
+        p.scheme in PARTITION_SCHEMES, "partition.scheme", p.scheme, ", ".join(PARTITION_SCHEMES)
+    )
     _check(p.alpha > 0, "partition.alpha", p.alpha, "a number > 0")
     _check(p.classes_per_client >= 1, "partition.classes_per_client", p.classes_per_client, ">= 1")
     _check(p.shards_per_client >= 1, "partition.shards_per_client", p.shards_per_client, ">= 1")
@@ -170,9 +181,21 @@ def _validate(s: Scenario) -> None:
         "a number in [0, 1]",
     )
     sim = s.simulation
-    _check(sim.num_cpus_per_client >= 1, "simulation.num_cpus_per_client", sim.num_cpus_per_client, ">= 1")
-    _check(sim.num_gpus_per_client >= 0, "simulation.num_gpus_per_client", sim.num_gpus_per_client, ">= 0")
-    _check(sim.ray_num_cpus >= 0, "simulation.ray_num_cpus", sim.ray_num_cpus, ">= 0 (0: all cores)")
+    _check(
+        sim.num_cpus_per_client >= 1,
+        "simulation.num_cpus_per_client",
+        sim.num_cpus_per_client,
+        ">= 1",
+    )
+    _check(
+        sim.num_gpus_per_client >= 0,
+        "simulation.num_gpus_per_client",
+        sim.num_gpus_per_client,
+        ">= 0",
+    )
+    _check(
+        sim.ray_num_cpus >= 0, "simulation.ray_num_cpus", sim.ray_num_cpus, ">= 0 (0: all cores)"
+    )
     _check(sim.timeout > 0, "simulation.timeout", sim.timeout, "seconds > 0")
 
 

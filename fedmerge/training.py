@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters of local training (SGD with momentum).
+    r"""Hyper-parameters of local training (SGD with momentum).
 
     Attributes
     ----------
@@ -27,7 +27,7 @@ class TrainConfig:
     weight_decay : float (default: 0.0)
         L2 penalty; >= 0.
     prox_mu : float (default: 0.0)
-        FedProx proximal term :math:`\\frac{\\mu}{2}\\lVert w - w_g\\rVert^2`; >= 0.
+        FedProx proximal term :math:`\frac{\mu}{2}\lVert w - w_g\rVert^2`; >= 0.
     """
 
     epochs: int = 1
@@ -105,9 +105,7 @@ def train_local(
     if config.prox_mu > 0:
         if global_state is None:
             raise ValueError("train.prox_mu: > 0 needs the global model's weights")
-        anchors = [
-            (p, global_state[name].to(device)) for name, p in model.named_parameters()
-        ]
+        anchors = [(p, global_state[name].to(device)) for name, p in model.named_parameters()]
     model.train()
     steps = 0
     epoch_loss = 0.0
@@ -116,7 +114,9 @@ def train_local(
         total = torch.zeros((), device=device)
         for start in range(0, n, config.batch_size):
             idx = order[start : start + config.batch_size]
-            if len(idx) < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            if len(idx) < 2 and any(
+                isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
+            ):
                 continue  # BatchNorm cannot train on a single sample
             xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
             loss = F.cross_entropy(model(xb), yb)

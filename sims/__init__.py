@@ -1,0 +1,1 @@
+"""Top layer: scenarios, the ``fedmerge`` CLI, launching simulations, results."""

@@ -29,6 +29,20 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
+def format_round(row: dict[str, Any]) -> str:
+    """One progress line for a ``metrics.jsonl`` row."""
+    head = f"  round {row['round']:3d}  acc {row['accuracy']:.4f}  loss {row['loss']:.4f}"
+    if row["round"] == 0:
+        return f"{head}  (initial model)"
+    tl = row.get("train_loss") or {}
+    nan = float("nan")
+    return (
+        f"{head}  train-loss {tl.get('mean', nan):.3f}±{tl.get('std', nan):.3f}  "
+        f"clients {row['clients']}  up {_mb(row['bytes_up'])}  "
+        f"down {_mb(row['bytes_down'])}  {row['round_time']:.2f} s"
+    )
+
+
 def _default_run_dir(scenario: Scenario, root: str) -> Path:
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     return Path(root) / f"{scenario.name}-{scenario.strategy.name}-s{scenario.seed}-{stamp}"
@@ -42,7 +56,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     console.print(
         f"[bold]fedmerge[/] {scenario.name}: {scenario.strategy.name} on {scenario.dataset.name} "
         f"({scenario.partition.scheme}), {scenario.model.name}, {scenario.num_clients} clients, "
-        f"{scenario.clients_per_round}/round, {scenario.rounds} rounds -> {run_dir}"
+        f"{scenario.clients_per_round}/round, {scenario.rounds} rounds -> {run_dir}",
+        soft_wrap=True,
     )
     with Progress(
         TextColumn("{task.description}"),
@@ -55,21 +70,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         task = progress.add_task("starting Flower + Ray", total=scenario.rounds)
 
         def on_round(row: dict[str, Any]) -> None:
-            r = row["round"]
-            if r == 0:
-                progress.console.print(
-                    f"  round  0  acc {row['accuracy']:.4f}  loss {row['loss']:.4f}  (initial model)"
-                )
-                progress.update(task, description="training")
-                return
-            tl = row.get("train_loss") or {}
-            progress.console.print(
-                f"  round {r:2d}  acc {row['accuracy']:.4f}  loss {row['loss']:.4f}  "
-                f"train-loss {tl.get('mean', float('nan')):.3f}±{tl.get('std', float('nan')):.3f}  "
-                f"clients {row['clients']}  up {_mb(row['bytes_up'])}  down {_mb(row['bytes_down'])}  "
-                f"{row['round_time']:.2f} s"
-            )
-            progress.update(task, completed=r)
+            progress.console.print(format_round(row), soft_wrap=True, highlight=False)
+            progress.update(task, completed=row["round"], description="training")
 
         summary = simulate(scenario, run_dir, on_round=on_round)
     plot_accuracy(run_dir)
@@ -106,7 +108,9 @@ def cmd_partition(args: argparse.Namespace) -> int:
         table.add_row(str(i), *(str(v) if v else "." for v in row), str(int(row.sum())))
     console.print(table)
     out = Path(args.out or f"partition-{scenario.name}.png")
-    title = f"{scenario.dataset.name} / {scenario.partition.scheme} / {scenario.num_clients} clients"
+    title = (
+        f"{scenario.dataset.name} / {scenario.partition.scheme} / {scenario.num_clients} clients"
+    )
     plot_partition(counts, out, title)
     covered = int(counts.sum())
     console.print(f"{covered} of {len(labels)} training samples assigned; plot: {out}")
@@ -119,14 +123,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def scenario_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("scenario", nargs="?", help="scenario TOML file or shipped name (default: default)")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a scenario key, e.g. --set train.lr=0.05 (repeatable)")
+        p.add_argument(
+            "scenario", nargs="?", help="scenario TOML file or shipped name (default: default)"
+        )
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a scenario key, e.g. --set train.lr=0.05 (repeatable)",
+        )
 
     sim = sub.add_parser("simulate", help="run a scenario through Flower's simulation runtime")
     scenario_args(sim)
-    sim.add_argument("--run-dir", help="write the run here (default: RUNS_ROOT/NAME-STRATEGY-SEED-TIME)")
-    sim.add_argument("--runs-root", default="runs", help="parent of new run directories (default: runs)")
+    sim.add_argument(
+        "--run-dir", help="write the run here (default: RUNS_ROOT/NAME-STRATEGY-SEED-TIME)"
+    )
+    sim.add_argument(
+        "--runs-root", default="runs", help="parent of new run directories (default: runs)"
+    )
     sim.set_defaults(func=cmd_simulate)
 
     part = sub.add_parser("partition", help="show a scenario's partition (table and PNG)")

@@ -97,7 +97,7 @@ def federation_config(scenario: Scenario) -> str:
     sim = scenario.simulation
     items = [
         f"num-supernodes={scenario.num_clients}",
-        "backend=\"ray\"",
+        'backend="ray"',
         f"client-resources-num-cpus={sim.num_cpus_per_client}",
         f"client-resources-num-gpus={sim.num_gpus_per_client}",
     ]
@@ -194,9 +194,7 @@ def simulate(
         shutil.rmtree(tmp, ignore_errors=True)
     if not summary_path.exists():
         tail = log_path.read_text(errors="replace").splitlines()[-15:]
-        raise SimulationError(
-            f"run did not complete; see {log_path}\n" + "\n".join(tail)
-        )
+        raise SimulationError(f"run did not complete; see {log_path}\n" + "\n".join(tail))
     summary: dict[str, Any] = json.loads(summary_path.read_text())
     summary["wall_time"] = time.perf_counter() - t0
     return summary

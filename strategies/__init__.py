@@ -1,0 +1,1 @@
+"""Flower glue: ServerApp, ClientApp and the server-side strategies."""

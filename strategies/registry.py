@@ -8,8 +8,6 @@ from fedmerge.scenario import STRATEGY_NAMES, Scenario
 from strategies.sampling import SeededFedAvg, SeededFedProx
 
 
-
-
 def build_strategy(scenario: Scenario) -> Strategy:
     """Return the strategy named by ``scenario.strategy.name``.
 
@@ -29,4 +27,6 @@ def build_strategy(scenario: Scenario) -> Strategy:
         return SeededFedAvg(**common)
     if st.name == "fedprox":
         return SeededFedProx(proximal_mu=st.prox_mu, **common)
-    raise ValueError(f"strategy.name: unknown strategy {st.name!r}; allowed: {', '.join(STRATEGY_NAMES)}")
+    raise ValueError(
+        f"strategy.name: unknown strategy {st.name!r}; allowed: {', '.join(STRATEGY_NAMES)}"
+    )

@@ -6,4 +6,4 @@ from fedmerge.models.mlp import MLP
 from fedmerge.models.resnet import ResNet20
 from fedmerge.models.vgg import VGG11
 
-__all__ = ["MLP", "MODEL_NAMES", "ResNet20", "SimpleCNN", "VGG11", "build_model"]
+__all__ = ["MLP", "MODEL_NAMES", "VGG11", "ResNet20", "SimpleCNN", "build_model"]

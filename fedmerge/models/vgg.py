@@ -31,9 +31,7 @@ class VGG11(nn.Module):
     Git Re-Basin.
     """
 
-    def __init__(
-        self, input_shape: Sequence[int], num_classes: int, *, width: float = 1.0
-    ) -> None:
+    def __init__(self, input_shape: Sequence[int], num_classes: int, *, width: float = 1.0) -> None:
         super().__init__()
         if len(input_shape) != 3:
             raise ValueError(

@@ -1,0 +1,15 @@
+# `make run`: install everything, run the embedded default scenario.
+# `make test`: install everything, run the whole test suite.
+.PHONY: run test lint bootstrap
+
+bootstrap:
+	@scripts/bootstrap.sh
+
+run: bootstrap
+	.venv/bin/fedmerge simulate
+
+test: bootstrap
+	.venv/bin/python -m pytest
+
+lint: bootstrap
+	.venv/bin/ruff check . && .venv/bin/ruff format --check .

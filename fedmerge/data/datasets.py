@@ -1,0 +1,268 @@
+"""Load the offline data sets into memory as tensors."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedmerge.data.synthetic import make_synthetic
+
+logger = logging.getLogger(__name__)
+
+DATASET_NAMES: tuple[str, ...] = (
+    "fashion-mnist",
+    "digits",
+    "mnist1d",
+    "synthetic",
+    "mnist",
+    "cifar10",
+    "cifar100",
+)
+
+#: Where Debian's ``dataset-fashion-mnist`` package puts the IDX files.
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass(frozen=True)
+class DatasetBundle:
+    """A data set held in memory, split into train and test.
+
+    Attributes
+    ----------
+    name : str
+        Data set name.
+    train_x : Tensor, shape (n_train, *input_shape), float32
+        Normalised training inputs.
+    train_y : Tensor, shape (n_train,), int64
+        Training labels in ``[0, num_classes)``.
+    test_x : Tensor, shape (n_test, *input_shape), float32
+    test_y : Tensor, shape (n_test,), int64
+    num_classes : int
+    train_groups : ndarray, shape (n_train,), optional
+        Natural owner of each training sample (Synthetic's users).
+    """
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    train_groups: np.ndarray | None = None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input sample."""
+        return tuple(self.train_x.shape[1:])
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzip-compressed) into a uint8 array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    for suffix in (".gz", ""):
+        path = root / f"{stem}{suffix}"
+        if path.exists():
+            return path
+    raise FileNotFoundError(
+        f"dataset.root: {str(root)!r} has no {stem}[.gz]; allowed: a directory holding "
+        f"the four Fashion-MNIST IDX files (Debian: apt-get install dataset-fashion-mnist)"
+    )
+
+
+def _normalise(train: np.ndarray, test: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale to [0, 1], then standardise with the training mean and std."""
+    tr = torch.from_numpy(train.astype(np.float32) / 255.0)
+    te = torch.from_numpy(test.astype(np.float32) / 255.0)
+    mean, std = tr.mean(), tr.std()
+    return (tr - mean) / std, (te - mean) / std
+
+
+def _fashion_mnist(root: Path) -> DatasetBundle:
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"dataset.root: {str(root)!r} is not a directory; allowed: a directory holding "
+            f"the Fashion-MNIST IDX files (Debian: apt-get install dataset-fashion-mnist)"
+        )
+    arrays = {
+        stem: _read_idx(_find_idx(root, stem))
+        for stem in (
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        )
+    }
+    train_x, test_x = _normalise(
+        arrays["train-images-idx3-ubyte"][:, None], arrays["t10k-images-idx3-ubyte"][:, None]
+    )
+    return DatasetBundle(
+        name="fashion-mnist",
+        train_x=train_x,
+        train_y=torch.from_numpy(arrays["train-labels-idx1-ubyte"].astype(np.int64)),
+        test_x=test_x,
+        test_y=torch.from_numpy(arrays["t10k-labels-idx1-ubyte"].astype(np.int64)),
+        num_classes=10,
+    )
+
+
+def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, ...]:
+    order = np.random.default_rng(seed).permutation(len(y))
+    n_test = round(len(y) * test_fraction)
+    test, train = order[:n_test], order[n_test:]
+    return x[train], y[train], x[test], y[test], train
+
+
+def _digits() -> DatasetBundle:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.images.astype(np.float32) / 16.0)[:, None]
+    tr_x, tr_y, te_x, te_y, _ = _split(x, bunch.target.astype(np.int64), 0.2, seed=0)
+    mean, std = tr_x.mean(), tr_x.std()
+    return DatasetBundle(
+        name="digits",
+        train_x=torch.from_numpy((tr_x - mean) / std),
+        train_y=torch.from_numpy(tr_y),
+        test_x=torch.from_numpy((te_x - mean) / std),
+        test_y=torch.from_numpy(te_y),
+        num_classes=10,
+    )
+
+
+def _mnist1d(num_samples: int) -> DatasetBundle:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    # make_dataset seeds NumPy's legacy global RNG; restore the caller's state after.
+    state = np.random.get_state()  # noqa: NPY002
+    try:
+        data = make_dataset(args)
+    finally:
+        np.random.set_state(state)  # noqa: NPY002
+    return DatasetBundle(
+        name="mnist1d",
+        train_x=torch.from_numpy(data["x"].astype(np.float32))[:, None],
+        train_y=torch.from_numpy(data["y"].astype(np.int64)),
+        test_x=torch.from_numpy(data["x_test"].astype(np.float32))[:, None],
+        test_y=torch.from_numpy(data["y_test"].astype(np.int64)),
+        num_classes=10,
+    )
+
+
+def _synthetic(alpha: float, beta: float, num_users: int) -> DatasetBundle:
+    x, y, users = make_synthetic(
+        alpha=alpha, beta=beta, num_users=num_users, rng=np.random.default_rng(0)
+    )
+    tr_x, tr_y, te_x, te_y, train_idx = _split(x, y, 0.2, seed=1)
+    return DatasetBundle(
+        name="synthetic",
+        train_x=torch.from_numpy(tr_x),
+        train_y=torch.from_numpy(tr_y),
+        test_x=torch.from_numpy(te_x),
+        test_y=torch.from_numpy(te_y),
+        num_classes=10,
+        train_groups=users[train_idx],
+    )
+
+
+def _torchvision(name: str, root: Path) -> DatasetBundle:
+    from torchvision import datasets
+
+    cls = {"mnist": datasets.MNIST, "cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"dataset.root: {str(root)!r} is not a directory; allowed: a directory where "
+            f"torchvision's {cls[name].__name__} finds its files (nothing is downloaded)"
+        )
+    try:
+        train = cls[name](str(root), train=True, download=False)
+        test = cls[name](str(root), train=False, download=False)
+    except RuntimeError as exc:
+        raise FileNotFoundError(f"dataset.root: {str(root)!r}: {exc}") from exc
+
+    def arrays(ds: object) -> tuple[np.ndarray, np.ndarray]:
+        data = np.asarray(ds.data)  # type: ignore[attr-defined]
+        targets = np.asarray(ds.targets, dtype=np.int64)  # type: ignore[attr-defined]
+        images = data[:, None] if data.ndim == 3 else data.transpose(0, 3, 1, 2)
+        return images, targets
+
+    (tr_x, tr_y), (te_x, te_y) = arrays(train), arrays(test)
+    train_t, test_t = _normalise(tr_x, te_x)
+    return DatasetBundle(
+        name=name,
+        train_x=train_t,
+        train_y=torch.from_numpy(tr_y),
+        test_x=test_t,
+        test_y=torch.from_numpy(te_y),
+        num_classes=100 if name == "cifar100" else 10,
+    )
+
+
+@lru_cache(maxsize=4)
+def load_dataset(
+    name: str,
+    root: str | None = None,
+    *,
+    synthetic_alpha: float = 1.0,
+    synthetic_beta: float = 1.0,
+    synthetic_users: int = 30,
+    mnist1d_samples: int = 5000,
+) -> DatasetBundle:
+    """Load a data set into memory; nothing is ever downloaded.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`DATASET_NAMES`.
+    root : str, optional
+        Directory of the files: Fashion-MNIST's IDX files (default: Debian's
+        ``/usr/share/datasets/fashion-mnist`` or ``$FEDMERGE_FASHION_MNIST``),
+        or torchvision's root for MNIST/CIFAR (required). Ignored by the
+        generated data sets (digits, mnist1d, synthetic).
+    synthetic_alpha, synthetic_beta : float (default: 1.0)
+        Synthetic(alpha, beta) parameters.
+    synthetic_users : int (default: 30)
+        Number of Synthetic users.
+    mnist1d_samples : int (default: 5000)
+        Size of the generated MNIST-1D (80% train, 20% test).
+
+    Returns
+    -------
+    DatasetBundle
+        Tensors in memory; the result is cached per process.
+    """
+    if name == "fashion-mnist":
+        default = os.environ.get("FEDMERGE_FASHION_MNIST", str(FASHION_MNIST_DIR))
+        return _fashion_mnist(Path(root or default))
+    if name == "digits":
+        return _digits()
+    if name == "mnist1d":
+        return _mnist1d(mnist1d_samples)
+    if name == "synthetic":
+        return _synthetic(synthetic_alpha, synthetic_beta, synthetic_users)
+    if name in ("mnist", "cifar10", "cifar100"):
+        if root is None:
+            raise FileNotFoundError(
+                f"dataset.root: not set for {name!r}; allowed: a local directory with "
+                f"torchvision's files for {name} (fedmerge never downloads)"
+            )
+        return _torchvision(name, Path(root))
+    raise ValueError(
+        f"dataset.name: unknown data set {name!r}; allowed: {', '.join(DATASET_NAMES)}"
+    )

@@ -1,0 +1,212 @@
+"""Non-IID partitions through flwr-datasets' partitioners."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    NaturalIdPartitioner,
+    PathologicalPartitioner,
+    ShardPartitioner,
+    SizePartitioner,
+)
+from flwr_datasets.partitioner.partitioner import Partitioner
+
+logger = logging.getLogger(__name__)
+
+PARTITION_SCHEMES: tuple[str, ...] = (
+    "iid",
+    "dirichlet",
+    "pathological",
+    "shards",
+    "quantity-skew",
+    "natural",
+)
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """How to split a training set among clients.
+
+    Attributes
+    ----------
+    scheme : str (default: "iid")
+        One of :data:`PARTITION_SCHEMES`:
+
+        - ``iid``: uniform random split into equal parts.
+        - ``dirichlet``: label skew; each class is spread over clients with
+          proportions drawn from Dirichlet(``alpha``) (NIID-Bench's
+          ``noniid-labeldir``).
+        - ``pathological``: each client holds exactly ``classes_per_client``
+          classes (NIID-Bench's ``#C = k``); the first class of client ``i`` is
+          ``i mod num_classes``, the rest are drawn at random, as in the paper.
+        - ``shards``: sort by label, cut into ``shards_per_client x clients``
+          shards, deal ``shards_per_client`` to each client (McMahan et al.).
+        - ``quantity-skew``: IID labels, client sizes drawn from
+          Dirichlet(``alpha``) (NIID-Bench's ``iid-diff-quantity``).
+        - ``natural``: one client per natural owner (Synthetic's users).
+    alpha : float (default: 0.5)
+        Dirichlet concentration for ``dirichlet`` and ``quantity-skew``; > 0.
+    classes_per_client : int (default: 2)
+        For ``pathological``.
+    shards_per_client : int (default: 2)
+        For ``shards``.
+    min_partition_size : int (default: 10)
+        Smallest client allowed by ``dirichlet`` and ``quantity-skew`` (redrawn
+        until it holds).
+    """
+
+    scheme: str = "iid"
+    alpha: float = 0.5
+    classes_per_client: int = 2
+    shards_per_client: int = 2
+    min_partition_size: int = 10
+
+    def __post_init__(self) -> None:
+        if self.scheme not in PARTITION_SCHEMES:
+            raise ValueError(
+                f"partition.scheme: unknown scheme {self.scheme!r}; "
+                f"allowed: {', '.join(PARTITION_SCHEMES)}"
+            )
+        if not self.alpha > 0:
+            raise ValueError(f"partition.alpha: got {self.alpha}; allowed: a number > 0")
+        for key in ("classes_per_client", "shards_per_client"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"partition.{key}: got {getattr(self, key)}; allowed: >= 1")
+        if self.min_partition_size < 0:
+            raise ValueError(
+                f"partition.min_partition_size: got {self.min_partition_size}; allowed: >= 0"
+            )
+
+
+def _quantity_sizes(
+    n: int, num_partitions: int, alpha: float, min_size: int, rng: np.random.Generator
+) -> list[int]:
+    """Client sizes with Dirichlet(alpha) proportions that sum to ``n``."""
+    for _ in range(1000):
+        proportions = rng.dirichlet(np.full(num_partitions, alpha))
+        sizes = np.floor(proportions * n).astype(int)
+        sizes[np.argmax(sizes)] += n - sizes.sum()
+        if sizes.min() >= max(min_size, 1):
+            return [int(s) for s in sizes]
+    raise ValueError(
+        f"partition.alpha: {alpha} cannot give {num_partitions} clients at least "
+        f"{max(min_size, 1)} samples each out of {n}; raise alpha or lower min_partition_size"
+    )
+
+
+def _build_partitioner(
+    config: PartitionConfig, num_partitions: int, n: int, seed: int
+) -> Partitioner:
+    scheme = config.scheme
+    if scheme == "iid":
+        return IidPartitioner(num_partitions)
+    if scheme == "dirichlet":
+        return DirichletPartitioner(
+            num_partitions,
+            "label",
+            config.alpha,
+            min_partition_size=config.min_partition_size,
+            self_balancing=False,
+            shuffle=True,
+            seed=seed,
+        )
+    if scheme == "pathological":
+        return PathologicalPartitioner(
+            num_partitions,
+            "label",
+            config.classes_per_client,
+            class_assignment_mode="first-deterministic",
+            shuffle=True,
+            seed=seed,
+        )
+    if scheme == "shards":
+        return ShardPartitioner(
+            num_partitions,
+            "label",
+            num_shards_per_partition=config.shards_per_client,
+            keep_incomplete_shard=True,
+            shuffle=True,
+            seed=seed,
+        )
+    if scheme == "quantity-skew":
+        rng = np.random.default_rng(seed)
+        return SizePartitioner(
+            _quantity_sizes(n, num_partitions, config.alpha, config.min_partition_size, rng)
+        )
+    return NaturalIdPartitioner("group")
+
+
+def partition_indices(
+    labels: np.ndarray,
+    num_partitions: int,
+    config: PartitionConfig,
+    *,
+    seed: int,
+    groups: np.ndarray | None = None,
+) -> list[np.ndarray]:
+    """Split sample indices among ``num_partitions`` clients.
+
+    Parameters
+    ----------
+    labels : ndarray, shape (n,)
+        Integer labels of the training set.
+    num_partitions : int
+        Number of clients; at least 1 and at most ``n``.
+    config : PartitionConfig
+        Scheme and its parameters.
+    seed : int
+        Seed of every random choice: the same seed gives the same partitions.
+    groups : ndarray, shape (n,), optional
+        Natural owner of each sample; required by the ``natural`` scheme.
+
+    Returns
+    -------
+    list of ndarray
+        ``num_partitions`` arrays of indices into ``labels``, each sorted.
+
+    Notes
+    -----
+    ``pathological`` covers every sample only when ``num_partitions`` is at
+    least the number of classes; otherwise classes that no client drew are
+    left out, and a warning says how many samples that drops.
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    if num_partitions < 1 or num_partitions > n:
+        raise ValueError(
+            f"num_clients: got {num_partitions}; allowed: 1 to {n} (the training set's size)"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    columns: dict[str, np.ndarray] = {"label": labels[order], "index": order}
+    if config.scheme == "natural":
+        if groups is None:
+            raise ValueError(
+                "partition.scheme: 'natural' needs a data set with natural owners; "
+                "allowed data sets: synthetic"
+            )
+        num_groups = len(np.unique(groups))
+        if num_groups != num_partitions:
+            raise ValueError(
+                f"num_clients: got {num_partitions}; allowed for partition 'natural': "
+                f"{num_groups} (one client per natural owner)"
+            )
+        columns["group"] = np.asarray(groups)[order]
+    dataset = datasets.Dataset.from_dict({k: v.tolist() for k, v in columns.items()})
+    partitioner = _build_partitioner(config, num_partitions, n, seed)
+    partitioner.dataset = dataset
+    parts = [
+        np.sort(np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64))
+        for i in range(num_partitions)
+    ]
+    covered = sum(len(p) for p in parts)
+    if covered < n:
+        logger.warning(
+            "partition %s leaves %d of %d samples unassigned", config.scheme, n - covered, n
+        )
+    return parts

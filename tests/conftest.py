@@ -1,0 +1,69 @@
+"""Shared fixtures: one Ray cluster per test session for the end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sims.launch import FLOWER_ENV
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> Iterator[str]:
+    """Start a local Ray head (2 CPUs) once; stop it by its PID at the end.
+
+    End-to-end simulations join it through ``simulation.ray_address``, so the
+    suite pays Ray's start-up once instead of once per run.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix="fmray-"))
+    port = _free_port()
+    env = {**os.environ, **FLOWER_ENV, "RAY_TMPDIR": str(tmp)}
+    ray_bin = Path(sys.executable).parent / "ray"
+    proc = subprocess.Popen(
+        [
+            str(ray_bin), "start", "--head", "--block",
+            "--node-ip-address", "127.0.0.1", "--port", str(port),
+            "--num-cpus", "2", "--num-gpus", "0",
+            "--include-dashboard", "false", "--disable-usage-stats",
+            "--temp-dir", str(tmp),
+        ],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with code {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.5)
+    time.sleep(2)  # the GCS port opens before the raylet is ready
+    try:
+        yield address
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
