@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedmerge.cache import cache_key, cached_arrays
 from fedmerge.data import DatasetBundle, PartitionConfig, load_dataset, partition_indices
 from fedmerge.models import build_model
 from fedmerge.scenario import Scenario
@@ -41,14 +42,19 @@ def partition_config(scenario: Scenario) -> PartitionConfig:
 @lru_cache(maxsize=8)
 def _partitions(scenario: Scenario, root: str | None) -> tuple[np.ndarray, ...]:
     data = dataset_for(scenario, root)
-    parts = partition_indices(
-        data.train_y.numpy(),
-        scenario.num_clients,
-        partition_config(scenario),
-        seed=scenario.seed,
-        groups=data.train_groups,
-    )
-    return tuple(parts)
+    labels = data.train_y.numpy()
+    config = partition_config(scenario)
+
+    def compute() -> dict[str, np.ndarray]:
+        parts = partition_indices(
+            labels, scenario.num_clients, config, seed=scenario.seed, groups=data.train_groups
+        )
+        return {str(i): p for i, p in enumerate(parts)}
+
+    groups = data.train_groups if data.train_groups is not None else np.zeros(0)
+    key = cache_key(data.name, labels, groups, str(config), scenario.num_clients, scenario.seed)
+    arrays = cached_arrays("partition", key, compute)
+    return tuple(arrays[str(i)] for i in range(scenario.num_clients))
 
 
 def client_indices(scenario: Scenario, root: str | None = None) -> tuple[np.ndarray, ...]:

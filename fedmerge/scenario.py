@@ -220,12 +220,13 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif kind is tuple:
+        ok = True
         if isinstance(value, str):  # "200,200" from flat run configs
             try:
                 value = [int(v) for v in value.split(",") if v.strip()]
             except ValueError:
-                value = None
-        ok = isinstance(value, list) and all(isinstance(v, int) for v in value)
+                ok = False
+        ok = ok and isinstance(value, list) and all(isinstance(v, int) for v in value)
         value = tuple(value) if ok else value
     else:
         ok = isinstance(value, str)

@@ -89,7 +89,8 @@ def train_local(
     Returns
     -------
     TrainResult
-        Mean training loss over the last epoch, samples and optimiser steps.
+        Mean training loss over the samples of the last epoch that were trained
+        on (NaN if none were), number of local samples, optimiser steps.
     """
     device = next(model.parameters()).device
     n = len(y)
@@ -107,20 +108,21 @@ def train_local(
             raise ValueError("train.prox_mu: > 0 needs the global model's weights")
         anchors = [(p, global_state[name].to(device)) for name, p in model.named_parameters()]
     model.train()
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     steps = 0
-    epoch_loss = 0.0
+    epoch_loss = float("nan")
     for _ in range(config.epochs):
         order = torch.randperm(n, generator=generator)
         total = torch.zeros((), device=device)
+        seen = 0
         for start in range(0, n, config.batch_size):
             idx = order[start : start + config.batch_size]
-            if len(idx) < 2 and any(
-                isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
-            ):
+            if len(idx) < 2 and has_bn:
                 continue  # BatchNorm cannot train on a single sample
             xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
             loss = F.cross_entropy(model(xb), yb)
             total += loss.detach() * len(idx)
+            seen += len(idx)
             if anchors:
                 prox = sum(((p - g) ** 2).sum() for p, g in anchors)
                 loss = loss + 0.5 * config.prox_mu * prox
@@ -128,7 +130,7 @@ def train_local(
             loss.backward()
             optimizer.step()
             steps += 1
-        epoch_loss = float(total) / n
+        epoch_loss = float(total) / seen if seen else float("nan")
     return TrainResult(loss=epoch_loss, num_examples=n, num_steps=steps)
 
 

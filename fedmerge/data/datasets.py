@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedmerge.cache import cache_key, cached_arrays
 from fedmerge.data.synthetic import make_synthetic
 
 logger = logging.getLogger(__name__)
@@ -98,15 +99,19 @@ def _fashion_mnist(root: Path) -> DatasetBundle:
             f"dataset.root: {str(root)!r} is not a directory; allowed: a directory holding "
             f"the Fashion-MNIST IDX files (Debian: apt-get install dataset-fashion-mnist)"
         )
-    arrays = {
-        stem: _read_idx(_find_idx(root, stem))
-        for stem in (
-            "train-images-idx3-ubyte",
-            "train-labels-idx1-ubyte",
-            "t10k-images-idx3-ubyte",
-            "t10k-labels-idx1-ubyte",
-        )
-    }
+    stems = (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    )
+    paths = [_find_idx(root, stem) for stem in stems]
+    stat = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+    arrays = cached_arrays(
+        "fashion-mnist",
+        cache_key(stat),
+        lambda: {stem: _read_idx(path) for stem, path in zip(stems, paths, strict=True)},
+    )
     train_x, test_x = _normalise(
         arrays["train-images-idx3-ubyte"][:, None], arrays["t10k-images-idx3-ubyte"][:, None]
     )

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    NaturalIdPartitioner,
-    PathologicalPartitioner,
-    ShardPartitioner,
-    SizePartitioner,
-)
-from flwr_datasets.partitioner.partitioner import Partitioner
+
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner.partitioner import Partitioner
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +98,17 @@ def _quantity_sizes(
 def _build_partitioner(
     config: PartitionConfig, num_partitions: int, n: int, seed: int
 ) -> Partitioner:
+    # Imported here: flwr-datasets pulls in matplotlib and seaborn (about 1 s),
+    # which a client that finds its partition in the cache never needs.
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        NaturalIdPartitioner,
+        PathologicalPartitioner,
+        ShardPartitioner,
+        SizePartitioner,
+    )
+
     scheme = config.scheme
     if scheme == "iid":
         return IidPartitioner(num_partitions)
@@ -197,13 +203,19 @@ def partition_indices(
                 f"{num_groups} (one client per natural owner)"
             )
         columns["group"] = np.asarray(groups)[order]
-    dataset = datasets.Dataset.from_dict({k: v.tolist() for k, v in columns.items()})
+    import datasets
+
+    dataset = datasets.Dataset.from_dict(columns)
     partitioner = _build_partitioner(config, num_partitions, n, seed)
     partitioner.dataset = dataset
-    parts = [
-        np.sort(np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64))
-        for i in range(num_partitions)
-    ]
+    with warnings.catch_warnings():
+        # flwr-datasets 0.6 sorts with `datasets`, which passes pyarrow >= 25 a
+        # deprecated SortOptions argument; harmless, and not ours to fix.
+        warnings.filterwarnings("ignore", "Specifying null_placement", FutureWarning)
+        parts = [
+            np.sort(np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64))
+            for i in range(num_partitions)
+        ]
     covered = sum(len(p) for p in parts)
     if covered < n:
         logger.warning(
