@@ -70,19 +70,58 @@ def _wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout: float) -> N
     raise SimulationError(f"flower-superlink did not become healthy within {timeout:.0f} s")
 
 
-def _stop(proc: subprocess.Popen[bytes] | None) -> None:
-    """Stop a process we started and everything in its session, by its PID."""
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=15)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
+def _descendants(pid: int) -> list[int]:
+    """PIDs of every process below ``pid`` (read from /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, grace: float = 10.0) -> None:
+    """Stop a process we started and all its descendants, by PID.
+
+    The SuperLink starts a SuperExec in a session of its own, which starts the
+    simulation process and Ray; the whole tree is collected before the first
+    signal so that nothing re-parented to init is missed. SIGTERM first, then
+    SIGKILL for whatever is still alive after ``grace`` seconds.
+    """
+    if proc is None:
+        return
+    pids = [*_descendants(proc.pid), proc.pid]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-        proc.wait()
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        proc.poll()
+        time.sleep(0.1)
+    for pid in pids:
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    proc.wait()
 
 
 def run_config_toml(scenario: Scenario, run_dir: Path) -> str:
@@ -150,7 +189,7 @@ def simulate(
     summary_path = run_dir / "summary.json"
     summary_path.unlink(missing_ok=True)
     log_path = run_dir / "flower.log"
-    superlink = None
+    superlink = client = None
     try:
         with log_path.open("wb") as log:
             superlink = subprocess.Popen(
@@ -188,8 +227,9 @@ def simulate(
                 try:
                     client.wait(timeout=5)
                 except subprocess.TimeoutExpired:
-                    _stop(client)
+                    pass
     finally:
+        _stop(client, grace=2)
         _stop(superlink)
         shutil.rmtree(tmp, ignore_errors=True)
     if not summary_path.exists():

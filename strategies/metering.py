@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 
@@ -29,14 +29,15 @@ class Traffic:
     replies: int = 0
     errors: int = 0
     train_losses: list[float] = field(default_factory=list)
+    train_nodes: list[int] = field(default_factory=list)
 
 
 class MeteredGrid:
     """Delegates to a Flower :class:`~flwr.serverapp.Grid` and meters it.
 
     Counts ArrayRecord bytes of every message sent (down) and every reply
-    (up), reply errors, and collects the ``train_loss`` metric of training
-    replies. Anything else is forwarded to the wrapped grid unchanged.
+    (up), reply errors, the destinations of training messages, and collects
+    the ``train_loss`` metric of replies. Anything else is forwarded to the wrapped grid unchanged.
     """
 
     def __init__(self, grid: Grid) -> None:
@@ -54,6 +55,8 @@ class MeteredGrid:
         t = self._traffic
         for m in messages:
             t.bytes_down += arrayrecord_bytes(m.content)
+            if m.metadata.message_type.startswith(MessageType.TRAIN):
+                t.train_nodes.append(m.metadata.dst_node_id)
         t.sent += len(messages)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         for r in replies:

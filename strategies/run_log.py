@@ -35,13 +35,17 @@ class RunLog:
     run_dir : Path
         Created if missing. Holds ``config.json``, ``metrics.jsonl`` (one JSON
         object per round, appended and flushed as each round ends),
-        ``summary.json`` and ``model.safetensors`` (both written atomically).
+        ``checkpoint.safetensors``/``checkpoint.json`` (after every round),
+        ``summary.json`` and ``model.safetensors``, all but the metrics written
+        through a temp file and a rename.
     """
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        #: What ``metrics.jsonl`` held before this run started (for resuming).
+        self.previous_metrics = self.metrics_path.read_text() if self.metrics_path.exists() else ""
         self.metrics_path.write_text("")
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
@@ -55,9 +59,9 @@ class RunLog:
             f.flush()
             os.fsync(f.fileno())
 
-    def save_model(self, state: dict[str, torch.Tensor]) -> None:
-        """Save final weights as safetensors (temp file, then rename)."""
-        path = self.run_dir / "model.safetensors"
+    def save_tensors(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        """Save tensors as safetensors (temp file, then rename)."""
+        path = self.run_dir / name
         tmp = path.with_name(f".{path.name}.tmp")
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
         os.replace(tmp, path)

@@ -47,6 +47,22 @@ class SeededSampling:
         self._node_to_partition = {n: p for p, n in self._partition_to_node.items()}
         self.clients_per_round = clients_per_round
         self._rng = rng
+        self.round_offset = 0
+
+    def sampler_state(self) -> dict:
+        """State of the sampling generator (saved in checkpoints)."""
+        return dict(self._rng.bit_generator.state)
+
+    def resume_from(self, completed_rounds: int, sampler_state: dict) -> None:
+        """Continue after ``completed_rounds``: restore the sampler, shift round numbers.
+
+        Flower's ``Strategy.start`` counts rounds from 1; after a resume the
+        strategy is started for the remaining rounds and adds this offset to
+        the ``server-round`` it sends, so clients derive the same seeds as in
+        an uninterrupted run.
+        """
+        self._rng.bit_generator.state = sampler_state
+        self.round_offset = completed_rounds
 
     def sample_partitions(self, k: int) -> list[int]:
         """Draw ``k`` distinct partition ids, in sorted order."""
@@ -77,6 +93,7 @@ class SeededSampling:
         """Send the global model to ``clients_per_round`` seeded-sampled nodes."""
         if self.fraction_train == 0.0:
             return []
+        server_round += self.round_offset
         partitions = self.sample_partitions(self.clients_per_round)
         logger.info("round %d: training partitions %s", server_round, partitions)
         config["server-round"] = server_round
@@ -91,7 +108,7 @@ class SeededSampling:
         if self.fraction_evaluate == 0.0:
             return []
         k = max(1, int(len(self._partition_to_node) * self.fraction_evaluate))
-        config["server-round"] = server_round
+        config["server-round"] = server_round + self.round_offset
         return self._messages(arrays, config, self.sample_partitions(k), MessageType.EVALUATE)
 
     def aggregate_train(

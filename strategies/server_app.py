@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -22,10 +21,11 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid, ServerApp
 
-from fedmerge.federation import dataset_for, initial_model
+from fedmerge.cache import cache_key
+from fedmerge.federation import client_indices, dataset_for, initial_model
 from fedmerge.scenario import Scenario, scenario_from_dict, unflatten
-from fedmerge.training import evaluate
 from strategies.metering import MeteredGrid
+from strategies.recorder import RoundRecorder, state_hash
 from strategies.registry import build_strategy
 from strategies.run_log import RunLog
 
@@ -88,19 +88,6 @@ def discover_nodes(
     return dict(sorted(mapping.items()))
 
 
-def _stats(values: list[float]) -> dict[str, float] | None:
-    if not values:
-        return None
-    a = np.asarray(values, dtype=np.float64)
-    return {
-        "mean": float(a.mean()),
-        "std": float(a.std()),
-        "min": float(a.min()),
-        "max": float(a.max()),
-        "n": len(a),
-    }
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Discover nodes, run the scenario's strategy, log every round."""
@@ -111,82 +98,58 @@ def main(grid: Grid, context: Context) -> None:
     )
     log = RunLog(Path(run_dir))
     log.write_json("config.json", scenario.to_dict())
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     config = ConfigRecord({"scenario": json.dumps(scenario.to_dict(), sort_keys=True)})
     mapping = discover_nodes(
         grid, scenario.num_clients, scenario.simulation.timeout, ConfigRecord(dict(config))
     )
-    t_ready = time.perf_counter()
-    logger.info("%d nodes ready after %.1f s", len(mapping), t_ready - t_start)
+    logger.info("%d nodes ready after %.1f s", len(mapping), time.perf_counter() - t_start)
 
+    model = initial_model(scenario).to(scenario.device)
+    hashes = {
+        "initial_hash": state_hash(model.state_dict()),
+        "partition_hash": cache_key(*client_indices(scenario)),
+    }
+    metered = MeteredGrid(grid)
+    recorder = RoundRecorder(
+        scenario, log, metered, model, dataset_for(scenario), {n: p for p, n in mapping.items()}
+    )
     strategy = build_strategy(scenario)
     strategy.bind_nodes(  # type: ignore[attr-defined]
         mapping,
         clients_per_round=scenario.clients_per_round,
         rng=np.random.default_rng([scenario.seed, 1]),
     )
-    metered = MeteredGrid(grid)
-    model = initial_model(scenario).to(scenario.device)
-    data = dataset_for(scenario)
-    rows: list[dict[str, Any]] = []
-    last = [time.perf_counter()]
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    done = 0
+    resume = recorder.find_resume()
+    if resume is not None:
+        recorder.restore(resume)
+        strategy.resume_from(resume.round, resume.sampler_state)  # type: ignore[attr-defined]
+        initial, done = resume.state, resume.round
+        logger.info("resuming after round %d", done)
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        model.load_state_dict(arrays.to_torch_state_dict())
-        loss, acc = evaluate(model, data.test_x, data.test_y)
-        now = time.perf_counter()
-        traffic = metered.take()
-        row = {
-            "round": server_round,
-            "accuracy": acc,
-            "loss": loss,
-            "train_loss": _stats(traffic.train_losses),
-            "clients": traffic.replies,
-            "failures": traffic.errors,
-            "bytes_down": traffic.bytes_down,
-            "bytes_up": traffic.bytes_up,
-            "round_time": now - last[0],
-            "elapsed": now - t_ready,
-        }
-        last[0] = now
-        rows.append(row)
-        log.append_metrics(row)
-        logger.info(
-            "round %d: accuracy %.4f loss %.4f (%.2f s)", server_round, acc, loss, row["round_time"]
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if resume is not None and server_round == 0:
+            return None  # round `done` is already recorded
+        actual = server_round + done
+        state = arrays.to_torch_state_dict()
+        row = recorder.record(actual, state)
+        recorder.checkpoint(actual, state, strategy.sampler_state())  # type: ignore[attr-defined]
+        return MetricRecord({"accuracy": row["accuracy"], "loss": row["loss"]})
+
+    if done < scenario.rounds or resume is None:
+        result = strategy.start(
+            grid=metered,  # type: ignore[arg-type]
+            initial_arrays=ArrayRecord(initial),
+            num_rounds=scenario.rounds - done,
+            timeout=scenario.simulation.timeout,
+            train_config=config,
+            evaluate_config=ConfigRecord(dict(config)),
+            evaluate_fn=evaluate_fn,
         )
-        return MetricRecord({"accuracy": acc, "loss": loss})
-
-    result = strategy.start(
-        grid=metered,  # type: ignore[arg-type]
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=scenario.rounds,
-        timeout=scenario.simulation.timeout,
-        train_config=config,
-        evaluate_config=ConfigRecord(dict(config)),
-        evaluate_fn=evaluate_fn,
-    )
-    t_end = time.perf_counter()
-    final = rows[-1]
-    log.save_model(result.arrays.to_torch_state_dict())
-    log.write_json(
-        "summary.json",
-        {
-            "status": "completed",
-            "scenario": scenario.name,
-            "digest": scenario.digest(),
-            "strategy": scenario.strategy.name,
-            "rounds": scenario.rounds,
-            "initial_accuracy": rows[0]["accuracy"],
-            "final_accuracy": final["accuracy"],
-            "final_loss": final["loss"],
-            "best_accuracy": max(r["accuracy"] for r in rows),
-            "bytes_down": sum(r["bytes_down"] for r in rows),
-            "bytes_up": sum(r["bytes_up"] for r in rows),
-            "bytes_total": sum(r["bytes_down"] + r["bytes_up"] for r in rows),
-            "failures": sum(r["failures"] for r in rows),
-            "startup_time": t_ready - t_start,
-            "train_time": t_end - t_ready,
-            "serverapp_time": t_end - t_start,
-        },
-    )
+        final = result.arrays.to_torch_state_dict() if len(result.arrays) else initial
+    else:
+        final = initial
+    log.save_tensors("model.safetensors", final)
+    recorder.summary(t_start, hashes)
