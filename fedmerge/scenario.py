@@ -14,7 +14,18 @@ from fedmerge.data import DATASET_NAMES, PARTITION_SCHEMES
 from fedmerge.models import MODEL_NAMES
 
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "sims" / "scenarios"
-STRATEGY_NAMES: tuple[str, ...] = ("fedavg", "fedprox")
+STRATEGY_NAMES: tuple[str, ...] = ("fedavg", "fedprox", "ldawa")
+
+#: Strategy options (keys of ``[strategy]``) and the strategies they apply to.
+STRATEGY_OPTIONS: dict[str, tuple[str, ...]] = {
+    "prox_mu": ("fedprox",),
+    "ldawa_warmup_rounds": ("ldawa",),
+    "ldawa_normalize": ("ldawa",),
+    "ldawa_negative": ("ldawa",),
+    "ldawa_bn": ("ldawa",),
+    "ldawa_layer": ("ldawa",),
+    "ldawa_sample_weighted": ("ldawa",),
+}
 
 
 class ConfigError(ValueError):
@@ -69,8 +80,14 @@ class StrategySection:
     """``[strategy]``: server-side aggregation and client-side evaluation."""
 
     name: str = "fedavg"
-    prox_mu: float = 0.01
     fraction_evaluate: float = 0.0
+    prox_mu: float = 0.01
+    ldawa_warmup_rounds: int = 0
+    ldawa_normalize: str = "clients"
+    ldawa_negative: str = "keep"
+    ldawa_bn: str = "weighted"
+    ldawa_layer: str = "tensor"
+    ldawa_sample_weighted: bool = False
 
 
 @dataclass(frozen=True)
@@ -174,6 +191,25 @@ def _validate(s: Scenario) -> None:
     st = s.strategy
     _check(st.name in STRATEGY_NAMES, "strategy.name", st.name, ", ".join(STRATEGY_NAMES))
     _check(st.prox_mu >= 0, "strategy.prox_mu", st.prox_mu, "a number >= 0")
+    defaults = StrategySection()
+    for key, owners in STRATEGY_OPTIONS.items():
+        value = getattr(st, key)
+        _check(
+            st.name in owners or value == getattr(defaults, key),
+            f"strategy.{key}",
+            value,
+            f"only with strategy {' or '.join(repr(o) for o in owners)} (strategy is {st.name!r})",
+        )
+    _check(
+        st.ldawa_warmup_rounds >= 0, "strategy.ldawa_warmup_rounds", st.ldawa_warmup_rounds, ">= 0"
+    )
+    for key, allowed in (
+        ("ldawa_normalize", ("clients", "weights")),
+        ("ldawa_negative", ("keep", "clip", "abs")),
+        ("ldawa_bn", ("weighted", "average")),
+        ("ldawa_layer", ("tensor", "module")),
+    ):
+        _check(getattr(st, key) in allowed, f"strategy.{key}", getattr(st, key), ", ".join(allowed))
     _check(
         0 <= st.fraction_evaluate <= 1,
         "strategy.fraction_evaluate",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import Strategy
 
+from fedmerge.merge.ldawa import LDAWAConfig
 from fedmerge.scenario import STRATEGY_NAMES, Scenario
+from strategies.ldawa import LDAWA
 from strategies.sampling import SeededFedAvg, SeededFedProx
 
 
@@ -27,6 +29,15 @@ def build_strategy(scenario: Scenario) -> Strategy:
         return SeededFedAvg(**common)
     if st.name == "fedprox":
         return SeededFedProx(proximal_mu=st.prox_mu, **common)
+    if st.name == "ldawa":
+        config = LDAWAConfig(
+            normalize=st.ldawa_normalize,
+            negative=st.ldawa_negative,
+            bn=st.ldawa_bn,
+            layer=st.ldawa_layer,
+            sample_weighted=st.ldawa_sample_weighted,
+        )
+        return LDAWA(config=config, warmup_rounds=st.ldawa_warmup_rounds, **common)
     raise ValueError(
         f"strategy.name: unknown strategy {st.name!r}; allowed: {', '.join(STRATEGY_NAMES)}"
     )

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy import FedAvg, FedProx, Result
+
+from strategies.replies import Screening, screen_replies
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +23,10 @@ class SeededSampling:
     aggregate replies in arrival order, so two runs with the same seed can
     differ. This mixin samples *partition ids* with a seeded
     ``numpy.random.Generator`` and maps them to node ids, and sorts replies by
-    partition id before aggregation. Everything else (record keys, metric
+    partition id before aggregation. It also keeps the current global model
+    (``global_state``) and screens replies: errors, missing records, other
+    names or shapes and non-finite values are skipped and counted, never
+    merged; the round goes on with the rest. Everything else (record keys, metric
     aggregation, evaluation, ``summary()``) is the wrapped strategy's.
 
     Call :meth:`bind_nodes` before :meth:`start`.
@@ -111,12 +117,47 @@ class SeededSampling:
         config["server-round"] = server_round + self.round_offset
         return self._messages(arrays, config, self.sample_partitions(k), MessageType.EVALUATE)
 
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, *args: Any, **kwargs: Any) -> Result:
+        """Remember the initial global model, then run Flower's round loop."""
+        self.global_state = initial_arrays.to_torch_state_dict()
+        return super().start(grid, initial_arrays, *args, **kwargs)  # type: ignore[misc]
+
+    def take_round_report(self) -> dict[str, Any]:
+        """Per-round extras for the metrics row (skipped replies, ...); resets them."""
+        report, self._round_report = getattr(self, "_round_report", {}), {}
+        return report
+
+    def report(self, **items: Any) -> None:
+        """Add items to this round's report."""
+        if not hasattr(self, "_round_report"):
+            self._round_report = {}
+        self._round_report.update(items)
+
+    def screen(self, replies: Iterable[Message], **kwargs: Any) -> Screening:
+        """Valid updates in partition order; skipped replies are counted in the report."""
+        screening = screen_replies(
+            replies,
+            getattr(self, "global_state", None),
+            self._node_to_partition,
+            arrays_key=self.arrayrecord_key,
+            weight_key=self.weighted_by_key,
+            **kwargs,
+        )
+        self.report(skipped=len(screening.skipped), skipped_reasons=screening.skipped)
+        return screening
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, object]:
-        """Aggregate replies in partition order (deterministic float sums)."""
-        ordered = sorted(replies, key=self.partition_of)
-        return super().aggregate_train(server_round, ordered)  # type: ignore[misc]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Screen replies, then aggregate the valid ones in partition order."""
+        screening = self.screen(replies)
+        valid = [u.message for u in screening.updates]
+        if not valid:
+            return None, None
+        arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
+        if arrays is not None:
+            self.global_state = arrays.to_torch_state_dict()
+        return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> object:
         """Aggregate evaluation replies in partition order."""

@@ -134,7 +134,7 @@ def main(grid: Grid, context: Context) -> None:
             return None  # round `done` is already recorded
         actual = server_round + done
         state = arrays.to_torch_state_dict()
-        row = recorder.record(actual, state)
+        row = recorder.record(actual, state, strategy.take_round_report())  # type: ignore[attr-defined]
         recorder.checkpoint(actual, state, strategy.sampler_state())  # type: ignore[attr-defined]
         return MetricRecord({"accuracy": row["accuracy"], "loss": row["loss"]})
 
