@@ -93,3 +93,25 @@ def client_seed(scenario: Scenario, server_round: int, partition_id: int) -> int
     """Seed of one client's training in one round, derived from the run seed."""
     seq = np.random.SeedSequence([scenario.seed, server_round, partition_id])
     return int(seq.generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def peer_initial_model(scenario: Scenario, peer: int) -> nn.Module:
+    """Initial model of one peer in decentralized training.
+
+    ``strategy.peer_init = "independent"`` (DIMAT's setting) gives every peer
+    its own initialisation, seeded by the run seed and the peer id;
+    ``"shared"`` gives all peers :func:`initial_model`.
+    """
+    if scenario.strategy.peer_init == "shared":
+        return initial_model(scenario)
+    data = dataset_for(scenario)
+    m = scenario.model
+    seq = np.random.SeedSequence([scenario.seed, 2, peer])
+    return build_model(
+        m.name,
+        input_shape=data.input_shape,
+        num_classes=data.num_classes,
+        width=m.width,
+        hidden=m.hidden,
+        seed=int(seq.generate_state(1, dtype=np.uint64)[0] >> 1),
+    )

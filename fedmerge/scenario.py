@@ -12,9 +12,20 @@ from typing import Any
 
 from fedmerge.data import DATASET_NAMES, PARTITION_SCHEMES
 from fedmerge.models import MODEL_NAMES
+from fedmerge.topology import TopologyConfig
 
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "sims" / "scenarios"
-STRATEGY_NAMES: tuple[str, ...] = ("fedavg", "fedprox", "ldawa")
+STRATEGY_NAMES: tuple[str, ...] = (
+    "fedavg",
+    "fedprox",
+    "ldawa",
+    "dimat",
+    "dimat-wm",
+    "gossip",
+    "local",
+)
+#: Peer-side (decentralized) strategies: the server only relays models.
+PEER_STRATEGIES: tuple[str, ...] = ("dimat", "dimat-wm", "gossip", "local")
 
 #: Strategy options (keys of ``[strategy]``) and the strategies they apply to.
 STRATEGY_OPTIONS: dict[str, tuple[str, ...]] = {
@@ -25,6 +36,11 @@ STRATEGY_OPTIONS: dict[str, tuple[str, ...]] = {
     "ldawa_bn": ("ldawa",),
     "ldawa_layer": ("ldawa",),
     "ldawa_sample_weighted": ("ldawa",),
+    "merge_every": PEER_STRATEGIES[:3],
+    "peer_init": PEER_STRATEGIES,
+    "align_samples": ("dimat", "dimat-wm"),
+    "align_similarity": ("dimat",),
+    "reset_bn": ("dimat", "dimat-wm", "gossip"),
 }
 
 
@@ -88,6 +104,24 @@ class StrategySection:
     ldawa_bn: str = "weighted"
     ldawa_layer: str = "tensor"
     ldawa_sample_weighted: bool = False
+    merge_every: int = 1
+    peer_init: str = "independent"
+    align_samples: int = 512
+    align_similarity: str = "correlation"
+    reset_bn: bool = True
+
+
+@dataclass(frozen=True)
+class TopologySection:
+    """``[topology]``: the peers' communication graph (see TopologyConfig)."""
+
+    name: str = "ring"
+    p: float = 0.5
+    degree: int = 2
+    rows: int = 0
+    edge_file: str = ""
+    mixing: str = "uniform"
+    allow_disconnected: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,6 +154,7 @@ class Scenario:
     model: ModelSection = field(default_factory=ModelSection)
     train: TrainSection = field(default_factory=TrainSection)
     strategy: StrategySection = field(default_factory=StrategySection)
+    topology: TopologySection = field(default_factory=TopologySection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
 
     def __post_init__(self) -> None:
@@ -133,6 +168,11 @@ class Scenario:
         """Hash of the resolved configuration (16 hex digits)."""
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def topology_config(s: Scenario) -> TopologyConfig:
+    """The scenario's ``[topology]`` table as a :class:`TopologyConfig`."""
+    return TopologyConfig(**dataclasses.asdict(s.topology))
 
 
 def _check(ok: bool, key: str, value: object, allowed: str) -> None:
@@ -203,7 +243,11 @@ def _validate(s: Scenario) -> None:
     _check(
         st.ldawa_warmup_rounds >= 0, "strategy.ldawa_warmup_rounds", st.ldawa_warmup_rounds, ">= 0"
     )
+    _check(st.merge_every >= 1, "strategy.merge_every", st.merge_every, "an integer >= 1")
+    _check(st.align_samples >= 1, "strategy.align_samples", st.align_samples, "an integer >= 1")
     for key, allowed in (
+        ("peer_init", ("independent", "shared")),
+        ("align_similarity", ("correlation", "cross-moment")),
         ("ldawa_normalize", ("clients", "weights")),
         ("ldawa_negative", ("keep", "clip", "abs")),
         ("ldawa_bn", ("weighted", "average")),
@@ -216,6 +260,7 @@ def _validate(s: Scenario) -> None:
         st.fraction_evaluate,
         "a number in [0, 1]",
     )
+    topology_config(s)  # raises with the key, the value and what is allowed
     sim = s.simulation
     _check(
         sim.num_cpus_per_client >= 1,
@@ -241,6 +286,7 @@ _SECTION_TYPES = {
     "model": ModelSection,
     "train": TrainSection,
     "strategy": StrategySection,
+    "topology": TopologySection,
     "simulation": SimulationSection,
 }
 

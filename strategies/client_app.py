@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
+from fedmerge.align import PermutationSpec, permutation_spec_for
 from fedmerge.federation import client_data, client_seed, initial_model
+from fedmerge.peer import peer_merge
 from fedmerge.scenario import Scenario, scenario_from_dict
 from fedmerge.training import TrainConfig, evaluate, train_local
 
@@ -102,3 +105,76 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     loss, acc = evaluate(model, x, y)
     metrics = MetricRecord({"eval_loss": loss, "eval_accuracy": acc, "num-examples": len(y)})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.train("peer")
+def train_peer(msg: Message, context: Context) -> Message:
+    """Decentralized step: align neighbours to the own model, mix, reset BN, train.
+
+    The message carries this peer's own state (``self``), every neighbour's
+    state (``nbr-<id>``), and in its ConfigRecord the mixing weights
+    (``mixing``: JSON id -> weight, ``self-weight``) and whether this round
+    merges (``merge``). Alignment uses only this peer's local data.
+    """
+    scenario, pid, x, y = _setup(msg, context)
+    config = msg.content["config"]
+    server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
+    model = _model(scenario)
+    own = msg.content["self"].to_torch_state_dict()
+    info: dict[str, float] = {"moved": 0.0, "neighbours": 0.0}
+    if bool(config.get("merge", False)):
+        neighbours = {
+            int(key.removeprefix("nbr-")): record.to_torch_state_dict()
+            for key, record in msg.content.array_records.items()
+            if key.startswith("nbr-")
+        }
+        mixing = {int(k): float(v) for k, v in json.loads(str(config["mixing"])).items()}
+        gen = torch.Generator().manual_seed(client_seed(scenario, server_round, pid))
+        sample = torch.randperm(len(y), generator=gen)[: scenario.strategy.align_samples]
+        batches = list(torch.split(x[sample], 128))
+        align = {"dimat": "activation", "dimat-wm": "weight"}.get(scenario.strategy.name, "none")
+        own, merge_info = peer_merge(
+            model,
+            own,
+            neighbours,
+            mixing,
+            float(config["self-weight"]),  # type: ignore[arg-type]
+            align=align,
+            spec=_spec(scenario) if align != "none" else None,
+            batches=batches,
+            reset_bn=scenario.strategy.reset_bn,
+            method=scenario.strategy.align_similarity,
+            rng=np.random.default_rng(client_seed(scenario, server_round, pid)),
+        )
+        info = {"moved": float(sum(merge_info.moved.values())), "neighbours": len(neighbours)}
+    model.load_state_dict(own)
+    t = scenario.train
+    result = train_local(
+        model,
+        x,
+        y,
+        TrainConfig(
+            epochs=t.epochs,
+            batch_size=t.batch_size,
+            lr=t.lr,
+            momentum=t.momentum,
+            weight_decay=t.weight_decay,
+        ),
+        generator=torch.Generator().manual_seed(client_seed(scenario, server_round, pid) + 1),
+    )
+    metrics = MetricRecord(
+        {
+            "train_loss": result.loss,
+            "num-examples": result.num_examples,
+            "units-moved": info["moved"],
+            "neighbours": info["neighbours"],
+        }
+    )
+    return Message(
+        RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg
+    )
+
+
+@lru_cache(maxsize=4)
+def _spec(scenario: Scenario) -> PermutationSpec:
+    return permutation_spec_for(_model(scenario))

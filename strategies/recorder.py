@@ -137,14 +137,20 @@ class RoundRecorder:
         self, server_round: int, state: dict[str, torch.Tensor], extra: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         """Evaluate ``state`` on the test set and append the round's row."""
+        loss, acc = self.evaluate(state)
+        return self.record_row(server_round, {"accuracy": acc, "loss": loss, **(extra or {})})
+
+    def evaluate(self, state: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """Test loss and accuracy of ``state``."""
         self.model.load_state_dict(state)
-        loss, acc = evaluate(self.model, self.data.test_x, self.data.test_y)
+        return evaluate(self.model, self.data.test_x, self.data.test_y)
+
+    def record_row(self, server_round: int, fields: dict[str, Any]) -> dict[str, Any]:
+        """Append a row made of ``fields`` plus this round's traffic and timing."""
         now = time.perf_counter()
         traffic: Traffic = self.grid.take()
         row: dict[str, Any] = {
             "round": server_round,
-            "accuracy": acc,
-            "loss": loss,
             "train_loss": _stats(traffic.train_losses),
             "clients": traffic.replies,
             "failures": traffic.errors,
@@ -153,12 +159,12 @@ class RoundRecorder:
             "bytes_up": traffic.bytes_up,
             "round_time": now - self._last,
             "elapsed": now - self.t_ready,
-            **(extra or {}),
+            **fields,
         }
         self._last = now
         self.rows.append(row)
         self.log.append_metrics(row)
-        logger.info("round %d: accuracy %.4f loss %.4f", server_round, acc, loss)
+        logger.info("round %d: accuracy %.4f", server_round, row["accuracy"])
         return row
 
     def summary(self, t_start: float, hashes: dict[str, str]) -> dict[str, Any]:

@@ -23,8 +23,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmerge.cache import cache_key
 from fedmerge.federation import client_indices, dataset_for, initial_model
-from fedmerge.scenario import Scenario, scenario_from_dict, unflatten
+from fedmerge.scenario import PEER_STRATEGIES, Scenario, scenario_from_dict, unflatten
 from strategies.metering import MeteredGrid
+from strategies.peer_relay import run_peers
 from strategies.recorder import RoundRecorder, state_hash
 from strategies.registry import build_strategy
 from strategies.run_log import RunLog
@@ -114,6 +115,12 @@ def main(grid: Grid, context: Context) -> None:
     recorder = RoundRecorder(
         scenario, log, metered, model, dataset_for(scenario), {n: p for p, n in mapping.items()}
     )
+    if scenario.strategy.name in PEER_STRATEGIES:
+        final = run_peers(metered, scenario, mapping, recorder, config)
+        log.save_tensors("model.safetensors", final)
+        recorder.summary(t_start, hashes)
+        return
+
     strategy = build_strategy(scenario)
     strategy.bind_nodes(  # type: ignore[attr-defined]
         mapping,
