@@ -115,3 +115,22 @@ def peer_initial_model(scenario: Scenario, peer: int) -> nn.Module:
         hidden=m.hidden,
         seed=int(seq.generate_state(1, dtype=np.uint64)[0] >> 1),
     )
+
+
+def proxy_batches(scenario: Scenario, batch_size: int = 128) -> list[torch.Tensor]:
+    """The server's proxy data: ``strategy.proxy_samples`` training inputs, seeded.
+
+    Drawn uniformly from the whole training set with a generator seeded by
+    the run seed, so they overlap the clients' data: this models a server
+    that holds a small sample of the same distribution (as OTFusion's and
+    FedMA's experiments assume). Empty when ``proxy_samples`` is 0.
+    """
+    k = scenario.strategy.proxy_samples
+    if k == 0:
+        return []
+    data = dataset_for(scenario)
+    rng = np.random.default_rng([scenario.seed, 3])
+    idx = torch.from_numpy(
+        rng.choice(len(data.train_y), size=min(k, len(data.train_y)), replace=False)
+    )
+    return list(torch.split(data.train_x[idx], batch_size))

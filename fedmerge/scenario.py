@@ -19,6 +19,8 @@ STRATEGY_NAMES: tuple[str, ...] = (
     "fedavg",
     "fedprox",
     "ldawa",
+    "aligned",
+    "ot",
     "dimat",
     "dimat-wm",
     "gossip",
@@ -36,11 +38,17 @@ STRATEGY_OPTIONS: dict[str, tuple[str, ...]] = {
     "ldawa_bn": ("ldawa",),
     "ldawa_layer": ("ldawa",),
     "ldawa_sample_weighted": ("ldawa",),
+    "align_method": ("aligned",),
+    "proxy_samples": ("aligned", "ot"),
+    "ot_solver": ("ot",),
+    "ot_reg": ("ot",),
+    "ot_cost": ("ot",),
+    "ot_marginals": ("ot",),
     "merge_every": PEER_STRATEGIES[:3],
     "peer_init": PEER_STRATEGIES,
     "align_samples": ("dimat", "dimat-wm"),
     "align_similarity": ("dimat",),
-    "reset_bn": ("dimat", "dimat-wm", "gossip"),
+    "reset_bn": ("aligned", "ot", "dimat", "dimat-wm", "gossip"),
 }
 
 
@@ -104,6 +112,12 @@ class StrategySection:
     ldawa_bn: str = "weighted"
     ldawa_layer: str = "tensor"
     ldawa_sample_weighted: bool = False
+    align_method: str = "weight"
+    proxy_samples: int = 0
+    ot_solver: str = "emd"
+    ot_reg: float = 0.1
+    ot_cost: str = "weight"
+    ot_marginals: str = "uniform"
     merge_every: int = 1
     peer_init: str = "independent"
     align_samples: int = 512
@@ -245,7 +259,22 @@ def _validate(s: Scenario) -> None:
     )
     _check(st.merge_every >= 1, "strategy.merge_every", st.merge_every, "an integer >= 1")
     _check(st.align_samples >= 1, "strategy.align_samples", st.align_samples, "an integer >= 1")
+    _check(st.proxy_samples >= 0, "strategy.proxy_samples", st.proxy_samples, "an integer >= 0")
+    _check(st.ot_reg > 0, "strategy.ot_reg", st.ot_reg, "a number > 0")
+    needs_proxy = (st.name == "aligned" and st.align_method == "activation") or (
+        st.name == "ot" and "activation" in (st.ot_cost, st.ot_marginals)
+    )
+    _check(
+        st.proxy_samples > 0 or not needs_proxy,
+        "strategy.proxy_samples",
+        st.proxy_samples,
+        "> 0 for activation-based alignment (the server's proxy data)",
+    )
     for key, allowed in (
+        ("align_method", ("weight", "activation")),
+        ("ot_solver", ("emd", "sinkhorn")),
+        ("ot_cost", ("weight", "activation")),
+        ("ot_marginals", ("uniform", "activation")),
         ("peer_init", ("independent", "shared")),
         ("align_similarity", ("correlation", "cross-moment")),
         ("ldawa_normalize", ("clients", "weights")),

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import Strategy
 
+from fedmerge.federation import initial_model, proxy_batches
 from fedmerge.merge.ldawa import LDAWAConfig
 from fedmerge.scenario import STRATEGY_NAMES, Scenario
+from strategies.aligned import AlignedFedAvg, OTFusion
 from strategies.ldawa import LDAWA
 from strategies.sampling import SeededFedAvg, SeededFedProx
 
@@ -38,6 +40,26 @@ def build_strategy(scenario: Scenario) -> Strategy:
             sample_weighted=st.ldawa_sample_weighted,
         )
         return LDAWA(config=config, warmup_rounds=st.ldawa_warmup_rounds, **common)
+    if st.name == "aligned":
+        return AlignedFedAvg(
+            model=initial_model(scenario),
+            method=st.align_method,
+            proxy=proxy_batches(scenario),
+            reset_bn=st.reset_bn,
+            seed=scenario.seed,
+            **common,
+        )
+    if st.name == "ot":
+        return OTFusion(
+            model=initial_model(scenario),
+            solver=st.ot_solver,
+            reg=st.ot_reg,
+            cost=st.ot_cost,
+            marginals=st.ot_marginals,
+            proxy=proxy_batches(scenario),
+            reset_bn=st.reset_bn,
+            **common,
+        )
     raise ValueError(
         f"strategy.name: unknown strategy {st.name!r}; allowed: {', '.join(STRATEGY_NAMES)}"
     )

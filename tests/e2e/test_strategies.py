@@ -26,14 +26,26 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_ldawa_improves_on_initial_model(ray_address: str, tmp_path: Path) -> None:
-    scenario = load_scenario(
-        None, [*NON_IID, "strategy.name='ldawa'", f"simulation.ray_address='{ray_address}'"]
-    )
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["strategy.name='ldawa'"],
+        ["strategy.name='aligned'", "strategy.align_method='activation'",
+         "strategy.proxy_samples=256"],
+        ["strategy.name='ot'", "strategy.ot_solver='sinkhorn'"],
+    ],
+    ids=["ldawa", "aligned-activation", "ot-sinkhorn"],
+)  # fmt: skip
+def test_server_side_strategy_improves_on_initial_model(
+    options: list[str], ray_address: str, tmp_path: Path
+) -> None:
+    scenario = load_scenario(None, [*NON_IID, *options, f"simulation.ray_address='{ray_address}'"])
     simulate(scenario, tmp_path)
     rows = _rows(tmp_path)
     assert rows[-1]["accuracy"] > rows[0]["accuracy"] + 0.2
-    assert all(r.get("skipped", 0) == 0 for r in rows[1:])
+    assert all(r["skipped"] == 0 and r["clients"] == 4 for r in rows[1:])
+    if scenario.strategy.name == "aligned":
+        assert all(isinstance(r["units_permuted"], dict) for r in rows[1:])
 
 
 @pytest.fixture(scope="module")
