@@ -67,6 +67,53 @@ def _is_bn_stat(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in _BN_STATS
 
 
+class _Flat:
+    """Floating tensors of K clients and the global model as flat matrices."""
+
+    def __init__(
+        self,
+        global_state: Mapping[str, torch.Tensor],
+        client_states: Sequence[Mapping[str, torch.Tensor]],
+        layer: str,
+    ) -> None:
+        self.names = [n for n, t in global_state.items() if t.is_floating_point()]
+        self.sizes = [global_state[n].numel() for n in self.names]
+        groups: dict[str, int] = {}
+        self.tensor_group = [
+            groups.setdefault(_group_of(n, layer), len(groups)) for n in self.names
+        ]
+        self.groups = list(groups)
+        ref = global_state[self.names[0]]
+        self.g = torch.cat([global_state[n].reshape(-1).float() for n in self.names])
+        self.c = torch.stack(
+            [torch.cat([s[n].reshape(-1).float() for n in self.names]) for s in client_states]
+        )
+        self.element_group = torch.repeat_interleave(
+            torch.tensor(self.tensor_group, device=ref.device),
+            torch.tensor(self.sizes, device=ref.device),
+        )
+
+    def group_sums(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum the last axis of ``values`` (..., P) within each group -> (..., G)."""
+        out = values.new_zeros((*values.shape[:-1], len(self.groups)))
+        return out.index_add_(values.dim() - 1, self.element_group, values)
+
+
+def _cosines(flat: _Flat, config: LDAWAConfig) -> torch.Tensor:
+    """Clipped cosines, shape (K, G)."""
+    dots = flat.group_sums(flat.c * flat.g)
+    c_norm = flat.group_sums(flat.c * flat.c).sqrt()
+    g_norm = flat.group_sums(flat.g * flat.g).sqrt()
+    denom = c_norm * g_norm
+    cos = torch.where(denom > 0, dots / denom.clamp_min(1e-30), torch.ones_like(dots))
+    w = cos.clamp(max=1.0)
+    if config.negative == "clip":
+        w = w.clamp(min=0.0)
+    elif config.negative == "abs":
+        w = w.abs()
+    return w
+
+
 def ldawa_weights(
     global_state: Mapping[str, torch.Tensor],
     client_states: Sequence[Mapping[str, torch.Tensor]],
@@ -94,25 +141,9 @@ def ldawa_weights(
         One weight vector per layer group (tensor name, or module prefix).
         A zero-norm layer gets cosine 1 (identical directions by convention).
     """
-    groups: dict[str, list[str]] = {}
-    for name, tensor in global_state.items():
-        if tensor.is_floating_point():
-            groups.setdefault(_group_of(name, config.layer), []).append(name)
-    out: dict[str, torch.Tensor] = {}
-    for group, names in groups.items():
-        g = torch.cat([global_state[n].reshape(-1).double() for n in names])
-        cos = []
-        for state in client_states:
-            c = torch.cat([state[n].reshape(-1).double() for n in names])
-            denom = c.norm() * g.norm()
-            cos.append(torch.dot(c, g) / denom if denom > 0 else g.new_ones(()))
-        w = torch.stack(cos).clamp(max=1.0)
-        if config.negative == "clip":
-            w = w.clamp(min=0.0)
-        elif config.negative == "abs":
-            w = w.abs()
-        out[group] = w
-    return out
+    flat = _Flat(global_state, client_states, config.layer)
+    w = _cosines(flat, config)
+    return {group: w[:, i] for i, group in enumerate(flat.groups)}
 
 
 def ldawa_aggregate(
@@ -167,27 +198,30 @@ def ldawa_aggregate(
         raise ValueError(
             f"num_examples: got {len(num_examples)} counts for {len(client_states)} clients"
         )
-    weights = ldawa_weights(global_state, client_states, config)
+    flat = _Flat(global_state, client_states, config.layer)
     k = len(client_states)
-    n = torch.tensor([float(x) for x in num_examples], dtype=torch.float64)
-    share = n / n.sum() if n.sum() > 0 else torch.full((k,), 1.0 / k, dtype=torch.float64)
+    w = _cosines(flat, config)  # (K, G)
+    n = torch.tensor([float(x) for x in num_examples], device=flat.g.device)
+    share = n / n.sum() if n.sum() > 0 else torch.full_like(n, 1.0 / k)
+    tensor_w = w[:, flat.tensor_group]  # (K, T)
+    if config.sample_weighted:
+        tensor_w = tensor_w * (n / n.mean())[:, None]
+    z = tensor_w.sum(0) if config.normalize == "weights" else torch.full_like(tensor_w[0], k)
+    z = torch.where(z == 0, torch.ones_like(z), z)
+    coef = tensor_w / z
+    if config.bn == "average":  # FedAvg for BatchNorm statistics
+        for t, name in enumerate(flat.names):
+            if _is_bn_stat(name):
+                coef[:, t] = share
+    element_coef = torch.repeat_interleave(
+        coef, torch.tensor(flat.sizes, device=coef.device), dim=1
+    )
+    merged = (element_coef * flat.c).sum(0)
     out: dict[str, torch.Tensor] = {}
+    for name, chunk in zip(flat.names, merged.split(flat.sizes), strict=True):
+        ref = global_state[name]
+        out[name] = chunk.reshape(ref.shape).to(ref.dtype)
     for name, ref in global_state.items():
-        stacked = torch.stack([s[name].double() for s in client_states])
         if not ref.is_floating_point():
-            out[name] = stacked.max(0).values.to(ref.dtype)
-            continue
-        if _is_bn_stat(name) and config.bn == "average":
-            w, z = share, torch.tensor(1.0, dtype=torch.float64)
-        else:  # the reference weights BatchNorm statistics like any other layer
-            w = weights[_group_of(name, config.layer)]
-            if config.sample_weighted:
-                w = w * n / n.mean()
-            z = torch.tensor(float(k), dtype=torch.float64)
-            if config.normalize == "weights":
-                z = w.sum()
-        if z == 0:
-            z = torch.tensor(1.0, dtype=torch.float64)
-        shape = (-1,) + (1,) * (stacked.dim() - 1)
-        out[name] = ((w.reshape(shape) * stacked).sum(0) / z).to(ref.dtype).to(ref.device)
-    return out
+            out[name] = torch.stack([s[name] for s in client_states]).max(0).values.to(ref.dtype)
+    return {name: out[name] for name in global_state}

@@ -1,0 +1,92 @@
+"""Server-side aggregation time of each strategy on the same client replies.
+
+Builds K client replies (Flower Messages with ArrayRecords, as the ServerApp
+receives them) from one global model plus independent perturbations, then
+times ``aggregate_train`` of every strategy on them. FedAvg is Flower's own
+aggregation behind fedmerge's reply screening; ratios are against it.
+
+Run:  .venv/bin/python benchmarks/aggregation_cost.py [--clients 10] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedmerge.merge.ldawa import LDAWAConfig
+from fedmerge.models import build_model
+from strategies.aligned import AlignedFedAvg, OTFusion
+from strategies.ldawa import LDAWA
+from strategies.sampling import SeededFedAvg
+
+
+def replies(model: torch.nn.Module, k: int, scale: float) -> list[Message]:
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for node in range(k):
+        state = {
+            name: (v + scale * v.std().nan_to_num(0) * torch.randn(v.shape, generator=gen))
+            if v.is_floating_point() else v.clone()
+            for name, v in model.state_dict().items()
+        }  # fmt: skip
+        instruction = Message(
+            RecordDict({"config": ConfigRecord({})}), dst_node_id=100 + node,
+            message_type=MessageType.TRAIN,
+        )  # fmt: skip
+        content = RecordDict(
+            {"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": 100 + node})}
+        )
+        out.append(Message(content, reply_to=instruction))
+    return out
+
+
+def time_strategy(strategy, model, msgs, repeat: int) -> float:
+    strategy.bind_nodes({i: 100 + i for i in range(len(msgs))}, clients_per_round=len(msgs),
+                        rng=np.random.default_rng(0))  # fmt: skip
+    best = float("inf")
+    for _ in range(repeat):
+        strategy.global_state = {k: v.clone() for k, v in model.state_dict().items()}
+        t0 = time.perf_counter()
+        strategy.aggregate_train(1, msgs)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads (default 1: Flower's NumPy FedAvg is single-threaded)",
+    )  # fmt: skip
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    print(f"torch threads {torch.get_num_threads()}; {args.clients} clients; best of {args.repeat}")
+    print(f"{'model':<14}{'strategy':<26}{'time (s)':>10}{'x FedAvg':>10}")
+    for name, shape, width in [("simple-cnn", (1, 28, 28), 1), ("resnet20", (3, 32, 32), 1)]:
+        model = build_model(name, input_shape=shape, num_classes=10, width=width, seed=0)
+        msgs = replies(model, args.clients, scale=0.05)
+        common = {"min_available_nodes": 1}
+        strategies = {
+            "fedavg (Flower)": SeededFedAvg(**common),
+            "ldawa": LDAWA(config=LDAWAConfig(), **common),
+            "ldawa (module layers)": LDAWA(config=LDAWAConfig(layer="module"), **common),
+            "aligned (weight)": AlignedFedAvg(model=model, method="weight", **common),
+            "ot (emd, weight cost)": OTFusion(model=model, solver="emd", **common),
+        }
+        base = None
+        for label, strategy in strategies.items():
+            t = time_strategy(strategy, model, msgs, args.repeat)
+            base = base or t
+            print(f"{name:<14}{label:<26}{t:>10.4f}{t / base:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()
