@@ -12,15 +12,24 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from fedmerge.federation import client_indices, dataset_for
 from fedmerge.scenario import Scenario, load_scenario
+from sims.compare import PlannedRun, load_sweep, plan_sweep, run_sweep, write_manifest
 from sims.launch import SimulationError, preflight, simulate
 from sims.plots import plot_accuracy, plot_partition
+from sims.report import Report, build_report
 
-console = Console()
+# Wide output when piped (rich would wrap tables at 80 columns).
+console = Console(width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True)
 
 EXIT_BAD_INPUT = 2
@@ -109,12 +118,110 @@ def cmd_partition(args: argparse.Namespace) -> int:
         table.add_row(str(i), *(str(v) if v else "." for v in row), str(int(row.sum())))
     console.print(table)
     out = Path(args.out or f"partition-{scenario.name}.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
     title = (
         f"{scenario.dataset.name} / {scenario.partition.scheme} / {scenario.num_clients} clients"
     )
     plot_partition(counts, out, title)
     covered = int(counts.sum())
     console.print(f"{covered} of {len(labels)} training samples assigned; plot: {out}")
+    return 0
+
+
+def _run_line(i: int, n: int, run: PlannedRun, summary: dict[str, Any], how: str) -> str:
+    wall = summary.get("wall_time")
+    return (
+        f"[{i + 1:{len(str(n))}d}/{n}] {how:<7} {run.label}  "
+        f"final {summary['final_accuracy']:.4f}  best {summary['best_accuracy']:.4f}  "
+        f"{_mb(summary['bytes_total'])}  "
+        f"{'' if wall is None else f'{wall:.1f} s  '}-> {run.run_dir}"
+    )
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Run every combination of a sweep (cached by digest), then write the report."""
+    sweep = load_sweep(args.sweep, args.set)
+    runs = plan_sweep(sweep, args.runs_root, force=args.force)
+    sweep_dir = Path(args.runs_root) / sweep.name
+    out = Path(args.out) if args.out else sweep_dir / "report"
+    todo = [r for r in runs if r.state != "done"]
+    states = [r.state for r in runs]
+    console.print(
+        f"[bold]fedmerge compare[/] {sweep.name}: {len(runs)} runs "
+        f"({states.count('done')} cached, {states.count('resume')} to resume, "
+        f"{states.count('new')} new) -> {sweep_dir}",
+        soft_wrap=True,
+    )
+    write_manifest(sweep, runs, args.runs_root)
+    tensorboard = args.tensorboard or sweep.tensorboard
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[runs]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        speed_estimate_period=24 * 3600.0,  # average over the whole sweep
+    ) as progress:
+        task = progress.add_task("", total=max(len(todo), 1), runs=f"0/{len(todo)} runs")
+        finished = 0
+
+        def on_start(i: int, run: PlannedRun) -> None:
+            progress.update(task, description=f"{run.label} (starting)")
+
+        def on_round(run: PlannedRun, row: dict[str, Any]) -> None:
+            rounds = run.scenario.rounds
+            progress.update(
+                task,
+                completed=finished + row["round"] / rounds,
+                description=f"{run.label} (round {row['round']}/{rounds})",
+            )
+
+        def on_end(i: int, run: PlannedRun, summary: dict[str, Any]) -> None:
+            nonlocal finished
+            how = {"done": "cached", "resume": "resumed"}.get(run.state, "done")
+            if run.state != "done":
+                finished += 1
+                progress.update(task, completed=finished, runs=f"{finished}/{len(todo)} runs")
+            progress.console.print(
+                _run_line(i, len(runs), run, summary, how), soft_wrap=True, highlight=False
+            )
+
+        run_sweep(
+            runs,
+            force=args.force,
+            tensorboard=tensorboard,
+            on_start=on_start,
+            on_round=on_round,
+            on_end=on_end,
+        )
+    report = build_report(
+        [r.run_dir for r in runs], out, target=sweep.target_accuracy, tensorboard=tensorboard
+    )
+    _print_report(report)
+    return 0
+
+
+def _print_report(report: Report) -> None:
+    console.print(report.summary_md.read_text(), markup=False, highlight=False, soft_wrap=True)
+    console.print(
+        f"tables: {report.summary_md}, {report.summary_csv}, {report.runs_csv}\n"
+        f"plots:  {report.accuracy_png}, {report.bytes_png}, {report.clients_png}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Rebuild the tables and plots of a comparison from existing run directories."""
+    dirs = [Path(d) for d in args.run_dirs]
+    parents = {d.resolve().parent for d in dirs}
+    shared = parents.pop() if len(parents) == 1 else Path()
+    out = Path(args.out) if args.out else shared / "report"
+    report = build_report(dirs, out, target=args.target, tensorboard=args.tensorboard)
+    _print_report(report)
     return 0
 
 
@@ -149,6 +256,36 @@ def build_parser() -> argparse.ArgumentParser:
     scenario_args(part)
     part.add_argument("--out", help="PNG path (default: partition-NAME.png)")
     part.set_defaults(func=cmd_partition)
+
+    cmp = sub.add_parser("compare", help="run a sweep of paired scenarios, then tables and plots")
+    cmp.add_argument("sweep", help="sweep TOML file (see sims/sweeps/)")
+    cmp.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a scenario key in every run, e.g. --set rounds=50 (repeatable)",
+    )
+    cmp.add_argument("--force", action="store_true", help="delete and re-run finished runs")
+    cmp.add_argument(
+        "--runs-root", default="runs", help="runs go to RUNS_ROOT/SWEEP_NAME/DIGEST (default: runs)"
+    )
+    cmp.add_argument("--out", help="report folder (default: RUNS_ROOT/SWEEP_NAME/report)")
+    cmp.add_argument(
+        "--tensorboard", action="store_true", help="write RUN_DIR/tensorboard/ for every run"
+    )
+    cmp.set_defaults(func=cmd_compare)
+
+    rep = sub.add_parser("report", help="tables and plots from existing run directories")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run directories")
+    rep.add_argument("--out", help="report folder (default: PARENT/report if they share one)")
+    rep.add_argument(
+        "--target", type=float, default=0.7, help="accuracy for 'rounds to target' (default: 0.7)"
+    )
+    rep.add_argument(
+        "--tensorboard", action="store_true", help="also write RUN_DIR/tensorboard/ for every run"
+    )
+    rep.set_defaults(func=cmd_report)
     return parser
 
 
