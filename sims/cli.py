@@ -119,9 +119,11 @@ def cmd_partition(args: argparse.Namespace) -> int:
     console.print(table)
     out = Path(args.out or f"partition-{scenario.name}.png")
     out.parent.mkdir(parents=True, exist_ok=True)
-    title = (
-        f"{scenario.dataset.name} / {scenario.partition.scheme} / {scenario.num_clients} clients"
-    )
+    p = scenario.partition
+    detail = {"dirichlet": f"(alpha={p.alpha})", "quantity-skew": f"(alpha={p.alpha})",
+              "pathological": f"(#C={p.classes_per_client})",
+              "shards": f"({p.shards_per_client} shards/client)"}.get(p.scheme, "")  # fmt: skip
+    title = f"{scenario.dataset.name} / {p.scheme}{detail} / {scenario.num_clients} clients"
     plot_partition(counts, out, title)
     covered = int(counts.sum())
     console.print(f"{covered} of {len(labels)} training samples assigned; plot: {out}")
