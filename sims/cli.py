@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -26,7 +27,7 @@ from fedmerge.scenario import Scenario, load_scenario
 from sims.compare import PlannedRun, load_sweep, plan_sweep, run_sweep, write_manifest
 from sims.launch import SimulationError, preflight, simulate
 from sims.plots import plot_accuracy, plot_partition
-from sims.report import Report, build_report
+from sims.report import Report, build_report, expand_run_dirs
 
 # Wide output when piped (rich would wrap tables at 80 columns).
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -218,11 +219,17 @@ def _print_report(report: Report) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Rebuild the tables and plots of a comparison from existing run directories."""
-    dirs = [Path(d) for d in args.run_dirs]
+    dirs = expand_run_dirs(args.run_dirs)
     parents = {d.resolve().parent for d in dirs}
     shared = parents.pop() if len(parents) == 1 else Path()
     out = Path(args.out) if args.out else shared / "report"
-    report = build_report(dirs, out, target=args.target, tensorboard=args.tensorboard)
+    target = args.target
+    for path in [Path(d) for d in args.run_dirs] if target is None else []:
+        for manifest in (path / "sweep.json", path.parent / "sweep.json"):
+            if target is None and manifest.is_file():
+                target = json.loads(manifest.read_text()).get("target_accuracy")
+    target = 0.7 if target is None else target
+    report = build_report(dirs, out, target=target, tensorboard=args.tensorboard)
     _print_report(report)
     return 0
 
@@ -279,10 +286,17 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.set_defaults(func=cmd_compare)
 
     rep = sub.add_parser("report", help="tables and plots from existing run directories")
-    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run directories")
+    rep.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="finished run directories, or a sweep folder (RUNS_ROOT/SWEEP_NAME) for all its runs",
+    )
     rep.add_argument("--out", help="report folder (default: PARENT/report if they share one)")
     rep.add_argument(
-        "--target", type=float, default=0.7, help="accuracy for 'rounds to target' (default: 0.7)"
+        "--target",
+        type=float,
+        help="accuracy for 'rounds to target' (default: the sweep's target_accuracy, else 0.7)",
     )
     rep.add_argument(
         "--tensorboard", action="store_true", help="also write RUN_DIR/tensorboard/ for every run"

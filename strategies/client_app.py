@@ -16,6 +16,7 @@ from fedmerge.federation import client_data, client_seed, initial_model
 from fedmerge.peer import peer_merge
 from fedmerge.scenario import Scenario, scenario_from_dict
 from fedmerge.training import TrainConfig, evaluate, train_local
+from strategies.metering import EVAL_PREFIX
 
 app = ClientApp()
 
@@ -147,6 +148,7 @@ def train_peer(msg: Message, context: Context) -> Message:
             rng=np.random.default_rng(client_seed(scenario, server_round, pid)),
         )
         info = {"moved": float(sum(merge_info.moved.values())), "neighbours": len(neighbours)}
+    merged = {k: v.clone() for k, v in own.items()} if bool(config.get("merge", False)) else None
     model.load_state_dict(own)
     t = scenario.train
     result = train_local(
@@ -170,9 +172,10 @@ def train_peer(msg: Message, context: Context) -> Message:
             "neighbours": info["neighbours"],
         }
     )
-    return Message(
-        RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg
-    )
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+    if merged is not None:  # DIMAT reports accuracy right after merging: send it to evaluate
+        content[f"{EVAL_PREFIX}merged"] = ArrayRecord(merged)
+    return Message(content, reply_to=msg)
 
 
 @lru_cache(maxsize=4)

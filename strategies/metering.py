@@ -9,12 +9,16 @@ from typing import Any
 from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+#: Records whose key starts with this are measurement payload (e.g. a peer's
+#: merged model sent back only to be evaluated), not protocol traffic.
+EVAL_PREFIX = "eval-"
+
 
 def arrayrecord_bytes(content: RecordDict) -> int:
-    """Bytes of every array in the ArrayRecords of ``content``."""
+    """Bytes of every array in the ArrayRecords of ``content`` (``eval-`` ones excluded)."""
     total = 0
-    for record in content.values():
-        if isinstance(record, ArrayRecord):
+    for key, record in content.items():
+        if isinstance(record, ArrayRecord) and not key.startswith(EVAL_PREFIX):
             total += sum(len(array.data) for array in record.values())
     return total
 

@@ -14,7 +14,7 @@ from fedmerge.federation import peer_initial_model
 from fedmerge.peer import consensus_distance, mean_state
 from fedmerge.scenario import Scenario, topology_config
 from fedmerge.topology import build_graph, mixing_matrix
-from strategies.metering import MeteredGrid, arrayrecord_bytes
+from strategies.metering import EVAL_PREFIX, MeteredGrid, arrayrecord_bytes
 from strategies.recorder import RoundRecorder
 from strategies.replies import screen_replies
 
@@ -87,7 +87,11 @@ def run_peers(
         screening = screen_replies(replies, states[0], partition_of)
         up = {p: 0 for p in range(n)}
         moved = {}
+        merged_acc = {}
         for update in screening.updates:
+            if f"{EVAL_PREFIX}merged" in update.message.content:
+                merged = update.message.content[f"{EVAL_PREFIX}merged"].to_torch_state_dict()
+                merged_acc[update.partition] = recorder.evaluate(merged)[1]
             states[update.partition] = update.state
             up[update.partition] = arrayrecord_bytes(update.message.content)
             metrics = update.message.content["metrics"]
@@ -100,6 +104,10 @@ def run_peers(
             "bytes_down_per_peer": [down[p] for p in range(n)],
             "bytes_up_per_peer": [up[p] for p in range(n)],
             "units_moved_per_peer": [moved.get(p, 0.0) for p in range(n)],
+            # DIMAT's measurement point: each peer right after merging, before training
+            "merged_peer_accuracy": [merged_acc.get(p) for p in range(n)],
+            "merged_accuracy": float(np.mean(list(merged_acc.values()))) if merged_acc else None,
+            "merged_accuracy_min": min(merged_acc.values()) if merged_acc else None,
             "edges": sorted([int(i), int(j)] for i, j in graph.edges()),
         }
         _record(recorder, server_round, states, extra)

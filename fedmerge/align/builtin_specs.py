@@ -29,7 +29,7 @@ __all__ = [
     "vgg11_spec",
 ]
 
-Axes = dict[str, tuple[PermAxis | str | None, ...]]
+Axes = dict[str, tuple[PermAxis | str | None, ...]]  # normalised by PermutationSpec
 
 
 def _dense(axes: Axes, name: str, out: str | None, inp: PermAxis | str | None) -> None:

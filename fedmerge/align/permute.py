@@ -80,8 +80,7 @@ def apply_permutation(
     for name, size in sizes.items():
         if name not in perm:
             raise ValueError(
-                f"perm: missing permutation {name!r}; allowed: a dict with keys "
-                f"{sorted(sizes)}"
+                f"perm: missing permutation {name!r}; allowed: a dict with keys {sorted(sizes)}"
             )
         _check_perm(name, perm[name], size)
     out: dict[str, torch.Tensor] = {}
@@ -123,9 +122,7 @@ def random_permutation(
     """
     sizes = spec.perm_sizes(state)
     device = next(iter(state.values())).device if state else None
-    return {
-        name: torch.randperm(n, generator=generator).to(device) for name, n in sizes.items()
-    }
+    return {name: torch.randperm(n, generator=generator).to(device) for name, n in sizes.items()}
 
 
 def invert_permutation(perm: Mapping[str, torch.Tensor]) -> Permutation:

@@ -10,8 +10,7 @@ the description of these couplings a *permutation spec*; so do we.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import NamedTuple
 
@@ -55,18 +54,19 @@ class AxisRef(NamedTuple):
     block: int
 
 
-@dataclass(frozen=True)
 class PermutationSpec:
     """Couplings between hidden units and tensor axes.
 
     Parameters
     ----------
-    axes : mapping of str to tuple
+    axes : mapping of str to sequence
         For every key of the state dict, one entry per axis of the tensor:
         ``None`` (the axis is not permuted), a permutation name, or a
         :class:`PermAxis`. Keys whose tensors are never permuted (an output
         bias, ``num_batches_tracked``) are listed too, with all entries
         ``None``, so that the spec can tell a covered key from a stray one.
+        Stored as ``axes``, a mapping of str to tuple of ``PermAxis | None``
+        that must not be modified.
 
     Notes
     -----
@@ -83,11 +83,9 @@ class PermutationSpec:
        https://arxiv.org/abs/2209.04836
     """
 
-    axes: Mapping[str, tuple[PermAxis | None, ...]]
-
-    def __post_init__(self) -> None:
+    def __init__(self, axes: Mapping[str, Sequence[PermAxis | str | None]]) -> None:
         normalised: dict[str, tuple[PermAxis | None, ...]] = {}
-        for key, entries in self.axes.items():
+        for key, entries in axes.items():
             row: list[PermAxis | None] = []
             for axis, entry in enumerate(entries):
                 if entry is None:
@@ -100,7 +98,18 @@ class PermutationSpec:
                     )
                 row.append(item)
             normalised[key] = tuple(row)
-        object.__setattr__(self, "axes", normalised)
+        self.axes: Mapping[str, tuple[PermAxis | None, ...]] = normalised  # read-only by contract
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PermutationSpec):
+            return NotImplemented
+        return dict(self.axes) == dict(other.axes)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.axes.items()))
+
+    def __repr__(self) -> str:
+        return f"PermutationSpec({len(self.axes)} tensors, perms={list(self.perms)})"
 
     @cached_property
     def perm_to_axes(self) -> dict[str, tuple[AxisRef, ...]]:
@@ -219,7 +228,9 @@ def check_finite(state: StateDict, *, name: str = "state") -> None:
         How the message refers to the state dict.
     """
     for key, value in state.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        if not value.is_floating_point() or bool(torch.isfinite(value.sum())):
+            continue  # a finite sum means finite entries (the cheap test comes first)
+        if not bool(torch.isfinite(value).all()):
             bad = int((~torch.isfinite(value)).sum())
             raise NonFiniteWeightsError(
                 f"{name}[{key!r}] holds {bad} non-finite value(s) (NaN or inf); "

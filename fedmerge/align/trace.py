@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.fx
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
@@ -138,7 +138,7 @@ class _Walker:
         if key not in self.axes:
             self.axes[key] = row
             return
-        for axis, (old, new) in enumerate(zip(self.axes[key], row)):
+        for old, new in zip(self.axes[key], row, strict=True):
             if (old is None) != (new is None):
                 raise self.refuse(node, f"parameter {key!r} is used with and without permutation")
             if old is not None and new is not None:
@@ -231,10 +231,11 @@ class _Walker:
             return tag
         if isinstance(module, _ELEMENTWISE_MODULES):
             return tag
-        if isinstance(module, tuple(_POOL_MODULES)):
+        pooled = [k for cls, k in _POOL_MODULES.items() if isinstance(module, cls)]
+        if pooled:
             if getattr(module, "return_indices", False):
                 raise self.refuse(node, "pooling that returns indices")
-            if shape is None or tag.dim >= len(shape) - _POOL_MODULES[type(module)]:
+            if shape is None or tag.dim >= len(shape) - pooled[0]:
                 raise self.refuse(node, "pooling over the permuted axis")
             return tag
         if isinstance(module, (nn.Flatten, nn.Unflatten)):
@@ -247,8 +248,8 @@ class _Walker:
         permuted = [t for t in inputs if t is not None]
         target = node.target
         is_method = node.op == "call_method"
-        if is_method and target in _SHAPE_QUERIES or target in (builtins.getattr, getattr):
-            return None
+        if (is_method and target in _SHAPE_QUERIES) or target is builtins.getattr:
+            return None  # x.size(), x.dim(), x.shape: no tensor comes out
         if not permuted:
             return None  # no permuted data flows through this operation
         if (target in _BINARY) or (is_method and target in _BINARY_METHODS):
@@ -328,12 +329,11 @@ class _Walker:
 
     def reduce(self, node: torch.fx.Node, tag: _Tag) -> _Tag | None:
         shape = _shape(node.all_input_nodes[0])
-        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        raw: Any = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
         keepdim = bool(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
-        if shape is None or dims is None:
+        if shape is None or raw is None:
             return None  # a full reduction is invariant to permutations
-        dims = [dims] if isinstance(dims, int) else list(dims)
-        dims = [d % len(shape) for d in dims]
+        dims = [int(d) % len(shape) for d in ([raw] if isinstance(raw, int) else raw)]
         if tag.dim in dims:
             return None  # summing over units is invariant to their order
         shift = 0 if keepdim else sum(d < tag.dim for d in dims)
@@ -342,7 +342,7 @@ class _Walker:
     def transpose(self, node: torch.fx.Node, tag: _Tag) -> _Tag:
         shape = _shape(node.all_input_nodes[0])
         rank = len(shape) if shape is not None else 2
-        args = [a for a in node.args[1:]]
+        args: list[Any] = list(node.args[1:])
         if node.target in ("t", torch.t):
             args = [0, 1]
         if node.target in ("permute", torch.permute):
@@ -375,9 +375,7 @@ class _PathTracer(torch.fx.Tracer):
         super().__init__()
         self.path: list[str] = []
 
-    def call_module(
-        self, m: nn.Module, forward: Callable[..., Any], args: Any, kwargs: Any
-    ) -> Any:
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: Any, kwargs: Any) -> Any:
         self.path.append(self.path_of_module(m))
         out = super().call_module(m, forward, args, kwargs)
         self.path.pop()
@@ -498,7 +496,7 @@ def _check_function(
         out_p = torch.func.functional_call(model, permuted, (example_input,))
     leaves, _ = torch.utils._pytree.tree_flatten(out)
     leaves_p, _ = torch.utils._pytree.tree_flatten(out_p)
-    for a, b in zip(leaves, leaves_p):
+    for a, b in zip(leaves, leaves_p, strict=True):
         if isinstance(a, torch.Tensor) and a.is_floating_point():
             scale = float(a.abs().max()) if a.numel() else 0.0
             if not torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(scale, 1.0)):

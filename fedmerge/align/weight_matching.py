@@ -49,13 +49,33 @@ class _Term:
 
     ``a`` is ``W^A`` with the axis in front, shape ``(n_units, rest)``; ``b`` is
     ``W^B`` with the axis in front, unflattened so that its other permuted
-    axes (``others``: position, permutation, block) can be gathered.
+    axes (``others``: position, permutation, block) can be gathered; the
+    ``primary`` term of a tensor (its first permuted axis) counts it in the
+    objective. The term's cost matrix is cached with the versions of the
+    permutations it was computed with (``stamp``).
     """
 
-    __slots__ = ("a", "b", "others")
+    __slots__ = ("a", "b", "cost", "others", "primary", "stamp")
 
-    def __init__(self, a: torch.Tensor, b: torch.Tensor, others: list[tuple[int, str, int]]):
-        self.a, self.b, self.others = a, b, others
+    def __init__(
+        self, a: torch.Tensor, b: torch.Tensor, others: list[tuple[int, str, int]], primary: bool
+    ) -> None:
+        self.a, self.b, self.others, self.primary = a, b, others, primary
+        self.cost: torch.Tensor | None = None
+        self.stamp: tuple[int, ...] | None = None
+
+    def update(
+        self, n: int, perm: Mapping[str, torch.Tensor], version: Mapping[str, int]
+    ) -> torch.Tensor:
+        """Return the cost, recomputed only if the other permutations changed."""
+        stamp = tuple(version[other] for _, other, _ in self.others)
+        if self.cost is None or stamp != self.stamp:
+            b = self.b
+            for axis, other, block in self.others:
+                b = torch.index_select(b, axis, _block_index(perm[other], block))
+            self.cost = self.a @ b.reshape(n, -1).T
+            self.stamp = stamp
+        return self.cost
 
 
 def _build_terms(
@@ -70,14 +90,15 @@ def _build_terms(
             wa, wb = state_a[ref.key], state_b[ref.key]
             dtype = torch.promote_types(wa.dtype, torch.float32)
             a = torch.movedim(wa.to(dtype), ref.axis, 0).reshape(n, -1)
-            b = torch.movedim(wb.to(dtype), ref.axis, 0).contiguous()
+            b = torch.movedim(wb.to(dtype), ref.axis, 0)  # a view: gathers copy it anyway
             others = []
             for axis, entry in enumerate(spec.axes[ref.key]):
                 if entry is not None and axis != ref.axis:
                     moved = axis + 1 if axis < ref.axis else axis
                     others.append((moved, entry.perm, entry.block))
             if others:
-                terms[name].append(_Term(a, b, others))
+                first = next(i for i, e in enumerate(spec.axes[ref.key]) if e is not None)
+                terms[name].append(_Term(a, b, others, primary=ref.axis == first))
             else:  # e.g. a first layer or a norm's vector: independent of other permutations
                 c = a @ b.reshape(n, -1).T
                 constant[name] = constant[name] + c if name in constant else c
@@ -85,22 +106,19 @@ def _build_terms(
 
 
 def _cost(
-    name: str,
     n: int,
     terms: list[_Term],
     constant: torch.Tensor | None,
     perm: Mapping[str, torch.Tensor],
+    version: Mapping[str, int],
 ) -> torch.Tensor:
     """Cost matrix ``C[i, j]``: gain of putting unit ``j`` of B at position ``i``."""
     cost = constant.clone() if constant is not None else None
     for term in terms:
-        b = term.b
-        for axis, other, block in term.others:
-            b = torch.index_select(b, axis, _block_index(perm[other], block))
-        b = b.reshape(n, -1)
-        cost = term.a @ b.T if cost is None else cost.addmm_(term.a, b.T)
-    if cost is None:
-        raise ValueError(f"permutation {name!r} acts on no tensor")
+        share = term.update(n, perm, version)
+        cost = share.clone() if cost is None else cost.add_(share)
+    if cost is None:  # a spec entry without tensors cannot reach here (sizes come from tensors)
+        raise RuntimeError("permutation acts on no tensor")
     return cost
 
 
@@ -170,13 +188,15 @@ def weight_matching(
 
     Notes
     -----
-    Two departures from the reference implementation, neither of which
-    changes the result: a permutation is only re-solved when a permutation it
-    is coupled with changed since its last solve (the skipped assignment
-    would be the same problem, so it cannot improve), and a new permutation
-    replaces the old one only when it strictly improves the objective, so
-    ties never make the descent cycle. Cost matrices are accumulated in the
-    weights' precision (at least float32) and solved in float64.
+    Departures from the reference implementation that do not change the
+    result: a permutation is only re-solved when a permutation it is coupled
+    with changed since its last solve (the skipped assignment would be the
+    same problem, so it cannot improve); each tensor's share of a cost matrix
+    is cached and recomputed only when its other permutations changed; a new
+    permutation replaces the old one only when it strictly improves the
+    objective, so ties never make the descent cycle. Cost matrices are
+    accumulated in the weights' precision (at least float32) and solved in
+    float64.
 
     References
     ----------
@@ -193,6 +213,11 @@ def weight_matching(
     device = next(iter(state_a.values())).device
     perm = {p: torch.arange(n, device=device) for p, n in sizes.items()}
     if init_perm is not None:
+        unknown = sorted(set(init_perm) - set(sizes))
+        if unknown:
+            raise ValueError(
+                f"init_perm: unknown permutation {unknown[0]!r}; allowed: {sorted(sizes)}"
+            )
         for name, size in sizes.items():
             if name in init_perm:
                 _check_perm(name, init_perm[name], size)
@@ -212,7 +237,7 @@ def weight_matching(
             if seen.get(name) == stamp:
                 continue  # same cost matrix as at the last solve: no improvement possible
             n = sizes[name]
-            cost = _cost(name, n, terms[name], constant.get(name), perm)
+            cost = _cost(n, terms[name], constant.get(name), perm, version)
             c = cost.detach().to("cpu", torch.float64).numpy()
             _, cols = linear_sum_assignment(c, maximize=True)
             solves += 1
@@ -234,21 +259,29 @@ def weight_matching(
             RuntimeWarning,
             stacklevel=2,
         )
-    objective = _objective(spec, state_a, state_b, perm)
+    objective = _objective(sizes, terms, constant, perm, version)
     return perm, WeightMatchingInfo(iteration, converged, solves, objective)
 
 
 def _objective(
-    spec: PermutationSpec, state_a: StateDict, state_b: StateDict, perm: Mapping[str, torch.Tensor]
+    sizes: Mapping[str, int],
+    terms: Mapping[str, list[_Term]],
+    constant: Mapping[str, torch.Tensor],
+    perm: Mapping[str, torch.Tensor],
+    version: Mapping[str, int],
 ) -> float:
-    r""":math:`\sum_\ell \langle W^A_\ell, \pi(W^B)_\ell \rangle` over the permuted tensors."""
+    r""":math:`\sum_\ell \langle W^A_\ell, \pi(W^B)_\ell \rangle` from the cached costs.
+
+    A tensor's inner product is the trace of its cost share against its
+    permutation, :math:`\sum_i C[i, \pi_p(i)]`; every tensor is counted once
+    (in ``constant`` or through its primary term).
+    """
     total = 0.0
-    for key, entries in spec.axes.items():
-        if all(e is None for e in entries):
-            continue
-        b = state_b[key]
-        for axis, entry in enumerate(entries):
-            if entry is not None:
-                b = torch.index_select(b, axis, _block_index(perm[entry.perm], entry.block))
-        total += float(torch.sum(state_a[key] * b, dtype=torch.float64))
+    for name, n in sizes.items():
+        rows = torch.arange(n, device=perm[name].device)
+        shares = [t.update(n, perm, version) for t in terms[name] if t.primary]
+        if name in constant:
+            shares.append(constant[name])
+        for share in shares:
+            total += float(share[rows, perm[name]].double().sum())
     return total

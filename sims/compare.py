@@ -1,0 +1,520 @@
+"""Paired sweeps: expand a sweep file into scenarios, run each once, cache by digest.
+
+A sweep file names a base scenario, fixed overrides and the axes to vary::
+
+    name = "smoke"                 # default: the file's stem
+    base = "default"               # shipped scenario name, or a TOML path
+                                   # relative to the sweep file
+    target_accuracy = 0.7          # for "rounds to target" in the report
+    tensorboard = false            # write TensorBoard event files per run
+
+    [set]                          # fixed overrides of the base scenario
+    rounds = 2
+    partition.scheme = "dirichlet"
+
+    [[variants]]                   # zipped overrides: one entry per variant
+    strategy.name = "fedavg"
+    [[variants]]
+    strategy.name = "fedprox"
+    strategy.prox_mu = 0.1
+
+    [axes]                         # every combination of these lists
+    seed = [0, 1]
+    num_clients = [10, 20]
+    partition = [{scheme = "iid"}, {scheme = "pathological", classes_per_client = 2}]
+
+An axis whose values are tables zips the keys of each table (as
+``[[variants]]`` does, which is one more axis). Every combination of the axes
+is validated before anything runs and
+becomes one :class:`~fedmerge.scenario.Scenario`; it runs through
+:func:`sims.launch.simulate`, the path of ``fedmerge simulate``, in
+``RUNS_ROOT/SWEEP_NAME/DIGEST/``. A finished run there is skipped, an
+interrupted one resumes from its checkpoint.
+
+Pairing holds by construction: partitions, initial weights and the client
+sampling order derive from ``seed`` alone, never from the strategy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import re
+import shutil
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from fedmerge.scenario import (
+    ConfigError,
+    Scenario,
+    apply_overrides,
+    resolve_scenario_path,
+    scenario_from_dict,
+)
+from sims.launch import preflight, simulate
+from strategies.run_log import write_atomic
+
+logger = logging.getLogger(__name__)
+
+#: Keys a sweep file may hold at its top level.
+SWEEP_KEYS: tuple[str, ...] = (
+    "axes",
+    "base",
+    "description",
+    "name",
+    "set",
+    "target_accuracy",
+    "tensorboard",
+    "variants",
+)
+#: Per-run file that :func:`run_sweep` writes next to ``summary.json``.
+TIMING_FILE = "timing.json"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A parsed, validated sweep file.
+
+    Attributes
+    ----------
+    name : str
+        Folder of the sweep's runs under the runs root.
+    path : Path
+        The sweep file.
+    base : dict
+        The base scenario as a nested dict (before any override).
+    fixed : dict of str to object
+        ``[set]`` (then ``--set``) overrides, dotted keys.
+    axes : dict of str to tuple of dict
+        What varies: per axis (``"variants"`` first, then the ``[axes]``
+        keys in file order) its options, each a dict of dotted overrides.
+    target_accuracy : float (default: 0.7)
+        Accuracy that "rounds to target" in the report refers to, in (0, 1].
+    tensorboard : bool (default: False)
+        Write TensorBoard event files for every run.
+    description : str (default: "")
+        Free text.
+    """
+
+    name: str
+    path: Path
+    base: dict[str, Any]
+    fixed: dict[str, Any]
+    axes: dict[str, tuple[dict[str, Any], ...]]
+    target_accuracy: float = 0.7
+    tensorboard: bool = False
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One combination of a sweep.
+
+    Attributes
+    ----------
+    scenario : Scenario
+        The resolved scenario.
+    run_dir : Path
+        ``RUNS_ROOT/SWEEP_NAME/DIGEST``.
+    values : dict of str to object
+        What this combination sets beyond ``[set]`` (variant and axes), dotted keys.
+    state : str
+        ``"done"`` (finished, will be skipped), ``"resume"`` (interrupted,
+        resumes from its checkpoint) or ``"new"``; ``--force`` makes every
+        run ``"new"``.
+    """
+
+    scenario: Scenario
+    run_dir: Path
+    values: dict[str, Any] = field(default_factory=dict)
+    state: str = "new"
+
+    @property
+    def label(self) -> str:
+        """``key=value`` pairs of :attr:`values`, for progress lines."""
+        return " ".join(f"{k}={_show(v)}" for k, v in self.values.items()) or "base"
+
+
+def _show(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _dotted(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested tables to dotted keys; lists stay values."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_dotted(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _put(data: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:
+    """A copy of nested ``data`` with ``dotted`` values set."""
+    out = json.loads(json.dumps(data))
+    for key, value in dotted.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def _check_key(where: str, key: str) -> None:
+    """Reject a dotted key that names no scenario field."""
+    default = Scenario()
+    sections = [f.name for f in fields(default) if is_dataclass(getattr(default, f.name))]
+    top = [f.name for f in fields(default) if f.name not in sections]
+    head, _, rest = key.partition(".")
+    if not rest:
+        if head not in top:
+            hint = f" (a table; name one of its keys, e.g. {head}.…)" if head in sections else ""
+            raise ConfigError(
+                f"{where}: {key}: unknown scenario key{hint}; allowed: {', '.join(top)}, "
+                f"or SECTION.KEY with SECTION in {', '.join(sections)}"
+            )
+        return
+    if head not in sections:
+        raise ConfigError(
+            f"{where}: {key}: unknown scenario section {head!r}; "
+            f"allowed: {', '.join(sections)} (or a top-level key: {', '.join(top)})"
+        )
+    section_keys = [f.name for f in fields(getattr(default, head))]
+    if rest not in section_keys:
+        raise ConfigError(
+            f"{where}: {key}: unknown scenario key; "
+            f"allowed in section {head}: {', '.join(section_keys)}"
+        )
+
+
+def _scenario(where: str, data: dict[str, Any]) -> Scenario:
+    try:
+        return scenario_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _base_path(spec: Any, sweep_path: Path, where: str) -> Path:
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError(f"{where}: base: got {spec!r}; allowed: a scenario name or TOML path")
+    local = sweep_path.parent / spec
+    if local.is_file():
+        return local
+    try:
+        return resolve_scenario_path(spec)
+    except ConfigError as exc:
+        shipped = str(exc).rpartition("one of ")[2]
+        raise ConfigError(
+            f"{where}: base: got {spec!r}; allowed: a scenario TOML relative to the sweep "
+            f"file or a shipped scenario ({shipped})"
+        ) from None
+
+
+def _axis(where: str, key: str, values: Any, prefix: str | None = None) -> tuple[dict, ...]:
+    """An axis as a tuple of override dicts (dotted keys; tables under ``prefix``)."""
+    prefix = key if prefix is None else prefix
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{where}: {key}: got {values!r}; allowed: a non-empty list of values")
+    out: list[dict[str, Any]] = []
+    for value in values:
+        if isinstance(value, dict):  # zipped: {name = "fedprox", prox_mu = 0.1}
+            if not value:
+                raise ConfigError(f"{where}: {key}: got {{}}; allowed: a table of overrides")
+            override = _dotted(value, f"{prefix}." if prefix else "")
+        else:
+            override = {key: value}
+        if override in out:
+            raise ConfigError(
+                f"{where}: {key}: {value!r} is listed twice; allowed: distinct values"
+            )
+        out.append(override)
+    return tuple(out)
+
+
+def _label(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={_show(v)}" for k, v in values.items()) or "base"
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
+    """Read and validate a sweep file.
+
+    Parameters
+    ----------
+    path : str or Path
+        The sweep TOML.
+    overrides : list of str, optional
+        Extra fixed overrides, ``key=value`` as for ``fedmerge simulate --set``,
+        applied after ``[set]``; they may not name a key that a variant or an
+        axis varies.
+
+    Returns
+    -------
+    Sweep
+        Every key checked against the scenario's fields, every single value
+        checked on the base scenario; :func:`expand` checks the combinations.
+
+    Raises
+    ------
+    ConfigError
+        With the file, the table, the key, the bad value and what is allowed.
+    """
+    path = Path(path)
+    where = path.name
+    if not path.is_file():
+        raise ConfigError(f"sweep: {str(path)!r} does not exist; allowed: a sweep TOML file")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"sweep: {str(path)!r} is not valid TOML ({exc})") from None
+    unknown = sorted(set(raw) - set(SWEEP_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"{where}: {unknown[0]}: unknown sweep key; allowed: {', '.join(SWEEP_KEYS)} "
+            f"(scenario keys go in the tables set, axes or variants)"
+        )
+    name = raw.get("name", path.stem)
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(
+            f"{where}: name: got {name!r}; allowed: letters, digits, '.', '_', '-' (a folder name)"
+        )
+    target = raw.get("target_accuracy", 0.7)
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+        raise ConfigError(f"{where}: target_accuracy: got {target!r}; allowed: a number in (0, 1]")
+    tensorboard = raw.get("tensorboard", False)
+    if not isinstance(tensorboard, bool):
+        raise ConfigError(f"{where}: tensorboard: got {tensorboard!r}; allowed: true or false")
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        raise ConfigError(f"{where}: description: got {description!r}; allowed: a string")
+
+    base_file = _base_path(raw.get("base", "default"), path, where)
+    try:
+        base = tomllib.loads(base_file.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: base: {str(base_file)!r} is not valid TOML ({exc})") from None
+    _scenario(f"{where}, base {base_file.name}", base)
+
+    for table in ("set", "axes"):
+        if not isinstance(raw.get(table, {}), dict):
+            raise ConfigError(f"{where}: {table}: got {raw[table]!r}; allowed: a TOML table")
+    fixed = {**_dotted(raw.get("set", {})), **_dotted(apply_overrides({}, overrides or []))}
+    for key in fixed:
+        _check_key(f"{where}, set", key)
+    fixed_data = _put(base, fixed)
+    _scenario(f"{where}, set", fixed_data)
+
+    axes: dict[str, tuple[dict[str, Any], ...]] = {}
+    raw_variants = raw.get("variants", [])
+    if raw_variants:
+        if not isinstance(raw_variants, list) or not all(isinstance(v, dict) for v in raw_variants):
+            raise ConfigError(
+                f"{where}: variants: got {raw_variants!r}; allowed: an array of tables of overrides"
+            )
+        axes["variants"] = _axis(where, "variants", raw_variants, prefix="")
+    for key, values in _dotted(raw.get("axes", {})).items():
+        axes[key] = _axis(f"{where}, axes", key, values)
+
+    owner: dict[str, str] = {}  # key -> the axis that varies it, as written in the file
+    for axis, options in axes.items():
+        axis_name = "variants" if axis == "variants" else f"axes.{axis}"
+        tag = f"{where}, variants" if axis == "variants" else f"{where}, axes"
+        for option in options:
+            for key in option:
+                _check_key(tag, key)
+                if owner.setdefault(key, axis_name) != axis_name:
+                    raise ConfigError(
+                        f"{tag}: {key}: also varied by {owner[key]}; allowed: vary a key in "
+                        f"one axis (zip related keys in one axis of tables)"
+                    )
+            _scenario(f"{tag} ({_label(option)})", _put(fixed_data, option))
+    for key in fixed:
+        if key in owner:
+            source = "set" if key in _dotted(raw.get("set", {})) else "--set"
+            raise ConfigError(
+                f"{where}, {source}: {key}: also varied by {owner[key]}; "
+                f"allowed: fix a key or vary it, not both"
+            )
+    return Sweep(
+        name=name,
+        path=path,
+        base=base,
+        fixed=fixed,
+        axes=axes,
+        target_accuracy=float(target),
+        tensorboard=tensorboard,
+        description=description,
+    )
+
+
+def expand(sweep: Sweep) -> list[tuple[dict[str, Any], Scenario]]:
+    """Every combination of a sweep, validated, seeds outermost.
+
+    Returns
+    -------
+    list of (dict, Scenario)
+        The combination's own values (dotted keys, in axis order) and its
+        resolved scenario, in run order: the ``seed`` axis varies slowest, so
+        that all runs of the first seed (a complete paired set) come first.
+
+    Raises
+    ------
+    ConfigError
+        If a combination is invalid (e.g. ``clients_per_round`` above one of
+        the ``num_clients`` values) or two combinations resolve to the same
+        scenario.
+    """
+    fixed_data = _put(sweep.base, sweep.fixed)
+    names = sorted(sweep.axes, key=lambda k: k != "seed")  # stable: seed first
+    out: list[tuple[dict[str, Any], Scenario]] = []
+    digests: dict[str, str] = {}
+    for combo in itertools.product(*(sweep.axes[k] for k in names)):
+        values: dict[str, Any] = {}
+        for name in sweep.axes:  # file order, for labels
+            values.update(combo[names.index(name)])
+        label = _label(values)
+        scenario = _scenario(f"{sweep.path.name}, combination ({label})", _put(fixed_data, values))
+        digest = scenario.digest()
+        if digest in digests:
+            raise ConfigError(
+                f"{sweep.path.name}: combinations ({digests[digest]}) and ({label}) are the "
+                f"same scenario (digest {digest}); allowed: distinct combinations"
+            )
+        digests[digest] = label
+        out.append((values, scenario))
+    return out
+
+
+def run_state(scenario: Scenario, run_dir: Path) -> str:
+    """``"done"``, ``"resume"`` or ``"new"`` for ``scenario`` in ``run_dir``.
+
+    ``done`` needs ``summary.json`` with status ``completed`` and the
+    scenario's digest, plus ``metrics.jsonl`` and ``model.safetensors``;
+    ``resume`` needs ``checkpoint.json`` of the same digest.
+    """
+    digest = scenario.digest()
+    summary = _read_json(run_dir / "summary.json")
+    if (
+        summary.get("status") == "completed"
+        and summary.get("digest") == digest
+        and (run_dir / "metrics.jsonl").is_file()
+        and (run_dir / "model.safetensors").is_file()
+    ):
+        return "done"
+    if _read_json(run_dir / "checkpoint.json").get("digest") == digest:
+        return "resume"
+    return "new"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def plan_sweep(sweep: Sweep, runs_root: str | Path, *, force: bool = False) -> list[PlannedRun]:
+    """Expand ``sweep``, check that every run can start, and find what is cached.
+
+    Loads each combination's data, partitions and model (as ``fedmerge
+    simulate`` does before starting Flower), so that a combination that leaves
+    a client without data fails here, before any run starts. Writes nothing.
+    """
+    root = Path(runs_root) / sweep.name
+    runs = []
+    for values, scenario in expand(sweep):
+        preflight(scenario)
+        run_dir = root / scenario.digest()
+        state = "new" if force else run_state(scenario, run_dir)
+        runs.append(PlannedRun(scenario, run_dir, values, state))
+    return runs
+
+
+def write_manifest(sweep: Sweep, runs: list[PlannedRun], runs_root: str | Path) -> Path:
+    """Write ``RUNS_ROOT/SWEEP_NAME/sweep.json``: the sweep's runs and their values."""
+    path = Path(runs_root) / sweep.name / "sweep.json"
+    manifest = {
+        "name": sweep.name,
+        "file": str(sweep.path.resolve()),
+        "description": sweep.description,
+        "target_accuracy": sweep.target_accuracy,
+        "runs": [
+            {"digest": r.scenario.digest(), "run_dir": r.run_dir.name, "values": r.values}
+            for r in runs
+        ],
+    }
+    write_atomic(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def run_sweep(
+    runs: list[PlannedRun],
+    *,
+    force: bool = False,
+    tensorboard: bool = False,
+    on_start: Callable[[int, PlannedRun], None] | None = None,
+    on_round: Callable[[PlannedRun, dict[str, Any]], None] | None = None,
+    on_end: Callable[[int, PlannedRun, dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run every planned run that is not ``"done"``, one after the other.
+
+    Parameters
+    ----------
+    runs : list of PlannedRun
+        From :func:`plan_sweep`.
+    force : bool (default: False)
+        Delete each run directory before running it (even finished ones).
+    tensorboard : bool (default: False)
+        Write ``RUN_DIR/tensorboard/`` for every run (also cached ones).
+    on_start, on_round, on_end : callable, optional
+        Called with ``(index, run)`` before a run starts (not for cached
+        runs), with ``(run, metrics_row)`` for every row of its
+        ``metrics.jsonl``, and with ``(index, run, summary)`` when a run is
+        finished or found cached.
+
+    Returns
+    -------
+    list of dict
+        ``summary.json`` of every run, in order, plus ``wall_time``
+        (seconds; that of the call that finished the run).
+
+    Raises
+    ------
+    sims.launch.SimulationError
+        If a run fails; the runs finished before it stay cached.
+    """
+    from sims.report import write_tensorboard  # matplotlib/tensorboard only when needed
+
+    summaries = []
+    for i, run in enumerate(runs):
+        if run.state == "done" and not force:
+            summary = _read_json(run.run_dir / "summary.json")
+            summary.setdefault("wall_time", _read_json(run.run_dir / TIMING_FILE).get("wall_time"))
+        else:
+            if force and run.run_dir.exists():
+                shutil.rmtree(run.run_dir)
+            if on_start is not None:
+                on_start(i, run)
+            callback = None if on_round is None else (lambda row, run=run: on_round(run, row))
+            t0 = time.perf_counter()
+            summary = simulate(run.scenario, run.run_dir, on_round=callback)
+            timing = {
+                "wall_time": summary.get("wall_time", time.perf_counter() - t0),
+                "resumed": run.state == "resume",
+            }
+            write_atomic(run.run_dir / TIMING_FILE, json.dumps(timing, indent=2) + "\n")
+        if tensorboard and not (run.run_dir / "tensorboard").is_dir():
+            write_tensorboard(run.run_dir)
+        if on_end is not None:
+            on_end(i, run, summary)
+        summaries.append(summary)
+    return summaries
