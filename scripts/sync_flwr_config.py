@@ -46,6 +46,7 @@ def render() -> str:
 
 
 def main() -> None:
+    """Replace the generated block in pyproject.toml."""
     text = PYPROJECT.read_text()
     start = text.index("# The embedded default scenario")
     end = text.index("[tool.ruff]")
