@@ -66,7 +66,7 @@ def cached_arrays(
         root.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{path.name}.", suffix=".npz")
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy stubs: kwds as bool
         os.replace(tmp, path)
     except OSError as exc:
         logger.warning("cannot write cache entry %s (%s)", path, exc)

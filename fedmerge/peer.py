@@ -174,7 +174,9 @@ def consensus_distance(states: Sequence[StateDict]) -> float:
     avg = mean_state(states)
     keys = [k for k, v in avg.items() if v.is_floating_point()]
     dists = [
-        float(torch.sqrt(sum(((s[k].double() - avg[k].double()) ** 2).sum() for k in keys)))
+        float(
+            torch.stack([((s[k].double() - avg[k].double()) ** 2).sum() for k in keys]).sum().sqrt()
+        )
         for s in states
     ]
     return float(np.mean(dists))

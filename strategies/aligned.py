@@ -116,8 +116,9 @@ class AlignedFedAvg(_ProxyMixin, MergingStrategy):
     ) -> dict[str, torch.Tensor]:
         """Align each update to ``global_state``, then take the weighted mean."""
         rng = np.random.default_rng([self.seed, server_round])
-        aligned, moved = [], {}
-        global_model = self._scratch(global_state) if self.method == "activation" else None
+        aligned = []
+        moved: dict[str, int] = {}
+        global_model = self._scratch(global_state)
         for u in updates:
             if self.method == "weight":
                 perm, _ = weight_matching(self.spec, global_state, u.state, rng=rng)
@@ -180,19 +181,22 @@ class OTFusion(_ProxyMixin, MergingStrategy):
                 "strategy.proxy_samples: got 0; allowed: > 0 with activation cost or marginals"
             )
         self._setup(model, proxy or [], reset_bn)
-        self.options = {"solver": solver, "reg": reg, "cost": cost, "marginals": marginals}
+        self.solver, self.reg, self.cost, self.marginals = solver, reg, cost, marginals
 
     def summary(self) -> None:
         """Log the configuration once."""
         super().summary()
-        logger.info("OT fusion: %s, %d proxy batches", self.options, len(self.proxy))
+        logger.info(
+            "OT fusion: %s solver (reg %g), %s cost, %s marginals, %d proxy batches",
+            self.solver, self.reg, self.cost, self.marginals, len(self.proxy),
+        )  # fmt: skip
 
     def merge(
         self, server_round: int, global_state: dict[str, torch.Tensor], updates: list[ClientUpdate]
     ) -> dict[str, torch.Tensor]:
         """Transport each update onto the global units, then take the weighted mean."""
         moved_states, costs = [], []
-        needs_acts = "activation" in (self.options["cost"], self.options["marginals"])
+        needs_acts = "activation" in (self.cost, self.marginals)
         for u in updates:
             acts = None
             if needs_acts:
@@ -200,8 +204,9 @@ class OTFusion(_ProxyMixin, MergingStrategy):
                     self.spec, self._scratch(global_state), self._client_model(u.state), self.proxy
                 )
             plans, info = ot_align(
-                self.spec, global_state, u.state, activations=acts, **self.options
-            )
+                self.spec, global_state, u.state, solver=self.solver, reg=self.reg,
+                cost=self.cost, marginals=self.marginals, activations=acts,
+            )  # fmt: skip
             moved_states.append(apply_transport(self.spec, plans, u.state))
             costs.append(float(sum(info.costs.values())))
         self.report(transport_cost_mean=float(np.mean(costs)))

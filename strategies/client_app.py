@@ -68,7 +68,7 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
     model = _model(scenario)
-    global_state = msg.content["arrays"].to_torch_state_dict()
+    global_state = msg.content.array_records["arrays"].to_torch_state_dict()
     model.load_state_dict(global_state)
     t = scenario.train
     result = train_local(
@@ -102,7 +102,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     """Evaluate the received model on the local partition."""
     scenario, _, x, y = _setup(msg, context)
     model = _model(scenario)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
     loss, acc = evaluate(model, x, y)
     metrics = MetricRecord({"eval_loss": loss, "eval_accuracy": acc, "num-examples": len(y)})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
@@ -121,7 +121,7 @@ def train_peer(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
     model = _model(scenario)
-    own = msg.content["self"].to_torch_state_dict()
+    own = dict(msg.content.array_records["self"].to_torch_state_dict())
     info: dict[str, float] = {"moved": 0.0, "neighbours": 0.0}
     if bool(config.get("merge", False)):
         neighbours = {

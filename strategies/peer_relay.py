@@ -90,7 +90,8 @@ def run_peers(
         merged_acc = {}
         for update in screening.updates:
             if f"{EVAL_PREFIX}merged" in update.message.content:
-                merged = update.message.content[f"{EVAL_PREFIX}merged"].to_torch_state_dict()
+                record = update.message.content.array_records[f"{EVAL_PREFIX}merged"]
+                merged = dict(record.to_torch_state_dict())
                 merged_acc[update.partition] = recorder.evaluate(merged)[1]
             states[update.partition] = update.state
             up[update.partition] = arrayrecord_bytes(update.message.content)

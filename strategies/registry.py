@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flwr.serverapp.strategy import Strategy
 
 from fedmerge.federation import initial_model, proxy_batches
@@ -20,7 +22,7 @@ def build_strategy(scenario: Scenario) -> Strategy:
     ``fraction_evaluate`` share of them (0 turns client-side evaluation off).
     """
     st = scenario.strategy
-    common = dict(
+    common: dict[str, Any] = dict(
         fraction_train=scenario.clients_per_round / scenario.num_clients,
         fraction_evaluate=st.fraction_evaluate,
         min_train_nodes=scenario.clients_per_round,

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx, Result
@@ -36,6 +37,9 @@ class SeededSampling:
     fraction_evaluate: float
     arrayrecord_key: str
     configrecord_key: str
+    weighted_by_key: str
+    global_state: dict[str, torch.Tensor]
+    _round_report: dict[str, Any]
     _node_to_partition: dict[int, int]
     _partition_to_node: dict[int, int]
     _rng: np.random.Generator
@@ -119,7 +123,7 @@ class SeededSampling:
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, *args: Any, **kwargs: Any) -> Result:
         """Remember the initial global model, then run Flower's round loop."""
-        self.global_state = initial_arrays.to_torch_state_dict()
+        self.global_state = dict(initial_arrays.to_torch_state_dict())
         return super().start(grid, initial_arrays, *args, **kwargs)  # type: ignore[misc]
 
     def take_round_report(self) -> dict[str, Any]:
@@ -156,10 +160,12 @@ class SeededSampling:
             return None, None
         arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
         if arrays is not None:
-            self.global_state = arrays.to_torch_state_dict()
+            self.global_state = dict(arrays.to_torch_state_dict())
         return arrays, metrics
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> object:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         """Aggregate evaluation replies in partition order."""
         ordered = sorted(replies, key=self.partition_of)
         return super().aggregate_evaluate(server_round, ordered)  # type: ignore[misc]
