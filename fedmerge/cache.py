@@ -15,11 +15,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from fedmerge.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +64,7 @@ def cached_arrays(
             logger.warning("cache entry %s unreadable (%s); recomputing", path, exc)
     arrays = compute()
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{path.name}.", suffix=".npz")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy stubs: kwds as bool
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
     except OSError as exc:
         logger.warning("cannot write cache entry %s (%s)", path, exc)
     return arrays

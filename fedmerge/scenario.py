@@ -179,8 +179,17 @@ class Scenario:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def digest(self) -> str:
-        """Hash of the resolved configuration (16 hex digits)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        """Hash of everything that determines the results (16 hex digits).
+
+        Where the run executes (``simulation.ray_address``,
+        ``simulation.ray_num_cpus``) and how long it may wait
+        (``simulation.timeout``) are left out: the same run on another
+        cluster has the same digest (and resumes from the same checkpoint).
+        """
+        data = self.to_dict()
+        for key in ("ray_address", "ray_num_cpus", "timeout"):
+            data["simulation"].pop(key)
+        blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -189,7 +189,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 finished += 1
                 progress.update(task, completed=finished, runs=f"{finished}/{len(todo)} runs")
             progress.console.print(
-                _run_line(i, len(runs), run, summary, how), soft_wrap=True, highlight=False
+                _run_line(i, len(runs), run, summary, how),
+                soft_wrap=True,
+                highlight=False,
+                markup=False,
             )
 
         run_sweep(
@@ -316,10 +319,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except (ValueError, TypeError, FileNotFoundError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        err_console.print(f"fedmerge: error: {message}", highlight=False, soft_wrap=True)
+        err_console.print(
+            f"fedmerge: error: {message}", highlight=False, markup=False, soft_wrap=True
+        )
         return EXIT_BAD_INPUT
     except SimulationError as exc:
-        err_console.print(f"fedmerge: simulation failed: {exc}", highlight=False, soft_wrap=True)
+        err_console.print(
+            f"fedmerge: simulation failed: {exc}", highlight=False, markup=False, soft_wrap=True
+        )
         return 1
 
 

@@ -74,6 +74,8 @@ SWEEP_KEYS: tuple[str, ...] = (
 )
 #: Per-run file that :func:`run_sweep` writes next to ``summary.json``.
 TIMING_FILE = "timing.json"
+#: What :func:`sims.launch.preflight` depends on.
+_DATA_KEYS = ("dataset", "partition", "model", "num_clients", "seed", "device")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -431,8 +433,13 @@ def plan_sweep(sweep: Sweep, runs_root: str | Path, *, force: bool = False) -> l
     """
     root = Path(runs_root) / sweep.name
     runs = []
+    checked: set[str] = set()
     for values, scenario in expand(sweep):
-        preflight(scenario)
+        d = scenario.to_dict()
+        data_key = json.dumps([d[k] for k in _DATA_KEYS], sort_keys=True)
+        if data_key not in checked:  # the strategy does not change data or model
+            preflight(scenario)
+            checked.add(data_key)
         run_dir = root / scenario.digest()
         state = "new" if force else run_state(scenario, run_dir)
         runs.append(PlannedRun(scenario, run_dir, values, state))

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedmerge.atomic import atomic_write_text
 from fedmerge.federation import client_indices, initial_model
 from fedmerge.scenario import Scenario, flatten
 
@@ -237,4 +238,5 @@ def simulate(
         raise SimulationError(f"run did not complete; see {log_path}\n" + "\n".join(tail))
     summary: dict[str, Any] = json.loads(summary_path.read_text())
     summary["wall_time"] = time.perf_counter() - t0
+    atomic_write_text(summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary

@@ -31,6 +31,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
+from fedmerge.atomic import atomic_write
 from fedmerge.scenario import flatten
 from strategies.run_log import write_atomic
 
@@ -340,15 +341,10 @@ def client_accuracy(run: Run) -> list[float]:
 
 def _save(fig: Any, out: Path) -> Path:
     """Save a figure as PNG through a temp file and a rename."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, out)
+        atomic_write(out, lambda f: fig.savefig(f, format="png"))
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return out
 
 

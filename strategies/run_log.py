@@ -4,27 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
+
+from fedmerge.atomic import atomic_write, atomic_write_text
 
 
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temp file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
 
 
 class RunLog:
@@ -61,7 +52,5 @@ class RunLog:
 
     def save_tensors(self, name: str, state: dict[str, torch.Tensor]) -> None:
         """Save tensors as safetensors (temp file, then rename)."""
-        path = self.run_dir / name
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
-        os.replace(tmp, path)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        atomic_write(self.run_dir / name, lambda f: f.write(save(tensors)))
