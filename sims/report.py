@@ -192,6 +192,15 @@ def group_runs(runs: list[Run]) -> tuple[list[str], list[Group]]:
     return varying, list(groups.values())
 
 
+#: Extra columns for peer-side runs (last round), and their headers.
+PEER_COLUMNS: dict[str, str] = {
+    "min_peer_accuracy": "min peer accuracy",
+    "merged_accuracy": "peer accuracy after merge",
+    "avg_model_accuracy": "average-model accuracy",
+    "bytes_per_peer": "bytes per peer",
+}
+
+
 def rounds_to_target(rows: list[dict[str, Any]], target: float) -> int | None:
     """First round whose test accuracy is >= ``target`` (None if none is)."""
     return next((int(r["round"]) for r in rows if r["accuracy"] >= target), None)
@@ -200,16 +209,31 @@ def rounds_to_target(rows: list[dict[str, Any]], target: float) -> int | None:
 def run_numbers(run: Run, target: float) -> dict[str, Any]:
     """A run's numbers, from its ``metrics.jsonl``."""
     acc = [r["accuracy"] for r in run.rows]
-    return {
+    numbers = {
         "final_accuracy": acc[-1],
         "best_accuracy": max(acc),
         "rounds_to_target": rounds_to_target(run.rows, target),
         "bytes_total": sum(r["bytes_down"] + r["bytes_up"] for r in run.rows),
         "wall_time": run.wall_time,
     }
+    last = run.rows[-1]
+    if "peer_accuracy" in last:  # peer-side strategies: per-peer numbers of the last round
+        numbers["min_peer_accuracy"] = min(last["peer_accuracy"])
+        for key in ("merged_accuracy", "avg_model_accuracy"):
+            value = last.get(key)
+            numbers[key] = math.nan if value is None else value
+        if all("bytes_down_per_peer" in r for r in run.rows[1:]):
+            numbers["bytes_per_peer"] = statistics.fmean(
+                sum(r["bytes_down_per_peer"][p] + r["bytes_up_per_peer"][p] for r in run.rows[1:])
+                for p in range(len(last["peer_accuracy"]))
+            )
+    return numbers
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if not math.isnan(v)]  # e.g. no merge in a `local` run
+    if not values:
+        return math.nan, math.nan
     mean = statistics.fmean(values)
     return mean, statistics.stdev(values) if len(values) > 1 else math.nan
 
@@ -230,6 +254,9 @@ def summarize(groups: list[Group], target: float) -> list[dict[str, Any]]:
         row["seed_list"] = " ".join(str(r.seed) for r in group.runs)
         for key in ("final_accuracy", "best_accuracy", "bytes_total", "wall_time"):
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([n[key] for n in numbers])
+        for key in PEER_COLUMNS:
+            if all(key in n for n in numbers):
+                row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([n[key] for n in numbers])
         reached = [n["rounds_to_target"] for n in numbers if n["rounds_to_target"] is not None]
         row["target"] = target
         row["target_reached"] = len(reached)
@@ -248,6 +275,8 @@ def markdown_table(rows: list[dict[str, Any]], keys: list[str], target: float) -
     """The summary as a Markdown table plus a line that says how to read it."""
     head = [*(keys or ["scenario"]), "seeds", "final accuracy", "best accuracy",
             f"rounds to {target:.0%}", "communicated", "wall time"]  # fmt: skip
+    peer = [k for k in PEER_COLUMNS if any(f"{k}_mean" in row for row in rows)]
+    head += [PEER_COLUMNS[k] for k in peer]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         if row["target_reached"] == 0:
@@ -265,6 +294,13 @@ def markdown_table(rows: list[dict[str, Any]], keys: list[str], target: float) -
             f"{row['bytes_total_mean'] / 1e6:.2f} MB",
             _pm(row["wall_time_mean"], row["wall_time_std"], 1) + " s",
         ]
+        for k in peer:
+            if f"{k}_mean" not in row or math.isnan(row[f"{k}_mean"]):
+                cells.append("—")
+            elif k == "bytes_per_peer":
+                cells.append(f"{row[f'{k}_mean'] / 1e6:.2f} MB")
+            else:
+                cells.append(_pm(row[f"{k}_mean"], row[f"{k}_std"], 4))
         lines.append("| " + " | ".join(cells) + " |")
     paired = (
         "paired: every row uses the same seeds, hence the same partitions, initial weights "
@@ -275,8 +311,16 @@ def markdown_table(rows: list[dict[str, Any]], keys: list[str], target: float) -
     note = (
         f"\nMean ± sample standard deviation over seeds ({paired}). Rounds to "
         f"{target:.0%}: first round whose global test accuracy is >= {target}, over the seeds "
-        f"that reached it. Communicated: bytes sent down plus up over the whole run.\n"
+        f"that reached it. Communicated: bytes sent down plus up over the whole run."
     )
+    if peer:
+        note += (
+            " Peer-side runs: final/best accuracy is the mean over peers of each peer's test "
+            "accuracy after its local training; the peer columns are of the last round "
+            "(after merge: right after mixing, before training, DIMAT's measurement point; "
+            "bytes per peer: relayed down plus up, own model included)."
+        )
+    note += "\n"
     return "\n".join(lines) + "\n" + note
 
 

@@ -99,14 +99,19 @@ def test_summary_numbers_hand_worked(runs: list[Path], tmp_path: Path) -> None:
     md = rep.summary_md.read_text().splitlines()
     assert md[0].startswith("| strategy.name | strategy.prox_mu | seeds | final accuracy |")
     assert "rounds to 70%" in md[0]
+    # the fixture's runs carry peer accuracies [0.5 + 0.1 s, 0.9, 0.7 - 0.1 s]: min 0.5 and 0.6
+    assert md[0].endswith(
+        "| min peer accuracy | peer accuracy after merge | average-model accuracy |"
+    )
     assert md[2] == (
         "| fedavg | 0.01 | 2 | 0.7500 ± 0.0707 | 0.7500 ± 0.0707 | 2.0 ± 0.0 | 3.00 MB "
-        "| 12.0 ± 2.8 s |"
+        "| 12.0 ± 2.8 s | 0.5500 ± 0.0707 | — | — |"
     )
     assert md[3] == (
         "| fedprox | 0.1 | 2 | 0.6250 ± 0.0354 | 0.6750 ± 0.1061 | 1.0 (1/2 seeds) | 3.00 MB "
-        "| 20.5 ± 0.7 s |"
+        "| 20.5 ± 0.7 s | 0.5500 ± 0.0707 | — | — |"
     )
+    assert float(avg["min_peer_accuracy_mean"]) == pytest.approx(0.55)
     per_run = _csv(rep.runs_csv)
     assert [(r["strategy.name"], r["seed"], r["rounds_to_target"]) for r in per_run] == [
         ("fedavg", "0", "2"), ("fedavg", "1", "2"), ("fedprox", "0", "1"), ("fedprox", "1", ""),
