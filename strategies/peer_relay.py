@@ -51,9 +51,8 @@ def run_peers(
     states = {p: peer_initial_model(scenario, p).state_dict() for p in range(n)}
     answered = set(range(n))
     first = 1
-    resume = recorder.find_resume()
+    resume = recorder.begin()
     if resume is not None:
-        recorder.restore(resume)
         first = resume.round + 1
         answered = set(resume.sampler_state["answered"])
         states = {

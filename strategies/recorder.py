@@ -18,7 +18,7 @@ from fedmerge.data import DatasetBundle
 from fedmerge.scenario import Scenario
 from fedmerge.training import evaluate
 from strategies.metering import MeteredGrid, Traffic
-from strategies.run_log import RunLog, write_atomic
+from strategies.run_log import RunLog
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +92,24 @@ class RoundRecorder:
         self._last = self.t_ready
 
     # -- resumption ---------------------------------------------------------
-    def find_resume(self) -> Resume | None:
-        """Return the checkpoint of an interrupted run of this same scenario."""
+    def begin(self) -> Resume | None:
+        """Start the run, or pick up an interrupted run of this same scenario.
+
+        With a checkpoint of the same scenario digest, ``metrics.jsonl`` is cut
+        back to the checkpointed rounds (atomically) and the checkpoint is
+        returned. Otherwise the run starts over with an empty ``metrics.jsonl``.
+        Nothing is truncated before that decision, so a run killed while it
+        starts loses no rows.
+        """
+        resume = self._checkpoint()
+        if resume is None:
+            self.log.write_metrics([])
+            return None
+        self.rows = list(resume.rows)
+        self.log.write_metrics(self.rows)
+        return resume
+
+    def _checkpoint(self) -> Resume | None:
         meta_path = self.log.run_dir / "checkpoint.json"
         weights = self.log.run_dir / "checkpoint.safetensors"
         if not (meta_path.exists() and weights.exists()):
@@ -104,19 +120,8 @@ class RoundRecorder:
                 "checkpoint in %s is of another scenario; starting over", self.log.run_dir
             )
             return None
-        rows = [
-            json.loads(line)
-            for line in self.log.previous_metrics.splitlines()
-            if line.strip() and json.loads(line)["round"] <= meta["round"]
-        ]
+        rows = [r for r in self.log.read_metrics() if r["round"] <= meta["round"]]
         return Resume(meta["round"], load_file(str(weights)), meta["sampler_state"], rows)
-
-    def restore(self, resume: Resume) -> None:
-        """Rewrite ``metrics.jsonl`` with the rows up to the checkpoint."""
-        self.rows = list(resume.rows)
-        write_atomic(
-            self.log.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows)
-        )
 
     def checkpoint(
         self, server_round: int, state: dict[str, torch.Tensor], sampler_state: dict

@@ -35,9 +35,16 @@ class RunLog:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        #: What ``metrics.jsonl`` held before this run started (for resuming).
-        self.previous_metrics = self.metrics_path.read_text() if self.metrics_path.exists() else ""
-        self.metrics_path.write_text("")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """Rows already in ``metrics.jsonl`` (a resumed run keeps them)."""
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(x) for x in self.metrics_path.read_text().splitlines() if x.strip()]
+
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Replace ``metrics.jsonl`` with ``rows`` atomically."""
+        write_atomic(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
         """Write ``name`` (e.g. ``config.json``) atomically."""

@@ -129,9 +129,8 @@ def main(grid: Grid, context: Context) -> None:
     )
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     done = 0
-    resume = recorder.find_resume()
+    resume = recorder.begin()
     if resume is not None:
-        recorder.restore(resume)
         strategy.resume_from(resume.round, resume.sampler_state)  # type: ignore[attr-defined]
         initial, done = resume.state, resume.round
         logger.info("resuming after round %d", done)
