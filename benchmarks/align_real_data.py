@@ -11,7 +11,7 @@
    average. Test
    accuracy on all ten classes, with each parent's.
 
-Run:  .venv/bin/python benchmarks/align_real_data.py [--epochs 10] [--hidden 512]
+Run:  .venv/bin/python benchmarks/align_real_data.py [--epochs 10] [--hidden 512] [--threads N]
 """
 
 from __future__ import annotations
@@ -62,7 +62,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--hidden", type=int, default=512, help="width of the 3 hidden layers")
     parser.add_argument("--act-samples", type=int, default=5000)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     hidden = (args.hidden,) * 3
     start = time.perf_counter()
     print(f"load average {os.getloadavg()[0]:.2f}, torch threads {torch.get_num_threads()}")

@@ -13,6 +13,10 @@ Activation matching and OT alignment get one batch of random 32x32 images
 so that no unit is dead.
 
 Run:  .venv/bin/python benchmarks/align_speed.py [--repeats 3] [--samples 32]
+      [--only resnet20x4,resnet20x8] [--weights-only] [--threads N]
+
+Timings are wall-clock seconds (median and minimum over the repeats); other
+work on the machine inflates them, which the printed load average shows.
 """
 
 from __future__ import annotations
@@ -163,6 +167,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32, help="images for activations")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--skip-x16-activations", action="store_true")
+    parser.add_argument(
+        "--only", default="", help="comma-separated cases such as resnet20x4,vgg11x1"
+    )
+    parser.add_argument("--weights-only", action="store_true", help="skip activations and OT")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -170,7 +178,10 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"load average {os.getloadavg()[0]:.2f} (other work on the machine slows every figure)"
     )
+    only = {c for c in args.only.split(",") if c}
     for name, width in CASES:
+        if only and f"{name}x{width}" not in only:
+            continue
         case = planted(name, width, args.samples)
         sizes = case["spec"].perm_sizes(case["sa"])
         print(
@@ -180,6 +191,8 @@ def main() -> None:
         repeats = 1 if width >= 16 else args.repeats
         print(time_weight_matching(case, repeats, None))
         print(time_weight_matching(case, repeats, 0))
+        if args.weights_only:
+            continue
         if not (width >= 16 and args.skip_x16_activations):
             print(time_activation_matching(case))
         print(time_ot(case))
