@@ -11,8 +11,8 @@ from fedmerge.merge.merge_many import MERGE_REFERENCES, MergeManyInfo, merge_man
 
 __all__ = [
     "INTEGER_RULES",
-    "LDAWAConfig",
     "MERGE_REFERENCES",
+    "LDAWAConfig",
     "MergeManyInfo",
     "has_batchnorm",
     "ldawa_aggregate",
