@@ -34,6 +34,7 @@ class Traffic:
     errors: int = 0
     train_losses: list[float] = field(default_factory=list)
     train_nodes: list[int] = field(default_factory=list)
+    eval_accuracies: list[float] = field(default_factory=list)
 
 
 class MeteredGrid:
@@ -73,6 +74,8 @@ class MeteredGrid:
             for record in metrics.values():
                 if "train_loss" in record:
                     t.train_losses.append(float(record["train_loss"]))  # type: ignore[arg-type]
+                if "eval_accuracy" in record:
+                    t.eval_accuracies.append(float(record["eval_accuracy"]))  # type: ignore[arg-type]
         return replies
 
     def take(self) -> Traffic:

@@ -157,6 +157,8 @@ class RoundRecorder:
         row: dict[str, Any] = {
             "round": server_round,
             "train_loss": _stats(traffic.train_losses),
+            # client-side evaluation of the global model on local data (fraction_evaluate > 0)
+            "client_eval_accuracy": _stats(traffic.eval_accuracies),
             "clients": traffic.replies,
             "failures": traffic.errors,
             "sampled": sorted(self.node_to_partition.get(n, -1) for n in traffic.train_nodes),

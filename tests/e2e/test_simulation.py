@@ -103,8 +103,18 @@ def test_same_seed_same_numbers(fedavg_run: Path, ray_address: str, tmp_path: Pa
 
 
 def test_fedprox_runs_and_differs(fedavg_run: Path, ray_address: str, tmp_path: Path) -> None:
-    simulate(_scenario(ray_address, "strategy.name='fedprox'", "strategy.prox_mu=1.0"), tmp_path)
+    simulate(
+        _scenario(
+            ray_address, "strategy.name='fedprox'", "strategy.prox_mu=1.0",
+            "strategy.fraction_evaluate=0.5",
+        ),
+        tmp_path,
+    )  # fmt: skip
     rows = _rows(tmp_path)
+    for row in rows[1:]:  # 2 of the 4 clients evaluate the global model on their data
+        assert row["client_eval_accuracy"]["n"] == 2
+        assert 0.0 <= row["client_eval_accuracy"]["min"] <= row["client_eval_accuracy"]["max"] <= 1
+    assert rows[0]["client_eval_accuracy"] is None
     assert rows[-1]["accuracy"] > rows[0]["accuracy"] + 0.2
     assert rows[-1]["accuracy"] != _rows(fedavg_run)[-1]["accuracy"]
 
