@@ -18,7 +18,8 @@ from typing import Any
 
 from fedmerge.atomic import atomic_write_text
 from fedmerge.federation import client_indices, initial_model
-from fedmerge.scenario import Scenario, flatten
+from fedmerge.scenario import PEER_STRATEGIES, Scenario, flatten, topology_config
+from fedmerge.topology import build_graph
 
 #: The Flower App: the repository root, whose pyproject.toml names the apps.
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -48,6 +49,8 @@ def preflight(scenario: Scenario) -> None:
             f"allowed: fewer clients or another partition"
         )
     initial_model(scenario)
+    if scenario.strategy.name in PEER_STRATEGIES:  # graph errors before any process starts
+        build_graph(topology_config(scenario), scenario.num_clients, seed=scenario.seed, round=1)
 
 
 def _free_port() -> int:

@@ -69,6 +69,28 @@ CASES = [
     ("unknown-nested-key", ["--set", "train.lrr=0.1"], ["train.lrr", "unknown key"]),
     ("type-error", ["--set", "rounds=many"], ["rounds", "'many'"]),
     ("clients-per-round", ["--set", "clients_per_round=11"], ["clients_per_round", "11"]),
+    (
+        "option-of-another-strategy",
+        ["--set", "strategy.ldawa_negative=clip"],
+        ["strategy.ldawa_negative", "'clip'", "'ldawa'"],
+    ),
+    (
+        "impossible-regular-graph",
+        [
+            "--set",
+            "strategy.name=dimat",
+            "--set",
+            "topology.name=regular",
+            "--set",
+            "topology.degree=3",
+            "--set",
+            "num_clients=5",
+            "--set",
+            "clients_per_round=5",
+        ],
+        ["topology.degree", "3"],
+    ),
+    ("unknown-topology", ["--set", "topology.name=mesh"], ["topology.name", "'mesh'"]),
 ]
 
 
