@@ -147,6 +147,25 @@ class SimulationSection:
     ray_address: str = ""
     ray_num_cpus: int = 0
     timeout: float = 600.0
+    inject_failures: str = ""
+
+    def failures(self) -> set[tuple[int, int]]:
+        """Parse ``inject_failures`` into ``{(partition id, round)}``.
+
+        ``"1@2,3@5"`` makes client 1 fail in round 2 and client 3 in round 5:
+        the ClientApp raises, Flower returns an error reply (fault injection
+        for tests and robustness studies).
+        """
+        out = set()
+        for item in filter(None, (x.strip() for x in self.inject_failures.split(","))):
+            pid, sep, rnd = item.partition("@")
+            if not (sep and pid.isdigit() and rnd.isdigit()):
+                raise ConfigError(
+                    f"simulation.inject_failures: got {self.inject_failures!r}; "
+                    f"allowed: comma-separated PARTITION@ROUND, e.g. '1@2,3@5'"
+                )
+            out.add((int(pid), int(rnd)))
+        return out
 
 
 @dataclass(frozen=True)
@@ -299,6 +318,7 @@ def _validate(s: Scenario) -> None:
         "a number in [0, 1]",
     )
     topology_config(s)  # raises with the key, the value and what is allowed
+    s.simulation.failures()
     sim = s.simulation
     _check(
         sim.num_cpus_per_client >= 1,

@@ -48,6 +48,9 @@ def _setup(msg: Message, context: Context) -> tuple[Scenario, int, torch.Tensor,
             f"{scenario.num_clients}; allowed: equal values"
         )
     torch.set_num_threads(scenario.simulation.num_cpus_per_client)
+    server_round = int(msg.content["config"].get("server-round", 0))  # type: ignore[arg-type]
+    if (pid, server_round) in scenario.simulation.failures():
+        raise RuntimeError(f"injected failure of partition {pid} in round {server_round}")
     x, y = client_data(scenario, pid, root)
     return scenario, pid, x, y
 

@@ -100,3 +100,28 @@ def test_relay_sends_each_peer_its_two_ring_neighbours(ring_run) -> None:
         assert row["accuracy"] == pytest.approx(sum(row["peer_accuracy"]) / 4)
         assert row["accuracy_min"] == min(row["peer_accuracy"])
     assert rows[-1]["consensus_distance"] < rows[0]["consensus_distance"]
+
+
+def test_failed_peer_is_left_out_then_rejoins(ray_address: str, tmp_path: Path) -> None:
+    """Peer 1 fails in round 2: nobody mixes with it in round 3; it answers again in 3."""
+    scenario = load_scenario(
+        None,
+        [
+            "rounds=3", "num_clients=4", "clients_per_round=4",
+            "partition.scheme='pathological'", "strategy.name='gossip'",
+            "topology.name='ring'", "simulation.inject_failures='1@2'",
+            f"simulation.ray_address='{ray_address}'",
+        ],
+    )  # fmt: skip
+    simulate(scenario, tmp_path)
+    rows = _rows(tmp_path)
+    assert [r["answered"] for r in rows[1:]] == [[0, 1, 2, 3], [0, 2, 3], [0, 1, 2, 3]]
+    assert rows[2]["skipped"] == 1 and "injected failure" in rows[2]["skipped_reasons"][0]
+    down1, down3 = rows[1]["bytes_down_per_peer"], rows[3]["bytes_down_per_peer"]
+    one_model = down1[0] / 3  # round 1: self + 2 ring neighbours, everyone answered
+    # round 3: peers 0 and 2 (neighbours of 1) get self + 1 neighbour; 1 and 3 get self + 2
+    assert down3[0] == pytest.approx(2 * one_model, rel=0.01)
+    assert down3[2] == pytest.approx(2 * one_model, rel=0.01)
+    assert down3[1] == pytest.approx(3 * one_model, rel=0.01)
+    assert down3[3] == pytest.approx(3 * one_model, rel=0.01)
+    assert rows[2]["bytes_up_per_peer"][1] == 0
