@@ -77,6 +77,10 @@ def client_data(
 
 def initial_model(scenario: Scenario) -> nn.Module:
     """The model every run starts from: same scenario and seed, same weights."""
+    return _build(scenario, scenario.seed)
+
+
+def _build(scenario: Scenario, seed: int) -> nn.Module:
     data = dataset_for(scenario)
     m = scenario.model
     return build_model(
@@ -85,7 +89,7 @@ def initial_model(scenario: Scenario) -> nn.Module:
         num_classes=data.num_classes,
         width=m.width,
         hidden=m.hidden,
-        seed=scenario.seed,
+        seed=seed,
     )
 
 
@@ -104,17 +108,8 @@ def peer_initial_model(scenario: Scenario, peer: int) -> nn.Module:
     """
     if scenario.strategy.peer_init == "shared":
         return initial_model(scenario)
-    data = dataset_for(scenario)
-    m = scenario.model
     seq = np.random.SeedSequence([scenario.seed, 2, peer])
-    return build_model(
-        m.name,
-        input_shape=data.input_shape,
-        num_classes=data.num_classes,
-        width=m.width,
-        hidden=m.hidden,
-        seed=int(seq.generate_state(1, dtype=np.uint64)[0] >> 1),
-    )
+    return _build(scenario, int(seq.generate_state(1, dtype=np.uint64)[0] >> 1))
 
 
 def proxy_batches(scenario: Scenario, batch_size: int = 128) -> list[torch.Tensor]:

@@ -126,19 +126,6 @@ class StrategySection:
 
 
 @dataclass(frozen=True)
-class TopologySection:
-    """``[topology]``: the peers' communication graph (see TopologyConfig)."""
-
-    name: str = "ring"
-    p: float = 0.5
-    degree: int = 2
-    rows: int = 0
-    edge_file: str = ""
-    mixing: str = "uniform"
-    allow_disconnected: bool = False
-
-
-@dataclass(frozen=True)
 class SimulationSection:
     """``[simulation]``: Ray resources and cluster."""
 
@@ -187,7 +174,7 @@ class Scenario:
     model: ModelSection = field(default_factory=ModelSection)
     train: TrainSection = field(default_factory=TrainSection)
     strategy: StrategySection = field(default_factory=StrategySection)
-    topology: TopologySection = field(default_factory=TopologySection)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
     simulation: SimulationSection = field(default_factory=SimulationSection)
 
     def __post_init__(self) -> None:
@@ -213,8 +200,8 @@ class Scenario:
 
 
 def topology_config(s: Scenario) -> TopologyConfig:
-    """The scenario's ``[topology]`` table as a :class:`TopologyConfig`."""
-    return TopologyConfig(**dataclasses.asdict(s.topology))
+    """The scenario's ``[topology]`` table (validated when the scenario was built)."""
+    return s.topology
 
 
 def _check(ok: bool, key: str, value: object, allowed: str) -> None:
@@ -317,7 +304,6 @@ def _validate(s: Scenario) -> None:
         st.fraction_evaluate,
         "a number in [0, 1]",
     )
-    topology_config(s)  # raises with the key, the value and what is allowed
     s.simulation.failures()
     sim = s.simulation
     _check(
@@ -344,7 +330,7 @@ _SECTION_TYPES = {
     "model": ModelSection,
     "train": TrainSection,
     "strategy": StrategySection,
-    "topology": TopologySection,
+    "topology": TopologyConfig,
     "simulation": SimulationSection,
 }
 

@@ -55,6 +55,18 @@ def _setup(msg: Message, context: Context) -> tuple[Scenario, int, torch.Tensor,
     return scenario, pid, x, y
 
 
+def _train_config(scenario: Scenario, *, prox_mu: float = 0.0) -> TrainConfig:
+    t = scenario.train
+    return TrainConfig(
+        epochs=t.epochs,
+        batch_size=t.batch_size,
+        lr=t.lr,
+        momentum=t.momentum,
+        weight_decay=t.weight_decay,
+        prox_mu=prox_mu,
+    )
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Answer with this node's partition id; load the local data if a scenario came."""
@@ -73,19 +85,11 @@ def train(msg: Message, context: Context) -> Message:
     model = _model(scenario)
     global_state = msg.content.array_records["arrays"].to_torch_state_dict()
     model.load_state_dict(global_state)
-    t = scenario.train
     result = train_local(
         model,
         x,
         y,
-        TrainConfig(
-            epochs=t.epochs,
-            batch_size=t.batch_size,
-            lr=t.lr,
-            momentum=t.momentum,
-            weight_decay=t.weight_decay,
-            prox_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
-        ),
+        _train_config(scenario, prox_mu=float(config.get("proximal-mu", 0.0))),  # type: ignore[arg-type]
         generator=torch.Generator().manual_seed(client_seed(scenario, server_round, pid)),
         global_state=global_state,
     )
@@ -153,18 +157,11 @@ def train_peer(msg: Message, context: Context) -> Message:
         info = {"moved": float(sum(merge_info.moved.values())), "neighbours": len(neighbours)}
     merged = {k: v.clone() for k, v in own.items()} if bool(config.get("merge", False)) else None
     model.load_state_dict(own)
-    t = scenario.train
     result = train_local(
         model,
         x,
         y,
-        TrainConfig(
-            epochs=t.epochs,
-            batch_size=t.batch_size,
-            lr=t.lr,
-            momentum=t.momentum,
-            weight_decay=t.weight_decay,
-        ),
+        _train_config(scenario),
         generator=torch.Generator().manual_seed(client_seed(scenario, server_round, pid) + 1),
     )
     metrics = MetricRecord(
