@@ -191,10 +191,16 @@ class Scenario:
         ``simulation.ray_num_cpus``) and how long it may wait
         (``simulation.timeout``) are left out: the same run on another
         cluster has the same digest (and resumes from the same checkpoint).
+        Only values that differ from the defaults enter the hash, so adding a
+        new option (with a default) to fedmerge keeps every existing digest.
         """
-        data = self.to_dict()
-        for key in ("ray_address", "ray_num_cpus", "timeout"):
-            data["simulation"].pop(key)
+        ignored = {"simulation.ray_address", "simulation.ray_num_cpus", "simulation.timeout"}
+        defaults = flatten(Scenario().to_dict())
+        data = {
+            k: v
+            for k, v in flatten(self.to_dict()).items()
+            if k not in ignored and v != defaults.get(k)
+        }
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
