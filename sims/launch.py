@@ -229,12 +229,14 @@ def simulate(
                 time.sleep(0.1)
             if client.poll() is None:
                 try:
-                    client.wait(timeout=5)
+                    client.wait(timeout=1)  # the summary is written: the run is over
                 except subprocess.TimeoutExpired:
                     pass
     finally:
         _stop(client, grace=2)
-        _stop(superlink)
+        # A finished run has nothing left to save: don't wait for Ray's slow
+        # graceful shutdown. An interrupted one gets time to stop cleanly.
+        _stop(superlink, grace=1.0 if summary_path.exists() else 10.0)
         shutil.rmtree(tmp, ignore_errors=True)
     if not summary_path.exists():
         tail = log_path.read_text(errors="replace").splitlines()[-15:]
