@@ -121,10 +121,9 @@ def peer_merge(
         model_b = copy.deepcopy(model)
     for j in present:
         state = dict(neighbours[j])
-        if align == "none":
+        if align == "none" or spec is None:  # spec is None only with align "none" (checked)
             aligned[j], moved[j] = state, 0
             continue
-        assert spec is not None
         if align == "activation":
             model_b.load_state_dict(state)
             perm, _ = activation_matching(spec, model_a, model_b, batches, method=method)
