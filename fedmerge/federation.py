@@ -80,17 +80,28 @@ def initial_model(scenario: Scenario) -> nn.Module:
     return _build(scenario, scenario.seed)
 
 
-def _build(scenario: Scenario, seed: int) -> nn.Module:
+def _build(scenario: Scenario, seed: int, width: int | None = None) -> nn.Module:
     data = dataset_for(scenario)
     m = scenario.model
     return build_model(
         m.name,
         input_shape=data.input_shape,
         num_classes=data.num_classes,
-        width=m.width,
+        width=m.width if width is None else width,
         hidden=m.hidden,
         seed=seed,
     )
+
+
+def client_width(scenario: Scenario, partition_id: int) -> int:
+    """Width of one client's model: ``model.client_widths`` cycled, else ``model.width``."""
+    widths = scenario.model.client_widths
+    return widths[partition_id % len(widths)] if widths else scenario.model.width
+
+
+def client_model(scenario: Scenario, width: int) -> nn.Module:
+    """A model of the scenario's architecture at ``width`` (seeded by the run seed)."""
+    return _build(scenario, scenario.seed, width)
 
 
 def client_seed(scenario: Scenario, server_round: int, partition_id: int) -> int:

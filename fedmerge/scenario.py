@@ -86,6 +86,9 @@ class ModelSection:
     name: str = "simple-cnn"
     width: int = 1
     hidden: tuple[int, ...] = (200, 200)
+    #: Widths of the clients' models, cycled over partition ids (empty: all
+    #: clients use ``width``); heterogeneous clients need strategy "ot".
+    client_widths: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -251,6 +254,18 @@ def _validate(s: Scenario) -> None:
     _check(p.min_partition_size >= 0, "partition.min_partition_size", p.min_partition_size, ">= 0")
     _check(s.model.name in MODEL_NAMES, "model.name", s.model.name, ", ".join(MODEL_NAMES))
     _check(s.model.width >= 1, "model.width", s.model.width, "an integer >= 1")
+    _check(
+        all(w >= 1 for w in s.model.client_widths),
+        "model.client_widths",
+        list(s.model.client_widths),
+        "a list of integers >= 1",
+    )
+    _check(
+        not s.model.client_widths or s.strategy.name == "ot",
+        "model.client_widths",
+        list(s.model.client_widths),
+        f"only with strategy 'ot', which fuses other widths (strategy is {s.strategy.name!r})",
+    )
     _check(
         len(s.model.hidden) >= 1 and all(h >= 1 for h in s.model.hidden),
         "model.hidden",

@@ -11,8 +11,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from fedmerge.align import PermutationSpec, permutation_spec_for
-from fedmerge.federation import client_data, client_seed, initial_model
+from fedmerge.align import PermutationSpec, ot_fuse, permutation_spec_for
+from fedmerge.federation import (
+    client_data,
+    client_model,
+    client_seed,
+    client_width,
+    initial_model,
+)
 from fedmerge.peer import peer_merge
 from fedmerge.scenario import Scenario, scenario_from_dict
 from fedmerge.training import TrainConfig, evaluate, train_local
@@ -84,7 +90,12 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
     model = _model(scenario)
     global_state = msg.content.array_records["arrays"].to_torch_state_dict()
-    model.load_state_dict(global_state)
+    width = client_width(scenario, pid)
+    if width == scenario.model.width:
+        model.load_state_dict(global_state)
+    else:  # a client of another width: move the global model onto its own units
+        model = _width_model(scenario, width)
+        model.load_state_dict(_fuse_into_own_width(scenario, model, context, global_state))
     result = train_local(
         model,
         x,
@@ -93,6 +104,8 @@ def train(msg: Message, context: Context) -> Message:
         generator=torch.Generator().manual_seed(client_seed(scenario, server_round, pid)),
         global_state=global_state,
     )
+    if width != scenario.model.width:
+        context.state[OWN_MODEL_KEY] = ArrayRecord(model.state_dict())
     content = RecordDict(
         {
             "arrays": ArrayRecord(model.state_dict()),
@@ -102,6 +115,35 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+#: Where a client of another width keeps its own model between rounds.
+OWN_MODEL_KEY = "fedmerge-own-model"
+
+
+@lru_cache(maxsize=4)
+def _width_model(scenario: Scenario, width: int) -> nn.Module:
+    return client_model(scenario, width).to(scenario.device)
+
+
+def _fuse_into_own_width(
+    scenario: Scenario, model: nn.Module, context: Context, global_state: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """OTFusion onto this client's width: the global model moved onto its own units.
+
+    The client's previous model (kept in ``context.state``; its seeded
+    initialisation in the first round) gives the target units; the transport
+    plan from the global model's units is found with the weight cost, then
+    the client starts the round from the transported global model alone
+    (``weight_a = 0``), as the server does in the other direction.
+    """
+    record = context.state.array_records.get(OWN_MODEL_KEY)
+    own = dict(record.to_torch_state_dict()) if record is not None else model.state_dict()
+    spec = permutation_spec_for(model)
+    st = scenario.strategy
+    return ot_fuse(
+        spec, own, global_state, weight_a=0.0, solver=st.ot_solver, reg=st.ot_reg, cost="weight"
+    )
 
 
 @app.evaluate()

@@ -125,3 +125,20 @@ def test_failed_peer_is_left_out_then_rejoins(ray_address: str, tmp_path: Path) 
     assert down3[1] == pytest.approx(3 * one_model, rel=0.01)
     assert down3[3] == pytest.approx(3 * one_model, rel=0.01)
     assert rows[2]["bytes_up_per_peer"][1] == 0
+
+
+def test_ot_fuses_clients_of_other_widths(ray_address: str, tmp_path: Path) -> None:
+    """Clients 1 and 3 train a twice-as-wide CNN; the server fuses them into its width."""
+    scenario = load_scenario(
+        None,
+        [*NON_IID, "strategy.name='ot'", "model.client_widths=[1, 2]",
+         f"simulation.ray_address='{ray_address}'"],
+    )  # fmt: skip
+    simulate(scenario, tmp_path)
+    rows = _rows(tmp_path)
+    assert all(r["skipped"] == 0 and r["clients"] == 4 for r in rows[1:])
+    assert rows[-1]["accuracy"] > rows[0]["accuracy"] + 0.2
+    for row in rows[1:]:  # the wide clients send back more than they receive
+        assert row["bytes_up"] > 1.5 * row["bytes_down"]
+    final = load_file(str(tmp_path / "model.safetensors"))
+    assert final["conv1.weight"].shape[0] == 6  # the server keeps its own width

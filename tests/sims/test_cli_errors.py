@@ -91,6 +91,11 @@ CASES = [
         ["topology.degree", "3"],
     ),
     ("unknown-topology", ["--set", "topology.name=mesh"], ["topology.name", "'mesh'"]),
+    (
+        "client-widths-without-ot",
+        ["--set", "model.client_widths=[1, 2]"],
+        ["model.client_widths", "[1, 2]", "'ot'"],
+    ),
 ]
 
 
