@@ -458,14 +458,18 @@ def load_scenario(spec: str | None = None, overrides: list[str] | None = None) -
     return scenario_from_dict(apply_overrides(data, overrides or []))
 
 
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flatten a nested dict to dotted keys (lists become comma-joined strings)."""
+def flatten(data: dict[str, Any], prefix: str = "", *, join_lists: bool = True) -> dict[str, Any]:
+    """Flatten a nested dict to dotted keys.
+
+    Lists become comma-joined strings (Flower's run config holds no lists)
+    unless ``join_lists`` is false.
+    """
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
-        elif isinstance(value, (list, tuple)):
+            out.update(flatten(value, f"{name}.", join_lists=join_lists))
+        elif join_lists and isinstance(value, (list, tuple)):
             out[name] = ",".join(str(v) for v in value)
         else:
             out[name] = value

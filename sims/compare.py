@@ -53,6 +53,7 @@ from fedmerge.scenario import (
     ConfigError,
     Scenario,
     apply_overrides,
+    flatten,
     resolve_scenario_path,
     scenario_from_dict,
 )
@@ -147,18 +148,6 @@ def _show(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def _dotted(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flatten nested tables to dotted keys; lists stay values."""
-    out: dict[str, Any] = {}
-    for key, value in table.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_dotted(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
-
-
 def _put(data: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:
     """A copy of nested ``data`` with ``dotted`` values set."""
     out = json.loads(json.dumps(data))
@@ -231,7 +220,7 @@ def _axis(where: str, key: str, values: Any, prefix: str | None = None) -> tuple
         if isinstance(value, dict):  # zipped: {name = "fedprox", prox_mu = 0.1}
             if not value:
                 raise ConfigError(f"{where}: {key}: got {{}}; allowed: a table of overrides")
-            override = _dotted(value, f"{prefix}." if prefix else "")
+            override = flatten(value, f"{prefix}." if prefix else "", join_lists=False)
         else:
             override = {key: value}
         if override in out:
@@ -308,7 +297,10 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     for table in ("set", "axes"):
         if not isinstance(raw.get(table, {}), dict):
             raise ConfigError(f"{where}: {table}: got {raw[table]!r}; allowed: a TOML table")
-    fixed = {**_dotted(raw.get("set", {})), **_dotted(apply_overrides({}, overrides or []))}
+    fixed = {
+        **flatten(raw.get("set", {}), join_lists=False),
+        **flatten(apply_overrides({}, overrides or []), join_lists=False),
+    }
     for key in fixed:
         _check_key(f"{where}, set", key)
     fixed_data = _put(base, fixed)
@@ -322,7 +314,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
                 f"{where}: variants: got {raw_variants!r}; allowed: an array of tables of overrides"
             )
         axes["variants"] = _axis(where, "variants", raw_variants, prefix="")
-    for key, values in _dotted(raw.get("axes", {})).items():
+    for key, values in flatten(raw.get("axes", {}), join_lists=False).items():
         axes[key] = _axis(f"{where}, axes", key, values)
 
     owner: dict[str, str] = {}  # key -> the axis that varies it, as written in the file
@@ -340,7 +332,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
             _scenario(f"{tag} ({_label(option)})", _put(fixed_data, option))
     for key in fixed:
         if key in owner:
-            source = "set" if key in _dotted(raw.get("set", {})) else "--set"
+            source = "set" if key in flatten(raw.get("set", {}), join_lists=False) else "--set"
             raise ConfigError(
                 f"{where}, {source}: {key}: also varied by {owner[key]}; "
                 f"allowed: fix a key or vary it, not both"
