@@ -416,21 +416,29 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key=value`` overrides (dotted keys) to a nested dict."""
+def set_dotted(data: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:
+    """A copy of nested ``data`` with the values of ``dotted`` keys set."""
     out = json.loads(json.dumps(data))
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set: got {item!r}; allowed: key=value, e.g. train.lr=0.05")
+    for key, value in dotted.items():
         node = out
-        *parents, leaf = key.strip().split(".")
+        *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{key}: {part!r} is not a table")
-        node[leaf] = _parse_value(text.strip())
+        node[leaf] = value
     return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` overrides (dotted keys, TOML values) to a nested dict."""
+    dotted: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set: got {item!r}; allowed: key=value, e.g. train.lr=0.05")
+        dotted[key.strip()] = _parse_value(text.strip())
+    return set_dotted(data, dotted)
 
 
 def resolve_scenario_path(spec: str | None) -> Path:
@@ -478,11 +486,4 @@ def flatten(data: dict[str, Any], prefix: str = "", *, join_lists: bool = True) 
 
 def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
     """Inverse of :func:`flatten` for dotted keys."""
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
+    return set_dotted({}, flat)

@@ -56,6 +56,7 @@ from fedmerge.scenario import (
     flatten,
     resolve_scenario_path,
     scenario_from_dict,
+    set_dotted,
 )
 from sims.launch import preflight, simulate
 from strategies.run_log import write_atomic
@@ -146,18 +147,6 @@ class PlannedRun:
 
 def _show(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
-
-
-def _put(data: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:
-    """A copy of nested ``data`` with ``dotted`` values set."""
-    out = json.loads(json.dumps(data))
-    for key, value in dotted.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
 
 
 def _check_key(where: str, key: str) -> None:
@@ -303,7 +292,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     }
     for key in fixed:
         _check_key(f"{where}, set", key)
-    fixed_data = _put(base, fixed)
+    fixed_data = set_dotted(base, fixed)
     _scenario(f"{where}, set", fixed_data)
 
     axes: dict[str, tuple[dict[str, Any], ...]] = {}
@@ -329,7 +318,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
                         f"{tag}: {key}: also varied by {owner[key]}; allowed: vary a key in "
                         f"one axis (zip related keys in one axis of tables)"
                     )
-            _scenario(f"{tag} ({_label(option)})", _put(fixed_data, option))
+            _scenario(f"{tag} ({_label(option)})", set_dotted(fixed_data, option))
     for key in fixed:
         if key in owner:
             source = "set" if key in flatten(raw.get("set", {}), join_lists=False) else "--set"
@@ -366,7 +355,7 @@ def expand(sweep: Sweep) -> list[tuple[dict[str, Any], Scenario]]:
         the ``num_clients`` values) or two combinations resolve to the same
         scenario.
     """
-    fixed_data = _put(sweep.base, sweep.fixed)
+    fixed_data = set_dotted(sweep.base, sweep.fixed)
     names = sorted(sweep.axes, key=lambda k: k != "seed")  # stable: seed first
     out: list[tuple[dict[str, Any], Scenario]] = []
     digests: dict[str, str] = {}
@@ -375,7 +364,9 @@ def expand(sweep: Sweep) -> list[tuple[dict[str, Any], Scenario]]:
         for name in sweep.axes:  # file order, for labels
             values.update(combo[names.index(name)])
         label = _label(values)
-        scenario = _scenario(f"{sweep.path.name}, combination ({label})", _put(fixed_data, values))
+        scenario = _scenario(
+            f"{sweep.path.name}, combination ({label})", set_dotted(fixed_data, values)
+        )
         digest = scenario.digest()
         if digest in digests:
             raise ConfigError(
