@@ -49,6 +49,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from fedmerge.atomic import atomic_write_text
 from fedmerge.scenario import (
     ConfigError,
     Scenario,
@@ -59,7 +60,6 @@ from fedmerge.scenario import (
     set_dotted,
 )
 from sims.launch import preflight, simulate
-from strategies.run_log import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -442,7 +442,7 @@ def write_manifest(sweep: Sweep, runs: list[PlannedRun], runs_root: str | Path) 
             for r in runs
         ],
     }
-    write_atomic(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -501,7 +501,7 @@ def run_sweep(
                 "wall_time": summary.get("wall_time", time.perf_counter() - t0),
                 "resumed": run.state == "resume",
             }
-            write_atomic(run.run_dir / TIMING_FILE, json.dumps(timing, indent=2) + "\n")
+            atomic_write_text(run.run_dir / TIMING_FILE, json.dumps(timing, indent=2) + "\n")
         if tensorboard and not (run.run_dir / "tensorboard").is_dir():
             write_tensorboard(run.run_dir)
         if on_end is not None:

@@ -31,9 +31,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from fedmerge.atomic import atomic_write
+from fedmerge.atomic import atomic_write, atomic_write_text
 from fedmerge.scenario import flatten
-from strategies.run_log import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -376,7 +375,7 @@ def client_accuracy(run: Run) -> list[float]:
         x, y = client_data(scenario, pid)
         accuracy.append(evaluate(model, x, y)[1])
     record = {"model_sha256": model_hash, "data": "local training data", "accuracy": accuracy}
-    write_atomic(cache_path, json.dumps(record, indent=2) + "\n")
+    atomic_write_text(cache_path, json.dumps(record, indent=2) + "\n")
     return accuracy
 
 
@@ -571,14 +570,14 @@ def build_report(
     rows = summarize(groups, target)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "summary.csv", csv_text(rows))
-    write_atomic(out / "summary.md", markdown_table(rows, keys, target))
+    atomic_write_text(out / "summary.csv", csv_text(rows))
+    atomic_write_text(out / "summary.md", markdown_table(rows, keys, target))
     per_run = []
     for g in groups:
         for r in g.runs:
             n = run_numbers(r, target)
             per_run.append({**g.values, "seed": r.seed, "run_dir": str(r.run_dir), **n})
-    write_atomic(out / "runs.csv", csv_text(per_run))
+    atomic_write_text(out / "runs.csv", csv_text(per_run))
     per_client = [[a for r in g.runs for a in client_accuracy(r)] for g in groups]
     if tensorboard:
         for r in runs:

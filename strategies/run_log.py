@@ -13,11 +13,6 @@ from safetensors.torch import save
 from fedmerge.atomic import atomic_write, atomic_write_text
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file and a rename."""
-    atomic_write_text(path, text)
-
-
 class RunLog:
     """Writes one run's files.
 
@@ -44,11 +39,13 @@ class RunLog:
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Replace ``metrics.jsonl`` with ``rows`` atomically."""
-        write_atomic(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        atomic_write_text(
+            self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+        )
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
         """Write ``name`` (e.g. ``config.json``) atomically."""
-        write_atomic(self.run_dir / name, json.dumps(data, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(self.run_dir / name, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         """Append one round's metrics as a JSON line."""
