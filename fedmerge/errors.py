@@ -9,11 +9,20 @@ from __future__ import annotations
 
 __all__ = [
     "AlignmentError",
+    "ConfigError",
     "NonFiniteWeightsError",
     "ShapeMismatchError",
     "SpecCoverageError",
     "UntraceableModelError",
 ]
+
+
+class ConfigError(ValueError):
+    """A configuration value that is not allowed.
+
+    The message is one line: the dotted key, the value and what is allowed
+    (``partition.alpha: got 0.0; allowed: a number > 0``).
+    """
 
 
 class AlignmentError(ValueError):

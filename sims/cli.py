@@ -22,8 +22,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from fedmerge.federation import client_indices, dataset_for
-from fedmerge.scenario import Scenario, load_scenario
+from sims.scenario_files import load_scenario
+from strategies.config import RunConfig
+from strategies.federation import federation
 from sims.compare import PlannedRun, load_sweep, plan_sweep, run_sweep, write_manifest
 from sims.launch import SimulationError, preflight, simulate
 from sims.plots import plot_accuracy, plot_partition
@@ -54,7 +55,7 @@ def format_round(row: dict[str, Any]) -> str:
     )
 
 
-def _default_run_dir(scenario: Scenario, root: str) -> Path:
+def _default_run_dir(scenario: RunConfig, root: str) -> Path:
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     return Path(root) / f"{scenario.name}-{scenario.strategy.name}-s{scenario.seed}-{stamp}"
 
@@ -107,9 +108,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_partition(args: argparse.Namespace) -> int:
     """Show the partition of a scenario as a per-client label histogram."""
     scenario = load_scenario(args.scenario, args.set)
-    data = dataset_for(scenario)
+    fed = federation(scenario)
+    data = fed.data
     labels = data.train_y.numpy()
-    parts = client_indices(scenario)
+    parts = fed.partitions
     counts = np.stack([np.bincount(labels[p], minlength=data.num_classes) for p in parts])
     table = Table(title=f"{scenario.dataset.name}, {scenario.partition.scheme} partition")
     table.add_column("client", justify="right")
@@ -318,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # ConfigError and fedmerge.errors included
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         err_console.print(
             f"fedmerge: error: {message}", highlight=False, markup=False, soft_wrap=True

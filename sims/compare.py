@@ -26,7 +26,7 @@ A sweep file names a base scenario, fixed overrides and the axes to vary::
 An axis whose values are tables zips the keys of each table (as
 ``[[variants]]`` does, which is one more axis). Every combination of the axes
 is validated before anything runs and
-becomes one :class:`~fedmerge.scenario.Scenario`; it runs through
+becomes one :class:`~strategies.config.RunConfig`; it runs through
 :func:`sims.launch.simulate`, the path of ``fedmerge simulate``, in
 ``RUNS_ROOT/SWEEP_NAME/DIGEST/``. A finished run there is skipped, an
 interrupted one resumes from its checkpoint.
@@ -43,22 +43,14 @@ import logging
 import re
 import shutil
 import time
-import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedmerge.atomic import atomic_write_text
-from fedmerge.scenario import (
-    ConfigError,
-    Scenario,
-    apply_overrides,
-    flatten,
-    resolve_scenario_path,
-    scenario_from_dict,
-    set_dotted,
-)
+from sims.scenario_files import apply_overrides, read_toml, resolve_scenario_path
+from strategies.config import ConfigError, RunConfig, flatten, run_config_from_dict, set_dotted
 from sims.launch import preflight, simulate
 
 logger = logging.getLogger(__name__)
@@ -122,7 +114,7 @@ class PlannedRun:
 
     Attributes
     ----------
-    scenario : Scenario
+    scenario : RunConfig
         The resolved scenario.
     run_dir : Path
         ``RUNS_ROOT/SWEEP_NAME/DIGEST``.
@@ -134,7 +126,7 @@ class PlannedRun:
         run ``"new"``.
     """
 
-    scenario: Scenario
+    scenario: RunConfig
     run_dir: Path
     values: dict[str, Any] = field(default_factory=dict)
     state: str = "new"
@@ -149,36 +141,9 @@ def _show(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def _check_key(where: str, key: str) -> None:
-    """Reject a dotted key that names no scenario field."""
-    default = Scenario()
-    sections = [f.name for f in fields(default) if is_dataclass(getattr(default, f.name))]
-    top = [f.name for f in fields(default) if f.name not in sections]
-    head, _, rest = key.partition(".")
-    if not rest:
-        if head not in top:
-            hint = f" (a table; name one of its keys, e.g. {head}.…)" if head in sections else ""
-            raise ConfigError(
-                f"{where}: {key}: unknown scenario key{hint}; allowed: {', '.join(top)}, "
-                f"or SECTION.KEY with SECTION in {', '.join(sections)}"
-            )
-        return
-    if head not in sections:
-        raise ConfigError(
-            f"{where}: {key}: unknown scenario section {head!r}; "
-            f"allowed: {', '.join(sections)} (or a top-level key: {', '.join(top)})"
-        )
-    section_keys = [f.name for f in fields(getattr(default, head))]
-    if rest not in section_keys:
-        raise ConfigError(
-            f"{where}: {key}: unknown scenario key; "
-            f"allowed in section {head}: {', '.join(section_keys)}"
-        )
-
-
-def _scenario(where: str, data: dict[str, Any]) -> Scenario:
+def _scenario(where: str, data: dict[str, Any]) -> RunConfig:
     try:
-        return scenario_from_dict(data)
+        return run_config_from_dict(data)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
 
@@ -209,7 +174,7 @@ def _axis(where: str, key: str, values: Any, prefix: str | None = None) -> tuple
         if isinstance(value, dict):  # zipped: {name = "fedprox", prox_mu = 0.1}
             if not value:
                 raise ConfigError(f"{where}: {key}: got {{}}; allowed: a table of overrides")
-            override = flatten(value, f"{prefix}." if prefix else "", join_lists=False)
+            override = flatten(value, f"{prefix}." if prefix else "")
         else:
             override = {key: value}
         if override in out:
@@ -251,10 +216,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     where = path.name
     if not path.is_file():
         raise ConfigError(f"sweep: {str(path)!r} does not exist; allowed: a sweep TOML file")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"sweep: {str(path)!r} is not valid TOML ({exc})") from None
+    raw = read_toml(path, "sweep")
     unknown = sorted(set(raw) - set(SWEEP_KEYS))
     if unknown:
         raise ConfigError(
@@ -277,21 +239,16 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         raise ConfigError(f"{where}: description: got {description!r}; allowed: a string")
 
     base_file = _base_path(raw.get("base", "default"), path, where)
-    try:
-        base = tomllib.loads(base_file.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{where}: base: {str(base_file)!r} is not valid TOML ({exc})") from None
+    base = read_toml(base_file, f"{where}: base")
     _scenario(f"{where}, base {base_file.name}", base)
 
     for table in ("set", "axes"):
         if not isinstance(raw.get(table, {}), dict):
             raise ConfigError(f"{where}: {table}: got {raw[table]!r}; allowed: a TOML table")
     fixed = {
-        **flatten(raw.get("set", {}), join_lists=False),
-        **flatten(apply_overrides({}, overrides or []), join_lists=False),
+        **flatten(raw.get("set", {})),
+        **flatten(apply_overrides({}, overrides or [])),
     }
-    for key in fixed:
-        _check_key(f"{where}, set", key)
     fixed_data = set_dotted(base, fixed)
     _scenario(f"{where}, set", fixed_data)
 
@@ -303,7 +260,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
                 f"{where}: variants: got {raw_variants!r}; allowed: an array of tables of overrides"
             )
         axes["variants"] = _axis(where, "variants", raw_variants, prefix="")
-    for key, values in flatten(raw.get("axes", {}), join_lists=False).items():
+    for key, values in flatten(raw.get("axes", {})).items():
         axes[key] = _axis(f"{where}, axes", key, values)
 
     owner: dict[str, str] = {}  # key -> the axis that varies it, as written in the file
@@ -312,7 +269,6 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         tag = f"{where}, variants" if axis == "variants" else f"{where}, axes"
         for option in options:
             for key in option:
-                _check_key(tag, key)
                 if owner.setdefault(key, axis_name) != axis_name:
                     raise ConfigError(
                         f"{tag}: {key}: also varied by {owner[key]}; allowed: vary a key in "
@@ -321,7 +277,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
             _scenario(f"{tag} ({_label(option)})", set_dotted(fixed_data, option))
     for key in fixed:
         if key in owner:
-            source = "set" if key in flatten(raw.get("set", {}), join_lists=False) else "--set"
+            source = "set" if key in flatten(raw.get("set", {})) else "--set"
             raise ConfigError(
                 f"{where}, {source}: {key}: also varied by {owner[key]}; "
                 f"allowed: fix a key or vary it, not both"
@@ -338,12 +294,12 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     )
 
 
-def expand(sweep: Sweep) -> list[tuple[dict[str, Any], Scenario]]:
+def expand(sweep: Sweep) -> list[tuple[dict[str, Any], RunConfig]]:
     """Every combination of a sweep, validated, seeds outermost.
 
     Returns
     -------
-    list of (dict, Scenario)
+    list of (dict, RunConfig)
         The combination's own values (dotted keys, in axis order) and its
         resolved scenario, in run order: the ``seed`` axis varies slowest, so
         that all runs of the first seed (a complete paired set) come first.
@@ -357,7 +313,7 @@ def expand(sweep: Sweep) -> list[tuple[dict[str, Any], Scenario]]:
     """
     fixed_data = set_dotted(sweep.base, sweep.fixed)
     names = sorted(sweep.axes, key=lambda k: k != "seed")  # stable: seed first
-    out: list[tuple[dict[str, Any], Scenario]] = []
+    out: list[tuple[dict[str, Any], RunConfig]] = []
     digests: dict[str, str] = {}
     for combo in itertools.product(*(sweep.axes[k] for k in names)):
         values: dict[str, Any] = {}
@@ -378,7 +334,7 @@ def expand(sweep: Sweep) -> list[tuple[dict[str, Any], Scenario]]:
     return out
 
 
-def run_state(scenario: Scenario, run_dir: Path) -> str:
+def run_state(scenario: RunConfig, run_dir: Path) -> str:
     """``"done"``, ``"resume"`` or ``"new"`` for ``scenario`` in ``run_dir``.
 
     ``done`` needs ``summary.json`` with status ``completed`` and the

@@ -16,10 +16,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedmerge.align import permutation_spec_for
 from fedmerge.atomic import atomic_write_text
-from fedmerge.federation import client_indices, initial_model
-from fedmerge.scenario import PEER_STRATEGIES, Scenario, flatten, topology_config
 from fedmerge.topology import build_graph
+from sims.scenario_files import load_scenario
+from strategies.config import (
+    RUN_DIR_KEY,
+    ConfigError,
+    RunConfig,
+    declared_defaults,
+    to_run_config,
+)
+from strategies.federation import federation
 
 #: The Flower App: the repository root, whose pyproject.toml names the apps.
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -39,18 +47,31 @@ class SimulationError(RuntimeError):
     """The Flower run did not complete; the message says where its log is."""
 
 
-def preflight(scenario: Scenario) -> None:
+def preflight(config: RunConfig) -> None:
     """Load data, partition it and build the model: fail before any process starts."""
-    parts = client_indices(scenario)
-    empty = [i for i, p in enumerate(parts) if len(p) == 0]
+    fed = federation(config)
+    empty = [i for i, p in enumerate(fed.partitions) if len(p) == 0]
     if empty:
-        raise ValueError(
-            f"num_clients: {scenario.num_clients} leaves clients {empty[:5]} without data; "
+        raise ConfigError(
+            f"num_clients: {config.num_clients} leaves clients {empty[:5]} without data; "
             f"allowed: fewer clients or another partition"
         )
-    initial_model(scenario)
-    if scenario.strategy.name in PEER_STRATEGIES:  # graph errors before any process starts
-        build_graph(topology_config(scenario), scenario.num_clients, seed=scenario.seed, round=1)
+    model = fed.initial_model()
+    plugin = config.strategy.plugin
+    if plugin.aligns:  # a model that cannot be traced fails here, not in the ServerApp
+        permutation_spec_for(model, fed.example_input)
+    if plugin.peer:  # graph errors before any process starts
+        build_graph(config.topology, config.num_clients, seed=config.seed, round=1)
+
+
+def declared_run_config() -> dict[str, Any]:
+    """The run config ``pyproject.toml`` declares: the default scenario plus every option.
+
+    Flower accepts run-config overrides only for declared keys.
+    """
+    flat = to_run_config(load_scenario(None))
+    own = {k: v for k, v in flat.items() if not k.startswith("strategy.") or k == "strategy.name"}
+    return {**own, **dict(sorted(declared_defaults().items())), RUN_DIR_KEY: ""}
 
 
 def _free_port() -> int:
@@ -128,14 +149,31 @@ def _stop(proc: subprocess.Popen[bytes] | None, grace: float = 10.0) -> None:
     proc.wait()
 
 
-def run_config_toml(scenario: Scenario, run_dir: Path) -> str:
-    """The scenario as a flat TOML run config for ``flwr run --run-config``."""
-    flat = flatten(scenario.to_dict())
-    flat["output.run-dir"] = str(run_dir.resolve())
+def run_config_toml(config: RunConfig, run_dir: Path) -> str:
+    """``config`` as a flat TOML run config for ``flwr run --run-config``.
+
+    Options of a strategy from a ``plugins`` module that ``pyproject.toml``
+    does not declare cannot travel (Flower refuses undeclared keys): they
+    must keep their defaults, which the apps then use.
+    """
+    declared = declared_defaults()
+    defaults = to_run_config(RunConfig(strategy=type(config.strategy)(config.strategy.name)))
+    flat: dict[str, Any] = {}
+    for key, value in to_run_config(config).items():
+        if key.startswith("strategy.") and key != "strategy.name" and key not in declared:
+            if value != defaults[key]:
+                raise ConfigError(
+                    f"{key}: got {value!r}; allowed: its default {defaults[key]!r}, since "
+                    f"pyproject.toml [tool.flwr.app.config.strategy] does not declare it "
+                    f"(declare it there to change it)"
+                )
+            continue
+        flat[key] = value
+    flat[RUN_DIR_KEY] = str(run_dir.resolve())
     return "\n".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in flat.items()) + "\n"
 
 
-def federation_config(scenario: Scenario) -> str:
+def federation_config(scenario: RunConfig) -> str:
     """``--federation-config`` for the simulation runtime."""
     sim = scenario.simulation
     items = [
@@ -150,7 +188,7 @@ def federation_config(scenario: Scenario) -> str:
 
 
 def simulate(
-    scenario: Scenario,
+    scenario: RunConfig,
     run_dir: Path,
     *,
     on_round: Callable[[dict[str, Any]], None] | None = None,

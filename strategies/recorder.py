@@ -1,4 +1,4 @@
-"""Per-round bookkeeping of a run: evaluation, metrics rows, checkpoints, resume."""
+"""Per-round bookkeeping of a run: evaluation, metrics rows, checkpoints, resume, summary."""
 
 from __future__ import annotations
 
@@ -8,32 +8,28 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
+from flwr.app import MetricRecord
 from safetensors.torch import load_file
 from torch import nn
 
 from fedmerge.cache import cache_key
 from fedmerge.data import DatasetBundle
-from fedmerge.scenario import Scenario
 from fedmerge.training import evaluate
-from strategies.metering import MeteredGrid, Traffic
+from strategies.config import RunConfig
+from strategies.metering import Traffic
 from strategies.run_log import RunLog
 
 logger = logging.getLogger(__name__)
 
+_STATS = ("mean", "std", "min", "max", "n")
 
-def _stats(values: list[float]) -> dict[str, float] | None:
-    if not values:
+
+def statistics_of(metrics: MetricRecord | None, metric: str) -> dict[str, float] | None:
+    """``{"mean", "std", "min", "max", "n"}`` of ``metric`` from an aggregated MetricRecord."""
+    if metrics is None or f"{metric}.n" not in metrics:
         return None
-    a = np.asarray(values, dtype=np.float64)
-    return {
-        "mean": float(a.mean()),
-        "std": float(a.std()),
-        "min": float(a.min()),
-        "max": float(a.max()),
-        "n": len(a),
-    }
+    return {s: metrics[f"{metric}.{s}"] for s in _STATS}  # type: ignore[misc]
 
 
 def state_hash(state: dict[str, torch.Tensor]) -> str:
@@ -54,16 +50,14 @@ class Resume:
 
 
 class RoundRecorder:
-    """Evaluates the global model after every round and writes the run directory.
+    """Evaluates models on the test set and writes the run directory.
 
     Parameters
     ----------
-    scenario : Scenario
-        The run's scenario (its digest guards resumption).
+    config : RunConfig
+        The run (its digest guards resumption).
     log : RunLog
         Where rows, checkpoints and the summary go.
-    grid : MeteredGrid
-        Source of per-round traffic counters.
     model : nn.Module
         Scratch model used for evaluation.
     data : DatasetBundle
@@ -74,16 +68,14 @@ class RoundRecorder:
 
     def __init__(
         self,
-        scenario: Scenario,
+        config: RunConfig,
         log: RunLog,
-        grid: MeteredGrid,
         model: nn.Module,
         data: DatasetBundle,
         node_to_partition: dict[int, int],
     ) -> None:
-        self.scenario = scenario
+        self.config = config
         self.log = log
-        self.grid = grid
         self.model = model
         self.data = data
         self.node_to_partition = node_to_partition
@@ -93,11 +85,11 @@ class RoundRecorder:
 
     # -- resumption ---------------------------------------------------------
     def begin(self) -> Resume | None:
-        """Start the run, or pick up an interrupted run of this same scenario.
+        """Start the run, or pick up an interrupted run of this same configuration.
 
-        With a checkpoint of the same scenario digest, ``metrics.jsonl`` is cut
-        back to the checkpointed rounds (atomically) and the checkpoint is
-        returned. Otherwise the run starts over with an empty ``metrics.jsonl``.
+        With a checkpoint of the same digest, ``metrics.jsonl`` is cut back to
+        the checkpointed rounds (atomically) and the checkpoint is returned.
+        Otherwise the run starts over with an empty ``metrics.jsonl``.
         Nothing is truncated before that decision, so a run killed while it
         starts loses no rows.
         """
@@ -115,50 +107,53 @@ class RoundRecorder:
         if not (meta_path.exists() and weights.exists()):
             return None
         meta = json.loads(meta_path.read_text())
-        if meta.get("digest") != self.scenario.digest():
-            logger.warning(
-                "checkpoint in %s is of another scenario; starting over", self.log.run_dir
-            )
+        if meta.get("digest") != self.config.digest():
+            logger.warning("checkpoint in %s is of another run; starting over", self.log.run_dir)
             return None
         rows = [r for r in self.log.read_metrics() if r["round"] <= meta["round"]]
         return Resume(meta["round"], load_file(str(weights)), meta["sampler_state"], rows)
 
     def checkpoint(
-        self, server_round: int, state: dict[str, torch.Tensor], sampler_state: dict
+        self, server_round: int, state: dict[str, torch.Tensor], sampler_state: dict[str, Any]
     ) -> None:
-        """Save the global state after ``server_round`` (weights, then metadata)."""
+        """Save the state after ``server_round`` (weights, then metadata)."""
         self.log.save_tensors("checkpoint.safetensors", state)
         self.log.write_json(
             "checkpoint.json",
             {
                 "round": server_round,
-                "digest": self.scenario.digest(),
+                "digest": self.config.digest(),
                 "sampler_state": sampler_state,
             },
         )
 
     # -- per round ----------------------------------------------------------
-    def record(
-        self, server_round: int, state: dict[str, torch.Tensor], extra: dict[str, Any] | None = None
-    ) -> dict[str, Any]:
-        """Evaluate ``state`` on the test set and append the round's row."""
-        loss, acc = self.evaluate(state)
-        return self.record_row(server_round, {"accuracy": acc, "loss": loss, **(extra or {})})
-
     def evaluate(self, state: dict[str, torch.Tensor]) -> tuple[float, float]:
         """Test loss and accuracy of ``state``."""
         self.model.load_state_dict(state)
         return evaluate(self.model, self.data.test_x, self.data.test_y)
 
-    def record_row(self, server_round: int, fields: dict[str, Any]) -> dict[str, Any]:
-        """Append a row made of ``fields`` plus this round's traffic and timing."""
+    def record(
+        self,
+        server_round: int,
+        fields: dict[str, Any],
+        *,
+        traffic: Traffic,
+        train_metrics: MetricRecord | None = None,
+        eval_metrics: MetricRecord | None = None,
+    ) -> dict[str, Any]:
+        """Append the row of ``server_round``: ``fields`` plus traffic, aggregated metrics, timing.
+
+        ``fields`` holds at least ``accuracy`` and ``loss``; ``train_metrics``
+        and ``eval_metrics`` are the strategy's aggregated MetricRecords
+        (statistics of ``train_loss`` and of client-side ``eval_accuracy``).
+        """
         now = time.perf_counter()
-        traffic: Traffic = self.grid.take()
         row: dict[str, Any] = {
             "round": server_round,
-            "train_loss": _stats(traffic.train_losses),
+            "train_loss": statistics_of(train_metrics, "train_loss"),
             # client-side evaluation of the global model on local data (fraction_evaluate > 0)
-            "client_eval_accuracy": _stats(traffic.eval_accuracies),
+            "client_eval_accuracy": statistics_of(eval_metrics, "eval_accuracy"),
             "clients": traffic.replies,
             "failures": traffic.errors,
             "sampled": sorted(self.node_to_partition.get(n, -1) for n in traffic.train_nodes),
@@ -176,15 +171,15 @@ class RoundRecorder:
 
     def summary(self, t_start: float, hashes: dict[str, str]) -> dict[str, Any]:
         """Write and return ``summary.json``."""
-        rows, s = self.rows, self.scenario
+        rows, c = self.rows, self.config
         t_end = time.perf_counter()
         summary = {
             "status": "completed",
-            "scenario": s.name,
-            "digest": s.digest(),
-            "strategy": s.strategy.name,
-            "seed": s.seed,
-            "rounds": s.rounds,
+            "scenario": c.name,
+            "digest": c.digest(),
+            "strategy": c.strategy.name,
+            "seed": c.seed,
+            "rounds": c.rounds,
             "initial_accuracy": rows[0]["accuracy"],
             "final_accuracy": rows[-1]["accuracy"],
             "final_loss": rows[-1]["loss"],

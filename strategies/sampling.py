@@ -4,33 +4,96 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedProx, Result
+from flwr.serverapp.strategy import FedAvg, FedProx
 
+from strategies import protocol
 from strategies.replies import Screening, screen_replies
 
 logger = logging.getLogger(__name__)
 
 
+def metric_statistics(records: list[RecordDict], metric: str) -> MetricRecord:
+    """Mean, std, min, max and count of one metric over replies, in the order given.
+
+    The ``train_metrics_aggr_fn``/``evaluate_metrics_aggr_fn`` of fedmerge's
+    strategies: keys ``<metric>.mean``, ``.std``, ``.min``, ``.max``, ``.n``
+    (an empty record when no reply has the metric).
+    """
+    values = [
+        float(r[metric])  # type: ignore[arg-type]
+        for record in records
+        for r in record.metric_records.values()
+        if metric in r
+    ]
+    if not values:
+        return MetricRecord({})
+    a = np.asarray(values, dtype=np.float64)
+    return MetricRecord(
+        {
+            f"{metric}.mean": float(a.mean()),
+            f"{metric}.std": float(a.std()),
+            f"{metric}.min": float(a.min()),
+            f"{metric}.max": float(a.max()),
+            f"{metric}.n": len(a),
+        }
+    )
+
+
+def _train_loss_stats(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    return metric_statistics(records, protocol.TRAIN_LOSS)
+
+
+def _eval_accuracy_stats(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    return metric_statistics(records, protocol.EVAL_ACCURACY)
+
+
+@dataclass
+class RoundOutcome:
+    """What one round of aggregation returns to the ServerApp's recorder.
+
+    Attributes
+    ----------
+    state : dict of str to Tensor, optional
+        The new global model (``None``: no valid update, the model is unchanged).
+    train_metrics : MetricRecord, optional
+        Flower's aggregated train metrics (the strategy's ``train_metrics_aggr_fn``).
+    extras : dict
+        Strategy-specific per-round values for the metrics row
+        (``units_permuted``, ``transport_cost_mean``, ...).
+    skipped : list of str
+        One reason per reply that was not aggregated.
+    """
+
+    state: dict[str, torch.Tensor] | None
+    train_metrics: MetricRecord | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+
 class SeededSampling:
-    """Mixin for Flower strategies: reproducible sampling and reply order.
+    """Mixin for Flower strategies: reproducible sampling, screened replies, explicit rounds.
 
     Flower's strategies sample nodes with the module-level ``random`` and
     aggregate replies in arrival order, so two runs with the same seed can
     differ. This mixin samples *partition ids* with a seeded
-    ``numpy.random.Generator`` and maps them to node ids, and sorts replies by
-    partition id before aggregation. It also keeps the current global model
-    (``global_state``) and screens replies: errors, missing records, other
-    names or shapes and non-finite values are skipped and counted, never
-    merged; the round goes on with the rest. Everything else (record keys, metric
-    aggregation, evaluation, ``summary()``) is the wrapped strategy's.
+    ``numpy.random.Generator``, maps them to node ids, and sorts replies by
+    partition id before aggregation. Replies are screened first: errors,
+    missing records, other names or shapes and non-finite values are skipped
+    and counted, never merged; the round goes on with the rest.
 
-    Call :meth:`bind_nodes` before :meth:`start`.
+    :meth:`aggregate_round` takes the current global model as an argument and
+    returns a :class:`RoundOutcome`; fedmerge's ServerApp drives rounds with
+    it. Flower's ``aggregate_train`` works too (for ``Strategy.start``): it
+    aggregates against the arrays the last ``configure_train`` sent.
+
+    Call :meth:`bind_nodes` before the first round.
     """
 
     fraction_train: float
@@ -38,41 +101,27 @@ class SeededSampling:
     arrayrecord_key: str
     configrecord_key: str
     weighted_by_key: str
-    global_state: dict[str, torch.Tensor]
-    _round_report: dict[str, Any]
-    _node_to_partition: dict[int, int]
-    _partition_to_node: dict[int, int]
-    _rng: np.random.Generator
-    clients_per_round: int
+    #: Accept replies whose shapes differ from the global model (OT fusion).
+    accepts_other_widths: bool = False
 
     def bind_nodes(
-        self,
-        partition_to_node: Mapping[int, int],
-        *,
-        clients_per_round: int,
-        rng: np.random.Generator,
+        self, partition_to_node: Mapping[int, int], *, clients_per_round: int, rng: np.random.Generator
     ) -> None:
         """Set the node map, the number of clients per round and the sampler."""
         self._partition_to_node = dict(partition_to_node)
         self._node_to_partition = {n: p for p, n in self._partition_to_node.items()}
         self.clients_per_round = clients_per_round
         self._rng = rng
-        self.round_offset = 0
+        self._sent: dict[str, torch.Tensor] | None = None
 
-    def sampler_state(self) -> dict:
-        """State of the sampling generator (saved in checkpoints)."""
+    @property
+    def sampler_state(self) -> dict[str, Any]:
+        """State of the sampling generator (saved in checkpoints; assign to restore)."""
         return dict(self._rng.bit_generator.state)
 
-    def resume_from(self, completed_rounds: int, sampler_state: dict) -> None:
-        """Continue after ``completed_rounds``: restore the sampler, shift round numbers.
-
-        Flower's ``Strategy.start`` counts rounds from 1; after a resume the
-        strategy is started for the remaining rounds and adds this offset to
-        the ``server-round`` it sends, so clients derive the same seeds as in
-        an uninterrupted run.
-        """
-        self._rng.bit_generator.state = sampler_state
-        self.round_offset = completed_rounds
+    @sampler_state.setter
+    def sampler_state(self, state: dict[str, Any]) -> None:
+        self._rng.bit_generator.state = state
 
     def sample_partitions(self, k: int) -> list[int]:
         """Draw ``k`` distinct partition ids, in sorted order."""
@@ -101,12 +150,12 @@ class SeededSampling:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send the global model to ``clients_per_round`` seeded-sampled nodes."""
+        self._sent = dict(arrays.to_torch_state_dict())
         if self.fraction_train == 0.0:
             return []
-        server_round += self.round_offset
         partitions = self.sample_partitions(self.clients_per_round)
         logger.info("round %d: training partitions %s", server_round, partitions)
-        config["server-round"] = server_round
+        config[protocol.SERVER_ROUND] = server_round
         for key, value in self.extra_train_config().items():
             config[key] = value
         return self._messages(arrays, config, partitions, MessageType.TRAIN)
@@ -118,57 +167,54 @@ class SeededSampling:
         if self.fraction_evaluate == 0.0:
             return []
         k = max(1, int(len(self._partition_to_node) * self.fraction_evaluate))
-        config["server-round"] = server_round + self.round_offset
+        config[protocol.SERVER_ROUND] = server_round
         return self._messages(arrays, config, self.sample_partitions(k), MessageType.EVALUATE)
 
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, *args: Any, **kwargs: Any) -> Result:
-        """Remember the initial global model, then run Flower's round loop."""
-        self.global_state = dict(initial_arrays.to_torch_state_dict())
-        return super().start(grid, initial_arrays, *args, **kwargs)  # type: ignore[misc]
-
-    def take_round_report(self) -> dict[str, Any]:
-        """Per-round extras for the metrics row (skipped replies, ...); resets them."""
-        report, self._round_report = getattr(self, "_round_report", {}), {}
-        return report
-
-    def report(self, **items: Any) -> None:
-        """Add items to this round's report."""
-        if not hasattr(self, "_round_report"):
-            self._round_report = {}
-        self._round_report.update(items)
-
-    def screen(self, replies: Iterable[Message], **kwargs: Any) -> Screening:
-        """Valid updates in partition order; skipped replies are counted in the report."""
-        screening = screen_replies(
+    def screen(self, replies: Iterable[Message], global_state: dict[str, torch.Tensor]) -> Screening:
+        """Valid updates in partition order, and why the others were skipped."""
+        return screen_replies(
             replies,
-            getattr(self, "global_state", None),
+            global_state,
             self._node_to_partition,
             arrays_key=self.arrayrecord_key,
             weight_key=self.weighted_by_key,
-            **kwargs,
+            allow_shape_mismatch=self.accepts_other_widths,
         )
-        self.report(skipped=len(screening.skipped), skipped_reasons=screening.skipped)
-        return screening
+
+    def aggregate_round(
+        self, server_round: int, global_state: dict[str, torch.Tensor], replies: Iterable[Message]
+    ) -> RoundOutcome:
+        """Screen the replies, then aggregate the valid ones with Flower's FedAvg."""
+        screening = self.screen(replies, global_state)
+        valid = [u.message for u in screening.updates]
+        if not valid:
+            return RoundOutcome(None, skipped=screening.skipped)
+        arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
+        state = None if arrays is None else dict(arrays.to_torch_state_dict())
+        return RoundOutcome(state, metrics, skipped=screening.skipped)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Screen replies, then aggregate the valid ones in partition order."""
-        screening = self.screen(replies)
-        valid = [u.message for u in screening.updates]
-        if not valid:
-            return None, None
-        arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
-        if arrays is not None:
-            self.global_state = dict(arrays.to_torch_state_dict())
-        return arrays, metrics
+        """Flower's API: :meth:`aggregate_round` against the arrays last sent."""
+        if self._sent is None:
+            raise RuntimeError("aggregate_train: configure_train has not sent a model yet")
+        outcome = self.aggregate_round(server_round, self._sent, replies)
+        arrays = None if outcome.state is None else ArrayRecord(outcome.state)
+        return arrays, outcome.train_metrics
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Aggregate evaluation replies in partition order."""
         ordered = sorted(replies, key=self.partition_of)
-        return super().aggregate_evaluate(server_round, ordered)  # type: ignore[misc]
+        return super().aggregate_evaluate(server_round, ordered)  # type: ignore[misc, no-any-return]
+
+
+def _with_statistics(kwargs: dict[str, Any]) -> dict[str, Any]:
+    kwargs.setdefault("train_metrics_aggr_fn", _train_loss_stats)
+    kwargs.setdefault("evaluate_metrics_aggr_fn", _eval_accuracy_stats)
+    return kwargs
 
 
 class SeededFedAvg(SeededSampling, FedAvg):
@@ -176,7 +222,12 @@ class SeededFedAvg(SeededSampling, FedAvg):
 
     FedAvg (McMahan et al., AISTATS 2017, https://arxiv.org/abs/1602.05629):
     the new global model is the sample-count-weighted mean of the replies.
+    Train and evaluation metrics are aggregated as statistics
+    (:func:`metric_statistics`) of ``train_loss`` and ``eval_accuracy``.
     """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**_with_statistics(kwargs))
 
 
 class SeededFedProx(SeededSampling, FedProx):
@@ -189,6 +240,9 @@ class SeededFedProx(SeededSampling, FedProx):
 
     proximal_mu: float
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**_with_statistics(kwargs))
+
     def extra_train_config(self) -> dict[str, float | int | str]:
         """Add FedProx's ``proximal-mu``."""
-        return {"proximal-mu": float(self.proximal_mu)}
+        return {protocol.PROXIMAL_MU: float(self.proximal_mu)}

@@ -30,9 +30,9 @@ def _rows(run_dir: Path) -> list[dict]:
     "options",
     [
         ["strategy.name='ldawa'"],
-        ["strategy.name='aligned'", "strategy.align_method='activation'",
+        ["strategy.name='aligned'", "strategy.method='activation'",
          "strategy.proxy_samples=256"],
-        ["strategy.name='ot'", "strategy.ot_solver='sinkhorn'"],
+        ["strategy.name='ot'", "strategy.solver='sinkhorn'"],
     ],
     ids=["ldawa", "aligned-activation", "ot-sinkhorn"],
 )  # fmt: skip
@@ -131,7 +131,7 @@ def test_ot_fuses_clients_of_other_widths(ray_address: str, tmp_path: Path) -> N
     """Clients 1 and 3 train a twice-as-wide CNN; the server fuses them into its width."""
     scenario = load_scenario(
         None,
-        [*NON_IID, "strategy.name='ot'", "model.client_widths=[1, 2]",
+        [*NON_IID, "strategy.name='ot'", "strategy.client_widths=[1, 2]",
          f"simulation.ray_address='{ray_address}'"],
     )  # fmt: skip
     simulate(scenario, tmp_path)

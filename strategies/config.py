@@ -1,0 +1,461 @@
+"""The run configuration: the kernel's own configs as sections, the strategy as name + Options.
+
+One :class:`RunConfig` describes one run. Its sections are the kernel's
+frozen dataclasses (:class:`~fedmerge.data.DatasetConfig`,
+:class:`~fedmerge.data.PartitionConfig`, :class:`~fedmerge.models.ModelConfig`,
+:class:`~fedmerge.training.TrainConfig`, :class:`~fedmerge.topology.TopologyConfig`)
+plus :class:`SimulationConfig`; ``[strategy]`` is a name from the plugin
+registry and that plugin's own ``Options``. Validation happens once, here:
+pydantic checks the types strictly (no ``"1"`` for ``1``, no ``true`` for
+``1``, no ``inf`` or ``nan`` anywhere) and each dataclass checks its ranges in
+``__post_init__``. Every error becomes one :class:`ConfigError` line naming
+the dotted key, the value and what is allowed.
+
+The same object travels to every ServerApp and ClientApp through Flower's
+``context.run_config``: :func:`to_run_config` flattens it to dotted keys
+(lists as JSON text, since Flower's run config holds scalars only) and
+:func:`from_run_config` reads it back exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import field_validator as _field_validator
+from pydantic_core import ErrorDetails
+
+from fedmerge.data import DatasetConfig, PartitionConfig
+from fedmerge.errors import ConfigError
+from fedmerge.models import ModelConfig
+from fedmerge.topology import TopologyConfig
+from fedmerge.training import TrainConfig
+from strategies.plugins import Plugin, get_plugin, load_plugins, plugin_names
+
+__all__ = [
+    "OUTPUT_KEY_PREFIX",
+    "RUN_DIR_KEY",
+    "ConfigError",
+    "RunConfig",
+    "SimulationConfig",
+    "StrategyConfig",
+    "declared_defaults",
+    "flatten",
+    "from_run_config",
+    "run_config_from_dict",
+    "set_dotted",
+    "to_run_config",
+]
+
+#: Run-config keys that say where a run writes, not what it computes.
+OUTPUT_KEY_PREFIX = "output."
+#: The run directory (``fedmerge simulate`` sets it; empty: ``runs/NAME-TIMESTAMP``).
+RUN_DIR_KEY = f"{OUTPUT_KEY_PREFIX}run-dir"
+
+_STRICT = ConfigDict(
+    frozen=True, extra="forbid", strict=True, allow_inf_nan=False, arbitrary_types_allowed=True
+)
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """``[simulation]``: where and how the run executes.
+
+    Attributes
+    ----------
+    num_cpus_per_client : int (default: 1)
+        CPU cores reserved for each ClientApp (Ray resources; also torch's
+        thread count in the client); >= 1.
+    num_gpus_per_client : float (default: 0.0)
+        GPUs reserved for each ClientApp (fractions share a GPU); >= 0.
+    ray_address : str (default: "")
+        Join this Ray cluster instead of starting one.
+    ray_num_cpus : int (default: 0)
+        CPUs of the Ray cluster started for the run (0: all cores).
+    timeout : float (default: 600.0)
+        Seconds to wait for nodes to register and for the replies of a round.
+    inject_failures : str (default: "")
+        Fault injection: ``"1@2,3@5"`` makes partition 1 fail in round 2 and
+        partition 3 in round 5 (the ClientApp raises; the round goes on).
+    """
+
+    num_cpus_per_client: int = 1
+    num_gpus_per_client: float = 0.0
+    ray_address: str = ""
+    ray_num_cpus: int = 0
+    timeout: float = 600.0
+    inject_failures: str = ""
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("num_cpus_per_client", self.num_cpus_per_client >= 1, ">= 1"),
+            ("num_gpus_per_client", self.num_gpus_per_client >= 0, ">= 0"),
+            ("ray_num_cpus", self.ray_num_cpus >= 0, ">= 0 (0: all cores)"),
+            ("timeout", self.timeout > 0, "seconds > 0"),
+        )
+        for key, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"{key}: got {getattr(self, key)!r}; allowed: {allowed}")
+        self.failures()
+
+    def failures(self) -> frozenset[tuple[int, int]]:
+        """``inject_failures`` as ``{(partition id, round)}``."""
+        out = set()
+        for item in filter(None, (x.strip() for x in self.inject_failures.split(","))):
+            pid, sep, rnd = item.partition("@")
+            if not (sep and pid.isdigit() and rnd.isdigit()):
+                raise ValueError(
+                    f"inject_failures: got {self.inject_failures!r}; "
+                    f"allowed: comma-separated PARTITION@ROUND, e.g. '1@2,3@5'"
+                )
+            out.add((int(pid), int(rnd)))
+        return frozenset(out)
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """``[strategy]``: a registered strategy and its plugin's options.
+
+    Attributes
+    ----------
+    name : str
+        A name of :func:`strategies.plugins.plugin_names`.
+    options : object
+        An instance of that plugin's ``Options`` dataclass.
+    """
+
+    name: str = "fedavg"
+    options: Any = None
+
+    def __post_init__(self) -> None:
+        if self.options is None:
+            object.__setattr__(self, "options", self.plugin.Options())
+        if type(self.options) is not self.plugin.Options:
+            raise TypeError(
+                f"options: got {type(self.options).__name__}; "
+                f"allowed: {self.plugin.Options.__qualname__} of strategy {self.name!r}"
+            )
+
+    @property
+    def plugin(self) -> Plugin:
+        """The registered plugin of :attr:`name`."""
+        return get_plugin(self.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"name": ..., **options}`` (tuples as lists)."""
+        return {"name": self.name, **_plain(dataclasses.asdict(self.options))}
+
+
+class RunConfig(BaseModel):
+    """One run, fully resolved and validated.
+
+    Build it with :func:`run_config_from_dict` (TOML tables, ``--set``) or
+    :func:`from_run_config` (Flower's flat run config); both raise
+    :class:`ConfigError` with one line per bad value.
+
+    Attributes
+    ----------
+    name : str (default: "default")
+        Label of the run (run directories, reports).
+    seed : int (default: 0)
+        Seeds everything: initial weights, partitions, sampling, training.
+    rounds : int (default: 5)
+        Communication rounds; >= 1.
+    num_clients : int (default: 10)
+        Clients (partitions; peers for decentralized strategies); >= 1.
+    clients_per_round : int (default: 5)
+        Clients sampled for training each round; 1 to ``num_clients``.
+    device : str (default: "cpu")
+        ``"cpu"`` or ``"cuda[:N]"``.
+    plugins : tuple of str (default: ())
+        Modules (``package.module``) or files (``path/to/file.py``) imported
+        before the strategy is looked up; they register strategy plugins.
+    """
+
+    model_config = _STRICT
+
+    name: str = "default"
+    seed: int = Field(default=0, ge=0)
+    rounds: int = Field(default=5, ge=1)
+    num_clients: int = Field(default=10, ge=1)
+    clients_per_round: int = Field(default=5, ge=1)
+    device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    plugins: tuple[str, ...] = ()
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    @_field_validator("strategy", mode="plain")
+    @classmethod
+    def _strategy(cls, value: Any) -> StrategyConfig:
+        if isinstance(value, StrategyConfig):
+            return value
+        if not isinstance(value, Mapping):
+            raise ValueError(f"got {value!r}; allowed: a table [strategy]")
+        data = dict(value)
+        name = data.pop("name", StrategyConfig.name)
+        if not isinstance(name, str) or name not in plugin_names():
+            raise ValueError(f"name: got {name!r}; allowed: {', '.join(plugin_names())}")
+        plugin = get_plugin(name)
+        try:
+            options = _options_model(plugin.Options).model_validate_json(
+                json.dumps({"options": data})
+            )
+        except ValidationError as exc:
+            raise ValueError(_describe(exc.errors()[0], skip=1, owner=plugin)) from None
+        return StrategyConfig(name, options.options)  # type: ignore[attr-defined]
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"clients_per_round: got {self.clients_per_round}; "
+                f"allowed: 1 to num_clients ({self.num_clients})"
+            )
+        self.strategy.plugin.check(self.strategy.options, self)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dict (tuples as lists), the inverse of :func:`run_config_from_dict`."""
+        out: dict[str, Any] = {}
+        for key in type(self).model_fields:
+            value = getattr(self, key)
+            if isinstance(value, StrategyConfig):
+                out[key] = value.to_dict()
+            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+                out[key] = _plain(dataclasses.asdict(value))
+            else:
+                out[key] = _plain(value)
+        return out
+
+    def digest(self) -> str:
+        """Hash of everything that determines the results (16 hex digits).
+
+        Where the run executes (``simulation.ray_address``,
+        ``simulation.ray_num_cpus``) and how long it may wait
+        (``simulation.timeout``) are left out: the same run on another
+        cluster has the same digest (and resumes from the same checkpoint).
+        Only values that differ from the defaults enter the hash, so adding a
+        new option (with a default) keeps every existing digest.
+        """
+        ignored = {"simulation.ray_address", "simulation.ray_num_cpus", "simulation.timeout"}
+        defaults = _defaults(self.strategy.name)
+        data = {
+            k: v
+            for k, v in flatten(self.to_dict()).items()
+            if k not in ignored and v != defaults.get(k)
+        }
+        blob = json.dumps(data, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@cache
+def _options_model(options: type) -> type[BaseModel]:
+    return create_model(f"{options.__name__}Table", __config__=_STRICT, options=(options, ...))
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, recursively (the JSON/TOML shape)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+@cache
+def _defaults(strategy: str) -> dict[str, Any]:
+    """Flat defaults of a run with ``strategy``."""
+    return flatten(RunConfig(strategy=StrategyConfig(strategy)).to_dict())
+
+
+# -- errors -------------------------------------------------------------------
+_OWN_KEY = re.compile(r"^([A-Za-z_][\w.-]*): (.*)$", re.DOTALL)
+
+
+def _fields_at(path: tuple[str | int, ...], owner: Plugin | None) -> list[str]:
+    """Keys allowed in the table at ``path`` (for "unknown key" errors)."""
+    cls: Any = owner.Options if owner is not None else RunConfig
+    for part in path:
+        hints = (
+            cls.model_fields
+            if isinstance(cls, type) and issubclass(cls, BaseModel)
+            else {f.name: f for f in dataclasses.fields(cls)}
+        )
+        info = hints.get(str(part))
+        cls = getattr(info, "annotation", None) or getattr(info, "type", None)
+        if isinstance(cls, str):  # postponed annotations: resolve by field name
+            cls = {"strategy": StrategyConfig}.get(str(part)) or _SECTION_TYPES.get(str(part))
+    if cls is StrategyConfig:
+        return ["name", "..."]
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        return sorted(cls.model_fields)
+    if dataclasses.is_dataclass(cls):
+        return sorted(f.name for f in dataclasses.fields(cls))
+    return []
+
+
+def _describe(err: ErrorDetails, *, skip: int = 0, owner: Plugin | None = None) -> str:
+    """One ``key: got X; allowed: Y`` line for a pydantic error."""
+    path = tuple(err["loc"])[skip:]
+    key = ".".join(str(p) for p in path)
+    kind, msg = err["type"], err["msg"]
+    if kind == "value_error":
+        text = msg.removeprefix("Value error, ")
+        own = _OWN_KEY.match(text)
+        if own and " " not in own.group(1):  # a nested check named its own key
+            return f"{key}.{own.group(1)}: {own.group(2)}" if key else text
+        return f"{key}: {text}" if key else text
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        allowed = ", ".join(_fields_at(path[:-1], owner))
+        hint = _option_owners(str(path[-1])) if owner is not None else ""
+        return f"{key}: unknown key; allowed: {allowed}{hint}"
+    allowed = msg.removeprefix("Input should be ").removeprefix("Value should be ")
+    return f"{key}: got {err.get('input')!r}; allowed: {allowed}"
+
+
+def _option_owners(option: str) -> str:
+    owners = [n for n in plugin_names() if option in _option_names(n)]
+    return f" ({option} is an option of {', '.join(owners)})" if owners else ""
+
+
+def _option_names(strategy: str) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(get_plugin(strategy).Options))
+
+
+def _validate(data: Mapping[str, Any]) -> RunConfig:
+    load_plugins(_plugin_list(data.get("plugins", ())))
+    try:
+        return RunConfig.model_validate_json(json.dumps(data, allow_nan=True))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc.errors()[0])) from None
+
+
+def _plugin_list(value: Any) -> list[str]:
+    if not (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
+        raise ConfigError(f"plugins: got {value!r}; allowed: a list of module names or files")
+    return list(value)
+
+
+def run_config_from_dict(data: Mapping[str, Any]) -> RunConfig:
+    """Build a :class:`RunConfig` from nested tables (a scenario file); unknown keys are errors.
+
+    Raises
+    ------
+    ConfigError
+        One line: the dotted key, the value and what is allowed.
+    """
+    return _validate(data)
+
+
+# -- dotted keys ----------------------------------------------------------------
+def set_dotted(data: Mapping[str, Any], dotted: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of nested ``data`` with the values of ``dotted`` keys set."""
+    out: dict[str, Any] = json.loads(json.dumps(data, allow_nan=True))
+    for key, value in dotted.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {part!r} is not a table")
+        node[leaf] = value
+    return out
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested tables as dotted keys (lists kept)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+# -- Flower's run config ------------------------------------------------------------
+def to_run_config(config: RunConfig) -> dict[str, bool | int | float | str]:
+    """``config`` as Flower's flat run config: dotted keys, lists as JSON text."""
+    return {
+        k: json.dumps(v) if isinstance(v, list) else v for k, v in flatten(config.to_dict()).items()
+    }
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+    """Read a :class:`RunConfig` back from Flower's ``context.run_config``.
+
+    The run config holds every key that ``pyproject.toml`` declares, so the
+    ``strategy.*`` keys of every built-in strategy arrive; those that are not
+    options of the chosen strategy must keep their declared defaults.
+    ``output.*`` keys are left out.
+    """
+    flat = {k: v for k, v in run_config.items() if not k.startswith(OUTPUT_KEY_PREFIX)}
+    strategy = str(flat.get("strategy.name", StrategyConfig.name))
+    load_plugins(_decode("plugins", flat.get("plugins", "[]")))
+    defaults = declared_defaults()
+    own = _option_names(strategy) if strategy in plugin_names() else frozenset()
+    for key in [k for k in flat if k.startswith("strategy.") and k != "strategy.name"]:
+        option = key.removeprefix("strategy.")
+        if option in own:
+            continue
+        if key in defaults and flat[key] == defaults[key]:
+            del flat[key]  # another strategy's option at its declared default
+        else:
+            raise ConfigError(
+                f"{key}: got {flat[key]!r}; allowed: only with strategy "
+                f"{' or '.join(repr(n) for n in plugin_names() if option in _option_names(n))} "
+                f"(strategy is {strategy!r})"
+            )
+    lists = {k for k, v in flatten(RunConfig().to_dict()).items() if isinstance(v, list)}
+    if strategy in plugin_names():
+        lists |= {k for k, v in _defaults(strategy).items() if isinstance(v, list)}
+    decoded = {k: _decode(k, v) if k in lists else v for k, v in flat.items()}
+    return _validate(set_dotted({}, decoded))
+
+
+def _decode(key: str, value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        raise ConfigError(f"{key}: got {value!r}; allowed: a list, e.g. '[200, 200]'") from None
+
+
+@cache
+def declared_defaults() -> dict[str, Any]:
+    """Every key Flower's run config declares, with its default (``pyproject.toml``'s table).
+
+    The embedded default scenario's values, plus the default options of every
+    built-in strategy under ``strategy.*`` (lists as JSON text).
+    """
+    from strategies.plugins import builtin_plugin_names
+
+    out: dict[str, Any] = {}
+    for name in builtin_plugin_names():
+        for key, value in flatten({"strategy": StrategyConfig(name).to_dict()}).items():
+            out.setdefault(key, json.dumps(value) if isinstance(value, list) else value)
+    return out
+
+
+#: Section name -> type, for messages about nested keys.
+_SECTION_TYPES: dict[str, type] = {
+    "dataset": DatasetConfig,
+    "partition": PartitionConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "topology": TopologyConfig,
+    "simulation": SimulationConfig,
+}

@@ -1,0 +1,178 @@
+"""What a strategy plugin is: options, a server-side factory or a peer operator, client hooks.
+
+A plugin is the one home of a strategy. It holds
+
+- ``Options``: a frozen dataclass of the strategy's options, documented per
+  field (numpydoc) and validated in ``__post_init__`` with the
+  ``key: got X; allowed: Y`` grammar. It must not import ``flwr``: the CLI
+  validates scenarios with it before any Flower process starts.
+- for a server-side strategy (:class:`ServerPlugin`), :meth:`~ServerPlugin.strategy`,
+  the factory of its Flower strategy (Flower is imported there, lazily), and
+  optionally :meth:`~ServerPlugin.client_start`, the client-side hook that
+  prepares the model a client trains;
+- for a decentralized strategy (:class:`PeerPlugin`), :meth:`~PeerPlugin.merges`
+  and :meth:`~PeerPlugin.merge`, the operator each peer applies to its
+  neighbours' models.
+
+Each is a thin call into :mod:`fedmerge`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedmerge.merge import PeerMergeInfo
+
+if TYPE_CHECKING:
+    from flwr.serverapp.strategy import Strategy
+
+    from strategies.config import RunConfig
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ServerContext:
+    """What a server-side strategy factory may use.
+
+    Attributes
+    ----------
+    config : RunConfig
+        The run.
+    model : nn.Module
+        The global model's architecture, holding the initial weights.
+    example_input : Tensor
+        A batch of inputs of the right shape (for tracing a model's spec).
+    proxy_batches : callable
+        ``proxy_batches(k)``: ``k`` training inputs held by the server, in
+        batches, seeded by the run seed (empty for ``k = 0``).
+    flower_options : dict
+        Flower's sampling options for the strategy (fractions and minimum
+        node counts), derived from the run's client counts.
+    """
+
+    config: RunConfig
+    model: nn.Module
+    example_input: torch.Tensor
+    proxy_batches: Callable[[int], list[torch.Tensor]]
+    flower_options: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class ClientContext:
+    """What a client-side hook may use.
+
+    Attributes
+    ----------
+    config : RunConfig
+        The run.
+    partition_id : int
+        This client's partition.
+    model : nn.Module
+        A scratch model of the run's architecture and width.
+    model_at_width : callable
+        ``model_at_width(w)``: a scratch model of width ``w`` (seeded by the run seed).
+    example_input : Tensor
+        A batch of inputs of the right shape (for tracing a model's spec).
+    """
+
+    config: RunConfig
+    partition_id: int
+    model: nn.Module
+    model_at_width: Callable[[int], nn.Module]
+    example_input: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ClientStart:
+    """The model a client trains this round, and whether it keeps it.
+
+    Attributes
+    ----------
+    model : nn.Module
+        The model to train (loaded with ``state`` by the ClientApp).
+    state : dict of str to Tensor
+        Its weights at the start of local training.
+    keep : bool
+        Keep the trained model on the node until the next round (a client of
+        another width than the global model).
+    """
+
+    model: nn.Module
+    state: StateDict
+    keep: bool = False
+
+
+class Plugin:
+    """Base of every strategy plugin."""
+
+    #: The name under which the plugin is registered (``strategy.name``).
+    name: ClassVar[str]
+    #: The frozen dataclass of its options.
+    Options: ClassVar[type]
+    #: Decentralized (peer-side) strategy: the server only relays models.
+    peer: ClassVar[bool] = False
+    #: Needs the model's permutation spec (checked before a run starts).
+    aligns: ClassVar[bool] = False
+    #: One line for ``fedmerge strategies`` and the README.
+    summary: ClassVar[str] = ""
+
+    def check(self, options: Any, config: RunConfig) -> None:
+        """Checks that need the whole run (raise ``ValueError("key: ...")``); none by default."""
+
+
+class ServerPlugin(Plugin):
+    """A server-side strategy: clients train, the Flower strategy aggregates."""
+
+    def strategy(self, options: Any, ctx: ServerContext) -> Strategy:
+        """Build the Flower strategy (import Flower here, not at module level)."""
+        raise NotImplementedError
+
+    def client_start(
+        self, options: Any, ctx: ClientContext, global_state: StateDict, kept: StateDict | None
+    ) -> ClientStart:
+        """The model a client trains: by default the global model itself.
+
+        ``kept`` is the model this client kept from its previous round (see
+        :attr:`ClientStart.keep`), ``None`` before the first.
+        """
+        return ClientStart(ctx.model, global_state)
+
+
+class PeerPlugin(Plugin):
+    """A decentralized strategy: each peer merges its neighbours' models, then trains."""
+
+    peer = True
+
+    def independent_init(self, options: Any) -> bool:
+        """Whether every peer starts from its own initialisation (else all from one)."""
+        raise NotImplementedError
+
+    def merges(self, options: Any, server_round: int) -> bool:
+        """Whether peers merge in ``server_round`` (else they only train)."""
+        raise NotImplementedError
+
+    def align_samples(self, options: Any) -> int:
+        """Local samples a peer draws for alignment and BatchNorm re-estimation."""
+        raise NotImplementedError
+
+    def merge(
+        self,
+        options: Any,
+        ctx: ClientContext,
+        own: StateDict,
+        neighbours: Mapping[int, StateDict],
+        mixing: Mapping[int, float],
+        self_weight: float,
+        *,
+        batches: Sequence[torch.Tensor],
+        rng: np.random.Generator,
+    ) -> tuple[StateDict, PeerMergeInfo]:
+        """One peer's merge step: align (or not) its neighbours, mix, re-estimate statistics."""
+        raise NotImplementedError

@@ -1,0 +1,179 @@
+"""Decentralized strategies: DIMAT and its baselines (DIMAT-WM, gossip, local).
+
+Each round the server relays to every peer its neighbours' models; the peer
+applies the operator below (:func:`fedmerge.merge.peer_merge`), then trains.
+DIMAT (Saadati et al., CVPR 2024) aligns
+each neighbour to the peer by activation matching on the peer's local data;
+DIMAT-WM by weight matching; gossip mixes without alignment; local never
+mixes (the no-communication baseline).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from fedmerge.align import permutation_spec_for
+from fedmerge.merge import PeerMergeInfo, peer_merge
+from strategies.plugins.base import ClientContext, PeerPlugin, StateDict
+
+PEER_INITS: tuple[str, ...] = ("independent", "shared")
+SIMILARITIES: tuple[str, ...] = ("correlation", "cross-moment")
+
+
+@dataclass(frozen=True)
+class LocalOptions:
+    """Options of ``strategy.name = "local"`` (and of every peer strategy).
+
+    Attributes
+    ----------
+    peer_init : {"independent", "shared"} (default: "independent")
+        Every peer starts from its own seeded initialisation (DIMAT's
+        setting), or all from the run's initial model.
+    """
+
+    peer_init: str = "independent"
+
+    def __post_init__(self) -> None:
+        if self.peer_init not in PEER_INITS:
+            raise ValueError(
+                f"peer_init: got {self.peer_init!r}; allowed: {', '.join(PEER_INITS)}"
+            )
+
+
+@dataclass(frozen=True)
+class GossipOptions(LocalOptions):
+    """Options of ``strategy.name = "gossip"`` (plain neighbour averaging).
+
+    Attributes
+    ----------
+    merge_every : int (default: 1)
+        Peers merge every ``merge_every`` rounds and only train in between; >= 1.
+    align_samples : int (default: 512)
+        Local training inputs a peer draws each merge round for alignment and
+        BatchNorm re-estimation; >= 1.
+    reset_bn : bool (default: True)
+        Re-estimate BatchNorm statistics of the mixed model on those inputs.
+    """
+
+    merge_every: int = 1
+    align_samples: int = 512
+    reset_bn: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("merge_every", "align_samples"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: got {getattr(self, key)!r}; allowed: an integer >= 1")
+
+
+@dataclass(frozen=True)
+class DIMATOptions(GossipOptions):
+    """Options of ``strategy.name = "dimat"``.
+
+    Attributes
+    ----------
+    similarity : {"correlation", "cross-moment"} (default: "correlation")
+        Similarity of activations that activation matching maximises.
+    """
+
+    similarity: str = "correlation"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(
+                f"similarity: got {self.similarity!r}; allowed: {', '.join(SIMILARITIES)}"
+            )
+
+
+class _MixingPlugin(PeerPlugin):
+    """Peers that mix their neighbours' models; :attr:`align` says how they align them."""
+
+    #: How neighbours are aligned before mixing (see :func:`fedmerge.merge.peer_merge`).
+    align: ClassVar[str]
+
+    def independent_init(self, options: Any) -> bool:
+        """``peer_init == "independent"``."""
+        return bool(options.peer_init == "independent")
+
+    def merges(self, options: Any, server_round: int) -> bool:
+        """Every ``merge_every``-th round."""
+        return bool(server_round % options.merge_every == 0)
+
+    def align_samples(self, options: Any) -> int:
+        """``align_samples``."""
+        return int(options.align_samples)
+
+    def merge(
+        self,
+        options: Any,
+        ctx: ClientContext,
+        own: StateDict,
+        neighbours: Mapping[int, StateDict],
+        mixing: Mapping[int, float],
+        self_weight: float,
+        *,
+        batches: Sequence[torch.Tensor],
+        rng: np.random.Generator,
+    ) -> tuple[StateDict, PeerMergeInfo]:
+        """:func:`fedmerge.merge.peer_merge` with this strategy's alignment."""
+        spec = None if self.align == "none" else permutation_spec_for(ctx.model, ctx.example_input)
+        return peer_merge(
+            ctx.model, own, neighbours, mixing, self_weight,
+            align=self.align, spec=spec, batches=batches, reset_bn=options.reset_bn,
+            method=getattr(options, "similarity", "correlation"), rng=rng,
+        )  # fmt: skip
+
+
+class DIMATPlugin(_MixingPlugin):
+    """DIMAT: neighbours aligned by activation matching on local data, then mixed."""
+
+    name = "dimat"
+    aligns = True
+    Options = DIMATOptions
+    align = "activation"
+    summary = "peers align neighbours by activation matching, mix, train (DIMAT)"
+
+
+class DIMATWMPlugin(_MixingPlugin):
+    """DIMAT with weight matching instead of activation matching."""
+
+    name = "dimat-wm"
+    aligns = True
+    Options = GossipOptions
+    align = "weight"
+    summary = "peers align neighbours by weight matching, mix, train"
+
+
+class GossipPlugin(_MixingPlugin):
+    """Plain neighbour averaging (decentralized SGD's consensus step), no alignment."""
+
+    name = "gossip"
+    Options = GossipOptions
+    align = "none"
+    summary = "peers average their neighbours without alignment, then train"
+
+
+class LocalPlugin(PeerPlugin):
+    """No communication: every peer trains on its own data only (the lower baseline)."""
+
+    name = "local"
+    Options = LocalOptions
+    summary = "peers never merge (local training only)"
+
+    def independent_init(self, options: Any) -> bool:
+        """``peer_init == "independent"``."""
+        return bool(options.peer_init == "independent")
+
+    def merges(self, options: Any, server_round: int) -> bool:
+        """Never."""
+        return False
+
+    def align_samples(self, options: Any) -> int:
+        """None needed (local peers never merge)."""
+        return 0

@@ -1,0 +1,89 @@
+"""The round loop of server-side strategies, with explicit per-round results."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+
+from strategies.config import RunConfig
+from strategies.metering import MeteredGrid
+from strategies.recorder import RoundRecorder
+from strategies.sampling import SeededSampling
+
+logger = logging.getLogger(__name__)
+
+StateDict = dict[str, torch.Tensor]
+
+
+def run_server_rounds(
+    strategy: Any,
+    grid: MeteredGrid,
+    config: RunConfig,
+    recorder: RoundRecorder,
+    initial: StateDict,
+) -> StateDict:
+    """Train ``config.rounds`` rounds with ``strategy``; every round is recorded and checkpointed.
+
+    Each round mirrors Flower's ``Strategy.start``: ``configure_train``, send,
+    aggregate; ``configure_evaluate``, send, ``aggregate_evaluate``; then the
+    server evaluates the new global model. The strategy's
+    :meth:`~strategies.sampling.SeededSampling.aggregate_round` gets the
+    current global model as an argument and returns a
+    :class:`~strategies.sampling.RoundOutcome`, which the recorder writes:
+    no state is handed over through the strategy between calls.
+
+    A run with a checkpoint of the same configuration resumes after its last
+    round, with the sampler where it was, so that it ends bit-identical to an
+    uninterrupted run.
+
+    Returns
+    -------
+    dict of str to Tensor
+        The final global model.
+    """
+    if not isinstance(strategy, SeededSampling):
+        raise TypeError(f"strategy: got {type(strategy).__name__}; allowed: a SeededSampling")
+    timeout = config.simulation.timeout
+    state, first = initial, 1
+    resume = recorder.begin()
+    if resume is not None:
+        strategy.sampler_state = resume.sampler_state
+        state, first = resume.state, resume.round + 1
+        logger.info("resuming after round %d", resume.round)
+    else:
+        _record(recorder, grid, 0, state)
+    strategy.summary()
+    for server_round in range(first, config.rounds + 1):
+        messages = strategy.configure_train(server_round, ArrayRecord(state), ConfigRecord(), grid)
+        replies = grid.send_and_receive(messages, timeout=timeout)
+        outcome = strategy.aggregate_round(server_round, state, replies)
+        if outcome.state is not None:
+            state = outcome.state
+        messages = strategy.configure_evaluate(
+            server_round, ArrayRecord(state), ConfigRecord(), grid
+        )
+        replies = grid.send_and_receive(messages, timeout=timeout)
+        eval_metrics = strategy.aggregate_evaluate(server_round, replies) if replies else None
+        extras = {"skipped": len(outcome.skipped), "skipped_reasons": outcome.skipped}
+        _record(
+            recorder, grid, server_round, state, {**extras, **outcome.extras},
+            train_metrics=outcome.train_metrics, eval_metrics=eval_metrics,
+        )  # fmt: skip
+        recorder.checkpoint(server_round, state, strategy.sampler_state)
+    return state
+
+
+def _record(
+    recorder: RoundRecorder,
+    grid: MeteredGrid,
+    server_round: int,
+    state: StateDict,
+    extras: dict[str, Any] | None = None,
+    **metrics: Any,
+) -> None:
+    loss, acc = recorder.evaluate(state)
+    fields = {"accuracy": acc, "loss": loss, **(extras or {})}
+    recorder.record(server_round, fields, traffic=grid.take(), **metrics)
