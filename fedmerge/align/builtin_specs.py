@@ -14,6 +14,9 @@ References
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -127,8 +130,18 @@ def resnet20_spec(model: ResNet20) -> PermutationSpec:
     return PermutationSpec(axes)
 
 
+#: Exact model class -> its hand-written spec (a subclass may change the
+#: forward pass, so it is traced instead).
+_HAND_WRITTEN: dict[type[nn.Module], Callable[[Any], PermutationSpec]] = {
+    MLP: mlp_spec,
+    ResNet20: resnet20_spec,
+    SimpleCNN: simple_cnn_spec,
+    VGG11: vgg11_spec,
+}
+
+
 def permutation_spec_for(
-    model: nn.Module, *, example_input: torch.Tensor | None = None
+    model: nn.Module, example_input: torch.Tensor | None = None
 ) -> PermutationSpec:
     """Return the permutation spec of a model.
 
@@ -141,9 +154,11 @@ def permutation_spec_for(
     model : nn.Module
         The model (its weights are only read).
     example_input : Tensor, optional
-        A batch of inputs, shape ``(batch, *input_shape)``. Required for
-        models that are not built in: the tracer propagates shapes with it and
-        checks the inferred spec on it.
+        A batch of inputs, shape ``(batch, *input_shape)``, for instance
+        :func:`fedmerge.models.example_input`. Required for models that are
+        not built in: the tracer propagates shapes with it and checks the
+        inferred spec on it. Callers that may see a user's model should always
+        pass one; it is ignored for the built-in models.
 
     Returns
     -------
@@ -157,17 +172,13 @@ def permutation_spec_for(
     ValueError
         If ``example_input`` is missing for a model that is not built in.
     """
-    if type(model) is MLP:
-        return mlp_spec(model)
-    if type(model) is SimpleCNN:
-        return simple_cnn_spec(model)
-    if type(model) is VGG11:
-        return vgg11_spec(model)
-    if type(model) is ResNet20:
-        return resnet20_spec(model)
+    hand_written = _HAND_WRITTEN.get(type(model))
+    if hand_written is not None:
+        return hand_written(model)
     if example_input is None:
         raise ValueError(
             f"example_input: got None for model {type(model).__name__}, which is not built in; "
-            "allowed: a batch of inputs, used to trace the model and check the spec"
+            "allowed: a batch of inputs (fedmerge.models.example_input), used to trace the "
+            "model and check the spec"
         )
     return infer_permutation_spec(model, example_input)

@@ -13,19 +13,10 @@ import numpy as np
 import torch
 
 from fedmerge.cache import cache_key, cached_arrays
+from fedmerge.data.config import DatasetConfig, dataset_loader, dataset_names, register_dataset
 from fedmerge.data.synthetic import make_synthetic
 
 logger = logging.getLogger(__name__)
-
-DATASET_NAMES: tuple[str, ...] = (
-    "fashion-mnist",
-    "digits",
-    "mnist1d",
-    "synthetic",
-    "mnist",
-    "cifar10",
-    "cifar100",
-)
 
 #: Where Debian's ``dataset-fashion-mnist`` package puts the IDX files.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -80,7 +71,7 @@ def _find_idx(root: Path, stem: str) -> Path:
         if path.exists():
             return path
     raise FileNotFoundError(
-        f"dataset.root: {str(root)!r} has no {stem}[.gz]; allowed: a directory holding "
+        f"root: {str(root)!r} has no {stem}[.gz]; allowed: a directory holding "
         f"the four Fashion-MNIST IDX files (Debian: apt-get install dataset-fashion-mnist)"
     )
 
@@ -96,7 +87,7 @@ def _normalise(train: np.ndarray, test: np.ndarray) -> tuple[torch.Tensor, torch
 def _fashion_mnist(root: Path) -> DatasetBundle:
     if not root.is_dir():
         raise FileNotFoundError(
-            f"dataset.root: {str(root)!r} is not a directory; allowed: a directory holding "
+            f"root: {str(root)!r} is not a directory; allowed: a directory holding "
             f"the Fashion-MNIST IDX files (Debian: apt-get install dataset-fashion-mnist)"
         )
     stems = (
@@ -192,14 +183,14 @@ def _torchvision(name: str, root: Path) -> DatasetBundle:
     cls = {"mnist": datasets.MNIST, "cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
     if not root.is_dir():
         raise FileNotFoundError(
-            f"dataset.root: {str(root)!r} is not a directory; allowed: a directory where "
+            f"root: {str(root)!r} is not a directory; allowed: a directory where "
             f"torchvision's {cls[name].__name__} finds its files (nothing is downloaded)"
         )
     try:
         train = cls[name](str(root), train=True, download=False)
         test = cls[name](str(root), train=False, download=False)
     except RuntimeError as exc:
-        raise FileNotFoundError(f"dataset.root: {str(root)!r}: {exc}") from exc
+        raise FileNotFoundError(f"root: {str(root)!r}: {exc}") from exc
 
     def arrays(ds: object) -> tuple[np.ndarray, np.ndarray]:
         data = np.asarray(ds.data)  # type: ignore[attr-defined]
@@ -219,6 +210,44 @@ def _torchvision(name: str, root: Path) -> DatasetBundle:
     )
 
 
+def _load_fashion_mnist(root: str | None, config: DatasetConfig) -> DatasetBundle:
+    default = os.environ.get("FEDMERGE_FASHION_MNIST", str(FASHION_MNIST_DIR))
+    return _fashion_mnist(Path(root or default))
+
+
+def _load_digits(root: str | None, config: DatasetConfig) -> DatasetBundle:
+    return _digits()
+
+
+def _load_mnist1d(root: str | None, config: DatasetConfig) -> DatasetBundle:
+    return _mnist1d(config.mnist1d_samples)
+
+
+def _load_synthetic(root: str | None, config: DatasetConfig) -> DatasetBundle:
+    return _synthetic(config.synthetic_alpha, config.synthetic_beta, config.synthetic_users)
+
+
+def _load_torchvision(root: str | None, config: DatasetConfig) -> DatasetBundle:
+    if root is None:
+        raise FileNotFoundError(
+            f"root: not set for {config.name!r}; allowed: a local directory with "
+            f"torchvision's files for {config.name} (fedmerge never downloads)"
+        )
+    return _torchvision(config.name, Path(root))
+
+
+register_dataset("cifar10", _load_torchvision)
+register_dataset("cifar100", _load_torchvision)
+register_dataset("digits", _load_digits)
+register_dataset("fashion-mnist", _load_fashion_mnist)
+register_dataset("mnist", _load_torchvision)
+register_dataset("mnist1d", _load_mnist1d)
+register_dataset("synthetic", _load_synthetic)
+
+#: Names of the built-in data sets, sorted (:func:`dataset_names` adds registered ones).
+DATASET_NAMES: tuple[str, ...] = dataset_names()
+
+
 @lru_cache(maxsize=4)
 def load_dataset(
     name: str,
@@ -234,7 +263,7 @@ def load_dataset(
     Parameters
     ----------
     name : str
-        One of :data:`DATASET_NAMES`.
+        One of :func:`dataset_names` (built in: :data:`DATASET_NAMES`).
     root : str, optional
         Directory of the files: Fashion-MNIST's IDX files (default: Debian's
         ``/usr/share/datasets/fashion-mnist`` or ``$FEDMERGE_FASHION_MNIST``),
@@ -251,23 +280,47 @@ def load_dataset(
     -------
     DatasetBundle
         Tensors in memory; the result is cached per process.
+
+    Raises
+    ------
+    ValueError
+        If an option is not allowed (as in :class:`DatasetConfig`).
+    FileNotFoundError
+        If the files are not found under ``root``.
     """
-    if name == "fashion-mnist":
-        default = os.environ.get("FEDMERGE_FASHION_MNIST", str(FASHION_MNIST_DIR))
-        return _fashion_mnist(Path(root or default))
-    if name == "digits":
-        return _digits()
-    if name == "mnist1d":
-        return _mnist1d(mnist1d_samples)
-    if name == "synthetic":
-        return _synthetic(synthetic_alpha, synthetic_beta, synthetic_users)
-    if name in ("mnist", "cifar10", "cifar100"):
-        if root is None:
-            raise FileNotFoundError(
-                f"dataset.root: not set for {name!r}; allowed: a local directory with "
-                f"torchvision's files for {name} (fedmerge never downloads)"
-            )
-        return _torchvision(name, Path(root))
-    raise ValueError(
-        f"dataset.name: unknown data set {name!r}; allowed: {', '.join(DATASET_NAMES)}"
+    # root is checked by the loader, which says what it expected to find there
+    config = DatasetConfig(
+        name=name,
+        synthetic_alpha=synthetic_alpha,
+        synthetic_beta=synthetic_beta,
+        synthetic_users=synthetic_users,
+        mnist1d_samples=mnist1d_samples,
+    )
+    return dataset_loader(name)(root, config)
+
+
+def load_dataset_config(config: DatasetConfig, root: str | None = None) -> DatasetBundle:
+    """Load the data set that ``config`` describes (cached per process).
+
+    Parameters
+    ----------
+    config : DatasetConfig
+        The data set and its options.
+    root : str, optional
+        Directory that replaces ``config.root`` (a node's local copy of the
+        files); ``None`` keeps ``config.root``.
+
+    Returns
+    -------
+    DatasetBundle
+        The same tensors as :func:`load_dataset` with the same arguments, from
+        the same per-process cache.
+    """
+    return load_dataset(
+        config.name,
+        root or config.root or None,
+        synthetic_alpha=config.synthetic_alpha,
+        synthetic_beta=config.synthetic_beta,
+        synthetic_users=config.synthetic_users,
+        mnist1d_samples=config.mnist1d_samples,
     )

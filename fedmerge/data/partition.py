@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
+from math import inf
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -65,18 +66,23 @@ class PartitionConfig:
     def __post_init__(self) -> None:
         if self.scheme not in PARTITION_SCHEMES:
             raise ValueError(
-                f"partition.scheme: unknown scheme {self.scheme!r}; "
-                f"allowed: {', '.join(PARTITION_SCHEMES)}"
+                f"scheme: got {self.scheme!r}; allowed: {', '.join(PARTITION_SCHEMES)}"
             )
-        if not self.alpha > 0:
-            raise ValueError(f"partition.alpha: got {self.alpha}; allowed: a number > 0")
+        alpha = self.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < inf:
+            raise ValueError(f"alpha: got {alpha!r}; allowed: a finite number > 0")
         for key in ("classes_per_client", "shards_per_client"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"partition.{key}: got {getattr(self, key)}; allowed: >= 1")
-        if self.min_partition_size < 0:
+            value = getattr(self, key)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{key}: got {value!r}; allowed: an integer >= 1")
+        if not _is_int(self.min_partition_size) or self.min_partition_size < 0:
             raise ValueError(
-                f"partition.min_partition_size: got {self.min_partition_size}; allowed: >= 0"
+                f"min_partition_size: got {self.min_partition_size!r}; allowed: an integer >= 0"
             )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _quantity_sizes(
@@ -90,7 +96,7 @@ def _quantity_sizes(
         if sizes.min() >= max(min_size, 1):
             return [int(s) for s in sizes]
     raise ValueError(
-        f"partition.alpha: {alpha} cannot give {num_partitions} clients at least "
+        f"alpha: got {alpha!r}, which cannot give {num_partitions} clients at least "
         f"{max(min_size, 1)} samples each out of {n}; raise alpha or lower min_partition_size"
     )
 
@@ -193,7 +199,7 @@ def partition_indices(
     if config.scheme == "natural":
         if groups is None:
             raise ValueError(
-                "partition.scheme: 'natural' needs a data set with natural owners; "
+                "scheme: got 'natural', which needs a data set with natural owners; "
                 "allowed data sets: synthetic"
             )
         num_groups = len(np.unique(groups))

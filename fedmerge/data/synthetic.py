@@ -54,8 +54,9 @@ def make_synthetic(
     one user cannot hold most of the data set. The reference reads ``alpha``
     and ``beta`` as standard deviations, and so does this function.
     """
-    if alpha < 0 or beta < 0:
-        raise ValueError(f"dataset.alpha/beta: got ({alpha}, {beta}); allowed: values >= 0")
+    for key, value in (("alpha", alpha), ("beta", beta)):
+        if not value >= 0:  # also refuses NaN
+            raise ValueError(f"{key}: got {value!r}; allowed: a number >= 0")
     sizes = np.minimum(rng.lognormal(4, 2, num_users).astype(int) + 50, 2000)
     cov = np.diag(np.arange(1, dim + 1, dtype=np.float64) ** -1.2)
     xs, ys, users = [], [], []

@@ -33,14 +33,14 @@ class SimpleCNN(nn.Module):
         super().__init__()
         if len(input_shape) != 3:
             raise ValueError(
-                f"model: simple-cnn needs image inputs (channels, height, width), "
-                f"got input shape {tuple(input_shape)}; use model 'mlp' for vectors"
+                f"input_shape: got {tuple(input_shape)}; allowed for simple-cnn: image "
+                f"inputs (channels, height, width); use model 'mlp' for vectors"
             )
         channels, height, width_px = input_shape
         if min(height, width_px) < 12:
             raise ValueError(
-                f"model: simple-cnn needs images of at least 12x12 pixels, "
-                f"got {height}x{width_px}; use model 'mlp' or 'vgg11'"
+                f"input_shape: got {tuple(input_shape)}; allowed for simple-cnn: images of "
+                f"at least 12x12 pixels; use model 'mlp' or 'vgg11'"
             )
         self.conv1 = nn.Conv2d(channels, 6 * width, 5)
         self.conv2 = nn.Conv2d(6 * width, 16 * width, 5)
@@ -57,4 +57,5 @@ class SimpleCNN(nn.Module):
         x = torch.flatten(x, 1)
         x = torch.relu(self.fc1(x))
         x = torch.relu(self.fc2(x))
-        return self.fc3(x)
+        logits: torch.Tensor = self.fc3(x)
+        return logits

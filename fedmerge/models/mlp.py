@@ -37,7 +37,7 @@ class MLP(nn.Module):
     ) -> None:
         super().__init__()
         if not hidden:
-            raise ValueError("model.hidden: got an empty list; give at least one width")
+            raise ValueError("hidden: got an empty list; allowed: at least one width >= 1")
         dims = [prod(input_shape), *hidden]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(dims))
         self.head = nn.Linear(dims[-1], num_classes)
@@ -47,4 +47,5 @@ class MLP(nn.Module):
         x = torch.flatten(x, 1)
         for layer in self.layers:
             x = torch.relu(layer(x))
-        return self.head(x)
+        logits: torch.Tensor = self.head(x)
+        return logits

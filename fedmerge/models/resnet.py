@@ -53,8 +53,8 @@ class ResNet20(nn.Module):
         super().__init__()
         if len(input_shape) != 3:
             raise ValueError(
-                f"model: resnet20 needs image inputs (channels, height, width), "
-                f"got input shape {tuple(input_shape)}"
+                f"input_shape: got {tuple(input_shape)}; allowed for resnet20: image "
+                f"inputs (channels, height, width)"
             )
         w = [16 * width, 32 * width, 64 * width]
         self.conv1 = nn.Conv2d(input_shape[0], w[0], 3, padding=1, bias=False)
@@ -75,4 +75,5 @@ class ResNet20(nn.Module):
         """Return logits, shape (batch, num_classes)."""
         x = torch.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
-        return self.linear(torch.flatten(self.pool(x), 1))
+        logits: torch.Tensor = self.linear(torch.flatten(self.pool(x), 1))
+        return logits

@@ -35,8 +35,8 @@ class VGG11(nn.Module):
         super().__init__()
         if len(input_shape) != 3:
             raise ValueError(
-                f"model: vgg11 needs image inputs (channels, height, width), "
-                f"got input shape {tuple(input_shape)}"
+                f"input_shape: got {tuple(input_shape)}; allowed for vgg11: image "
+                f"inputs (channels, height, width)"
             )
         layers: list[nn.Module] = []
         in_ch = input_shape[0]
@@ -54,4 +54,5 @@ class VGG11(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return logits, shape (batch, num_classes)."""
         x = self.pool(self.features(x))
-        return self.classifier(torch.flatten(x, 1))
+        logits: torch.Tensor = self.classifier(torch.flatten(x, 1))
+        return logits

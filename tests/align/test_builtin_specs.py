@@ -15,7 +15,7 @@ from fedmerge.align import (
     permutation_spec_for,
     random_permutation,
 )
-from fedmerge.models import build_model
+from fedmerge.models import MLP, build_model, example_input
 
 from .conftest import BUILTIN
 
@@ -82,3 +82,31 @@ def test_simple_cnn_flatten_block() -> None:
 def test_custom_model_needs_example_input() -> None:
     with pytest.raises(ValueError, match="example_input"):
         permutation_spec_for(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)))
+
+
+def test_example_input_is_positional_and_ignored_for_built_in_models() -> None:
+    model, _ = _model("mlp", 1)
+    hand = permutation_spec_for(model)
+    with_input = permutation_spec_for(model, example_input(BUILTIN["mlp"]))
+    assert with_input.axes == hand.axes
+    assert hand.perms == ("P_layers.0", "P_layers.1")
+
+
+def test_a_subclass_of_a_built_in_model_is_traced() -> None:
+    class WiderHead(MLP):
+        """Same layers, another forward pass: the hand-written spec cannot know it."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.flatten(x, 1)
+            h = torch.relu(self.layers[0](x))
+            return self.head(torch.relu(self.layers[1](h)) * 2)
+
+    torch.manual_seed(0)
+    model = WiderHead((1, 4, 4), 3, hidden=(5, 6))
+    with pytest.raises(ValueError, match="example_input: got None for model WiderHead"):
+        permutation_spec_for(model)
+    spec = permutation_spec_for(model, example_input((1, 4, 4)))
+    # traced names follow the producing module, unlike the hand-written P_layers.<i>
+    assert spec.axes["layers.1.weight"][1] == spec.axes["layers.0.weight"][0]
+    assert spec.axes["head.weight"] == (None, spec.axes["layers.1.weight"][0])
+    assert len(spec.perms) == 2

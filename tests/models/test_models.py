@@ -7,7 +7,17 @@ import torch
 from torch.nn import functional as F
 from torch.testing import assert_close
 
-from fedmerge.models import MODEL_NAMES, build_model
+from fedmerge.models import (
+    MLP,
+    MODEL_NAMES,
+    VGG11,
+    ModelConfig,
+    ResNet20,
+    SimpleCNN,
+    build_model,
+    build_model_from_config,
+    model_names,
+)
 
 FASHION = (1, 28, 28)
 DIGITS = (1, 8, 8)
@@ -106,23 +116,113 @@ def test_mlp_on_vectors() -> None:
 
 @pytest.mark.parametrize("shape", [DIGITS, (1, 11, 28), (60,)])
 def test_simple_cnn_rejects_unsuitable_input(shape: tuple[int, ...]) -> None:
-    with pytest.raises(ValueError, match=r"model"):
+    with pytest.raises(ValueError, match=r"^input_shape: got \(.*\); allowed for simple-cnn"):
         build_model("simple-cnn", input_shape=shape, num_classes=10)
 
 
 @pytest.mark.parametrize("name", ["vgg11", "resnet20"])
 def test_image_models_reject_vectors(name: str) -> None:
-    with pytest.raises(ValueError, match=rf"model: {name}"):
+    with pytest.raises(ValueError, match=rf"^input_shape: got \(60,\); allowed for {name}: image"):
         build_model(name, input_shape=(60,), num_classes=10)
 
 
 def test_unknown_model_name() -> None:
-    with pytest.raises(ValueError, match=r"model\.name") as info:
+    with pytest.raises(ValueError) as info:
         build_model("transformer", input_shape=FASHION, num_classes=10)
-    assert "transformer" in str(info.value) and "resnet20" in str(info.value)
+    assert str(info.value) == ("name: got 'transformer'; allowed: mlp, resnet20, simple-cnn, vgg11")
 
 
 def test_width_below_one_rejected() -> None:
-    with pytest.raises(ValueError, match=r"model\.width") as info:
+    with pytest.raises(ValueError) as info:
         build_model("mlp", input_shape=DIGITS, num_classes=10, width=0)
-    assert "0" in str(info.value)
+    assert str(info.value) == "width: got 0; allowed: an integer >= 1"
+
+
+def test_mlp_rejects_empty_hidden() -> None:
+    with pytest.raises(ValueError, match=r"^hidden: got an empty list"):
+        build_model("mlp", input_shape=DIGITS, num_classes=10, hidden=())
+
+
+def test_model_names_are_the_sorted_built_ins() -> None:
+    assert model_names() == MODEL_NAMES == ("mlp", "resnet20", "simple-cnn", "vgg11")
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_build_from_config_equals_build_by_name(name: str) -> None:
+    config = ModelConfig(name=name, width=2, hidden=(7, 3))
+    a = build_model_from_config(config, input_shape=FASHION, num_classes=10, seed=5)
+    b = build_model(name, input_shape=FASHION, num_classes=10, width=2, hidden=(7, 3), seed=5)
+    assert type(a) is type(b)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert_close(sa[k], sb[k], rtol=0, atol=0)
+
+
+def test_builtin_weights_are_those_of_the_class_built_after_manual_seed() -> None:
+    # independent of the registry: seed the global RNG, construct the class directly
+    expected = {
+        "mlp": lambda: MLP(FASHION, 10, hidden=[14, 6]),
+        "simple-cnn": lambda: SimpleCNN(FASHION, 10, width=2),
+        "vgg11": lambda: VGG11(FASHION, 10, width=2),
+        "resnet20": lambda: ResNet20(FASHION, 10, width=2),
+    }
+    for name, make in expected.items():
+        torch.manual_seed(3)
+        reference = make().state_dict()
+        got = build_model(
+            name, input_shape=FASHION, num_classes=10, width=2, hidden=(7, 3), seed=3
+        ).state_dict()
+        assert got.keys() == reference.keys()
+        for k in got:
+            assert_close(got[k], reference[k], rtol=0, atol=0)
+
+
+def test_model_config_defaults() -> None:
+    config = ModelConfig()
+    assert (config.name, config.width, config.hidden, config.factory) == (
+        "simple-cnn",
+        1,
+        (200, 200),
+        "",
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"name": "gpt"}, "name: got 'gpt'; allowed: mlp, resnet20, simple-cnn, vgg11, "
+                          "or set factory to a model builder of your own"),
+        ({"width": 0}, "width: got 0; allowed: an integer >= 1"),
+        ({"width": 1.5}, "width: got 1.5; allowed: an integer >= 1"),
+        ({"width": True}, "width: got True; allowed: an integer >= 1"),
+        ({"hidden": ()}, "hidden: got (); allowed: a non-empty tuple of integers >= 1"),
+        ({"hidden": (4, 0)}, "hidden: got (4, 0); allowed: a non-empty tuple of integers >= 1"),
+        ({"hidden": [4]}, "hidden: got [4]; allowed: a non-empty tuple of integers >= 1"),
+        ({"factory": "models.py"}, "factory: got 'models.py' (no ':' between module and "
+                                   "function); allowed: '' or 'package.module:function' or "
+                                   "'path/to/file.py:function'"),
+        ({"factory": "a-b:f"}, "factory: got 'a-b:f' ('a-b' is neither a dotted module name "
+                               "nor a .py file); allowed: '' or 'package.module:function' or "
+                               "'path/to/file.py:function'"),
+        ({"factory": "pkg.mod:1f"}, "factory: got 'pkg.mod:1f' ('1f' is not a Python name); "
+                                    "allowed: '' or 'package.module:function' or "
+                                    "'path/to/file.py:function'"),
+    ],
+)  # fmt: skip
+def test_model_config_rejects_bad_values(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        ModelConfig(**kwargs)  # type: ignore[arg-type]
+    assert str(info.value) == message
+
+
+def test_model_config_with_factory_skips_the_name_check_and_imports_nothing() -> None:
+    config = ModelConfig(name="anything", factory="not_imported_pkg.sub:build")
+    assert config.factory == "not_imported_pkg.sub:build"
+    assert ModelConfig(factory="some/dir/file.py:make").factory == "some/dir/file.py:make"
+
+
+def test_model_config_is_frozen() -> None:
+    config = ModelConfig()
+    with pytest.raises(AttributeError):
+        config.width = 2  # type: ignore[misc]

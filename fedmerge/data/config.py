@@ -1,0 +1,140 @@
+"""The data set's configuration, and the registry of data-set loaders."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
+
+if TYPE_CHECKING:
+    from fedmerge.data.datasets import DatasetBundle
+
+__all__ = ["DatasetConfig", "DatasetLoader", "dataset_loader", "dataset_names", "register_dataset"]
+
+#: ``loader(root, config) -> DatasetBundle``: ``root`` is the directory to read
+#: (``None`` when none was given), ``config`` the validated options.
+DatasetLoader: TypeAlias = "Callable[[str | None, DatasetConfig], DatasetBundle]"
+
+#: Name -> loader, kept sorted by name; filled by :func:`register_dataset`.
+_LOADERS: dict[str, DatasetLoader] = {}
+
+
+def register_dataset(name: str, loader: DatasetLoader) -> None:
+    """Make ``loader`` loadable by ``name`` (in ``load_dataset`` and :class:`DatasetConfig`).
+
+    Parameters
+    ----------
+    name : str
+        A new, non-empty data-set name.
+    loader : DatasetLoader
+        ``loader(root, config) -> DatasetBundle``. It must never download,
+        and must give the same tensors for the same arguments: results are
+        cached per process.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is empty or already registered.
+    TypeError
+        If ``loader`` is not callable.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name: got {name!r}; allowed: a non-empty string")
+    if name in _LOADERS:
+        raise ValueError(
+            f"name: got {name!r}; allowed: a name not yet registered "
+            f"(registered: {', '.join(_LOADERS)})"
+        )
+    if not callable(loader):
+        raise TypeError(f"loader: got {loader!r}; allowed: a callable returning a DatasetBundle")
+    _LOADERS[name] = loader
+    # keep the registry sorted, so listings and error messages are stable
+    for key in sorted(_LOADERS):
+        _LOADERS[key] = _LOADERS.pop(key)
+
+
+def dataset_names() -> tuple[str, ...]:
+    """Names of every registered data set, sorted."""
+    return tuple(_LOADERS)
+
+
+def dataset_loader(name: str) -> DatasetLoader:
+    """Return the loader registered as ``name``.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not registered (the message lists the names).
+    """
+    loader = _LOADERS.get(name)
+    if loader is None:
+        raise ValueError(f"name: got {name!r}; allowed: {', '.join(_LOADERS)}")
+    return loader
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Which data set to load, and where its files are; validated once.
+
+    Load it with :func:`~fedmerge.data.load_dataset_config`. Nothing is ever
+    downloaded.
+
+    Attributes
+    ----------
+    name : str (default: "fashion-mnist")
+        A registered data set (:func:`dataset_names`): ``cifar10``,
+        ``cifar100``, ``digits`` (scikit-learn's 8x8 digits), ``fashion-mnist``,
+        ``mnist``, ``mnist1d`` (generated) or ``synthetic`` (Synthetic(alpha,
+        beta) of FedProx, generated), and any added with
+        :func:`register_dataset`.
+    root : str (default: "")
+        Directory of the files, or ``""`` for the default: Fashion-MNIST's IDX
+        files (default: Debian's ``/usr/share/datasets/fashion-mnist`` or
+        ``$FEDMERGE_FASHION_MNIST``) or torchvision's root for MNIST/CIFAR
+        (required for those). Ignored by the generated data sets. When set, an
+        existing directory.
+    synthetic_alpha : float (default: 1.0)
+        Synthetic's alpha: how much the users' models differ; finite, >= 0.
+    synthetic_beta : float (default: 1.0)
+        Synthetic's beta: how much the users' inputs differ; finite, >= 0.
+    synthetic_users : int (default: 30)
+        Number of Synthetic users (its natural owners); >= 1.
+    mnist1d_samples : int (default: 5000)
+        Size of the generated MNIST-1D (80% train, 20% test); >= 10.
+
+    Raises
+    ------
+    ValueError
+        From ``__post_init__``, naming the field, the value and what is allowed.
+    """
+
+    name: str = "fashion-mnist"
+    root: str = ""
+    synthetic_alpha: float = 1.0
+    synthetic_beta: float = 1.0
+    synthetic_users: int = 30
+    mnist1d_samples: int = 5000
+
+    def __post_init__(self) -> None:
+        if self.name not in _LOADERS:
+            raise ValueError(f"name: got {self.name!r}; allowed: {', '.join(_LOADERS)}")
+        if not isinstance(self.root, str) or (self.root and not Path(self.root).is_dir()):
+            raise ValueError(f"root: got {self.root!r}; allowed: '' or an existing directory")
+        for key in ("synthetic_alpha", "synthetic_beta"):
+            value = getattr(self, key)
+            if not _is_number(value) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{key}: got {value!r}; allowed: a finite number >= 0")
+        for key, low in (("synthetic_users", 1), ("mnist1d_samples", 10)):
+            value = getattr(self, key)
+            if not _is_int(value) or value < low:
+                raise ValueError(f"{key}: got {value!r}; allowed: an integer >= {low}")
