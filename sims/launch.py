@@ -20,6 +20,7 @@ from fedmerge.atomic import atomic_write_text
 from fedmerge.federation import client_indices, initial_model
 from fedmerge.scenario import PEER_STRATEGIES, Scenario, flatten, topology_config
 from fedmerge.topology import build_graph
+from sims.runs import parse_row
 
 #: The Flower App: the repository root, whose pyproject.toml names the apps.
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -222,7 +223,7 @@ def simulate(
                     rows = metrics.read_text().splitlines()
                     for line in rows[seen:]:
                         if line.strip() and on_round is not None:
-                            on_round(json.loads(line))
+                            on_round(parse_row(line))
                     seen = len(rows)
                 if done:
                     break
