@@ -28,7 +28,8 @@ from strategies.federation import federation
 from sims.compare import PlannedRun, load_sweep, plan_sweep, run_sweep, write_manifest
 from sims.launch import SimulationError, preflight, simulate
 from sims.plots import plot_accuracy, plot_partition
-from sims.report import Report, build_report, expand_run_dirs
+from sims.report import DEFAULT_TARGET, Report, build_report
+from sims.runs import expand_run_dirs
 
 # Wide output when piped (rich would wrap tables at 80 columns).
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -234,7 +235,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         for manifest in (path / "sweep.json", path.parent / "sweep.json"):
             if target is None and manifest.is_file():
                 target = json.loads(manifest.read_text()).get("target_accuracy")
-    target = 0.7 if target is None else target
+    target = DEFAULT_TARGET if target is None else target
     report = build_report(dirs, out, target=target, tensorboard=args.tensorboard)
     _print_report(report)
     return 0
@@ -302,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "--target",
         type=float,
-        help="accuracy for 'rounds to target' (default: the sweep's target_accuracy, else 0.7)",
+        help=f"accuracy for 'rounds to target' (default: the sweep's target_accuracy, "
+        f"else {DEFAULT_TARGET})",
     )
     rep.add_argument(
         "--tensorboard", action="store_true", help="also write RUN_DIR/tensorboard/ for every run"

@@ -52,6 +52,10 @@ from fedmerge.atomic import atomic_write_text
 from sims.scenario_files import apply_overrides, read_toml, resolve_scenario_path
 from strategies.config import ConfigError, RunConfig, flatten, run_config_from_dict, set_dotted
 from sims.launch import preflight, simulate
+from sims.plots import write_tensorboard
+from sims.report import DEFAULT_TARGET
+from sims.runs import TIMING_FILE
+from sims.runs import read_json as _read_json
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +70,6 @@ SWEEP_KEYS: tuple[str, ...] = (
     "tensorboard",
     "variants",
 )
-#: Per-run file that :func:`run_sweep` writes next to ``summary.json``.
-TIMING_FILE = "timing.json"
 #: What :func:`sims.launch.preflight` depends on.
 _DATA_KEYS = ("dataset", "partition", "model", "num_clients", "seed", "device")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -103,7 +105,7 @@ class Sweep:
     base: dict[str, Any]
     fixed: dict[str, Any]
     axes: dict[str, tuple[dict[str, Any], ...]]
-    target_accuracy: float = 0.7
+    target_accuracy: float = DEFAULT_TARGET
     tensorboard: bool = False
     description: str = ""
 
@@ -228,7 +230,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         raise ConfigError(
             f"{where}: name: got {name!r}; allowed: letters, digits, '.', '_', '-' (a folder name)"
         )
-    target = raw.get("target_accuracy", 0.7)
+    target = raw.get("target_accuracy", DEFAULT_TARGET)
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
         raise ConfigError(f"{where}: target_accuracy: got {target!r}; allowed: a number in (0, 1]")
     tensorboard = raw.get("tensorboard", False)
@@ -355,14 +357,6 @@ def run_state(scenario: RunConfig, run_dir: Path) -> str:
     return "new"
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def plan_sweep(sweep: Sweep, runs_root: str | Path, *, force: bool = False) -> list[PlannedRun]:
     """Expand ``sweep``, check that every run can start, and find what is cached.
 
@@ -438,8 +432,6 @@ def run_sweep(
     sims.launch.SimulationError
         If a run fails; the runs finished before it stay cached.
     """
-    from sims.report import write_tensorboard  # matplotlib/tensorboard only when needed
-
     summaries = []
     for i, run in enumerate(runs):
         if run.state == "done" and not force:

@@ -19,6 +19,7 @@ from typing import Any
 from fedmerge.align import permutation_spec_for
 from fedmerge.atomic import atomic_write_text
 from fedmerge.topology import build_graph
+from sims.runs import parse_row
 from sims.scenario_files import load_scenario
 from strategies.config import (
     RUN_DIR_KEY,
@@ -260,7 +261,7 @@ def simulate(
                     rows = metrics.read_text().splitlines()
                     for line in rows[seen:]:
                         if line.strip() and on_round is not None:
-                            on_round(json.loads(line))
+                            on_round(parse_row(line))
                     seen = len(rows)
                 if done:
                     break

@@ -1,26 +1,41 @@
-"""PNG plots of run directories (matplotlib, Agg backend)."""
+"""Every figure of ``sims/`` (matplotlib, Agg backend) and TensorBoard export.
+
+One run: :func:`plot_accuracy`. A scenario's partition:
+:func:`plot_partition`. A report's groups of runs (see
+:func:`sims.report.group_runs`): :func:`plot_curves` and
+:func:`plot_client_accuracy`. A run's metrics as TensorBoard events:
+:func:`write_tensorboard`.
+"""
 
 from __future__ import annotations
 
-import json
+import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
+
+from fedmerge.atomic import atomic_write
+from sims.runs import CONFIG_FILE, read_rows
+
+if TYPE_CHECKING:
+    from sims.report import Group, Grouping
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """Rows of ``run_dir/metrics.jsonl``."""
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+# -- one run, one partition --------------------------------------------------------
 
 
 def plot_accuracy(run_dir: Path, out: Path | None = None) -> Path:
     """Plot global test accuracy per round; returns the PNG's path."""
-    rows = read_metrics(run_dir)
+    rows = read_rows(run_dir)
     out = out or Path(run_dir) / "accuracy.png"
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     ax.plot([r["round"] for r in rows], [r["accuracy"] for r in rows], marker="o")
@@ -35,7 +50,16 @@ def plot_accuracy(run_dir: Path, out: Path | None = None) -> Path:
 
 
 def plot_partition(counts: np.ndarray, out: Path, title: str) -> Path:
-    """Stacked bar chart of a (clients, classes) label-count matrix."""
+    """Stacked bar chart of a label-count matrix.
+
+    Parameters
+    ----------
+    counts : array-like, shape (n_clients, n_classes)
+        Samples of each class held by each client.
+    out : Path
+        The figure's file; its suffix sets the format.
+    title : str
+    """
     clients, classes = counts.shape
     fig, ax = plt.subplots(figsize=(max(6, clients * 0.35), 4), dpi=100)
     bottom = np.zeros(clients)
@@ -52,3 +76,149 @@ def plot_partition(counts: np.ndarray, out: Path, title: str) -> Path:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+# -- a report's groups -------------------------------------------------------------
+
+
+def _save(fig: Any, out: Path) -> Path:
+    """Save a figure as PNG through a temp file and a rename."""
+    try:
+        atomic_write(out, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)
+    return out
+
+
+def _panels(grouping: Grouping) -> tuple[list[str], dict[str, list[Group]]]:
+    """Series keys (one line or box each) and the groups of each panel.
+
+    The series are the varying keys of the strategy section (all varying
+    keys if none is); each combination of the other varying keys is a panel.
+    """
+    series = grouping.series or grouping.keys
+    panel_keys = [k for k in grouping.keys if k not in series]
+    panels: dict[str, list[Group]] = {}
+    for g in grouping.groups:
+        panels.setdefault(g.label(panel_keys) if panel_keys else "", []).append(g)
+    return series, panels
+
+
+def _figure(n: int) -> tuple[Any, list[Any]]:
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(5.2 * cols, 3.8 * rows), dpi=110, squeeze=False, sharey=True
+    )
+    flat = list(axes.ravel())
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def _band(ax: Any, x: np.ndarray, ys: np.ndarray, label: str, color: Any) -> None:
+    mean = ys.mean(axis=0)
+    ax.plot(x, mean, marker="o", markersize=3, label=label, color=color)
+    if len(ys) > 1:
+        std = ys.std(axis=0, ddof=1)
+        ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=color)
+
+
+def _curves(group: Group, field: str) -> np.ndarray:
+    """``field`` per round of every run, shape (n_runs, n_rounds) (the shortest run's)."""
+    n = min(len(r.rows) for r in group.runs)
+    return np.array([[row[field] for row in r.rows[:n]] for r in group.runs], dtype=float)
+
+
+def plot_curves(grouping: Grouping, out: Path, *, x: str) -> Path:
+    """Mean accuracy per round (``x="round"``) or per cumulative MB (``x="bytes"``).
+
+    One panel per combination of the non-strategy keys that vary; one line per
+    strategy, with a band of ± one sample standard deviation over seeds.
+    """
+    series, panels = _panels(grouping)
+    fig, axes = _figure(len(panels))
+    colors = plt.get_cmap("tab10")
+    for ax, (title, members) in zip(axes, panels.items(), strict=True):
+        for i, g in enumerate(members):
+            acc = _curves(g, "accuracy")
+            if x == "round":
+                xs = _curves(g, "round")[0]
+            else:
+                step = _curves(g, "bytes_down") + _curves(g, "bytes_up")
+                xs = np.cumsum(step, axis=1).mean(axis=0) / 1e6
+            _band(ax, xs, acc, f"{g.label(series)} (n={len(g.runs)})", colors(i % 10))
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("round" if x == "round" else "cumulative MB communicated (down + up)")
+        if x == "round":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("global test accuracy")
+    fig.suptitle("mean over seeds ± 1 sample std", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_client_accuracy(grouping: Grouping, per_client: list[list[float]], out: Path) -> Path:
+    """Box plot per group of per-client accuracy at the end, pooled over seeds.
+
+    ``per_client[i]`` holds the accuracies of ``grouping.groups[i]``.
+    """
+    series, panels = _panels(grouping)
+    index = {id(g): i for i, g in enumerate(grouping.groups)}
+    fig, axes = _figure(len(panels))
+    rng = np.random.default_rng(0)  # jitter of the dots only
+    for ax, (title, members) in zip(axes, panels.items(), strict=True):
+        data = [per_client[index[id(g)]] for g in members]
+        ax.boxplot(data, showmeans=True)
+        for i, values in enumerate(data, start=1):
+            ax.scatter(i + rng.uniform(-0.12, 0.12, len(values)), values, s=8, alpha=0.5)
+        ax.set_xticks(range(1, len(members) + 1), [g.label(series) for g in members], fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].set_ylabel("accuracy on the client's local data")
+    fig.suptitle("final model, every client of every seed", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+# -- TensorBoard -------------------------------------------------------------------
+
+
+def write_tensorboard(run_dir: str | Path) -> Path:
+    """Write ``run_dir/tensorboard/`` (event file) from ``metrics.jsonl``.
+
+    Scalars per round: ``accuracy``, ``loss``, ``train_loss/mean`` and
+    ``train_loss/std``, ``bytes/cumulative_mb``, ``round_time``; the resolved
+    scenario as text. Written in a temp directory, then renamed into place.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir = Path(run_dir)
+    rows = read_rows(run_dir)
+    final = run_dir / "tensorboard"
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".tensorboard."))
+    try:
+        writer = SummaryWriter(log_dir=str(tmp))
+        config_path = run_dir / CONFIG_FILE
+        config = config_path.read_text() if config_path.exists() else ""
+        writer.add_text("scenario", f"```\n{config}\n```", 0)
+        total = 0
+        for row in rows:
+            step = int(row["round"])
+            total += row["bytes_down"] + row["bytes_up"]
+            writer.add_scalar("accuracy", row["accuracy"], step)
+            writer.add_scalar("loss", row["loss"], step)
+            writer.add_scalar("bytes/cumulative_mb", total / 1e6, step)
+            writer.add_scalar("round_time", row["round_time"], step)
+            if row.get("train_loss"):
+                writer.add_scalar("train_loss/mean", row["train_loss"]["mean"], step)
+                writer.add_scalar("train_loss/std", row["train_loss"]["std"], step)
+        writer.close()
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

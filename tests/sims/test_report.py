@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 
 from fedmerge.federation import client_data, initial_model
 from fedmerge.scenario import load_scenario
-from sims import cli, report
+from sims import cli, evaluation, plots, report
+from sims.runs import expand_run_dirs, load_run
 
 EXIT_BAD_INPUT = 2
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -159,9 +160,10 @@ def test_panels_per_partition_setting(tmp_path: Path) -> None:
             dirs.append(_write_run(tmp_path / f"{scheme}-{s}-{seed}",
                                    [*STRATEGY[s], f"seed={seed}", f"partition.scheme='{scheme}'"],
                                    acc, wall, peer=[0.5, 0.6]))  # fmt: skip
-    keys, groups = report.group_runs([report.load_run(d) for d in dirs])
-    assert keys == ["strategy.name", "strategy.prox_mu", "partition.scheme"]
-    assert len(groups) == 4 and all(len(g.runs) == 2 for g in groups)
+    grouping = report.group_runs([load_run(d) for d in dirs])
+    assert grouping.keys == ["strategy.name", "strategy.prox_mu", "partition.scheme"]
+    assert grouping.series == ["strategy.name", "strategy.prox_mu"]
+    assert len(grouping.groups) == 4 and all(len(g.runs) == 2 for g in grouping.groups)
     rep = report.build_report(dirs, tmp_path / "out")
     assert len(_csv(rep.summary_csv)) == 4
     assert rep.clients_png.read_bytes()[:8] == PNG_MAGIC
@@ -181,7 +183,7 @@ def test_client_accuracy_evaluates_the_final_model_and_caches(
             p.add_(0.05 * torch.randn_like(p))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               str(run_dir / "model.safetensors"))  # fmt: skip
-    got = report.client_accuracy(report.load_run(run_dir))
+    got = evaluation.client_accuracy(load_run(run_dir))
     model.eval()
     with torch.no_grad():
         expected = []
@@ -190,23 +192,23 @@ def test_client_accuracy_evaluates_the_final_model_and_caches(
             hits = [int(model(x[i : i + 1]).argmax()) == int(y[i]) for i in range(len(y))]
             expected.append(sum(hits) / len(y))
     assert got == pytest.approx(expected, abs=1e-12)
-    cache = run_dir / report.CLIENT_ACCURACY_FILE
+    cache = run_dir / evaluation.CLIENT_ACCURACY_FILE
     mtime = cache.stat().st_mtime_ns
-    monkeypatch.setattr("fedmerge.training.evaluate", lambda *a, **k: pytest.fail("not cached"))
-    assert report.client_accuracy(report.load_run(run_dir)) == got
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: pytest.fail("not cached"))
+    assert evaluation.client_accuracy(load_run(run_dir)) == got
     assert cache.stat().st_mtime_ns == mtime
 
 
 def test_peer_accuracy_is_used_when_present(runs: list[Path]) -> None:
-    run = report.load_run(runs[1])
-    assert report.client_accuracy(run) == pytest.approx([0.6, 0.9, 0.6])
-    assert not (runs[1] / report.CLIENT_ACCURACY_FILE).exists()
+    run = load_run(runs[1])
+    assert evaluation.client_accuracy(run) == pytest.approx([0.6, 0.9, 0.6])
+    assert not (runs[1] / evaluation.CLIENT_ACCURACY_FILE).exists()
 
 
 def test_tensorboard_events_hold_the_metrics(runs: list[Path]) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out = report.write_tensorboard(runs[0])
+    out = plots.write_tensorboard(runs[0])
     assert out == runs[0] / "tensorboard"
     events = EventAccumulator(str(out))
     events.Reload()
@@ -215,7 +217,7 @@ def test_tensorboard_events_hold_the_metrics(runs: list[Path]) -> None:
     mb = [round(e.value, 6) for e in events.Scalars("bytes/cumulative_mb")]
     assert mb == [0.0, 1.5, 3.0]
     assert [e.step for e in events.Scalars("train_loss/mean")] == [1, 2]
-    report.write_tensorboard(runs[0])  # rewriting replaces, never nests
+    plots.write_tensorboard(runs[0])  # rewriting replaces, never nests
     assert [p.name for p in out.iterdir() if p.is_dir()] == []
 
 
@@ -238,7 +240,7 @@ def test_report_of_a_sweep_folder_takes_its_runs_in_manifest_order(
     order = [runs[2], runs[3], runs[0], runs[1]]  # fedprox first
     manifest = {"runs": [{"run_dir": r.name} for r in order], "target_accuracy": 0.6}
     (folder / "sweep.json").write_text(json.dumps(manifest))
-    assert report.expand_run_dirs([folder]) == order
+    assert expand_run_dirs([folder]) == order
     assert cli.main(["report", str(folder)]) == 0
     rows = _csv(folder / "report" / "summary.csv")
     assert [r["strategy.name"] for r in rows] == ["fedprox", "fedavg"]

@@ -1,0 +1,64 @@
+"""Evaluation of a finished run's final model on every client's local data.
+
+The only module of ``sims/`` that rebuilds a run's data and model from its
+resolved scenario; those imports sit together below.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from safetensors.torch import load_file
+
+from fedmerge.atomic import atomic_write_text
+from fedmerge.federation import client_data, initial_model
+from fedmerge.scenario import scenario_from_dict
+from fedmerge.training import evaluate
+from sims.runs import RunRecord, read_json
+
+#: Per-run cache of the final model's accuracy on every client's local data.
+CLIENT_ACCURACY_FILE = "client_accuracy.json"
+
+#: The final global model of a run.
+MODEL_FILE = "model.safetensors"
+
+
+def client_accuracy(run: RunRecord) -> list[float]:
+    """Accuracy of the run's final model on every client's local data.
+
+    A last ``metrics.jsonl`` row with a ``peer_accuracy`` list (peer-side
+    strategies, one model per peer) is used as is. Otherwise the final global
+    model (``model.safetensors``) is evaluated on each client's local training
+    data; the result is cached in ``client_accuracy.json``, keyed by the
+    model file's hash.
+
+    Raises
+    ------
+    ValueError
+        If the run has neither ``peer_accuracy`` nor ``model.safetensors``.
+    """
+    peer = run.rows[-1].get("peer_accuracy")
+    if isinstance(peer, list):
+        return [float(a) for a in peer]
+    model_path = run.run_dir / MODEL_FILE
+    if not model_path.is_file():
+        raise ValueError(
+            f"run_dir: {str(run.run_dir)!r} has no {MODEL_FILE}; allowed: finished runs"
+        )
+    model_hash = hashlib.sha256(model_path.read_bytes()).hexdigest()
+    cache_path = run.run_dir / CLIENT_ACCURACY_FILE
+    cached = read_json(cache_path)
+    if cached.get("model_sha256") == model_hash:
+        return [float(a) for a in cached["accuracy"]]
+
+    scenario = scenario_from_dict(run.config)
+    model = initial_model(scenario)
+    model.load_state_dict(load_file(str(model_path)))
+    accuracy = []
+    for pid in range(scenario.num_clients):
+        x, y = client_data(scenario, pid)
+        accuracy.append(evaluate(model, x, y)[1])
+    record = {"model_sha256": model_hash, "data": "local training data", "accuracy": accuracy}
+    atomic_write_text(cache_path, json.dumps(record, indent=2) + "\n")
+    return accuracy
