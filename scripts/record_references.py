@@ -24,7 +24,7 @@ from tests.references import REFERENCE_RUNS, WALL_TIME_FIELDS, reference_path  #
 
 
 def record(name: str, overrides: list[str]) -> dict:
-    from fedmerge.scenario import load_scenario
+    from sims.scenario_files import load_scenario
     from sims.launch import simulate
 
     with tempfile.TemporaryDirectory() as tmp:

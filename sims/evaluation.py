@@ -1,7 +1,7 @@
 """Evaluation of a finished run's final model on every client's local data.
 
 The only module of ``sims/`` that rebuilds a run's data and model from its
-resolved scenario; those imports sit together below.
+resolved run configuration.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import json
 from safetensors.torch import load_file
 
 from fedmerge.atomic import atomic_write_text
-from fedmerge.federation import client_data, initial_model
-from fedmerge.scenario import scenario_from_dict
 from fedmerge.training import evaluate
 from sims.runs import RunRecord, read_json
+from strategies.config import run_config_from_dict
+from strategies.federation import federation
 
 #: Per-run cache of the final model's accuracy on every client's local data.
 CLIENT_ACCURACY_FILE = "client_accuracy.json"
@@ -52,12 +52,12 @@ def client_accuracy(run: RunRecord) -> list[float]:
     if cached.get("model_sha256") == model_hash:
         return [float(a) for a in cached["accuracy"]]
 
-    scenario = scenario_from_dict(run.config)
-    model = initial_model(scenario)
+    fed = federation(run_config_from_dict(run.config))
+    model = fed.initial_model()
     model.load_state_dict(load_file(str(model_path)))
     accuracy = []
-    for pid in range(scenario.num_clients):
-        x, y = client_data(scenario, pid)
+    for pid in range(fed.config.num_clients):
+        x, y = fed.client_data(pid)
         accuracy.append(evaluate(model, x, y)[1])
     record = {"model_sha256": model_hash, "data": "local training data", "accuracy": accuracy}
     atomic_write_text(cache_path, json.dumps(record, indent=2) + "\n")

@@ -26,6 +26,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
@@ -351,12 +352,32 @@ def _plugin_list(value: Any) -> list[str]:
 def run_config_from_dict(data: Mapping[str, Any]) -> RunConfig:
     """Build a :class:`RunConfig` from nested tables (a scenario file); unknown keys are errors.
 
+    Relative paths of Python files (``model.factory = "my_models.py:net"``,
+    ``plugins = ["my_plugin.py"]``) are made absolute here, relative to the
+    current directory, since Flower's processes run elsewhere.
+
     Raises
     ------
     ConfigError
         One line: the dotted key, the value and what is allowed.
     """
-    return _validate(data)
+    return _validate(_absolute_paths(data))
+
+
+def _absolute_paths(data: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(data)
+    model = out.get("model")
+    factory = model.get("factory") if isinstance(model, Mapping) else None
+    if isinstance(factory, str) and ".py:" in factory:
+        file, _, function = factory.rpartition(":")
+        out["model"] = {**model, "factory": f"{Path(file).resolve()}:{function}"}  # type: ignore[dict-item]
+    plugins = out.get("plugins")
+    if isinstance(plugins, list):
+        out["plugins"] = [
+            str(Path(p).resolve()) if isinstance(p, str) and p.endswith(".py") else p
+            for p in plugins
+        ]
+    return out
 
 
 # -- dotted keys ----------------------------------------------------------------
