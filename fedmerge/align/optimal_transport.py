@@ -465,10 +465,14 @@ def ot_fuse(
         inputs=inputs,
     )
     aligned = apply_transport(spec, plans, state_b, inputs=inputs)
-    fused: dict[str, torch.Tensor] = {}
-    for key, value in state_a.items():
-        if value.is_floating_point():
-            fused[key] = weight_a * value + (1.0 - weight_a) * aligned[key].to(value.dtype)
-        else:
-            fused[key] = value.clone()
-    return fused
+    # imported here: fedmerge.merge imports fedmerge.align (a module-level import is a cycle)
+    from fedmerge.merge.average import weighted_average
+
+    return weighted_average(
+        [state_a, aligned],
+        [weight_a, 1.0 - weight_a],
+        integers="first",
+        accumulate="native",  # in the tensors' dtype, as recorded runs were computed
+        normalise=False,
+        check=False,
+    )

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 
 from fedmerge.align.activations import first_tensor
 
-__all__ = ["has_batchnorm", "reset_bn_stats"]
+__all__ = ["has_batchnorm", "reset_bn_state", "reset_bn_stats"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,3 +92,42 @@ def reset_bn_stats(model: nn.Module, batches: Iterable[Any]) -> nn.Module:
             module.train(flag)
     logger.debug("re-estimated %d BatchNorm layers on %d batches", len(bns), count)
     return model
+
+
+def reset_bn_state(
+    model: nn.Module, state: Mapping[str, torch.Tensor], batches: Iterable[Any]
+) -> dict[str, torch.Tensor]:
+    """Return ``state`` with its BatchNorm statistics re-estimated on ``batches``.
+
+    A copy of ``model`` is loaded with ``state`` and passed to
+    :func:`reset_bn_stats`; its state dict is returned.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model of the architecture of ``state``; not modified (the work is
+        done on a deep copy).
+    state : mapping of str to Tensor
+        The state dict, e.g. a merged model's.
+    batches : iterable
+        Batches of inputs, as in :func:`reset_bn_stats`; iterated at most once.
+
+    Returns
+    -------
+    dict of str to Tensor
+        A new state dict of detached tensors in which only BatchNorm running
+        statistics (and ``num_batches_tracked``) differ from ``state``. When
+        ``model`` has no BatchNorm layer that tracks statistics, or
+        ``batches`` is empty, the tensors of ``state`` unchanged (a new dict
+        holding the same tensors).
+    """
+    if not has_batchnorm(model):
+        return dict(state)
+    iterator = iter(batches)
+    first = next(iterator, None)
+    if first is None:
+        return dict(state)
+    scratch = copy.deepcopy(model)
+    scratch.load_state_dict(state)
+    reset_bn_stats(scratch, itertools.chain([first], iterator))
+    return {k: v.detach().clone() for k, v in scratch.state_dict().items()}

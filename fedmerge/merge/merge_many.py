@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+import itertools
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,7 +16,7 @@ from fedmerge.align.permute import apply_permutation
 from fedmerge.align.spec import PermutationSpec, check_same_shapes
 from fedmerge.align.weight_matching import weight_matching
 from fedmerge.merge.average import normalise_weights, weighted_average
-from fedmerge.merge.batchnorm import has_batchnorm, reset_bn_stats
+from fedmerge.merge.batchnorm import has_batchnorm, reset_bn_state
 
 __all__ = ["MERGE_REFERENCES", "MergeManyInfo", "merge_many"]
 
@@ -155,6 +155,15 @@ def merge_many(
             f"{missing}: got None, but the models have BatchNorm statistics to re-estimate "
             "(reset_bn=True); pass model= and batches=, or reset_bn=False"
         )
+    if needs_bn and batches is not None:  # an empty iterable is refused before any matching
+        iterator = iter(batches)
+        first = next(iterator, None)
+        if first is None:
+            raise ValueError(
+                "batches: got no batch, but the models have BatchNorm statistics to "
+                "re-estimate (reset_bn=True); pass input batches, or reset_bn=False"
+            )
+        batches = itertools.chain([first], iterator)
 
     sizes = spec.perm_sizes(states[0])
     device = next(iter(states[0].values())).device
@@ -198,10 +207,7 @@ def merge_many(
         count, reference, rounds, converged,
     )  # fmt: skip
     if needs_bn and model is not None and batches is not None:
-        copy_ = copy.deepcopy(model)
-        copy_.load_state_dict(merged)
-        reset_bn_stats(copy_, batches)
-        merged = {k: v.detach().clone() for k, v in copy_.state_dict().items()}
+        merged = reset_bn_state(model, merged, batches)
     return merged, MergeManyInfo(perms, rounds, converged, needs_bn)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
@@ -77,3 +78,82 @@ def test_empty_and_unknown_rule() -> None:
         weighted_average([])
     with pytest.raises(ValueError, match="integers: got 'median'"):
         weighted_average(_states(), integers="median")
+
+
+def _random_states(count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {"w": torch.randn(64, generator=g) * 10, "n": torch.tensor(7 + k)} for k in range(count)
+    ]
+
+
+def test_float64_is_one_rounding_of_the_float64_sum_of_products() -> None:
+    states, weights = _random_states(4), [0.1, 0.2, 0.3, 0.4]
+    got = weighted_average(states, weights, accumulate="float64", normalise=False)
+    # naive: Python floats are IEEE doubles; products summed left to right, rounded once
+    values = [s["w"].tolist() for s in states]
+    want = [
+        ((v[0] * 0.1 + v[1] * 0.2) + v[2] * 0.3) + v[3] * 0.4 for v in zip(*values, strict=True)
+    ]
+    assert got["w"].dtype == torch.float32
+    assert torch.equal(got["w"], torch.tensor(want, dtype=torch.float64).float())
+
+
+def test_float64_with_equal_weights_divides_the_sum() -> None:
+    states = _random_states(3, seed=1)
+    got = weighted_average(states, accumulate="float64", integers="first")
+    values = [s["w"].tolist() for s in states]
+    want = [((a + b) + c) / 3 for a, b, c in zip(*values, strict=True)]
+    assert torch.equal(got["w"], torch.tensor(want, dtype=torch.float64).float())
+    assert int(got["n"]) == 7
+
+
+def test_native_computes_in_the_tensors_dtype() -> None:
+    states = _random_states(2, seed=2)
+    got = weighted_average(states, [0.3, 0.7], accumulate="native", normalise=False)
+    # naive float32: each weight rounded to float32, products and sum in float32
+    a, b = (s["w"].numpy() for s in states)
+    want = np.float32(0.3) * a + np.float32(0.7) * b
+    assert want.dtype == np.float32
+    assert torch.equal(got["w"], torch.from_numpy(want))
+
+
+def test_the_arithmetics_differ_in_the_last_bits() -> None:
+    states = _random_states(3, seed=3)
+    results = [
+        weighted_average(states, [0.3, 0.45, 0.25], accumulate=mode, normalise=False)["w"]
+        for mode in ("float32", "float64", "native")
+    ]
+    for result in results:  # all close to the float64 mean ...
+        assert_close(result, results[1])
+    # ... yet the float64 one is exactly the rounded float64 result
+    exact = sum(w * s["w"].double() for w, s in zip([0.3, 0.45, 0.25], states, strict=True))
+    assert torch.equal(results[1], exact.float())
+
+
+def test_unnormalised_weights_are_used_as_given() -> None:
+    got = weighted_average(_states(), [2.0, -1.0], normalise=False, integers="first")
+    assert_close(got["w"], torch.tensor([-3.0, 6.0]))  # 2 a - b
+    with pytest.raises(ValueError, match="weights: got None; allowed with normalise=False"):
+        weighted_average(_states(), normalise=False)
+    with pytest.raises(ValueError, match="weights: got 1 weights for 2 state dicts"):
+        weighted_average(_states(), [1.0], normalise=False)
+    with pytest.raises(ValueError, match="weights: got inf; allowed: finite numbers"):
+        weighted_average(_states(), [1.0, float("inf")], normalise=False)
+
+
+def test_check_false_skips_validation() -> None:
+    states = _states()
+    states[1]["w"] = torch.tensor([float("nan"), 1.0])
+    with pytest.raises(NonFiniteWeightsError):
+        weighted_average(states)
+    got = weighted_average(states, check=False)
+    assert torch.isnan(got["w"][0])
+    assert_close(got["w"][1], torch.tensor(1.5))
+    nan_weight = weighted_average(_states(), [float("nan"), 1.0], normalise=False, check=False)
+    assert torch.isnan(nan_weight["w"]).all()
+
+
+def test_unknown_accumulation_is_refused() -> None:
+    with pytest.raises(ValueError, match="accumulate: got 'float16'; allowed: float32, float64"):
+        weighted_average(_states(), accumulate="float16")

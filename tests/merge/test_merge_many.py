@@ -68,12 +68,16 @@ def test_batchnorm_statistics_are_re_estimated() -> None:
     batches = [torch.randn(8, 1, 8, 8) for _ in range(2)]
     with pytest.raises(ValueError, match=r"batches: got None.*reset_bn=False"):
         merge_many(spec, states, model=model)
+    with pytest.raises(ValueError, match=r"batches: got no batch.*reset_bn=False"):
+        merge_many(spec, states, model=model, batches=iter([]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     merged, info = merge_many(spec, states, reference="anchor", model=model, batches=batches)
     assert info.bn_reset
     assert int(merged["bn1.num_batches_tracked"]) == 2
     # the init statistics (mean 0) are replaced by the merged model's own
     assert float(merged["layer2.0.bn1.running_mean"].abs().max()) > 0
     assert float(states[0]["layer2.0.bn1.running_mean"].abs().max()) == 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # not modified
     kept, info = merge_many(spec, states, reference="anchor", reset_bn=False)
     assert not info.bn_reset
     assert_close(kept["layer2.0.bn1.running_var"], states[0]["layer2.0.bn1.running_var"])

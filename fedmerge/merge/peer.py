@@ -10,11 +10,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmerge.align import activation_matching, apply_permutation, count_moved_units
+from fedmerge.align.activation_matching import activation_matching
+from fedmerge.align.permute import apply_permutation, count_moved_units
 from fedmerge.align.spec import PermutationSpec
 from fedmerge.align.weight_matching import weight_matching
-from fedmerge.merge.batchnorm import has_batchnorm, reset_bn_stats
+from fedmerge.merge.average import weighted_average
+from fedmerge.merge.batchnorm import has_batchnorm, reset_bn_state
 
+__all__ = ["PEER_ALIGN", "PeerMergeInfo", "consensus_distance", "mean_state", "peer_merge"]
+
+#: How :func:`peer_merge` aligns the neighbours.
 PEER_ALIGN: tuple[str, ...] = ("activation", "weight", "none")
 
 StateDict = Mapping[str, torch.Tensor]
@@ -73,7 +78,8 @@ def peer_merge(
     Parameters
     ----------
     model : nn.Module
-        Scratch model of the architecture; it ends holding the merged state.
+        A model of the architecture (alignment and BatchNorm re-estimation
+        work on copies of it); not modified.
     own : mapping of str to Tensor
         This peer's state :math:`\theta_i`.
     neighbours : mapping of int to state dict
@@ -102,6 +108,19 @@ def peer_merge(
     state : dict of str to Tensor
         The merged state.
     info : PeerMergeInfo
+        Mixing weights used, units moved, and whether BatchNorm was reset.
+
+    Raises
+    ------
+    ValueError
+        If ``align`` is unknown, ``spec`` is missing, or the weights of the
+        present peers do not sum to a positive number.
+
+    Notes
+    -----
+    The mix is computed in float64 and rounded once to each tensor's dtype
+    (``weighted_average(..., accumulate="float64")``); integer buffers are
+    this peer's own. The states are not checked for finite values.
     """
     if align not in PEER_ALIGN:
         raise ValueError(f"align: got {align!r}; allowed: {', '.join(PEER_ALIGN)}")
@@ -131,33 +150,39 @@ def peer_merge(
             perm, _ = weight_matching(spec, own, state, rng=rng)
         aligned[j] = apply_permutation(spec, perm, state)
         moved[j] = int(sum(count_moved_units(perm).values()))
-    merged: dict[str, torch.Tensor] = {}
-    for name, value in own.items():
-        if not value.is_floating_point():
-            merged[name] = value.clone()
-            continue
-        acc = value.double() * own_w
-        for j, w in weights.items():
-            acc = acc + aligned[j][name].double() * w
-        merged[name] = acc.to(value.dtype)
-    did_reset = False
-    if reset_bn and batches and has_batchnorm(model):
-        model.load_state_dict(merged)
-        reset_bn_stats(model, batches)
-        merged = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        did_reset = True
+    merged = weighted_average(
+        [own, *(aligned[j] for j in weights)],
+        [own_w, *weights.values()],
+        integers="first",
+        accumulate="float64",
+        normalise=False,
+        check=False,
+    )
+    did_reset = reset_bn and bool(batches) and has_batchnorm(model)
+    if did_reset:
+        merged = reset_bn_state(model, merged, batches)
     return merged, PeerMergeInfo(weights, own_w, moved, did_reset)
 
 
 def mean_state(states: Sequence[StateDict]) -> dict[str, torch.Tensor]:
-    """Unweighted mean of floating tensors (others from the first state), no alignment."""
-    out = {}
-    for key, ref in states[0].items():
-        if ref.is_floating_point():
-            out[key] = torch.stack([s[key].double() for s in states]).mean(0).to(ref.dtype)
-        else:
-            out[key] = ref.clone()
-    return out
+    r"""Unweighted mean of the peers' states, without alignment.
+
+    .. math::
+
+        \bar\theta = \frac{1}{n} \sum_{i=1}^n \theta_i
+
+    Parameters
+    ----------
+    states : sequence of mapping of str to Tensor
+        The peers' state dicts (same keys and shapes).
+
+    Returns
+    -------
+    dict of str to Tensor
+        The mean of every floating tensor, computed in float64 and rounded
+        once to its dtype; other tensors are the first state's.
+    """
+    return weighted_average(states, integers="first", accumulate="float64", check=False)
 
 
 def consensus_distance(states: Sequence[StateDict]) -> float:

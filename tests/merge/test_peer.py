@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fedmerge.align import apply_permutation, permutation_spec_for, random_permutation
+from fedmerge.merge.peer import consensus_distance, mean_state, peer_merge
 from fedmerge.models import build_model
-from fedmerge.peer import consensus_distance, mean_state, peer_merge
 
 
 def _model(name="mlp", seed=0):
@@ -83,3 +83,46 @@ def test_consensus_distance_naive():
     want = np.mean([np.linalg.norm(np.array(p) - avg) for p in ([0, 0], [2, 0], [1, 3])])
     assert consensus_distance(states) == pytest.approx(want)
     torch.testing.assert_close(mean_state(states)["w"], torch.tensor([1.0, 1.0]))
+
+
+def test_mix_is_the_float64_sum_rounded_once_and_the_model_is_untouched():
+    model = build_model("vgg11", input_shape=(1, 8, 8), num_classes=10, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    own = _model(seed=1).state_dict()
+    a, b = _model(seed=2).state_dict(), _model(seed=3).state_dict()
+    merged, info = peer_merge(
+        _model(), own, {2: b, 1: a}, {1: 0.2, 2: 0.3, 5: 0.4}, 0.1, align="none"
+    )
+    total = 0.1 + (0.2 + 0.3)
+    assert info.weights == {1: 0.2 / total, 2: 0.3 / total}
+    for key, value in own.items():  # naive: Python doubles, element by element, neighbours by id
+        if not value.is_floating_point():
+            assert torch.equal(merged[key], value)
+            continue
+        want = [
+            (x * (0.1 / total) + y * (0.2 / total)) + z * (0.3 / total)
+            for x, y, z in zip(
+                value.double().flatten().tolist(),
+                a[key].double().flatten().tolist(),
+                b[key].double().flatten().tolist(),
+                strict=True,
+            )
+        ]
+        assert torch.equal(merged[key], torch.tensor(want).reshape(value.shape).to(value.dtype))
+    # BatchNorm reset works on a copy: the model passed in keeps its state
+    batches = _batches((1, 8, 8), n=2)
+    own_bn = {k: v.clone() for k, v in before.items()}
+    _, info = peer_merge(model, own_bn, {}, {}, 1.0, align="none", batches=batches)
+    assert info.bn_reset
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_mean_state_is_the_float64_mean_rounded_once():
+    g = torch.Generator().manual_seed(0)
+    states = [{"w": torch.randn(50, generator=g), "n": torch.tensor(k)} for k in range(3)]
+    lists = [s["w"].double().tolist() for s in states]
+    want = torch.tensor([((x + y) + z) / 3 for x, y, z in zip(*lists, strict=True)]).float()
+    got = mean_state(states)
+    assert torch.equal(got["w"], want)
+    assert int(got["n"]) == 0
