@@ -209,6 +209,9 @@ class RunConfig(BaseModel):
         if not isinstance(name, str) or name not in plugin_names():
             raise ValueError(f"name: got {name!r}; allowed: {', '.join(plugin_names())}")
         plugin = get_plugin(name)
+        for key in [k for k in data if k not in _option_names(name)]:
+            if _is_default_elsewhere(key, data[key]):
+                del data[key]
         try:
             options = _options_model(plugin.Options).model_validate_json(
                 json.dumps({"options": data})
@@ -251,7 +254,7 @@ class RunConfig(BaseModel):
         new option (with a default) keeps every existing digest.
         """
         ignored = {"simulation.ray_address", "simulation.ray_num_cpus", "simulation.timeout"}
-        defaults = _defaults(self.strategy.name)
+        defaults = {**_defaults(self.strategy.name), "strategy.name": StrategyConfig.name}
         data = {
             k: v
             for k, v in flatten(self.to_dict()).items()
@@ -316,19 +319,32 @@ def _describe(err: ErrorDetails, *, skip: int = 0, owner: Plugin | None = None) 
         text = msg.removeprefix("Value error, ")
         own = _OWN_KEY.match(text)
         if own and " " not in own.group(1):  # a nested check named its own key
-            return f"{key}.{own.group(1)}: {own.group(2)}" if key else text
+            if not key or own.group(1).startswith(f"{key}."):
+                return text
+            return f"{key}.{own.group(1)}: {own.group(2)}"
         return f"{key}: {text}" if key else text
     if kind in ("extra_forbidden", "unexpected_keyword_argument"):
-        allowed = ", ".join(_fields_at(path[:-1], owner))
-        hint = _option_owners(str(path[-1])) if owner is not None else ""
-        return f"{key}: unknown key; allowed: {allowed}{hint}"
+        owners = [n for n in plugin_names() if str(path[-1]) in _option_names(n)]
+        if owner is not None and owners:
+            return (
+                f"{key}: got {err.get('input')!r}; allowed: only with strategy "
+                f"{' or '.join(repr(n) for n in owners)} (strategy is {owner.name!r})"
+            )
+        return f"{key}: unknown key; allowed: {', '.join(_fields_at(path[:-1], owner))}"
     allowed = msg.removeprefix("Input should be ").removeprefix("Value should be ")
     return f"{key}: got {err.get('input')!r}; allowed: {allowed}"
 
 
-def _option_owners(option: str) -> str:
+def _is_default_elsewhere(option: str, value: Any) -> bool:
+    """Whether ``value`` is the default of ``option`` in the strategies that have it.
+
+    Such a value is ignored under another strategy, so that a sweep may fix
+    an option that only some of its strategies have at its default.
+    """
     owners = [n for n in plugin_names() if option in _option_names(n)]
-    return f" ({option} is an option of {', '.join(owners)})" if owners else ""
+    return bool(owners) and all(
+        _plain(getattr(get_plugin(n).Options(), option)) == value for n in owners
+    )
 
 
 def _option_names(strategy: str) -> frozenset[str]:
@@ -419,29 +435,14 @@ def from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
 
     The run config holds every key that ``pyproject.toml`` declares, so the
     ``strategy.*`` keys of every built-in strategy arrive; those that are not
-    options of the chosen strategy must keep their declared defaults.
-    ``output.*`` keys are left out.
+    options of the chosen strategy must keep their defaults (as in scenario
+    files). Lists arrive as JSON text. ``output.*`` keys are left out.
     """
     flat = {k: v for k, v in run_config.items() if not k.startswith(OUTPUT_KEY_PREFIX)}
-    strategy = str(flat.get("strategy.name", StrategyConfig.name))
     load_plugins(_decode("plugins", flat.get("plugins", "[]")))
-    defaults = declared_defaults()
-    own = _option_names(strategy) if strategy in plugin_names() else frozenset()
-    for key in [k for k in flat if k.startswith("strategy.") and k != "strategy.name"]:
-        option = key.removeprefix("strategy.")
-        if option in own:
-            continue
-        if key in defaults and flat[key] == defaults[key]:
-            del flat[key]  # another strategy's option at its declared default
-        else:
-            raise ConfigError(
-                f"{key}: got {flat[key]!r}; allowed: only with strategy "
-                f"{' or '.join(repr(n) for n in plugin_names() if option in _option_names(n))} "
-                f"(strategy is {strategy!r})"
-            )
     lists = {k for k, v in flatten(RunConfig().to_dict()).items() if isinstance(v, list)}
-    if strategy in plugin_names():
-        lists |= {k for k, v in _defaults(strategy).items() if isinstance(v, list)}
+    for name in plugin_names():
+        lists |= {k for k, v in _defaults(name).items() if isinstance(v, list)}
     decoded = {k: _decode(k, v) if k in lists else v for k, v in flat.items()}
     return _validate(set_dotted({}, decoded))
 
@@ -467,7 +468,8 @@ def declared_defaults() -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in builtin_plugin_names():
         for key, value in flatten({"strategy": StrategyConfig(name).to_dict()}).items():
-            out.setdefault(key, json.dumps(value) if isinstance(value, list) else value)
+            if key != "strategy.name":
+                out.setdefault(key, json.dumps(value) if isinstance(value, list) else value)
     return out
 
 

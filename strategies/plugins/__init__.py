@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+from fedmerge.errors import ConfigError
 from strategies.plugins.aligned import AlignedPlugin
 from strategies.plugins.base import (
     ClientContext,
@@ -79,13 +80,13 @@ def get_plugin(name: str) -> Plugin:
 
     Raises
     ------
-    ValueError
+    ConfigError
         If no plugin has that name (the message lists the names).
     """
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(
+        raise ConfigError(
             f"strategy.name: got {name!r}; allowed: {', '.join(plugin_names())}"
         ) from None
 
@@ -105,7 +106,7 @@ def load_plugins(specs: Iterable[str]) -> None:
 
     Raises
     ------
-    ValueError
+    ConfigError
         ``plugins: got '...'; ...`` when a module cannot be found or imported.
     """
     for spec in specs:
@@ -124,7 +125,7 @@ def load_plugins(specs: Iterable[str]) -> None:
             else:
                 importlib.import_module(spec)
         except (ImportError, FileNotFoundError) as exc:
-            raise ValueError(
+            raise ConfigError(
                 f"plugins: got {spec!r}; allowed: an importable module or an existing "
                 f".py file ({exc})"
             ) from None

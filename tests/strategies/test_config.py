@@ -101,8 +101,9 @@ def test_the_embedded_default_reads_back_from_pyproject() -> None:
         (["device='tpu'"], "device: got 'tpu'"),
         (["strategy.name='nope'"], "strategy.name: got 'nope'; allowed: aligned, dimat,"),
         (["strategy.normalize='weights'"],
-         "strategy.normalize: unknown key; allowed: fraction_evaluate (normalize is an option "
-         "of ldawa)"),
+         "strategy.normalize: got 'weights'; allowed: only with strategy 'ldawa' (strategy is "
+         "'fedavg')"),
+        (["strategy.colour='red'"], "strategy.colour: unknown key; allowed: fraction_evaluate"),
         (["strategy.name='ldawa'", "strategy.normalize='all'"],
          "strategy.normalize: got 'all'; allowed: clients, weights"),
         (["strategy.name='ot'", "strategy.reg=-1.0"], "strategy.reg: got -1.0; allowed: a number > 0"),
