@@ -67,25 +67,22 @@ class TopologyConfig:
 
     def __post_init__(self) -> None:
         if self.name not in TOPOLOGY_NAMES:
-            raise ValueError(
-                f"topology.name: unknown topology {self.name!r}; "
-                f"allowed: {', '.join(TOPOLOGY_NAMES)}"
-            )
+            raise ValueError(f"name: got {self.name!r}; allowed: {', '.join(TOPOLOGY_NAMES)}")
         if self.mixing not in MIXING_SCHEMES:
-            raise ValueError(
-                f"topology.mixing: got {self.mixing!r}; allowed: {', '.join(MIXING_SCHEMES)}"
-            )
-        if not 0 < self.p <= 1:
-            raise ValueError(f"topology.p: got {self.p}; allowed: a number in (0, 1]")
+            raise ValueError(f"mixing: got {self.mixing!r}; allowed: {', '.join(MIXING_SCHEMES)}")
+        if not (math.isfinite(self.p) and 0 < self.p <= 1):
+            raise ValueError(f"p: got {self.p!r}; allowed: a number in (0, 1]")
         if self.degree < 1:
-            raise ValueError(f"topology.degree: got {self.degree}; allowed: an integer >= 1")
+            raise ValueError(f"degree: got {self.degree!r}; allowed: an integer >= 1")
+        if self.rows < 0:
+            raise ValueError(f"rows: got {self.rows!r}; allowed: an integer >= 0 (0: automatic)")
         if self.mixing == "given" and self.name != "edge-list":
             raise ValueError(
-                "topology.mixing: got 'given'; allowed only with topology.name = 'edge-list'"
+                f"mixing: got 'given'; allowed only with name 'edge-list' (name is {self.name!r})"
             )
         if self.name == "edge-list" and not Path(self.edge_file).is_file():
             raise ValueError(
-                f"topology.edge_file: got {self.edge_file!r}; allowed: an existing file "
+                f"edge_file: got {self.edge_file!r}; allowed: an existing file "
                 f"with one edge 'i j [w]' per line"
             )
 
@@ -102,11 +99,11 @@ def _read_edges(path: str, n: int) -> list[tuple[int, int, float | None]]:
             w = float(parts[2]) if len(parts) > 2 else None
         except (ValueError, IndexError):
             raise ValueError(
-                f"topology.edge_file: line {lineno} is {raw!r}; allowed: 'i j' or 'i j w'"
+                f"edge_file: line {lineno} is {raw!r}; allowed: 'i j' or 'i j w'"
             ) from None
         if not (0 <= i < n and 0 <= j < n) or i == j:
             raise ValueError(
-                f"topology.edge_file: line {lineno} has edge ({i}, {j}); "
+                f"edge_file: line {lineno} has edge ({i}, {j}); "
                 f"allowed: two different peers in 0..{n - 1}"
             )
         edges.append((i, j, w))
@@ -116,7 +113,7 @@ def _read_edges(path: str, n: int) -> list[tuple[int, int, float | None]]:
 def _torus_rows(n: int, rows: int) -> int:
     if rows:
         if n % rows:
-            raise ValueError(f"topology.rows: got {rows}; allowed: a divisor of {n}")
+            raise ValueError(f"rows: got {rows!r}; allowed: a divisor of the {n} peers")
         return rows
     return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - math.sqrt(n)))
 
@@ -147,7 +144,7 @@ def build_graph(config: TopologyConfig, n: int, *, seed: int, round: int = 0) ->
         a parameter does not fit ``n``.
     """
     if n < 1:
-        raise ValueError(f"num_clients: got {n}; allowed: >= 1")
+        raise ValueError(f"n: got {n!r}; allowed: an integer >= 1")
     name = config.name
     rng = np.random.default_rng([seed, 7, round if name in TIME_VARYING else 0])
     g: nx.Graph
@@ -168,12 +165,13 @@ def build_graph(config: TopologyConfig, n: int, *, seed: int, round: int = 0) ->
                 break
         else:
             raise ValueError(
-                f"topology.p: G({n}, {config.p}) was never connected in 1000 draws; raise p"
+                f"p: got {config.p!r}, and G({n}, p) was never connected in 1000 draws; "
+                "allowed: a larger p, or allow_disconnected"
             )
     elif name == "regular":
         if config.degree >= n or (n * config.degree) % 2:
             raise ValueError(
-                f"topology.degree: got {config.degree}; allowed: below {n} with n x degree even"
+                f"degree: got {config.degree!r}; allowed: below {n} with {n} x degree even"
             )
         g = nx.random_regular_graph(config.degree, n, seed=int(rng.integers(2**31)))
     elif name == "bipartite":
@@ -200,8 +198,8 @@ def build_graph(config: TopologyConfig, n: int, *, seed: int, round: int = 0) ->
         and not (config.allow_disconnected or time_varying or name == "none")
     ):
         raise ValueError(
-            f"topology.name: {name!r} over {n} peers is not connected; set "
-            f"topology.allow_disconnected = true to accept it"
+            f"name: got {name!r}, which over {n} peers is not connected; allowed: a "
+            "connected graph, or allow_disconnected=True"
         )
     return g
 
@@ -243,18 +241,16 @@ def mixing_matrix(graph: nx.Graph, scheme: str = "uniform") -> np.ndarray:
             for j in nbrs:
                 if "weight" not in graph.edges[i, j]:
                     raise ValueError(
-                        f"topology.edge_file: edge ({i}, {j}) has no weight; "
-                        f"allowed with mixing 'given': every line 'i j w'"
+                        f"graph: edge ({i}, {j}) has no 'weight'; "
+                        f"allowed with scheme 'given': a weight on every edge"
                     )
                 w[i, j] = float(graph.edges[i, j]["weight"])
             w[i, i] = 1.0 - w[i].sum()
             if w[i, i] < -1e-12:
                 raise ValueError(
-                    f"topology.edge_file: weights of peer {i} sum to {w[i].sum() - w[i, i]:.3f}; "
+                    f"graph: the edge weights of peer {i} sum to {w[i].sum() - w[i, i]:.3f}; "
                     f"allowed: at most 1"
                 )
         else:
-            raise ValueError(
-                f"topology.mixing: got {scheme!r}; allowed: {', '.join(MIXING_SCHEMES)}"
-            )
+            raise ValueError(f"scheme: got {scheme!r}; allowed: {', '.join(MIXING_SCHEMES)}")
     return w

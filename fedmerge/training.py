@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -12,7 +13,7 @@ from torch.nn import functional as F
 
 @dataclass(frozen=True)
 class TrainConfig:
-    r"""Hyper-parameters of local training (SGD with momentum).
+    """Hyper-parameters of local training (SGD with momentum).
 
     Attributes
     ----------
@@ -26,8 +27,12 @@ class TrainConfig:
         SGD momentum in [0, 1).
     weight_decay : float (default: 0.0)
         L2 penalty; >= 0.
-    prox_mu : float (default: 0.0)
-        FedProx proximal term :math:`\frac{\mu}{2}\lVert w - w_g\rVert^2`; >= 0.
+
+    Raises
+    ------
+    ValueError
+        If a field is out of range or a float field is not finite; the
+        message names the field (``lr: got 0.0; allowed: a finite number > 0``).
     """
 
     epochs: int = 1
@@ -35,20 +40,19 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 0.0
-    prox_mu: float = 0.0
 
     def __post_init__(self) -> None:
+        lr, momentum, decay = self.lr, self.momentum, self.weight_decay
         checks = {
-            "epochs": (self.epochs >= 1, ">= 1"),
-            "batch_size": (self.batch_size >= 1, ">= 1"),
-            "lr": (self.lr > 0, "> 0"),
-            "momentum": (0 <= self.momentum < 1, "in [0, 1)"),
-            "weight_decay": (self.weight_decay >= 0, ">= 0"),
-            "prox_mu": (self.prox_mu >= 0, ">= 0"),
+            "epochs": (self.epochs >= 1, "an integer >= 1"),
+            "batch_size": (self.batch_size >= 1, "an integer >= 1"),
+            "lr": (math.isfinite(lr) and lr > 0, "a finite number > 0"),
+            "momentum": (math.isfinite(momentum) and 0 <= momentum < 1, "a number in [0, 1)"),
+            "weight_decay": (math.isfinite(decay) and decay >= 0, "a finite number >= 0"),
         }
         for key, (ok, allowed) in checks.items():
             if not ok:
-                raise ValueError(f"train.{key}: got {getattr(self, key)}; allowed: {allowed}")
+                raise ValueError(f"{key}: got {getattr(self, key)!r}; allowed: {allowed}")
 
 
 @dataclass(frozen=True)
@@ -67,9 +71,17 @@ def train_local(
     config: TrainConfig,
     *,
     generator: torch.Generator,
+    prox_mu: float = 0.0,
     global_state: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place with mini-batch SGD on ``(x, y)``.
+    r"""Train ``model`` in place with mini-batch SGD on ``(x, y)``.
+
+    Each step minimises the mini-batch cross-entropy, plus FedProx's proximal
+    term when ``prox_mu > 0``:
+
+    .. math::
+
+        \ell(w) + \frac{\mu}{2} \lVert w - w_g \rVert_2^2
 
     Parameters
     ----------
@@ -83,15 +95,30 @@ def train_local(
         Hyper-parameters.
     generator : torch.Generator
         Shuffles the mini-batches (CPU generator).
+    prox_mu : float (default: 0.0)
+        FedProx's :math:`\mu` (Li et al., MLSys 2020,
+        https://arxiv.org/abs/1812.06127); 0 trains without the proximal term.
     global_state : mapping of str to Tensor, optional
-        Weights of the global model, needed when ``config.prox_mu > 0``.
+        Weights of the global model :math:`w_g`, required when ``prox_mu > 0``.
 
     Returns
     -------
     TrainResult
         Mean training loss over the samples of the last epoch that were trained
         on (NaN if none were), number of local samples, optimiser steps.
+
+    Raises
+    ------
+    ValueError
+        If ``prox_mu`` is negative or not finite, or positive without
+        ``global_state``.
     """
+    if not (math.isfinite(prox_mu) and prox_mu >= 0):
+        raise ValueError(f"prox_mu: got {prox_mu!r}; allowed: a finite number >= 0")
+    if prox_mu > 0 and global_state is None:
+        raise ValueError(
+            f"global_state: got None; required when prox_mu > 0 (prox_mu is {prox_mu!r})"
+        )
     device = next(model.parameters()).device
     n = len(y)
     if n == 0:
@@ -103,9 +130,7 @@ def train_local(
         weight_decay=config.weight_decay,
     )
     anchors: list[tuple[nn.Parameter, torch.Tensor]] = []
-    if config.prox_mu > 0:
-        if global_state is None:
-            raise ValueError("train.prox_mu: > 0 needs the global model's weights")
+    if prox_mu > 0 and global_state is not None:
         anchors = [(p, global_state[name].to(device)) for name, p in model.named_parameters()]
     model.train()
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
@@ -125,9 +150,9 @@ def train_local(
             seen += len(idx)
             if anchors:
                 prox = sum(((p - g) ** 2).sum() for p, g in anchors)
-                loss = loss + 0.5 * config.prox_mu * prox
+                loss = loss + 0.5 * prox_mu * prox
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            torch.autograd.backward(loss)
             optimizer.step()
             steps += 1
         epoch_loss = float(total) / seen if seen else float("nan")

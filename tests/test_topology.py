@@ -120,9 +120,46 @@ def test_metropolis_is_symmetric_and_doubly_stochastic(name):
 
 
 def test_bad_options_name_the_key():
-    with pytest.raises(ValueError, match="topology.name: unknown topology 'mesh'"):
+    with pytest.raises(ValueError, match="^name: got 'mesh'; allowed: ring, full"):
         TopologyConfig(name="mesh")
-    with pytest.raises(ValueError, match="topology.p: got 0"):
+    with pytest.raises(ValueError, match=r"^p: got 0; allowed: a number in \(0, 1\]"):
         TopologyConfig(name="erdos-renyi", p=0)
-    with pytest.raises(ValueError, match="topology.degree: got 3"):
+    with pytest.raises(ValueError, match="^degree: got 3; allowed: below 5"):
         build_graph(TopologyConfig(name="regular", degree=3), 5, seed=0)
+    with pytest.raises(
+        ValueError, match="^mixing: got 'given'; allowed only with name 'edge-list'"
+    ):
+        TopologyConfig(mixing="given")
+    with pytest.raises(ValueError, match="^rows: got -1; allowed: an integer >= 0"):
+        TopologyConfig(name="torus", rows=-1)
+    with pytest.raises(ValueError, match="^rows: got 4; allowed: a divisor of the 6 peers"):
+        build_graph(TopologyConfig(name="torus", rows=4), 6, seed=0)
+    with pytest.raises(ValueError, match="^n: got 0; allowed: an integer >= 1"):
+        build_graph(TopologyConfig(), 0, seed=0)
+    with pytest.raises(ValueError, match="^scheme: got 'mean'; allowed: uniform"):
+        mixing_matrix(build_graph(TopologyConfig(), 3, seed=0), "mean")
+
+
+@pytest.mark.parametrize("p", [float("inf"), float("nan"), float("-inf")])
+def test_non_finite_p_is_refused(p):
+    with pytest.raises(ValueError, match=rf"^p: got {p!r}; allowed: a number in"):
+        TopologyConfig(name="erdos-renyi", p=p)
+
+
+def test_messages_name_no_scenario_section(tmp_path):
+    bad = tmp_path / "edges.txt"
+    bad.write_text("0 1\n0 x\n")
+    messages = []
+    for call in (
+        lambda: TopologyConfig(name="mesh"),
+        lambda: TopologyConfig(name="edge-list", edge_file=str(tmp_path / "missing")),
+        lambda: build_graph(TopologyConfig(name="edge-list", edge_file=str(bad)), 3, seed=0),
+        lambda: mixing_matrix(build_graph(TopologyConfig(), 3, seed=0), "given"),
+    ):
+        with pytest.raises(ValueError) as info:
+            call()
+        messages.append(str(info.value))
+    assert messages[1].startswith("edge_file: got ")
+    assert messages[2].startswith("edge_file: line 2 is '0 x'")
+    assert messages[3].startswith("graph: edge (0, 1) has no 'weight'")
+    assert not any("topology." in m for m in messages)

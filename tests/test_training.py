@@ -107,8 +107,8 @@ def test_prox_step_matches_naive_gradient_of_ce_plus_prox() -> None:
     model = small_mlp(seed=0)
     global_state = {k: v.clone() for k, v in small_mlp(seed=1).state_dict().items()}
     start = copy.deepcopy(model)
-    cfg = TrainConfig(epochs=1, batch_size=50, lr=lr, momentum=0.0, prox_mu=mu)
-    result = train_local(model, x, y, cfg, generator=gen(0), global_state=global_state)
+    cfg = TrainConfig(epochs=1, batch_size=50, lr=lr, momentum=0.0)
+    result = train_local(model, x, y, cfg, generator=gen(0), prox_mu=mu, global_state=global_state)
     assert result.num_steps == 1
 
     # naive: w - lr * d/dw [CE(w) + mu/2 * ||w - w_g||^2], gradient by autograd on a copy
@@ -137,8 +137,33 @@ def test_prox_step_matches_naive_gradient_of_ce_plus_prox() -> None:
 
 def test_prox_without_global_state_is_rejected() -> None:
     x, y = blobs(10)
-    with pytest.raises(ValueError, match=r"train\.prox_mu"):
-        train_local(small_mlp(), x, y, TrainConfig(prox_mu=0.1), generator=gen(0))
+    with pytest.raises(ValueError, match=r"global_state: got None; required when prox_mu > 0"):
+        train_local(small_mlp(), x, y, TrainConfig(), generator=gen(0), prox_mu=0.1)
+
+
+@pytest.mark.parametrize("mu", [-0.5, float("inf"), float("nan")])
+def test_bad_prox_mu_is_rejected_before_training(mu: float) -> None:
+    x, y = blobs(10)
+    model = small_mlp()
+    before = copy.deepcopy(model.state_dict())
+    state = {k: v.clone() for k, v in before.items()}
+    with pytest.raises(ValueError, match=r"prox_mu: got .*; allowed: a finite number >= 0") as info:
+        train_local(model, x, y, TrainConfig(), generator=gen(0), prox_mu=mu, global_state=state)
+    assert repr(mu) in str(info.value)
+    assert not str(info.value).startswith("train.")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_zero_prox_mu_equals_plain_training() -> None:
+    x, y = blobs(40)
+    a, b = small_mlp(seed=0), small_mlp(seed=0)
+    other = {k: v + 1 for k, v in small_mlp(seed=1).state_dict().items()}
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=0.1)
+    train_local(a, x, y, cfg, generator=gen(3))
+    train_local(b, x, y, cfg, generator=gen(3), prox_mu=0.0, global_state=other)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
 
 
 def test_empty_client_trains_nothing() -> None:
@@ -236,15 +261,23 @@ def test_evaluate_hand_worked() -> None:
         ("momentum", 1.0),
         ("momentum", -0.1),
         ("weight_decay", -1e-4),
-        ("prox_mu", -0.5),
+        ("lr", float("inf")),
+        ("lr", float("nan")),
+        ("momentum", float("nan")),
+        ("weight_decay", float("inf")),
     ],
 )
 def test_train_config_rejects_bad_values(key: str, value: float) -> None:
-    with pytest.raises(ValueError, match=rf"train\.{key}") as info:
+    with pytest.raises(ValueError, match=rf"^{key}: got {value!r}; allowed: ") as info:
         TrainConfig(**{key: value})
-    assert str(value) in str(info.value)
+    assert "train." not in str(info.value)
+
+
+def test_train_config_has_no_prox_mu() -> None:
+    with pytest.raises(TypeError, match="prox_mu"):
+        TrainConfig(prox_mu=0.1)  # type: ignore[call-arg]
 
 
 def test_train_config_accepts_boundaries() -> None:
-    cfg = TrainConfig(epochs=1, batch_size=1, lr=1e-6, momentum=0.0, weight_decay=0.0, prox_mu=0.0)
-    assert (cfg.epochs, cfg.batch_size, cfg.momentum, cfg.prox_mu) == (1, 1, 0.0, 0.0)
+    cfg = TrainConfig(epochs=1, batch_size=1, lr=1e-6, momentum=0.0, weight_decay=0.0)
+    assert (cfg.epochs, cfg.batch_size, cfg.momentum, cfg.weight_decay) == (1, 1, 0.0, 0.0)

@@ -54,8 +54,7 @@ class LDAWAConfig:
         ):
             if getattr(self, key) not in allowed:
                 raise ValueError(
-                    f"strategy.ldawa_{key}: got {getattr(self, key)!r}; "
-                    f"allowed: {', '.join(allowed)}"
+                    f"{key}: got {getattr(self, key)!r}; allowed: {', '.join(allowed)}"
                 )
 
 
@@ -218,7 +217,7 @@ def ldawa_aggregate(
     )
     merged = (element_coef * flat.c).sum(0)
     out: dict[str, torch.Tensor] = {}
-    for name, chunk in zip(flat.names, merged.split(flat.sizes), strict=True):
+    for name, chunk in zip(flat.names, torch.split(merged, flat.sizes), strict=True):
         ref = global_state[name]
         out[name] = chunk.reshape(ref.shape).to(ref.dtype)
     for name, ref in global_state.items():

@@ -136,5 +136,8 @@ def test_negative_cosine_kept_clipped_or_flipped():
 
 
 def test_bad_option_names_the_key():
-    with pytest.raises(ValueError, match="strategy.ldawa_negative: got 'drop'"):
+    with pytest.raises(ValueError, match="^negative: got 'drop'; allowed: keep, clip, abs$"):
         LDAWAConfig(negative="drop")
+    for key in ("normalize", "bn", "layer"):
+        with pytest.raises(ValueError, match=f"^{key}: got 'x'; allowed: "):
+            LDAWAConfig(**{key: "x"})
