@@ -24,8 +24,9 @@ from tests.references import REFERENCE_RUNS, WALL_TIME_FIELDS, reference_path  #
 
 
 def record(name: str, overrides: list[str]) -> dict:
-    from sims.scenario_files import load_scenario
+    """Run one reference scenario; its rows (less wall times) and model hash."""
     from sims.launch import simulate
+    from sims.scenario_files import load_scenario
 
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / name
@@ -39,6 +40,7 @@ def record(name: str, overrides: list[str]) -> dict:
 
 
 def main(names: list[str]) -> None:
+    """Record the named references (all when none is named)."""
     for name in names or sorted(REFERENCE_RUNS):
         data = record(name, REFERENCE_RUNS[name])
         path = reference_path(name)

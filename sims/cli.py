@@ -22,14 +22,14 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from sims.scenario_files import load_scenario
-from strategies.config import RunConfig
-from strategies.federation import federation
 from sims.compare import PlannedRun, load_sweep, plan_sweep, run_sweep, write_manifest
 from sims.launch import SimulationError, preflight, simulate
 from sims.plots import plot_accuracy, plot_partition
 from sims.report import DEFAULT_TARGET, Report, build_report
 from sims.runs import expand_run_dirs
+from sims.scenario_files import load_scenario
+from strategies.config import RunConfig
+from strategies.federation import federation
 
 # Wide output when piped (rich would wrap tables at 80 columns).
 console = Console(width=None if sys.stdout.isatty() else 200)

@@ -49,13 +49,13 @@ from pathlib import Path
 from typing import Any
 
 from fedmerge.atomic import atomic_write_text
-from sims.scenario_files import apply_overrides, read_toml, resolve_scenario_path
-from strategies.config import ConfigError, RunConfig, flatten, run_config_from_dict, set_dotted
 from sims.launch import preflight, simulate
 from sims.plots import write_tensorboard
 from sims.report import DEFAULT_TARGET
 from sims.runs import TIMING_FILE
 from sims.runs import read_json as _read_json
+from sims.scenario_files import apply_overrides, read_toml, resolve_scenario_path
+from strategies.config import ConfigError, RunConfig, flatten, run_config_from_dict, set_dotted
 
 logger = logging.getLogger(__name__)
 

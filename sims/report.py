@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from fedmerge.atomic import atomic_write_text
-from strategies.config import flatten
 from sims.evaluation import client_accuracy
 from sims.plots import plot_client_accuracy, plot_curves, write_tensorboard
 from sims.runs import RunRecord, expand_run_dirs, load_run
+from strategies.config import flatten
 
 logger = logging.getLogger(__name__)
 

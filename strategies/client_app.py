@@ -57,9 +57,9 @@ def _client(context: Context, server_round: int = 0) -> _Client:
     """The run, this node's partition and its data (and the fault injection check)."""
     config = _run_config(tuple(sorted(context.run_config.items())))
     node = context.node_config
-    pid = int(node[protocol.PARTITION_ID])  # type: ignore[arg-type]
+    pid = int(node[protocol.PARTITION_ID])
     num = node.get(protocol.NUM_PARTITIONS)
-    if num is not None and int(num) != config.num_clients:  # type: ignore[arg-type]
+    if num is not None and int(num) != config.num_clients:
         raise ValueError(
             f"num-partitions: node config says {num}, run config num_clients is "
             f"{config.num_clients}; allowed: equal values"
@@ -125,7 +125,9 @@ def train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord(
         {protocol.TRAIN_LOSS: result.loss, protocol.NUM_EXAMPLES: result.num_examples}
     )
-    return _reply(msg, {protocol.ARRAYS: ArrayRecord(model.state_dict()), protocol.METRICS: metrics})
+    return _reply(
+        msg, {protocol.ARRAYS: ArrayRecord(model.state_dict()), protocol.METRICS: metrics}
+    )
 
 
 @app.evaluate()

@@ -22,7 +22,9 @@ class MergeFn(Protocol):
 
     def __call__(
         self, server_round: int, global_state: StateDict, updates: list[ClientUpdate]
-    ) -> tuple[StateDict, dict[str, Any]]: ...
+    ) -> tuple[StateDict, dict[str, Any]]:
+        """The new global state and per-round extras for the metrics row."""
+        ...
 
 
 class MergingStrategy(SeededFedAvg):

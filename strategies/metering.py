@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
 from strategies.protocol import MEASUREMENT_PREFIX
 
@@ -42,18 +42,47 @@ class Traffic:
     train_nodes: list[int] = field(default_factory=list)
 
 
-class MeteredGrid:
-    """Delegates to a Flower :class:`~flwr.serverapp.Grid` and counts its traffic.
+class MeteredGrid(Grid):
+    """A Flower :class:`~flwr.serverapp.Grid` that counts the traffic of the grid it wraps.
 
-    Anything but ``send_and_receive`` is forwarded to the wrapped grid unchanged.
+    Every method is the wrapped grid's; ``send_and_receive`` also counts.
     """
 
     def __init__(self, grid: Grid) -> None:
         self._grid = grid
         self._traffic = Traffic()
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
+    def set_run(self, run: Run) -> None:
+        """The wrapped grid's ``set_run``."""
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        """The wrapped grid's run."""
+        return self._grid.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        """The wrapped grid's ``create_message``."""
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """The wrapped grid's node ids."""
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """The wrapped grid's ``push_messages`` (not counted)."""
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """The wrapped grid's ``pull_messages``."""
+        return self._grid.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

@@ -3,23 +3,58 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 
 from strategies.config import RunConfig
 from strategies.metering import MeteredGrid
 from strategies.recorder import RoundRecorder
-from strategies.sampling import SeededSampling
+from strategies.sampling import RoundOutcome
 
 logger = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
 
 
+class RoundStrategy(Protocol):
+    """What the round loop needs of a strategy (fedmerge's Flower strategies have it)."""
+
+    sampler_state: dict[str, Any]
+
+    def summary(self) -> None:
+        """Log the configuration once."""
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Training messages of ``server_round``."""
+        ...
+
+    def aggregate_round(
+        self, server_round: int, global_state: StateDict, replies: Iterable[Message]
+    ) -> RoundOutcome:
+        """The round's new global model and metrics."""
+        ...
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Evaluation messages of ``server_round``."""
+        ...
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Aggregated client-side evaluation metrics."""
+        ...
+
+
 def run_server_rounds(
-    strategy: Any,
+    strategy: RoundStrategy,
     grid: MeteredGrid,
     config: RunConfig,
     recorder: RoundRecorder,
@@ -44,8 +79,6 @@ def run_server_rounds(
     dict of str to Tensor
         The final global model.
     """
-    if not isinstance(strategy, SeededSampling):
-        raise TypeError(f"strategy: got {type(strategy).__name__}; allowed: a SeededSampling")
     timeout = config.simulation.timeout
     state, first = initial, 1
     resume = recorder.begin()

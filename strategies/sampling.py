@@ -105,7 +105,11 @@ class SeededSampling:
     accepts_other_widths: bool = False
 
     def bind_nodes(
-        self, partition_to_node: Mapping[int, int], *, clients_per_round: int, rng: np.random.Generator
+        self,
+        partition_to_node: Mapping[int, int],
+        *,
+        clients_per_round: int,
+        rng: np.random.Generator,
     ) -> None:
         """Set the node map, the number of clients per round and the sampler."""
         self._partition_to_node = dict(partition_to_node)
@@ -170,7 +174,9 @@ class SeededSampling:
         config[protocol.SERVER_ROUND] = server_round
         return self._messages(arrays, config, self.sample_partitions(k), MessageType.EVALUATE)
 
-    def screen(self, replies: Iterable[Message], global_state: dict[str, torch.Tensor]) -> Screening:
+    def screen(
+        self, replies: Iterable[Message], global_state: dict[str, torch.Tensor]
+    ) -> Screening:
         """Valid updates in partition order, and why the others were skipped."""
         return screen_replies(
             replies,

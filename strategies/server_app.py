@@ -6,6 +6,7 @@ import logging
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
@@ -19,12 +20,14 @@ from strategies.metering import MeteredGrid
 from strategies.peer_relay import run_peers
 from strategies.plugins import ServerContext, ServerPlugin
 from strategies.recorder import RoundRecorder, state_hash
-from strategies.rounds import run_server_rounds
+from strategies.rounds import RoundStrategy, run_server_rounds
 from strategies.run_log import RunLog
+from strategies.sampling import SeededSampling
 
 logger = logging.getLogger(__name__)
 
 app = ServerApp()
+
 
 class NodeDiscoveryError(RuntimeError):
     """Not all expected nodes registered, or two claimed the same partition."""
@@ -70,7 +73,7 @@ def discover_nodes(grid: Grid, expected: int, timeout: float) -> dict[int, int]:
 
 
 def server_context(config: RunConfig, fed: Federation) -> ServerContext:
-    """What a server-side strategy factory gets: model, example input, proxy data, Flower options."""
+    """What a server-side strategy factory gets: model, example input, proxy data, options."""
     return ServerContext(
         config=config,
         model=fed.initial_model(),
@@ -109,13 +112,18 @@ def main(grid: Grid, context: Context) -> None:
     plugin = config.strategy.plugin
     if isinstance(plugin, ServerPlugin):
         strategy = plugin.strategy(config.strategy.options, server_context(config, fed))
-        strategy.bind_nodes(  # type: ignore[attr-defined]
+        if not isinstance(strategy, SeededSampling):
+            raise TypeError(
+                f"strategy.name: {config.strategy.name!r} built a {type(strategy).__name__}; "
+                "allowed: a fedmerge strategy (SeededFedAvg, SeededFedProx, MergingStrategy)"
+            )
+        strategy.bind_nodes(
             mapping,
             clients_per_round=config.clients_per_round,
             rng=np.random.default_rng([config.seed, SAMPLING_STREAM]),
         )
         initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        final = run_server_rounds(strategy, metered, config, recorder, initial)
+        final = run_server_rounds(cast(RoundStrategy, strategy), metered, config, recorder, initial)
     else:
         final = run_peers(metered, config, fed, mapping, recorder)
     log.save_tensors("model.safetensors", final)

@@ -192,7 +192,7 @@ def transport_to_permutation(plan: torch.Tensor, *, atol: float = 1e-6) -> torch
     onehot = torch.zeros_like(mapping)
     onehot[perm, torch.arange(mapping.shape[1], device=plan.device)] = 1
     close = torch.allclose(mapping, onehot, atol=atol, rtol=0)
-    if not close or perm.unique().numel() != perm.numel():
+    if not close or torch.unique(perm).numel() != perm.numel():
         raise ValueError("plan: not a permutation matrix (apply a soft plan with apply_transport)")
     return perm
 

@@ -113,7 +113,8 @@ def load_plugins(specs: Iterable[str]) -> None:
         try:
             if spec.endswith(".py"):
                 path = Path(spec).resolve()
-                name = f"fedmerge_plugin_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+                tag = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+                name = f"fedmerge_plugin_{path.stem}_{tag}"
                 if name in sys.modules:
                     continue
                 loader = importlib.util.spec_from_file_location(name, path)

@@ -106,7 +106,8 @@ class AlignedMerge:
         spec = self.server.spec
         rng = np.random.default_rng([self.seed, server_round])
         global_model = self.server.holding(global_state)
-        aligned, moved = [], {}
+        aligned: list[StateDict] = []
+        moved: dict[str, int] = {}
         for u in updates:
             if self.method == "weight":
                 perm, _ = weight_matching(spec, global_state, u.state, rng=rng)

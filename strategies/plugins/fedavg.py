@@ -35,12 +35,12 @@ class ServerOptions:
 
 @dataclass(frozen=True)
 class FedProxOptions(ServerOptions):
-    """Options of ``strategy.name = "fedprox"``.
+    r"""Options of ``strategy.name = "fedprox"``.
 
     Attributes
     ----------
     prox_mu : float (default: 0.01)
-        :math:`\\mu` of the proximal term :math:`\\frac{\\mu}{2}\\lVert w - w_g\\rVert^2`
+        :math:`\mu` of the proximal term :math:`\frac{\mu}{2}\lVert w - w_g\rVert^2`
         that clients add to their loss (Flower sends it as ``proximal-mu``); >= 0.
     """
 

@@ -84,7 +84,12 @@ class LDAWAMerge:
 
 
 class LDAWAPlugin(ServerPlugin):
-    """L-DAWA (https://arxiv.org/abs/2307.07393): each layer weighted by its cosine to the global."""
+    """L-DAWA (Rehman et al., ICCV 2023, https://arxiv.org/abs/2307.07393).
+
+    Each layer of the new global model is the mean over clients of the
+    client's layer weighted by its cosine similarity with the previous global
+    layer (:func:`fedmerge.merge.ldawa_aggregate`).
+    """
 
     name = "ldawa"
     Options = LDAWAOptions

@@ -19,7 +19,13 @@ from fedmerge.align import (
 )
 from fedmerge.merge import weighted_average
 from strategies.plugins.aligned import ServerModel
-from strategies.plugins.base import ClientContext, ClientStart, ServerContext, ServerPlugin, StateDict
+from strategies.plugins.base import (
+    ClientContext,
+    ClientStart,
+    ServerContext,
+    ServerPlugin,
+    StateDict,
+)
 from strategies.plugins.fedavg import ServerOptions
 
 if TYPE_CHECKING:

@@ -40,9 +40,7 @@ class LocalOptions:
 
     def __post_init__(self) -> None:
         if self.peer_init not in PEER_INITS:
-            raise ValueError(
-                f"peer_init: got {self.peer_init!r}; allowed: {', '.join(PEER_INITS)}"
-            )
+            raise ValueError(f"peer_init: got {self.peer_init!r}; allowed: {', '.join(PEER_INITS)}")
 
 
 @dataclass(frozen=True)

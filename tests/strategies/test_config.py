@@ -58,7 +58,13 @@ def test_every_strategy_with_every_option_changed_survives_the_round_trip() -> N
         for key, value in options.items():
             if key == "name" or isinstance(value, str):
                 continue
-            data = {"num_clients": 6, "strategy": {"name": name, key: changed[type(value) if not isinstance(value, list) else tuple](value)}}
+            data = {
+                "num_clients": 6,
+                "strategy": {
+                    "name": name,
+                    key: changed[type(value) if not isinstance(value, list) else tuple](value),
+                },
+            }
             try:
                 config = run_config_from_dict(data)
             except ConfigError:
@@ -106,7 +112,8 @@ def test_the_embedded_default_reads_back_from_pyproject() -> None:
         (["strategy.colour='red'"], "strategy.colour: unknown key; allowed: fraction_evaluate"),
         (["strategy.name='ldawa'", "strategy.normalize='all'"],
          "strategy.normalize: got 'all'; allowed: clients, weights"),
-        (["strategy.name='ot'", "strategy.reg=-1.0"], "strategy.reg: got -1.0; allowed: a number > 0"),
+        (["strategy.name='ot'", "strategy.reg=-1.0"],
+         "strategy.reg: got -1.0; allowed: a number > 0"),
         (["strategy.name='aligned'", "strategy.method='activation'"],
          "strategy.proxy_samples: got 0; allowed: > 0 with method 'activation'"),
         (["strategy.name='ot'", "strategy.client_widths=[1, 0]"],
