@@ -1,5 +1,6 @@
 # `make run`: install everything, run the embedded default scenario.
-# `make test`: install everything, run the whole test suite.
+# `make test`: install everything, type-check fedmerge/ and strategies/ (mypy --strict),
+# run the whole test suite.
 .PHONY: run test lint bootstrap
 
 bootstrap:
@@ -9,6 +10,7 @@ run: bootstrap
 	.venv/bin/fedmerge simulate
 
 test: bootstrap
+	.venv/bin/python -m mypy --strict fedmerge strategies
 	.venv/bin/python -m pytest
 
 lint: bootstrap

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
@@ -29,6 +30,7 @@ from sims.report import DEFAULT_TARGET, Report, build_report
 from sims.runs import expand_run_dirs
 from sims.scenario_files import load_scenario
 from strategies.config import RunConfig
+from strategies.plugins import get_plugin, load_plugins, plugin_names
 from strategies.federation import federation
 
 # Wide output when piped (rich would wrap tables at 80 columns).
@@ -133,6 +135,27 @@ def cmd_partition(args: argparse.Namespace) -> int:
     covered = int(counts.sum())
     console.print(f"{covered} of {len(labels)} training samples assigned; plot: {out}")
     return 0
+
+
+def cmd_strategies(args: argparse.Namespace) -> int:
+    """List the registered strategies with their options and defaults."""
+    load_plugins(args.plugin)
+    table = Table(title="strategies (strategy.name and its options)")
+    for column in ("name", "side", "what it does", "options (default)"):
+        table.add_column(column)
+    for name in plugin_names():
+        plugin = get_plugin(name)
+        options = ", ".join(
+            f"{f.name} ({json.dumps(_plain_default(f))})" for f in dataclasses.fields(plugin.Options)
+        )
+        table.add_row(name, "peer" if plugin.peer else "server", plugin.summary, options or "-")
+    console.print(table)
+    return 0
+
+
+def _plain_default(f: dataclasses.Field[Any]) -> Any:
+    value = f.default
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _run_line(i: int, n: int, run: PlannedRun, summary: dict[str, Any], how: str) -> str:
@@ -291,6 +314,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--tensorboard", action="store_true", help="write RUN_DIR/tensorboard/ for every run"
     )
     cmp.set_defaults(func=cmd_compare)
+
+    strat = sub.add_parser("strategies", help="list the strategies, their options and defaults")
+    strat.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="also import this plugin module or .py file (repeatable)",
+    )
+    strat.set_defaults(func=cmd_strategies)
 
     rep = sub.add_parser("report", help="tables and plots from existing run directories")
     rep.add_argument(

@@ -18,7 +18,7 @@ from typing import Any
 
 from fedmerge.align import permutation_spec_for
 from fedmerge.atomic import atomic_write_text
-from fedmerge.topology import build_graph
+from fedmerge.topology import build_graph, mixing_matrix
 from sims.runs import parse_row
 from sims.scenario_files import load_scenario
 from strategies.config import (
@@ -62,7 +62,11 @@ def preflight(config: RunConfig) -> None:
     if plugin.aligns:  # a model that cannot be traced fails here, not in the ServerApp
         permutation_spec_for(model, fed.example_input)
     if plugin.peer:  # graph errors before any process starts
-        build_graph(config.topology, config.num_clients, seed=config.seed, round=1)
+        try:
+            graph = build_graph(config.topology, config.num_clients, seed=config.seed, round=1)
+            mixing_matrix(graph, config.topology.mixing)  # checks an edge file's weights too
+        except ValueError as exc:  # the kernel names the topology's own field
+            raise ConfigError(f"topology.{exc}") from None
 
 
 def declared_run_config() -> dict[str, Any]:
