@@ -30,8 +30,8 @@ from sims.report import DEFAULT_TARGET, Report, build_report
 from sims.runs import expand_run_dirs
 from sims.scenario_files import load_scenario
 from strategies.config import RunConfig
-from strategies.plugins import get_plugin, load_plugins, plugin_names
 from strategies.federation import federation
+from strategies.plugins import get_plugin, load_plugins, plugin_names
 
 # Wide output when piped (rich would wrap tables at 80 columns).
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -145,9 +145,8 @@ def cmd_strategies(args: argparse.Namespace) -> int:
         table.add_column(column)
     for name in plugin_names():
         plugin = get_plugin(name)
-        options = ", ".join(
-            f"{f.name} ({json.dumps(_plain_default(f))})" for f in dataclasses.fields(plugin.Options)
-        )
+        fields = dataclasses.fields(plugin.Options)
+        options = ", ".join(f"{f.name} ({json.dumps(_plain_default(f))})" for f in fields)
         table.add_row(name, "peer" if plugin.peer else "server", plugin.summary, options or "-")
     console.print(table)
     return 0
