@@ -11,8 +11,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.request
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from strategies.config import (
     ConfigError,
     RunConfig,
     declared_defaults,
+    flatten,
     to_run_config,
 )
 from strategies.federation import federation
@@ -57,7 +60,10 @@ def preflight(config: RunConfig) -> None:
             f"num_clients: {config.num_clients} leaves clients {empty[:5]} without data; "
             f"allowed: fewer clients or another partition"
         )
-    model = fed.initial_model()
+    try:
+        model = fed.initial_model()
+    except ValueError as exc:  # a user's model factory that cannot build; the kernel names
+        raise ConfigError(f"model.{exc}") from None  # its own field (factory, width, ...)
     plugin = config.strategy.plugin
     if plugin.aligns:  # a model that cannot be traced fails here, not in the ServerApp
         permutation_spec_for(model, fed.example_input)
@@ -154,23 +160,31 @@ def _stop(proc: subprocess.Popen[bytes] | None, grace: float = 10.0) -> None:
     proc.wait()
 
 
+@cache
+def app_config_keys() -> frozenset[str]:
+    """The run-config keys the Flower App (``APP_DIR/pyproject.toml``) declares."""
+    data = tomllib.loads((APP_DIR / "pyproject.toml").read_text())
+    return frozenset(flatten(data["tool"]["flwr"]["app"].get("config", {})))
+
+
 def run_config_toml(config: RunConfig, run_dir: Path) -> str:
     """``config`` as a flat TOML run config for ``flwr run --run-config``.
 
-    Options of a strategy from a ``plugins`` module that ``pyproject.toml``
-    does not declare cannot travel (Flower refuses undeclared keys): they
-    must keep their defaults, which the apps then use.
+    Flower accepts only the keys that the app's ``pyproject.toml`` declares
+    under ``[tool.flwr.app.config]``. An option of a strategy from a
+    ``plugins`` module that is not declared there cannot travel: it must keep
+    its default, which the apps then use.
     """
-    declared = declared_defaults()
+    declared = app_config_keys()
     defaults = to_run_config(RunConfig(strategy=type(config.strategy)(config.strategy.name)))
     flat: dict[str, Any] = {}
     for key, value in to_run_config(config).items():
-        if key.startswith("strategy.") and key != "strategy.name" and key not in declared:
-            if value != defaults[key]:
+        if key not in declared:
+            if value != defaults.get(key):
                 raise ConfigError(
-                    f"{key}: got {value!r}; allowed: its default {defaults[key]!r}, since "
-                    f"pyproject.toml [tool.flwr.app.config.strategy] does not declare it "
-                    f"(declare it there to change it)"
+                    f"{key}: got {value!r}; allowed: its default {defaults.get(key)!r}, since "
+                    f"{APP_DIR / 'pyproject.toml'} does not declare it under "
+                    f"[tool.flwr.app.config] (Flower's run config carries declared keys only)"
                 )
             continue
         flat[key] = value
@@ -224,7 +238,7 @@ def simulate(
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     if scenario.simulation.ray_address:
         env["RAY_ADDRESS"] = scenario.simulation.ray_address
-    port, control = _free_port(), _free_port()
+    port = _free_port()
     (tmp / "flwr").mkdir()
     (tmp / "r").mkdir()
     (tmp / "flwr" / "config.toml").write_text(
@@ -244,7 +258,6 @@ def simulate(
                     "flower-superlink", "--insecure", "--simulation",
                     "--isolation", "subprocess",
                     "--host", "127.0.0.1", "--port", str(port),
-                    "--control-api-address", f"127.0.0.1:{control}",
                 ],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip

@@ -197,7 +197,7 @@ class RunConfig(BaseModel):
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
-    @_field_validator("strategy", mode="plain")
+    @_field_validator("strategy", mode="plain", json_schema_input_type=dict[str, Any])
     @classmethod
     def _strategy(cls, value: Any) -> StrategyConfig:
         if isinstance(value, StrategyConfig):

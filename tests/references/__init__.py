@@ -9,10 +9,10 @@ HERE = Path(__file__).resolve().parent
 #: Row fields that measure wall time (they differ between runs of the same scenario).
 WALL_TIME_FIELDS = ("round_time", "elapsed")
 
-_SERVER = ["rounds=2", "num_clients=4", "clients_per_round=2",
-           "partition.scheme='dirichlet'", "partition.alpha=0.5"]  # fmt: skip
-_PEER = ["rounds=2", "num_clients=4", "clients_per_round=4",
-         "partition.scheme='dirichlet'", "partition.alpha=0.5", "topology.name='ring'"]  # fmt: skip
+_DATA = ["dataset.name='digits'", "model.name='mlp'", "model.hidden=[64, 32]",
+         "partition.scheme='dirichlet'", "partition.alpha=0.5", "num_clients=4"]  # fmt: skip
+_SERVER = [*_DATA, "rounds=3", "clients_per_round=2"]
+_PEER = [*_DATA, "rounds=3", "clients_per_round=4", "topology.name='ring'"]
 
 #: Strategy -> ``--set`` overrides of the embedded default scenario.
 REFERENCE_RUNS: dict[str, list[str]] = {
