@@ -2,7 +2,7 @@
 
 Builds K client replies (Flower Messages with ArrayRecords, as the ServerApp
 receives them) from one global model plus independent perturbations, then
-times ``aggregate_train`` of every strategy on them. FedAvg is Flower's own
+times ``aggregate_round`` of every strategy on them. FedAvg is Flower's own
 aggregation behind fedmerge's reply screening; ratios are against it.
 
 Run:  .venv/bin/python benchmarks/aggregation_cost.py [--clients 10] [--repeat 5]
@@ -18,10 +18,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedmerge.merge.ldawa import LDAWAConfig
+from fedmerge.align import permutation_spec_for
 from fedmerge.models import build_model
-from strategies.aligned import AlignedFedAvg, OTFusion
-from strategies.ldawa import LDAWA
+from strategies.merging import MergingStrategy
+from strategies.plugins.aligned import AlignedMerge, ServerModel
+from strategies.plugins.ldawa import LDAWAMerge, LDAWAOptions
+from strategies.plugins.ot import OTMerge, OTOptions
 from strategies.sampling import SeededFedAvg
 
 
@@ -45,14 +47,16 @@ def replies(model: torch.nn.Module, k: int, scale: float) -> list[Message]:
     return out
 
 
-def time_strategy(strategy, model, msgs, repeat: int) -> float:
+def time_strategy(
+    strategy: SeededFedAvg, model: torch.nn.Module, msgs: list[Message], repeat: int
+) -> float:
     strategy.bind_nodes({i: 100 + i for i in range(len(msgs))}, clients_per_round=len(msgs),
                         rng=np.random.default_rng(0))  # fmt: skip
     best = float("inf")
     for _ in range(repeat):
-        strategy.global_state = {k: v.clone() for k, v in model.state_dict().items()}
+        global_state = {k: v.clone() for k, v in model.state_dict().items()}
         t0 = time.perf_counter()
-        strategy.aggregate_train(1, msgs)
+        strategy.aggregate_round(1, global_state, msgs)
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -73,13 +77,19 @@ def main() -> None:
     for name, shape, width in [("simple-cnn", (1, 28, 28), 1), ("resnet20", (3, 32, 32), 1)]:
         model = build_model(name, input_shape=shape, num_classes=10, width=width, seed=0)
         msgs = replies(model, args.clients, scale=0.05)
-        common = {"min_available_nodes": 1}
+        server = ServerModel(model, permutation_spec_for(model), proxy=[])  # no proxy data
         strategies = {
-            "fedavg (Flower)": SeededFedAvg(**common),
-            "ldawa": LDAWA(config=LDAWAConfig(), **common),
-            "ldawa (module layers)": LDAWA(config=LDAWAConfig(layer="module"), **common),
-            "aligned (weight)": AlignedFedAvg(model=model, method="weight", **common),
-            "ot (emd, weight cost)": OTFusion(model=model, solver="emd", **common),
+            "fedavg (Flower)": SeededFedAvg(min_available_nodes=1),
+            "ldawa": MergingStrategy(merge=LDAWAMerge(LDAWAOptions()), min_available_nodes=1),
+            "ldawa (module layers)": MergingStrategy(
+                merge=LDAWAMerge(LDAWAOptions(layer="module")), min_available_nodes=1
+            ),
+            "aligned (weight)": MergingStrategy(
+                merge=AlignedMerge(server, method="weight", seed=0), min_available_nodes=1
+            ),
+            "ot (emd, weight cost)": MergingStrategy(
+                merge=OTMerge(server, OTOptions(solver="emd")), min_available_nodes=1
+            ),
         }
         base = None
         for label, strategy in strategies.items():

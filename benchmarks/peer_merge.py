@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from fedmerge.align import permutation_spec_for
 from fedmerge.data import load_dataset
+from fedmerge.merge import peer_merge
 from fedmerge.models import build_model
-from fedmerge.peer import peer_merge
 
 
 def main() -> None:

@@ -26,26 +26,24 @@ import numpy as np
 import torch
 
 from fedmerge.data.datasets import load_dataset
-from fedmerge.federation import client_data, client_indices, client_seed, initial_model
-from fedmerge.scenario import load_scenario
-from fedmerge.training import TrainConfig, evaluate, train_local
+from fedmerge.training import evaluate, train_local
 from sims.launch import simulate
+from sims.scenario_files import load_scenario
+from strategies.config import RunConfig
+from strategies.federation import SAMPLING_STREAM, Federation
 
 
-def bare_loop(scenario) -> dict[str, float]:
+def bare_loop(scenario: RunConfig) -> dict[str, float]:
     t0 = time.perf_counter()
     load_dataset.cache_clear()
-    data = load_dataset(scenario.dataset.name, scenario.dataset.root or None)
-    client_indices(scenario)
-    model = initial_model(scenario)
+    fed = Federation(scenario)
+    data = fed.data
+    fed.partitions  # noqa: B018 -- partitioning is part of the start-up
+    model = fed.initial_model()
     t_ready = time.perf_counter()
-    rng = np.random.default_rng([scenario.seed, 1])
+    rng = np.random.default_rng([scenario.seed, SAMPLING_STREAM])
     ids = list(range(scenario.num_clients))
-    t = scenario.train
-    config = TrainConfig(
-        epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,
-        weight_decay=t.weight_decay,
-    )  # fmt: skip
+    config = scenario.train
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     evaluate(model, data.test_x, data.test_y)
     acc = 0.0
@@ -54,8 +52,8 @@ def bare_loop(scenario) -> dict[str, float]:
         states, weights = [], []
         for pid in chosen:
             model.load_state_dict(global_state)
-            x, y = client_data(scenario, pid)
-            gen = torch.Generator().manual_seed(client_seed(scenario, server_round, pid))
+            x, y = fed.client_data(pid)
+            gen = torch.Generator().manual_seed(fed.client_seed(server_round, pid))
             result = train_local(model, x, y, config, generator=gen)
             states.append({k: v.clone() for k, v in model.state_dict().items()})
             weights.append(result.num_examples)

@@ -54,10 +54,15 @@ class SimulationError(RuntimeError):
 def preflight(config: RunConfig) -> None:
     """Load data, partition it and build the model: fail before any process starts."""
     fed = federation(config)
+    try:
+        data = fed.data
+    except ValueError as exc:  # the loader names the data set's own field (root, ...)
+        raise ConfigError(f"dataset.{exc}") from None
     empty = [i for i, p in enumerate(fed.partitions) if len(p) == 0]
     if empty:
         raise ConfigError(
-            f"num_clients: {config.num_clients} leaves clients {empty[:5]} without data; "
+            f"num_clients: {config.num_clients} leaves clients {empty[:5]} of the "
+            f"{len(data.train_y)} samples without data; "
             f"allowed: fewer clients or another partition"
         )
     try:

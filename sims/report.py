@@ -219,7 +219,7 @@ def markdown_table(rows: list[dict[str, Any]], keys: list[str], target: float) -
             if row["target_reached"] < row["seeds"]:
                 rounds += f" ({row['target_reached']}/{row['seeds']} seeds)"
         cells = [
-            *([str(row[k]) for k in keys] if keys else ["all runs"]),
+            *(["—" if row[k] is None else str(row[k]) for k in keys] if keys else ["all runs"]),
             str(row["seeds"]),
             _pm(row["final_accuracy_mean"], row["final_accuracy_std"], 4),
             _pm(row["best_accuracy_mean"], row["best_accuracy_std"], 4),

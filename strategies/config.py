@@ -187,7 +187,7 @@ class RunConfig(BaseModel):
     rounds: int = Field(default=5, ge=1)
     num_clients: int = Field(default=10, ge=1)
     clients_per_round: int = Field(default=5, ge=1)
-    device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    device: str = "cpu"
     plugins: tuple[str, ...] = ()
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
@@ -196,6 +196,13 @@ class RunConfig(BaseModel):
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    @_field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+            raise ValueError(f"got {value!r}; allowed: 'cpu', 'cuda' or 'cuda:N'")
+        return value
 
     @_field_validator("strategy", mode="plain", json_schema_input_type=dict[str, Any])
     @classmethod

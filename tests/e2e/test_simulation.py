@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedmerge.federation import initial_model
-from fedmerge.scenario import load_scenario
 from sims.launch import APP_DIR, FLOWER_ENV, _free_port, _wait_healthy, simulate
+from sims.scenario_files import load_scenario
+from strategies.federation import Federation
 
 SMALL = [
     "rounds=2",
@@ -60,10 +60,9 @@ def test_fedavg_improves_on_initial_model(fedavg_run: Path) -> None:
 def test_initial_round_is_the_seeded_initial_model(fedavg_run: Path) -> None:
     """Round 0 is the model built from the scenario's seed, evaluated independently."""
     scenario = load_scenario(None, SMALL)
-    model = initial_model(scenario)
-    from fedmerge.federation import dataset_for
-
-    data = dataset_for(scenario)
+    fed = Federation(scenario)
+    model = fed.initial_model()
+    data = fed.data
     model.eval()
     with torch.no_grad():
         acc = (model(data.test_x).argmax(1) == data.test_y).float().mean().item()

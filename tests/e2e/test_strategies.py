@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedmerge.federation import peer_initial_model
-from fedmerge.scenario import load_scenario
 from sims.launch import simulate
+from sims.scenario_files import load_scenario
+from strategies.federation import Federation
 
 NON_IID = [
     "rounds=2",
@@ -71,8 +71,9 @@ def test_peer_models_change_and_stay_distinct(ring_run) -> None:
     final = load_file(str(run_dir / "model.safetensors"))
     peers = [{k.split(".", 1)[1]: v for k, v in final.items() if k.startswith(f"peer{p}.")}
              for p in range(4)]  # fmt: skip
+    fed = Federation(scenario)
     for p, state in enumerate(peers):
-        initial = peer_initial_model(scenario, p).state_dict()
+        initial = fed.peer_initial_model(p).state_dict()
         assert set(state) == set(initial)
         assert any(not torch.equal(state[k], initial[k]) for k in state), f"peer {p} unchanged"
     for a in range(4):

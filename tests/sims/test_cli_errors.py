@@ -71,8 +71,8 @@ CASES = [
     ("clients-per-round", ["--set", "clients_per_round=11"], ["clients_per_round", "11"]),
     (
         "option-of-another-strategy",
-        ["--set", "strategy.ldawa_negative=clip"],
-        ["strategy.ldawa_negative", "'clip'", "'ldawa'"],
+        ["--set", "strategy.negative=clip"],
+        ["strategy.negative: got 'clip'", "only with strategy 'ldawa'", "(strategy is 'fedavg')"],
     ),
     (
         "impossible-regular-graph",
@@ -93,8 +93,8 @@ CASES = [
     ("unknown-topology", ["--set", "topology.name=mesh"], ["topology.name", "'mesh'"]),
     (
         "client-widths-without-ot",
-        ["--set", "model.client_widths=[1, 2]"],
-        ["model.client_widths", "[1, 2]", "'ot'"],
+        ["--set", "strategy.client_widths=[1, 2]"],
+        ["strategy.client_widths: got [1, 2]", "only with strategy 'ot'"],
     ),
 ]
 

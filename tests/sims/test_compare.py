@@ -27,10 +27,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedmerge.federation import client_data, initial_model
-from fedmerge.scenario import STRATEGY_NAMES, Scenario, load_scenario, scenario_from_dict
 from sims import cli, compare
 from sims.launch import simulate
+from sims.scenario_files import load_scenario
+from strategies.config import RunConfig, run_config_from_dict
+from strategies.federation import Federation
+from strategies.plugins import plugin_names
 
 REPO = Path(__file__).resolve().parents[2]
 EXIT_BAD_INPUT = 2
@@ -104,14 +106,14 @@ class Compared:
     sweep: Path
     runs_root: Path
     run_dirs: dict[tuple[str, int], Path]  # (strategy, seed) -> run dir
-    scenarios: dict[tuple[str, int], Scenario]
+    scenarios: dict[tuple[str, int], RunConfig]
     calls: list[str]  # digests that compare's simulate was called with
     killed_checkpoint: dict
     reference: Path  # uninterrupted run of the killed scenario
     stdout: str
 
 
-def _kill_after_round_1(scenario: Scenario, overrides: list[str], run_dir: Path) -> dict:
+def _kill_after_round_1(scenario: RunConfig, overrides: list[str], run_dir: Path) -> dict:
     """Run ``fedmerge simulate`` into ``run_dir``, SIGTERM it once round 1 is checkpointed."""
     argv = [sys.executable, "-m", "sims.cli", "simulate", "default", "--run-dir", str(run_dir)]
     for item in overrides:
@@ -162,7 +164,7 @@ def compared(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
     calls: list[str] = []
 
-    def recording_simulate(scenario: Scenario, run_dir: Path, **kwargs: object) -> dict:
+    def recording_simulate(scenario: RunConfig, run_dir: Path, **kwargs: object) -> dict:
         calls.append(scenario.digest())
         return simulate(scenario, run_dir, **kwargs)  # type: ignore[arg-type]
 
@@ -270,7 +272,7 @@ def test_force_deletes_and_reruns_every_run(
     originals = {d.name: d for d in compared.run_dirs.values()}
     calls: list[str] = []
 
-    def fake_simulate(scenario: Scenario, run_dir: Path, **kwargs: object) -> dict:
+    def fake_simulate(scenario: RunConfig, run_dir: Path, **kwargs: object) -> dict:
         assert not run_dir.exists(), "--force must delete the old run first"
         calls.append(scenario.digest())
         shutil.copytree(originals[scenario.digest()], run_dir)
@@ -358,14 +360,15 @@ def test_plots_are_pngs_of_nontrivial_size(compared: Compared) -> None:
 def test_client_accuracy_is_the_final_model_on_each_clients_data(compared: Compared) -> None:
     run_dir = compared.run_dirs[("fedprox", 1)]
     cached = json.loads((run_dir / "client_accuracy.json").read_text())["accuracy"]
-    scenario = scenario_from_dict(json.loads((run_dir / "config.json").read_text()))
-    model = initial_model(scenario)
+    scenario = run_config_from_dict(json.loads((run_dir / "config.json").read_text()))
+    fed = Federation(scenario)
+    model = fed.initial_model()
     model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
     model.eval()
     with torch.no_grad():
         expected = [
             (model(x).argmax(1) == y).double().mean().item()
-            for x, y in (client_data(scenario, pid) for pid in range(scenario.num_clients))
+            for x, y in (fed.client_data(pid) for pid in range(scenario.num_clients))
         ]
     assert len(cached) == 4
     assert cached == pytest.approx(expected, abs=1e-9)
@@ -408,9 +411,9 @@ BAD = [
     ("unknown-sweep-key", 'strategies = ["fedavg"]\n', [], ["strategies", "unknown sweep key"]),
     ("unknown-key", GOOD_SET + "[axes]\ntrain.lrr = [0.1]\n", [], ["train.lrr", "unknown"]),
     ("unknown-section", GOOD_SET + '[axes]\noptimizer.name = ["adam"]\n', [],
-     ["optimizer.name", "'optimizer'"]),
+     ["optimizer.name", "optimizer: unknown key"]),
     ("unknown-strategy", GOOD_SET + '[axes]\nstrategy.name = ["fedavg", "scaffold"]\n', [],
-     ["strategy.name", "'scaffold'", STRATEGY_NAMES[-1]]),
+     ["strategy.name", "'scaffold'", plugin_names()[-1]]),
     ("bad-variant", GOOD_SET + '[[variants]]\nstrategy.name = "nope"\n', [],
      ["variants", "strategy.name", "'nope'"]),
     ("bad-value", GOOD_SET + "[axes]\npartition.alpha = [0.5, -1.0]\n", [],
@@ -492,12 +495,13 @@ def test_axes_of_tables_zip_their_keys_and_seeds_vary_slowest(tmp_path: Path) ->
     assert len(combos) == 2 * 2 * 2
     assert [sc.seed for _, sc in combos] == [3] * 4 + [4] * 4
     seen = {(sc.partition.scheme, sc.partition.classes_per_client, sc.strategy.name,
-             sc.strategy.prox_mu, sc.seed) for _, sc in combos}  # fmt: skip
-    default = Scenario()
+             getattr(sc.strategy.options, "prox_mu", None), sc.seed)
+            for _, sc in combos}  # fmt: skip
+    default = RunConfig()
     expected = {
         (scheme, cpc, name, mu, seed)
         for scheme, cpc in (("iid", default.partition.classes_per_client), ("pathological", 3))
-        for name, mu in (("fedavg", default.strategy.prox_mu), ("fedprox", 0.5))
+        for name, mu in (("fedavg", None), ("fedprox", 0.5))  # prox_mu: fedprox only
         for seed in (3, 4)
     }
     assert seen == expected

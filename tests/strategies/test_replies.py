@@ -14,8 +14,8 @@ from flwr.app import (
     RecordDict,
 )
 
-from fedmerge.merge.ldawa import LDAWAConfig
-from strategies.ldawa import LDAWA
+from strategies.merging import MergingStrategy
+from strategies.plugins.ldawa import LDAWAMerge, LDAWAOptions
 from strategies.sampling import SeededFedAvg
 
 
@@ -45,7 +45,6 @@ def _bound(strategy, nodes):
         {p: n for p, n in enumerate(nodes)}, clients_per_round=len(nodes),
         rng=np.random.default_rng(0),
     )  # fmt: skip
-    strategy.global_state = _state(100)
     return strategy
 
 
@@ -68,41 +67,53 @@ def test_fedavg_skips_bad_replies_and_averages_the_rest():
     strategy = _bound(SeededFedAvg(min_available_nodes=1), [10, 11, 12, 13, 14, 15, 16, 17])
     a, b = _state(1), _state(2)
     replies = [_good(11, b, 30), *_bad_replies(), _good(10, a, 10)]
-    arrays, _ = strategy.aggregate_train(1, replies)
-    got = arrays.to_torch_state_dict()
+    outcome = strategy.aggregate_round(1, _state(100), replies)
+    got = outcome.state
     for key in a:  # naive weighted mean of the two good replies
         torch.testing.assert_close(got[key], (10 * a[key] + 30 * b[key]) / 40)
-    report = strategy.take_round_report()
-    assert report["skipped"] == 6
-    reasons = " | ".join(report["skipped_reasons"])
+    assert len(outcome.skipped) == 6
+    reasons = " | ".join(outcome.skipped)
     for needle in ("non-finite", "shape (3, 5)", "parameter names differ", "num-examples",
                    "no ArrayRecord", "client crashed"):  # fmt: skip
         assert needle in reasons
-    assert strategy.take_round_report() == {}  # reset after taking
+    # the outcome belongs to its round: the next round reports only its own replies
+    again = strategy.aggregate_round(2, _state(100), [_good(10, a, 10), _good(11, b, 30)])
+    assert again.skipped == []
 
 
 def test_all_replies_bad_keeps_the_global_model():
     strategy = _bound(SeededFedAvg(min_available_nodes=1), [12, 13, 14, 15, 16, 17])
-    arrays, metrics = strategy.aggregate_train(1, _bad_replies())
-    assert arrays is None and metrics is None
+    outcome = strategy.aggregate_round(1, _state(100), _bad_replies())
+    assert outcome.state is None and outcome.train_metrics is None
+    assert len(outcome.skipped) == 6
+
+
+def test_merging_strategy_with_all_replies_bad_keeps_the_global_model():
+    strategy = _bound(
+        MergingStrategy(merge=LDAWAMerge(LDAWAOptions()), min_available_nodes=1),
+        [12, 13, 14, 15, 16, 17],
+    )
+    outcome = strategy.aggregate_round(1, _state(100), _bad_replies())
+    assert outcome.state is None and outcome.train_metrics is None
+    assert len(outcome.skipped) == 6
 
 
 def test_ldawa_strategy_warmup_is_fedavg_then_cosine_weighted():
     strategy = _bound(
-        LDAWA(config=LDAWAConfig(), warmup_rounds=1, min_available_nodes=1), [10, 11, 12]
+        MergingStrategy(merge=LDAWAMerge(LDAWAOptions(warmup_rounds=1)), min_available_nodes=1),
+        [10, 11, 12],
     )
-    g = strategy.global_state
+    g = _state(100)
     a, b = _state(1), _state(2)
-    arrays, _ = strategy.aggregate_train(
-        1, [_good(10, a, 10), _good(11, b, 30), *_bad_replies()[:1]]
+    outcome = strategy.aggregate_round(
+        1, g, [_good(10, a, 10), _good(11, b, 30), *_bad_replies()[:1]]
     )
-    warm = arrays.to_torch_state_dict()
+    warm = outcome.state
     for key in a:
         torch.testing.assert_close(warm[key], (10 * a[key] + 30 * b[key]) / 40)
-    assert strategy.global_state is not g
+    assert len(outcome.skipped) == 1 and "non-finite" in outcome.skipped[0]
     # round 2: L-DAWA against the new global model (the warm-up result)
-    arrays, _ = strategy.aggregate_train(2, [_good(10, a, 10), _good(11, b, 30)])
-    got = arrays.to_torch_state_dict()
+    got = strategy.aggregate_round(2, warm, [_good(10, a, 10), _good(11, b, 30)]).state
     for key in a:
         ref = warm[key].double().ravel()
 
@@ -112,3 +123,16 @@ def test_ldawa_strategy_warmup_is_fedavg_then_cosine_weighted():
 
         want = (cos(a[key]) * a[key] + cos(b[key]) * b[key]) / 2
         torch.testing.assert_close(got[key], want.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_flowers_aggregate_train_uses_the_arrays_configure_train_sent():
+    strategy = _bound(SeededFedAvg(min_available_nodes=1), [10, 11])
+    a, b = _state(1), _state(2)
+    strategy.configure_train(1, ArrayRecord(_state(100)), ConfigRecord({}), grid=None)
+    wide = {"fc.weight": torch.zeros(3, 5), "fc.bias": torch.zeros(3)}
+    arrays, _ = strategy.aggregate_train(
+        1, [_good(10, a, 10), _good(11, b, 30), _good(12, wide, 5)]
+    )
+    got = arrays.to_torch_state_dict()
+    for key in a:  # the wide reply is screened against the sent model's shapes
+        torch.testing.assert_close(got[key], (10 * a[key] + 30 * b[key]) / 40)

@@ -1,4 +1,4 @@
-"""Tests of fedmerge.scenario: loading, overrides, validation, flattening."""
+"""Tests of sims.scenario_files and strategies.config: loading, overrides, validation."""
 
 from __future__ import annotations
 
@@ -9,21 +9,29 @@ from typing import Any
 
 import pytest
 
-from fedmerge.scenario import (
-    ConfigError,
-    Scenario,
-    flatten,
+from sims.scenario_files import (
+    SCENARIO_DIR,
+    apply_overrides,
     load_scenario,
-    scenario_from_dict,
-    unflatten,
+    read_toml,
+    resolve_scenario_path,
 )
+from strategies.config import (
+    ConfigError,
+    RunConfig,
+    flatten,
+    run_config_from_dict,
+    set_dotted,
+    to_run_config,
+)
+from strategies.plugins.fedavg import ServerOptions
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TOML = REPO / "sims" / "scenarios" / "default.toml"
 
 
 def naive_flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted keys for nested tables; written independently of fedmerge.scenario."""
+    """Dotted keys for nested tables; written independently of strategies.config."""
     out: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict):
@@ -39,7 +47,7 @@ def naive_flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def test_load_default_scenario_matches_its_toml() -> None:
     s = load_scenario()
-    assert isinstance(s, Scenario)
+    assert isinstance(s, RunConfig)
     raw = tomllib.loads(DEFAULT_TOML.read_text())
     resolved = naive_flatten(s.to_dict())
     for key, value in naive_flatten(raw).items():
@@ -49,9 +57,19 @@ def test_load_default_scenario_matches_its_toml() -> None:
     assert s.model.name == "simple-cnn"
     # keys the file leaves out take the dataclass defaults
     assert s.model.hidden == (200, 200)
-    assert s.strategy.prox_mu == 0.01
+    assert s.strategy.name == "fedavg"
+    assert s.strategy.options == ServerOptions(fraction_evaluate=0.0)
     assert load_scenario("default") == s
     assert load_scenario(str(DEFAULT_TOML)) == s
+
+
+def test_shipped_names_and_paths_resolve_to_files(tmp_path: Path) -> None:
+    assert resolve_scenario_path(None) == SCENARIO_DIR / "default.toml"
+    assert resolve_scenario_path("default") == SCENARIO_DIR / "default.toml"
+    own = tmp_path / "own.toml"
+    own.write_text('name = "own"\n')
+    assert resolve_scenario_path(str(own)) == own
+    assert read_toml(own) == {"name": "own"}
 
 
 def test_overrides_of_nested_keys_are_typed() -> None:
@@ -80,16 +98,40 @@ def test_overrides_of_nested_keys_are_typed() -> None:
     assert s.num_clients == 10 and s.train.batch_size == 32
 
 
-def test_hidden_from_comma_joined_string() -> None:
-    s = load_scenario(None, ['model.hidden="16,8,4"'])
-    assert s.model.hidden == (16, 8, 4)
+def test_apply_overrides_sets_dotted_keys_on_a_copy() -> None:
+    data = {"rounds": 5, "train": {"lr": 0.1}}
+    out = apply_overrides(data, ["train.lr=0.5", "strategy.name=ldawa", "model.hidden=[3, 2]"])
+    assert out == {
+        "rounds": 5,
+        "train": {"lr": 0.5},
+        "strategy": {"name": "ldawa"},
+        "model": {"hidden": [3, 2]},
+    }
+    assert data == {"rounds": 5, "train": {"lr": 0.1}}  # the input is left alone
+
+
+def test_strategy_options_from_overrides() -> None:
+    s = load_scenario(
+        None, ["strategy.name='ldawa'", "strategy.normalize='weights'", "strategy.warmup_rounds=2"]
+    )
+    assert s.strategy.name == "ldawa"
+    assert s.strategy.options.normalize == "weights"
+    assert s.strategy.options.warmup_rounds == 2
+
+
+def test_comma_joined_lists_are_refused() -> None:
+    # Lists are TOML arrays in files and JSON text in Flower's run config;
+    # the comma-joined string of fedmerge 1.x is gone.
+    with pytest.raises(ConfigError) as info:
+        load_scenario(None, ['model.hidden="16,8,4"'])
+    assert str(info.value) == "model.hidden: got '16,8,4'; allowed: a valid array"
 
 
 def test_override_into_a_section_the_file_lacks(tmp_path: Path) -> None:
     path = tmp_path / "tiny.toml"
     path.write_text('name = "tiny"\n')
     s = load_scenario(str(path), ["strategy.fraction_evaluate=0.5"])
-    assert s.name == "tiny" and s.strategy.fraction_evaluate == 0.5
+    assert s.name == "tiny" and s.strategy.options.fraction_evaluate == 0.5
     assert s.partition.scheme == "iid"  # dataclass default
 
 
@@ -100,14 +142,14 @@ def test_override_into_a_section_the_file_lacks(tmp_path: Path) -> None:
         ("train.foo=1", "train.foo"),
         ("dataset.rooot=/tmp", "dataset.rooot"),
         ("bar.baz=1", "bar"),
+        ("strategy.ldawa_normalize='weights'", "strategy.ldawa_normalize"),  # renamed: normalize
     ],
 )
 def test_unknown_keys_are_rejected(override: str, key: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_scenario(None, [override])
     message = str(info.value)
-    assert message.startswith(f"{key}:")
-    assert "unknown key" in message
+    assert message.startswith(f"{key}: unknown key; allowed: ")
 
 
 def test_unknown_key_in_file_is_rejected(tmp_path: Path) -> None:
@@ -115,33 +157,42 @@ def test_unknown_key_in_file_is_rejected(tmp_path: Path) -> None:
     path.write_text("[train]\nlearning_rate = 0.1\n")
     with pytest.raises(ConfigError, match=r"^train\.learning_rate: unknown key") as info:
         load_scenario(str(path))
-    assert "lr" in str(info.value)  # lists what is allowed
+    assert "lr" in str(info.value).split("allowed:")[1]  # lists what is allowed
+
+
+def test_option_of_another_strategy_is_rejected() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_scenario(None, ["strategy.prox_mu=0.5"])
+    assert str(info.value) == (
+        "strategy.prox_mu: got 0.5; allowed: only with strategy 'fedprox' (strategy is 'fedavg')"
+    )
 
 
 @pytest.mark.parametrize(
-    ("override", "key", "bad"),
+    ("override", "expected"),
     [
-        ("rounds=abc", "rounds", "'abc'"),
-        ("rounds=2.5", "rounds", "2.5"),
-        ("rounds=true", "rounds", "True"),
-        ("train.lr=fast", "train.lr", "'fast'"),
-        ("train.lr=true", "train.lr", "True"),
-        ("model.hidden=[1.5, 2]", "model.hidden", "1.5"),
-        ('model.hidden="a,b"', "model.hidden", "'a,b'"),
-        ("dataset.name=3", "dataset.name", "3"),
-        ("train=3", "train", "3"),
+        ("rounds=abc", "rounds: got 'abc'; allowed: a valid integer"),
+        ("rounds=2.5", "rounds: got 2.5; allowed: a valid integer"),
+        ("rounds=true", "rounds: got True; allowed: a valid integer"),
+        ("rounds='x'", "rounds: got 'x'; allowed: a valid integer"),
+        ("train.lr=fast", "train.lr: got 'fast'; allowed: a valid number"),
+        ("train.lr=true", "train.lr: got True; allowed: a valid number"),
+        ("model.hidden=[1.5, 2]", "model.hidden.0: got 1.5; allowed: a valid integer"),
+        ('model.hidden="a,b"', "model.hidden: got 'a,b'; allowed: a valid array"),
+        ("dataset.name=3", "dataset.name: got 3; allowed: a valid string"),
+        ("train=3", "train: got 3; allowed: "),
     ],
 )
-def test_type_errors_name_key_and_value(override: str, key: str, bad: str) -> None:
+def test_type_errors_name_key_and_value(override: str, expected: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_scenario(None, [override])
     message = str(info.value)
-    assert message.startswith(f"{key}:")
-    assert bad in message
+    assert "\n" not in message
+    assert message.startswith(expected), message
 
 
 def test_type_errors_are_value_errors() -> None:
-    with pytest.raises(ValueError, match=r"rounds"):
+    with pytest.raises(ValueError, match=r"^rounds: "):
         load_scenario(None, ["rounds=abc"])
 
 
@@ -163,10 +214,11 @@ def test_clients_per_round_above_num_clients() -> None:
         ("train.momentum=1.0", "train.momentum", "got 1.0;"),
         ("strategy.name=scaffold", "strategy.name", "got 'scaffold';"),
         ("strategy.fraction_evaluate=1.5", "strategy.fraction_evaluate", "got 1.5;"),
-        ("model.hidden=[]", "model.hidden", "got [];"),
-        ("model.hidden=[8, 0]", "model.hidden", "got [8, 0];"),
+        ("model.hidden=[]", "model.hidden", "got ();"),
+        ("model.hidden=[8, 0]", "model.hidden", "got (8, 0);"),
         ("device=tpu", "device", "got 'tpu';"),
         ("dataset.root=/nonexistent/fm", "dataset.root", "got '/nonexistent/fm';"),
+        ("train.lr=inf", "train.lr", "got inf;"),
     ],
 )
 def test_range_errors_name_key_and_value(override: str, key: str, bad: str) -> None:
@@ -177,8 +229,10 @@ def test_range_errors_name_key_and_value(override: str, key: str, bad: str) -> N
 
 
 def test_malformed_override_syntax() -> None:
-    with pytest.raises(ConfigError, match=r"--set"):
+    with pytest.raises(ConfigError, match=r"^--set: got 'train\.lr'; allowed: key=value"):
         load_scenario(None, ["train.lr"])
+    with pytest.raises(ConfigError, match=r"^--set: "):
+        load_scenario(None, ["=3"])
 
 
 def test_malformed_toml_file(tmp_path: Path) -> None:
@@ -195,22 +249,24 @@ def test_missing_scenario_file(tmp_path: Path) -> None:
     assert "default" in str(info.value)  # lists the shipped scenarios
 
 
-# --------------------------------------------------------------------------- flatten
+# --------------------------------------------------------------------------- dotted keys
 
 
-def test_flatten_hand_worked() -> None:
+def test_flatten_and_set_dotted_hand_worked() -> None:
     nested = {"a": 1, "b": {"c": "x", "d": {"e": 2.5}}, "f": [1, 2, 3]}
-    assert flatten(nested) == {"a": 1, "b.c": "x", "b.d.e": 2.5, "f": "1,2,3"}
+    assert flatten(nested) == {"a": 1, "b.c": "x", "b.d.e": 2.5, "f": [1, 2, 3]}
     flat = {"a": 1, "b.c": "x", "b.d.e": 2.5}
-    assert unflatten(flat) == {"a": 1, "b": {"c": "x", "d": {"e": 2.5}}}
+    assert set_dotted({}, flat) == {"a": 1, "b": {"c": "x", "d": {"e": 2.5}}}
+    with pytest.raises(ConfigError, match=r"^a\.b: 'a' is not a table"):
+        set_dotted({"a": 1}, {"a.b": 2})
 
 
-def test_flatten_unflatten_round_trip_of_a_scenario() -> None:
-    s = load_scenario(None, ["model.hidden=[32, 16, 8]", "dataset.name=digits"])
+def test_flatten_round_trip_of_a_scenario() -> None:
+    s = load_scenario(None, ['model.name="mlp"', "model.hidden=[32, 16, 8]", "dataset.name=digits"])
     flat = flatten(s.to_dict())
-    assert all(not isinstance(v, (dict, list, tuple)) for v in flat.values())
-    assert flat["model.hidden"] == "32,16,8"
-    back = scenario_from_dict(unflatten(flat))
+    assert all(not isinstance(v, (dict, tuple)) for v in flat.values())
+    assert flat["model.hidden"] == [32, 16, 8]
+    back = run_config_from_dict(set_dotted({}, flat))
     assert back == s
     assert back.digest() == s.digest()
 
@@ -219,20 +275,24 @@ def test_digest_changes_with_config() -> None:
     a = load_scenario()
     assert a.digest() == load_scenario().digest()
     assert a.digest() != load_scenario(None, ["seed=1"]).digest()
-    assert len(a.digest()) == 16
+    assert a.digest() != load_scenario(None, ["train.lr=0.02"]).digest()
+    assert re.fullmatch(r"[0-9a-f]{16}", a.digest())
 
 
-def test_pyproject_run_config_equals_flattened_default() -> None:
+def test_pyproject_run_config_holds_the_default_scenario() -> None:
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     embedded = naive_flatten(pyproject["tool"]["flwr"]["app"]["config"])
-    expected = {}
-    for key, value in naive_flatten(load_scenario().to_dict()).items():
-        expected[key] = ",".join(str(v) for v in value) if isinstance(value, list) else value
-    expected["output.run-dir"] = ""
-    assert embedded.keys() == expected.keys(), (
-        f"missing from pyproject: {sorted(expected.keys() - embedded.keys())}; "
-        f"extra in pyproject: {sorted(embedded.keys() - expected.keys())}"
-    )
+    expected = {
+        key: "[" + ", ".join(str(v) for v in value) + "]" if isinstance(value, list) else value
+        for key, value in naive_flatten(load_scenario().to_dict()).items()
+    }
+    assert expected == to_run_config(load_scenario())
+    missing = sorted(expected.keys() - embedded.keys())
+    assert not missing, f"missing from pyproject: {missing}"
     for key, value in expected.items():
         assert embedded[key] == value, key
         assert type(embedded[key]) is type(value), f"{key}: {embedded[key]!r} vs {value!r}"
+    # the rest: where the run writes, and options of the other built-in strategies
+    extra = embedded.keys() - expected.keys()
+    assert "output.run-dir" in extra and embedded["output.run-dir"] == ""
+    assert all(k.startswith(("output.", "strategy.")) for k in extra), sorted(extra)
