@@ -13,7 +13,8 @@ Data are random tensors of Fashion-MNIST's shape (the point is the device
 path, not accuracy).
 
 Run:  .venv/bin/python benchmarks/gpu_kernel.py [--device cuda] [--clients 1,4]
-      [--samples 6000] [--out results.json]
+      [--samples 6000] [--no-tf32] [--only training,alignment,merging,clients]
+      [--out results.json]
 """
 
 from __future__ import annotations
@@ -178,11 +179,21 @@ def merging(device: torch.device) -> dict[str, Any]:
         for k in merged_cpu
         if merged_cpu[k].is_floating_point()
     ]
+
+    def perm_on(dev: torch.device) -> dict[str, torch.Tensor]:
+        a, b = models[0].to(dev), models[1].to(dev)
+        perm, _ = activation_matching(spec, a, b, [x.to(dev) for x in batches])
+        return {k: v.cpu() for k, v in perm.items()}
+
+    perm_cpu, perm_dev = perm_on(torch.device("cpu")), perm_on(device)
+    units = sum(len(v) for v in perm_cpu.values())
+    same_units = sum(int((perm_cpu[k] == perm_dev[k]).sum()) for k in perm_cpu)
     merge_s = _time(lambda: merge_on(device), device)
     return {
         "weighted_average_matches_cpu": avg_ok,
         "weighted_average_s": avg_s,
         "peer_merge_matches_cpu_fraction": sum(close) / len(close),
+        "activation_matching_same_units_as_cpu": f"{same_units}/{units}",
         "peer_merge_s": merge_s,
     }
 
@@ -229,11 +240,18 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4")
     parser.add_argument("--samples", type=int, default=6000)
     parser.add_argument("--out")
+    parser.add_argument("--only", default="training,alignment,merging,clients")
+    parser.add_argument(
+        "--no-tf32", action="store_true", help="full float32 convolutions and matmuls on the GPU"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.no_tf32:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}; torch {torch.__version__}")
-    results: dict[str, Any] = {"device": name, "torch": torch.__version__}
+    results: dict[str, Any] = {"device": name, "torch": torch.__version__, "tf32": not args.no_tf32}
     for key, fn in (
         ("training", lambda: training(device, args.samples)),
         ("alignment", lambda: alignment(device)),
@@ -242,6 +260,8 @@ def main() -> None:
             device, [int(c) for c in args.clients.split(",")], args.samples
         )),
     ):  # fmt: skip
+        if key not in args.only.split(","):
+            continue
         t = time.perf_counter()
         results[key] = fn()
         print(f"{key} ({time.perf_counter() - t:.1f} s): {json.dumps(results[key], indent=1)}")
