@@ -56,7 +56,7 @@ def preflight(config: RunConfig) -> None:
     fed = federation(config)
     try:
         data = fed.data
-    except ValueError as exc:  # the loader names the data set's own field (root, ...)
+    except (ValueError, FileNotFoundError) as exc:  # the loader names its own field (root)
         raise ConfigError(f"dataset.{exc}") from None
     empty = [i for i, p in enumerate(fed.partitions) if len(p) == 0]
     if empty:
