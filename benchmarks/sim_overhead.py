@@ -103,7 +103,7 @@ def main() -> None:
     b_start = b_total - s["train_time"]
     print(
         f"(b) fedmerge/Flower: rounds {s['train_time']:7.2f} s  total {b_total:7.2f} s  "
-        f"(start-up {b_start:.2f} s, of which ServerApp node discovery "
+        f"(start-up {b_start:.2f} s, of which the ServerApp before round 1 "
         f"{s['startup_time']:.2f} s)  final acc {s['final_accuracy']:.4f}"
     )
     print(f"b/a excluding start-up: {s['train_time'] / a['rounds']:.2f}x")

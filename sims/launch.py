@@ -201,7 +201,7 @@ def federation_config(scenario: RunConfig) -> str:
     """``--federation-config`` for the simulation runtime."""
     sim = scenario.simulation
     items = [
-        f"num-supernodes={scenario.num_clients}",
+        f"num-supernodes={scenario.nodes}",
         'backend="ray"',
         f"client-resources-num-cpus={sim.num_cpus_per_client}",
         f"client-resources-num-gpus={sim.num_gpus_per_client}",

@@ -28,7 +28,7 @@ from strategies.plugins import ClientContext, PeerPlugin, ServerPlugin
 
 app = ClientApp()
 
-#: Where a client keeps its own model between rounds (``ClientStart.keep``).
+#: Where a client keeps its own model between rounds (``ClientStart.keep``), + partition id.
 KEPT_MODEL_KEY = "fedmerge-kept-model"
 
 
@@ -53,17 +53,25 @@ class _Client:
     ctx: ClientContext
 
 
-def _client(context: Context, server_round: int = 0) -> _Client:
-    """The run, this node's partition and its data (and the fault injection check)."""
+def _client(context: Context, msg: Message | None = None) -> _Client:
+    """The run, the partition (named by the message, else the node's own) and its data.
+
+    Raises for an injected failure of this partition in this round.
+    """
     config = _run_config(tuple(sorted(context.run_config.items())))
     node = context.node_config
-    pid = int(node[protocol.PARTITION_ID])
-    num = node.get(protocol.NUM_PARTITIONS)
-    if num is not None and int(num) != config.num_clients:
-        raise ValueError(
-            f"num-partitions: node config says {num}, run config num_clients is "
-            f"{config.num_clients}; allowed: equal values"
-        )
+    named = msg.content[protocol.CONFIG].get(protocol.PARTITION_ID) if msg is not None else None
+    if named is not None:  # virtual clients: the server assigns partitions to nodes
+        pid = int(named)  # type: ignore[arg-type]
+    else:  # the node owns its data (deployment)
+        pid = int(node[protocol.PARTITION_ID])
+        num = node.get(protocol.NUM_PARTITIONS)
+        if num is not None and int(num) != config.num_clients:
+            raise ValueError(
+                f"num-partitions: node config says {num}, run config num_clients is "
+                f"{config.num_clients}; allowed: equal values"
+            )
+    server_round = _round(msg) if msg is not None else 0
     root = str(node[protocol.DATASET_ROOT]) if node.get(protocol.DATASET_ROOT) else None
     torch.set_num_threads(config.simulation.num_cpus_per_client)
     if (pid, server_round) in config.simulation.failures():
@@ -84,28 +92,30 @@ def _round(msg: Message) -> int:
     return int(msg.content[protocol.CONFIG].get(protocol.SERVER_ROUND, 0))  # type: ignore[arg-type]
 
 
-def _reply(msg: Message, records: Mapping[str, Any]) -> Message:
-    return Message(RecordDict(dict(records)), reply_to=msg)
+def _reply(msg: Message, partition_id: int, records: Mapping[str, Any]) -> Message:
+    """A reply that names the partition it is about (nodes may serve several)."""
+    config = ConfigRecord({protocol.PARTITION_ID: partition_id})
+    return Message(RecordDict({**records, protocol.CONFIG: config}), reply_to=msg)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Answer with this node's partition id, after loading its data (so rounds do not pay)."""
     client = _client(context)
-    config = ConfigRecord({protocol.PARTITION_ID: client.partition_id})
-    return _reply(msg, {protocol.CONFIG: config})
+    return _reply(msg, client.partition_id, {})
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received model on the local partition and send it back."""
     server_round = _round(msg)
-    c = _client(context, server_round)
+    c = _client(context, msg)
     plugin = c.config.strategy.plugin
     if not isinstance(plugin, ServerPlugin):
         raise TypeError(f"strategy.name: {c.config.strategy.name!r} is a peer strategy")
     global_state = msg.content.array_records[protocol.ARRAYS].to_torch_state_dict()
-    record = context.state.array_records.get(KEPT_MODEL_KEY)
+    kept_key = f"{KEPT_MODEL_KEY}-{c.partition_id}"
+    record = context.state.array_records.get(kept_key)
     kept = dict(record.to_torch_state_dict()) if record is not None else None
     start = plugin.client_start(c.config.strategy.options, c.ctx, global_state, kept)
     model = start.model
@@ -121,19 +131,18 @@ def train(msg: Message, context: Context) -> Message:
         prox_mu=mu,
     )
     if start.keep:
-        context.state[KEPT_MODEL_KEY] = ArrayRecord(model.state_dict())
+        context.state[kept_key] = ArrayRecord(model.state_dict())
     metrics = MetricRecord(
         {protocol.TRAIN_LOSS: result.loss, protocol.NUM_EXAMPLES: result.num_examples}
     )
-    return _reply(
-        msg, {protocol.ARRAYS: ArrayRecord(model.state_dict()), protocol.METRICS: metrics}
-    )
+    records = {protocol.ARRAYS: ArrayRecord(model.state_dict()), protocol.METRICS: metrics}
+    return _reply(msg, c.partition_id, records)
 
 
 @app.evaluate()
 def evaluate_local(msg: Message, context: Context) -> Message:
     """Evaluate the received model on the local partition."""
-    c = _client(context, _round(msg))
+    c = _client(context, msg)
     model = c.ctx.model
     model.load_state_dict(msg.content.array_records[protocol.ARRAYS].to_torch_state_dict())
     loss, acc = evaluate(model, c.x, c.y)
@@ -144,7 +153,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
             protocol.NUM_EXAMPLES: len(c.y),
         }
     )
-    return _reply(msg, {protocol.METRICS: metrics})
+    return _reply(msg, c.partition_id, {protocol.METRICS: metrics})
 
 
 @app.train(protocol.PEER_HANDLER)
@@ -156,7 +165,7 @@ def train_peer(msg: Message, context: Context) -> Message:
     only this peer's local data.
     """
     server_round = _round(msg)
-    c = _client(context, server_round)
+    c = _client(context, msg)
     plugin = c.config.strategy.plugin
     if not isinstance(plugin, PeerPlugin):
         raise TypeError(f"strategy.name: {c.config.strategy.name!r} is not a peer strategy")
@@ -209,4 +218,4 @@ def train_peer(msg: Message, context: Context) -> Message:
     }
     if merged is not None:  # DIMAT reports accuracy right after merging: send it to evaluate
         records[protocol.MERGED] = ArrayRecord(merged)
-    return _reply(msg, records)
+    return _reply(msg, c.partition_id, records)

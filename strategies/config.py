@@ -41,6 +41,7 @@ from fedmerge.training import TrainConfig
 from strategies.plugins import Plugin, get_plugin, load_plugins, plugin_names
 
 __all__ = [
+    "EXECUTION_KEYS",
     "OUTPUT_KEY_PREFIX",
     "RUN_DIR_KEY",
     "ConfigError",
@@ -59,6 +60,15 @@ __all__ = [
 OUTPUT_KEY_PREFIX = "output."
 #: The run directory (``fedmerge simulate`` sets it; empty: ``runs/NAME-TIMESTAMP``).
 RUN_DIR_KEY = f"{OUTPUT_KEY_PREFIX}run-dir"
+
+#: Keys of ``[simulation]`` that change where and how a run executes, not its numbers.
+EXECUTION_KEYS: tuple[str, ...] = (
+    "ray_address",
+    "ray_num_cpus",
+    "timeout",
+    "assign_partitions",
+    "max_nodes",
+)
 
 _STRICT = ConfigDict(
     frozen=True, extra="forbid", strict=True, allow_inf_nan=False, arbitrary_types_allowed=True
@@ -85,6 +95,16 @@ class SimulationConfig:
     inject_failures : str (default: "")
         Fault injection: ``"1@2,3@5"`` makes partition 1 fail in round 2 and
         partition 3 in round 5 (the ClientApp raises; the round goes on).
+    assign_partitions : bool (default: True)
+        The ServerApp names the partition in every message: clients are
+        virtual, a simulation runs at most ``max_nodes`` SuperNodes whatever
+        ``num_clients`` is, and no node is queried at start. ``False``: every
+        node owns the partition of its node config (``partition-id``) and
+        declares it when the run starts (deployment, where a node holds its
+        own data).
+    max_nodes : int (default: 64)
+        The most SuperNodes a simulation starts when partitions are assigned;
+        partition ``p`` always goes to node ``p mod nodes``. >= 1.
     """
 
     num_cpus_per_client: int = 1
@@ -93,9 +113,12 @@ class SimulationConfig:
     ray_num_cpus: int = 0
     timeout: float = 600.0
     inject_failures: str = ""
+    assign_partitions: bool = True
+    max_nodes: int = 64
 
     def __post_init__(self) -> None:
         checks = (
+            ("max_nodes", self.max_nodes >= 1, "an integer >= 1"),
             ("num_cpus_per_client", self.num_cpus_per_client >= 1, ">= 1"),
             ("num_gpus_per_client", self.num_gpus_per_client >= 0, ">= 0"),
             ("ray_num_cpus", self.ray_num_cpus >= 0, ">= 0 (0: all cores)"),
@@ -237,6 +260,12 @@ class RunConfig(BaseModel):
         self.strategy.plugin.check(self.strategy.options, self)
         return self
 
+    @property
+    def nodes(self) -> int:
+        """SuperNodes a simulation of this run starts (``num_clients`` without assignment)."""
+        sim = self.simulation
+        return min(self.num_clients, sim.max_nodes) if sim.assign_partitions else self.num_clients
+
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dict (tuples as lists), the inverse of :func:`run_config_from_dict`."""
         out: dict[str, Any] = {}
@@ -253,14 +282,14 @@ class RunConfig(BaseModel):
     def digest(self) -> str:
         """Hash of everything that determines the results (16 hex digits).
 
-        Where the run executes (``simulation.ray_address``,
-        ``simulation.ray_num_cpus``) and how long it may wait
-        (``simulation.timeout``) are left out: the same run on another
-        cluster has the same digest (and resumes from the same checkpoint).
+        Where and how the run executes (:data:`EXECUTION_KEYS` of
+        ``[simulation]``: the Ray cluster, the timeout, how partitions reach
+        nodes) is left out: the same run on another cluster has the same
+        digest (and resumes from the same checkpoint).
         Only values that differ from the defaults enter the hash, so adding a
         new option (with a default) keeps every existing digest.
         """
-        ignored = {"simulation.ray_address", "simulation.ray_num_cpus", "simulation.timeout"}
+        ignored = {f"simulation.{k}" for k in EXECUTION_KEYS}
         defaults = {**_defaults(self.strategy.name), "strategy.name": StrategyConfig.name}
         data = {
             k: v

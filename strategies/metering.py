@@ -5,11 +5,31 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from strategies.protocol import MEASUREMENT_PREFIX
+from strategies.protocol import CONFIG, MEASUREMENT_PREFIX, PARTITION_ID
+
+
+def _named_partition(message: Message) -> int:
+    config = message.content.get(CONFIG)
+    if isinstance(config, ConfigRecord) and PARTITION_ID in config:
+        return int(config[PARTITION_ID])  # type: ignore[arg-type]
+    return -1
+
+
+def _waves(messages: list[Message]) -> list[list[Message]]:
+    """Split ``messages`` into waves holding at most one message per destination node."""
+    waves: list[list[Message]] = []
+    seen: dict[int, int] = {}
+    for m in messages:
+        i = seen.get(m.metadata.dst_node_id, 0)
+        seen[m.metadata.dst_node_id] = i + 1
+        if i == len(waves):
+            waves.append([])
+        waves[i].append(m)
+    return waves
 
 
 def arrayrecord_bytes(content: RecordDict) -> int:
@@ -31,21 +51,25 @@ class Traffic:
         Array bytes sent to nodes and received from them.
     replies, errors : int
         Replies without and with an error.
-    train_nodes : list of int
-        Destinations of training messages, in sending order.
+    train_partitions : list of int
+        Partitions that training messages were about (-1: not named), in
+        sending order.
     """
 
     bytes_down: int = 0
     bytes_up: int = 0
     replies: int = 0
     errors: int = 0
-    train_nodes: list[int] = field(default_factory=list)
+    train_partitions: list[int] = field(default_factory=list)
 
 
 class MeteredGrid(Grid):
     """A Flower :class:`~flwr.serverapp.Grid` that counts the traffic of the grid it wraps.
 
-    Every method is the wrapped grid's; ``send_and_receive`` also counts.
+    Every method is the wrapped grid's; ``send_and_receive`` also counts, and
+    sends the messages addressed to one node in successive waves, so that a
+    node never runs two ClientApp calls at once (several virtual clients
+    share a node in simulation).
     """
 
     def __init__(self, grid: Grid) -> None:
@@ -93,8 +117,10 @@ class MeteredGrid(Grid):
         for m in messages:
             t.bytes_down += arrayrecord_bytes(m.content)
             if m.metadata.message_type.startswith(MessageType.TRAIN):
-                t.train_nodes.append(m.metadata.dst_node_id)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout)) if messages else []
+                t.train_partitions.append(_named_partition(m))
+        replies: list[Message] = []
+        for wave in _waves(messages):
+            replies += self._grid.send_and_receive(wave, timeout=timeout)
         for r in replies:
             if r.has_error():
                 t.errors += 1

@@ -19,7 +19,7 @@ from strategies.metering import MeteredGrid, arrayrecord_bytes
 from strategies.plugins import PeerPlugin
 from strategies.recorder import RoundRecorder
 from strategies.replies import screen_replies
-from strategies.sampling import metric_statistics
+from strategies.sampling import metric_statistics, unique_partitions
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def run_peers(
         }
     else:
         _record(recorder, grid, 0, states, {})
-    partition_of = {node: p for p, node in mapping.items()}
+    partition_of = unique_partitions(mapping)
     for server_round in range(first, config.rounds + 1):
         graph = build_graph(topo, n, seed=config.seed, round=server_round)
         weights = mixing_matrix(graph, topo.mixing)
@@ -79,6 +79,7 @@ def run_peers(
             records[protocol.CONFIG] = ConfigRecord(
                 {
                     protocol.SERVER_ROUND: server_round,
+                    protocol.PARTITION_ID: p,
                     protocol.MERGE: merge,
                     protocol.MIXING: json.dumps({str(j): float(weights[p, j]) for j in nbrs}),
                     protocol.SELF_WEIGHT: float(weights[p, p]) if merge else 1.0,

@@ -62,8 +62,6 @@ class RoundRecorder:
         Scratch model used for evaluation.
     data : DatasetBundle
         Test set.
-    node_to_partition : dict of int to int
-        Maps training destinations to partition ids in the rows.
     """
 
     def __init__(
@@ -72,13 +70,11 @@ class RoundRecorder:
         log: RunLog,
         model: nn.Module,
         data: DatasetBundle,
-        node_to_partition: dict[int, int],
     ) -> None:
         self.config = config
         self.log = log
         self.model = model
         self.data = data
-        self.node_to_partition = node_to_partition
         self.rows: list[dict[str, Any]] = []
         self.t_ready = time.perf_counter()
         self._last = self.t_ready
@@ -156,7 +152,7 @@ class RoundRecorder:
             "client_eval_accuracy": statistics_of(eval_metrics, "eval_accuracy"),
             "clients": traffic.replies,
             "failures": traffic.errors,
-            "sampled": sorted(self.node_to_partition.get(n, -1) for n in traffic.train_nodes),
+            "sampled": sorted(traffic.train_partitions),
             "bytes_down": traffic.bytes_down,
             "bytes_up": traffic.bytes_up,
             "round_time": now - self._last,

@@ -7,9 +7,24 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+
+from strategies import protocol
 
 logger = logging.getLogger(__name__)
+
+
+def reply_partition(msg: Message, node_to_partition: Mapping[int, int]) -> int | None:
+    """The partition a reply is about: named in its ConfigRecord, else its node's (if one).
+
+    fedmerge's ClientApp names the partition in every reply; an error reply
+    has no content, so its node must map to one partition to be known.
+    """
+    if not msg.has_error():
+        config = msg.content.get(protocol.CONFIG)
+        if isinstance(config, ConfigRecord) and protocol.PARTITION_ID in config:
+            return int(config[protocol.PARTITION_ID])  # type: ignore[arg-type]
+    return node_to_partition.get(msg.metadata.src_node_id)
 
 
 @dataclass(frozen=True)
@@ -33,7 +48,7 @@ class Screening:
 def screen_replies(
     replies: Iterable[Message],
     reference: Mapping[str, torch.Tensor] | None,
-    partition_of: dict[int, int],
+    partition_of: Mapping[int, int],
     *,
     arrays_key: str = "arrays",
     weight_key: str = "num-examples",
@@ -52,8 +67,10 @@ def screen_replies(
         Replies of one training round.
     reference : mapping of str to Tensor, optional
         The global model; names and shapes of replies must match it.
-    partition_of : dict of int to int
-        Node id -> partition id (replies are returned in partition order).
+    partition_of : mapping of int to int
+        Node id -> partition id, for nodes that hold one partition (replies
+        that name their partition use that; see :func:`reply_partition`).
+        Valid updates are returned in partition order.
     arrays_key, weight_key : str
         Record keys of the weights and of the sample count.
     allow_shape_mismatch : bool (default: False)
@@ -67,7 +84,8 @@ def screen_replies(
     out = Screening()
     for msg in replies:
         node = msg.metadata.src_node_id
-        who = f"partition {partition_of.get(node, '?')} (node {node})"
+        pid = reply_partition(msg, partition_of)
+        who = f"partition {'?' if pid is None else pid} (node {node})"
         if msg.has_error():
             out.skipped.append(f"{who}: error {msg.error.reason}")
             continue
@@ -107,7 +125,7 @@ def screen_replies(
         if nonfinite:
             out.skipped.append(f"{who}: non-finite values in {nonfinite[0]}")
             continue
-        out.updates.append(ClientUpdate(partition_of.get(node, -1), state, int(counts[0]), msg))
+        out.updates.append(ClientUpdate(-1 if pid is None else pid, state, int(counts[0]), msg))
     out.updates.sort(key=lambda u: u.partition)
     for reason in out.skipped:
         logger.warning("skipped reply: %s", reason)

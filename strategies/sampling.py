@@ -14,9 +14,17 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 
 from strategies import protocol
-from strategies.replies import Screening, screen_replies
+from strategies.replies import Screening, reply_partition, screen_replies
 
 logger = logging.getLogger(__name__)
+
+
+def unique_partitions(partition_to_node: Mapping[int, int]) -> dict[int, int]:
+    """Node id -> partition id for the nodes that hold exactly one partition."""
+    count: dict[int, int] = {}
+    for node in partition_to_node.values():
+        count[node] = count.get(node, 0) + 1
+    return {n: p for p, n in partition_to_node.items() if count[n] == 1}
 
 
 def metric_statistics(records: list[RecordDict], metric: str) -> MetricRecord:
@@ -111,9 +119,13 @@ class SeededSampling:
         clients_per_round: int,
         rng: np.random.Generator,
     ) -> None:
-        """Set the node map, the number of clients per round and the sampler."""
+        """Set the node map, the number of clients per round and the sampler.
+
+        Several partitions may share a node (virtual clients in simulation):
+        every message names its partition, and so does every reply.
+        """
         self._partition_to_node = dict(partition_to_node)
-        self._node_to_partition = {n: p for p, n in self._partition_to_node.items()}
+        self._node_to_partition = unique_partitions(self._partition_to_node)
         self.clients_per_round = clients_per_round
         self._rng = rng
         self._sent: dict[str, torch.Tensor] | None = None
@@ -134,8 +146,9 @@ class SeededSampling:
         return sorted(ids[i] for i in chosen)
 
     def partition_of(self, message: Message) -> int:
-        """Partition id of the node that sent ``message`` (-1 if unknown)."""
-        return self._node_to_partition.get(message.metadata.src_node_id, -1)
+        """Partition id a reply is about (-1 if unknown)."""
+        pid = reply_partition(message, self._node_to_partition)
+        return -1 if pid is None else pid
 
     def extra_train_config(self) -> dict[str, float | int | str]:
         """Keys added to every training ConfigRecord (FedProx adds its mu)."""
@@ -144,11 +157,14 @@ class SeededSampling:
     def _messages(
         self, arrays: ArrayRecord, config: ConfigRecord, partitions: list[int], kind: str
     ) -> list[Message]:
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return [
-            Message(content=record, message_type=kind, dst_node_id=self._partition_to_node[p])
-            for p in partitions
-        ]
+        messages = []
+        for p in partitions:
+            own = ConfigRecord({**config, protocol.PARTITION_ID: p})
+            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: own})
+            messages.append(
+                Message(content=record, message_type=kind, dst_node_id=self._partition_to_node[p])
+            )
+        return messages
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -33,13 +33,8 @@ class NodeDiscoveryError(RuntimeError):
     """Not all expected nodes registered, or two claimed the same partition."""
 
 
-def discover_nodes(grid: Grid, expected: int, timeout: float) -> dict[int, int]:
-    """Wait for ``expected`` nodes and map partition id -> node id.
-
-    Every node answers a ``query`` message with the ``partition-id`` of its
-    node config (and loads its data while doing so, so that training rounds
-    do not pay for it). Node ids are random per run; partition ids are not.
-    """
+def _wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
+    """Node ids, sorted, once ``expected`` nodes have registered."""
     deadline = time.monotonic() + timeout
     while len(node_ids := sorted(grid.get_node_ids())) < expected:
         if time.monotonic() > deadline:
@@ -48,6 +43,29 @@ def discover_nodes(grid: Grid, expected: int, timeout: float) -> dict[int, int]:
                 f"within {timeout:.0f} s"
             )
         time.sleep(0.2)
+    return node_ids
+
+
+def assign_partitions(grid: Grid, num_clients: int, nodes: int, timeout: float) -> dict[int, int]:
+    """Map partition id -> node id without asking any node (virtual clients, simulation).
+
+    Partition ``p`` goes to the ``(p mod nodes)``-th node in node-id order,
+    always the same one, so that what a client keeps on its node between
+    rounds (``context.state``) is there when it is sampled again. Messages
+    name their partition; start-up does not grow with ``num_clients``.
+    """
+    node_ids = _wait_for_nodes(grid, nodes, timeout)[:nodes]
+    return {p: node_ids[p % nodes] for p in range(num_clients)}
+
+
+def discover_nodes(grid: Grid, expected: int, timeout: float) -> dict[int, int]:
+    """Wait for ``expected`` nodes and map partition id -> node id.
+
+    Every node answers a ``query`` message with the ``partition-id`` of its
+    node config (and loads its data while doing so, so that training rounds
+    do not pay for it). Node ids are random per run; partition ids are not.
+    """
+    node_ids = _wait_for_nodes(grid, expected, timeout)
     messages = [
         Message(
             RecordDict({protocol.CONFIG: ConfigRecord({})}),
@@ -98,8 +116,13 @@ def main(grid: Grid, context: Context) -> None:
     )
     log = RunLog(Path(run_dir))
     log.write_json("config.json", config.to_dict())
-    mapping = discover_nodes(grid, config.num_clients, config.simulation.timeout)
-    logger.info("%d nodes ready after %.1f s", len(mapping), time.perf_counter() - t_start)
+    timeout = config.simulation.timeout
+    if config.simulation.assign_partitions:
+        mapping = assign_partitions(grid, config.num_clients, config.nodes, timeout)
+    else:
+        mapping = discover_nodes(grid, config.num_clients, timeout)
+    nodes = len(set(mapping.values()))
+    logger.info("%d nodes ready after %.1f s", nodes, time.perf_counter() - t_start)
 
     fed = federation(config)
     model = fed.initial_model().to(config.device)
@@ -108,7 +131,7 @@ def main(grid: Grid, context: Context) -> None:
         "partition_hash": cache_key(*fed.partitions),
     }
     metered = MeteredGrid(grid)
-    recorder = RoundRecorder(config, log, model, fed.data, {n: p for p, n in mapping.items()})
+    recorder = RoundRecorder(config, log, model, fed.data)
     plugin = config.strategy.plugin
     if isinstance(plugin, ServerPlugin):
         strategy = plugin.strategy(config.strategy.options, server_context(config, fed))

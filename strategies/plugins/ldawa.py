@@ -16,54 +16,27 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class LDAWAOptions(ServerOptions):
+class LDAWAOptions(ServerOptions, LDAWAConfig):
     """Options of ``strategy.name = "ldawa"``; the defaults are the paper's.
+
+    The kernel's :class:`fedmerge.merge.LDAWAConfig` (``normalize``,
+    ``negative``, ``bn``, ``layer``, ``sample_weighted``: documented and
+    checked there), plus:
 
     Attributes
     ----------
     warmup_rounds : int (default: 0)
         Rounds of plain sample-weighted FedAvg before L-DAWA starts (the
         reference code warms up with FedAvg); >= 0.
-    normalize : {"clients", "weights"} (default: "clients")
-        Divide the weighted sum by the number of clients (reference code) or by
-        the sum of the layer's weights (a convex combination).
-    negative : {"keep", "clip", "abs"} (default: "keep")
-        A negative cosine is kept (reference), clipped to 0, or replaced by
-        its magnitude.
-    bn : {"weighted", "average"} (default: "weighted")
-        BatchNorm statistics weighted like any layer (reference), or averaged
-        with FedAvg's sample-count weights.
-    layer : {"tensor", "module"} (default: "tensor")
-        A "layer" is one tensor of the state dict, or one module's tensors
-        sharing one cosine.
-    sample_weighted : bool (default: False)
-        Multiply every client's layer weight by ``n_k / mean(n)``.
-
-    See :class:`fedmerge.merge.LDAWAConfig` for the details.
     """
 
     warmup_rounds: int = 0
-    normalize: str = "clients"
-    negative: str = "keep"
-    bn: str = "weighted"
-    layer: str = "tensor"
-    sample_weighted: bool = False
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        ServerOptions.__post_init__(self)
+        LDAWAConfig.__post_init__(self)
         if self.warmup_rounds < 0:
             raise ValueError(f"warmup_rounds: got {self.warmup_rounds!r}; allowed: an integer >= 0")
-        self.ldawa_config()  # the kernel validates the rest
-
-    def ldawa_config(self) -> LDAWAConfig:
-        """The kernel's :class:`~fedmerge.merge.LDAWAConfig` of these options."""
-        return LDAWAConfig(
-            normalize=self.normalize,
-            negative=self.negative,
-            bn=self.bn,
-            layer=self.layer,
-            sample_weighted=self.sample_weighted,
-        )
 
 
 @dataclass(frozen=True)
@@ -80,7 +53,7 @@ class LDAWAMerge:
         states = [u.state for u in updates]
         if server_round <= self.options.warmup_rounds:
             return weighted_average(states, [float(c) for c in counts]), {}
-        return ldawa_aggregate(global_state, states, counts, self.options.ldawa_config()), {}
+        return ldawa_aggregate(global_state, states, counts, self.options), {}
 
 
 class LDAWAPlugin(ServerPlugin):
@@ -101,7 +74,7 @@ class LDAWAPlugin(ServerPlugin):
 
         return MergingStrategy(
             merge=LDAWAMerge(options),
-            description=f"L-DAWA: warm-up {options.warmup_rounds} rounds, {options.ldawa_config()}",
+            description=f"L-DAWA: {options}",
             fraction_evaluate=options.fraction_evaluate,
             **ctx.flower_options,
         )

@@ -31,8 +31,7 @@ def deployment(tmp_path: Path) -> Iterator[tuple[dict[str, str], list[subprocess
     )
     procs: list[subprocess.Popen] = []
     superlink = subprocess.Popen(
-        ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
-         "--control-api-address", f"127.0.0.1:{_free_port()}"],
+        ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     procs.append(superlink)
@@ -81,6 +80,7 @@ def test_server_side_strategy_on_supernodes(deployment, tmp_path: Path) -> None:
     out = _flwr_run(
         env,
         f"rounds=2 num_clients=2 clients_per_round=2 strategy.name='ldawa' "
+        f"simulation.assign_partitions=false "
         f"output.run-dir='{run_dir}'",
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
@@ -98,6 +98,7 @@ def test_peer_relay_on_supernodes(deployment, tmp_path: Path) -> None:
     out = _flwr_run(
         env,
         f"rounds=1 num_clients=3 clients_per_round=3 strategy.name='dimat' "
+        f"simulation.assign_partitions=false "
         f"topology.name='full' output.run-dir='{run_dir}'",
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]

@@ -128,14 +128,14 @@ def test_flwr_run_dot_uses_the_embedded_default(ray_address: str, tmp_path: Path
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
     (tmp_path / "home").mkdir()
-    port, control = _free_port(), _free_port()
+    port = _free_port()
     (tmp_path / "home" / "config.toml").write_text(
         f'[superlink]\ndefault = "local"\n[superlink.local]\n'
         f'address = "127.0.0.1:{port}"\ninsecure = true\n'
     )
     superlink = subprocess.Popen(
         ["flower-superlink", "--insecure", "--simulation", "--host", "127.0.0.1",
-         "--port", str(port), "--control-api-address", f"127.0.0.1:{control}"],
+         "--port", str(port)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     run_dir = tmp_path / "run"
