@@ -24,7 +24,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -212,13 +212,13 @@ class RunConfig(BaseModel):
     clients_per_round: int = Field(default=5, ge=1)
     device: str = "cpu"
     plugins: tuple[str, ...] = ()
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    partition: PartitionConfig = field(default_factory=PartitionConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
-    topology: TopologyConfig = field(default_factory=TopologyConfig)
-    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    topology: TopologyConfig = Field(default_factory=TopologyConfig)
+    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
 
     @_field_validator("device")
     @classmethod
