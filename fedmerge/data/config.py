@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
+from fedmerge.registry import add_entry
+
 if TYPE_CHECKING:
     from fedmerge.data.datasets import DatasetBundle
 
@@ -40,19 +42,7 @@ def register_dataset(name: str, loader: DatasetLoader) -> None:
     TypeError
         If ``loader`` is not callable.
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name: got {name!r}; allowed: a non-empty string")
-    if name in _LOADERS:
-        raise ValueError(
-            f"name: got {name!r}; allowed: a name not yet registered "
-            f"(registered: {', '.join(_LOADERS)})"
-        )
-    if not callable(loader):
-        raise TypeError(f"loader: got {loader!r}; allowed: a callable returning a DatasetBundle")
-    _LOADERS[name] = loader
-    # keep the registry sorted, so listings and error messages are stable
-    for key in sorted(_LOADERS):
-        _LOADERS[key] = _LOADERS.pop(key)
+    add_entry(_LOADERS, name, loader, key="loader", returns="a DatasetBundle")
 
 
 def dataset_names() -> tuple[str, ...]:

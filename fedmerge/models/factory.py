@@ -13,6 +13,7 @@ from fedmerge.models.mlp import MLP
 from fedmerge.models.resnet import ResNet20
 from fedmerge.models.user import ModelBuilder, load_factory
 from fedmerge.models.vgg import VGG11
+from fedmerge.registry import add_entry
 
 if TYPE_CHECKING:
     from fedmerge.models.config import ModelConfig
@@ -76,19 +77,7 @@ def register_model(name: str, builder: ModelBuilder) -> None:
     TypeError
         If ``builder`` is not callable.
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name: got {name!r}; allowed: a non-empty string")
-    if name in _BUILDERS:
-        raise ValueError(
-            f"name: got {name!r}; allowed: a name not yet registered "
-            f"(registered: {', '.join(_BUILDERS)})"
-        )
-    if not callable(builder):
-        raise TypeError(f"builder: got {builder!r}; allowed: a callable returning an nn.Module")
-    _BUILDERS[name] = builder
-    # keep the registry sorted, so listings and error messages are stable
-    for key in sorted(_BUILDERS):
-        _BUILDERS[key] = _BUILDERS.pop(key)
+    add_entry(_BUILDERS, name, builder, key="builder", returns="an nn.Module")
 
 
 def model_names() -> tuple[str, ...]:
