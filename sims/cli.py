@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import signal
@@ -29,7 +28,7 @@ from sims.plots import plot_accuracy, plot_partition
 from sims.report import DEFAULT_TARGET, Report, build_report
 from sims.runs import expand_run_dirs
 from sims.scenario_files import load_scenario
-from strategies.config import RunConfig
+from strategies.config import RunConfig, StrategyConfig
 from strategies.federation import federation
 from strategies.plugins import get_plugin, load_plugins, plugin_names
 
@@ -145,16 +144,12 @@ def cmd_strategies(args: argparse.Namespace) -> int:
         table.add_column(column)
     for name in plugin_names():
         plugin = get_plugin(name)
-        fields = dataclasses.fields(plugin.Options)
-        options = ", ".join(f"{f.name} ({json.dumps(_plain_default(f))})" for f in fields)
+        defaults = StrategyConfig(name).to_dict()
+        del defaults["name"]
+        options = ", ".join(f"{k} ({json.dumps(v)})" for k, v in defaults.items())
         table.add_row(name, "peer" if plugin.peer else "server", plugin.summary, options or "-")
     console.print(table)
     return 0
-
-
-def _plain_default(f: dataclasses.Field[Any]) -> Any:
-    value = f.default
-    return list(value) if isinstance(value, tuple) else value
 
 
 def _run_line(i: int, n: int, run: PlannedRun, summary: dict[str, Any], how: str) -> str:
