@@ -139,15 +139,25 @@ def cmd_partition(args: argparse.Namespace) -> int:
 def cmd_strategies(args: argparse.Namespace) -> int:
     """List the registered strategies with their options and defaults."""
     load_plugins(args.plugin)
+    rows = []
+    for name in plugin_names():
+        plugin = get_plugin(name)
+        options = StrategyConfig(name).to_dict()
+        del options["name"]
+        rows.append(
+            {"name": name, "side": "peer" if plugin.peer else "server",
+             "summary": plugin.summary, "options": options}
+        )  # fmt: skip
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
     table = Table(title="strategies (strategy.name and its options)")
     for column in ("name", "side", "what it does", "options (default)"):
         table.add_column(column)
-    for name in plugin_names():
-        plugin = get_plugin(name)
-        defaults = StrategyConfig(name).to_dict()
-        del defaults["name"]
-        options = ", ".join(f"{k} ({json.dumps(v)})" for k, v in defaults.items())
-        table.add_row(name, "peer" if plugin.peer else "server", plugin.summary, options or "-")
+    for row in rows:
+        # One option per line: a cell never wraps inside an option.
+        cell = "\n".join(f"{k} ({json.dumps(v)})" for k, v in row["options"].items())
+        table.add_row(row["name"], row["side"], row["summary"], cell or "-")
     console.print(table)
     return 0
 
@@ -316,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="MODULE",
         help="also import this plugin module or .py file (repeatable)",
+    )
+    strat.add_argument(
+        "--json", action="store_true", help="print the list as JSON (name, side, summary, options)"
     )
     strat.set_defaults(func=cmd_strategies)
 

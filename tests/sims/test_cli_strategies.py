@@ -11,14 +11,31 @@ from sims import cli
 from strategies.plugins import get_plugin, plugin_names
 
 
-def test_every_strategy_option_and_default_is_listed(capsys: pytest.CaptureFixture[str]) -> None:
+def _declared_defaults(name: str) -> dict[str, object]:
+    """Each option's default as its dataclass declares it (tuples as JSON lists)."""
+    out: dict[str, object] = {}
+    for f in dataclasses.fields(get_plugin(name).Options):
+        out[f.name] = list(f.default) if isinstance(f.default, tuple) else f.default
+    return out
+
+
+def test_json_lists_every_strategy_option_and_default(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["strategies", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == plugin_names()
+    for row in rows:
+        assert row["options"] == _declared_defaults(row["name"]), row["name"]
+        assert row["side"] == ("peer" if get_plugin(row["name"]).peer else "server")
+
+
+def test_the_table_shows_every_option_on_its_own_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["strategies"]) == 0
-    out = " ".join(capsys.readouterr().out.split())  # the table wraps long cells
+    lines = capsys.readouterr().out.splitlines()
     for name in plugin_names():
-        assert name in out
-        for f in dataclasses.fields(get_plugin(name).Options):
-            default = list(f.default) if isinstance(f.default, tuple) else f.default
-            assert f"{f.name} ({json.dumps(default)})" in out, (name, f.name)
+        assert any(f" {name} " in line for line in lines), name
+        for option, default in _declared_defaults(name).items():
+            cell = f"{option} ({json.dumps(default)})"
+            assert any(cell in line for line in lines), (name, cell)
 
 
 def test_an_unknown_plugin_module_is_one_line_and_exit_2(
