@@ -1,5 +1,5 @@
 # `make run`: install everything, run the embedded default scenario.
-# `make test`: install everything, type-check fedmerge/ and strategies/ (mypy --strict),
+# `make test`: install everything, type-check fedmerge/, strategies/ and sims/ (mypy --strict),
 # run the whole test suite.
 .PHONY: run test lint bootstrap
 
@@ -10,7 +10,7 @@ run: bootstrap
 	.venv/bin/fedmerge simulate
 
 test: bootstrap
-	.venv/bin/python -m mypy --strict fedmerge strategies
+	.venv/bin/python -m mypy --strict fedmerge strategies sims
 	.venv/bin/python -m pytest
 
 lint: bootstrap

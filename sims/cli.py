@@ -139,7 +139,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
 def cmd_strategies(args: argparse.Namespace) -> int:
     """List the registered strategies with their options and defaults."""
     load_plugins(args.plugin)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in plugin_names():
         plugin = get_plugin(name)
         options = StrategyConfig(name).to_dict()
