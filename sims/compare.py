@@ -166,7 +166,9 @@ def _base_path(spec: Any, sweep_path: Path, where: str) -> Path:
         ) from None
 
 
-def _axis(where: str, key: str, values: Any, prefix: str | None = None) -> tuple[dict[str, Any], ...]:
+def _axis(
+    where: str, key: str, values: Any, prefix: str | None = None
+) -> tuple[dict[str, Any], ...]:
     """An axis as a tuple of override dicts (dotted keys; tables under ``prefix``)."""
     prefix = key if prefix is None else prefix
     if not isinstance(values, list) or not values:
