@@ -174,6 +174,8 @@ def _run_line(i: int, n: int, run: PlannedRun, summary: dict[str, Any], how: str
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Run every combination of a sweep (cached by digest), then write the report."""
+    if args.parallel < 1:
+        raise ValueError(f"--parallel: got {args.parallel}; allowed: an integer >= 1")
     sweep = load_sweep(args.sweep, args.set)
     runs = plan_sweep(sweep, args.runs_root, force=args.force)
     sweep_dir = Path(args.runs_root) / sweep.name
@@ -233,6 +235,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             on_start=on_start,
             on_round=on_round,
             on_end=on_end,
+            parallel=args.parallel,
+            runtime_log=sweep_dir / "runtime.log",
         )
     report = build_report(
         [r.run_dir for r in runs], out, target=sweep.target_accuracy, tensorboard=tensorboard
@@ -310,6 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a scenario key in every run, e.g. --set rounds=50 (repeatable)",
     )
     cmp.add_argument("--force", action="store_true", help="delete and re-run finished runs")
+    cmp.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="runs at a time on the shared Ray cluster (default: 1)",
+    )
     cmp.add_argument(
         "--runs-root", default="runs", help="runs go to RUNS_ROOT/SWEEP_NAME/DIGEST (default: runs)"
     )

@@ -44,12 +44,13 @@ import re
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedmerge.atomic import atomic_write_text
-from sims.launch import preflight, simulate
+from sims.launch import preflight, shared_runtimes, simulate
 from sims.plots import write_tensorboard
 from sims.report import DEFAULT_TARGET
 from sims.runs import TIMING_FILE
@@ -406,8 +407,15 @@ def run_sweep(
     on_start: Callable[[int, PlannedRun], None] | None = None,
     on_round: Callable[[PlannedRun, dict[str, Any]], None] | None = None,
     on_end: Callable[[int, PlannedRun, dict[str, Any]], None] | None = None,
+    parallel: int = 1,
+    runtime_log: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every planned run that is not ``"done"``, one after the other.
+    """Run every planned run that is not ``"done"``, on one Flower and Ray runtime.
+
+    The runs share a SuperLink and a Ray cluster (see
+    :func:`sims.launch.shared_runtimes`): Flower and Ray start once per sweep,
+    not once per run. Up to ``parallel`` runs go at a time; each run's numbers
+    do not depend on which runs share the cluster with it.
 
     Parameters
     ----------
@@ -421,7 +429,12 @@ def run_sweep(
         Called with ``(index, run)`` before a run starts (not for cached
         runs), with ``(run, metrics_row)`` for every row of its
         ``metrics.jsonl``, and with ``(index, run, summary)`` when a run is
-        finished or found cached.
+        finished or found cached. With ``parallel > 1`` they are called from
+        worker threads.
+    parallel : int (default: 1)
+        How many runs go at a time (each takes its clients' CPUs from Ray).
+    runtime_log : Path, optional
+        Where the SuperLink's and Ray's own output goes.
 
     Returns
     -------
@@ -434,8 +447,8 @@ def run_sweep(
     sims.launch.SimulationError
         If a run fails; the runs finished before it stay cached.
     """
-    summaries = []
-    for i, run in enumerate(runs):
+
+    def one(i: int, run: PlannedRun) -> dict[str, Any]:
         if run.state == "done" and not force:
             summary = _read_json(run.run_dir / "summary.json")
             summary.setdefault("wall_time", _read_json(run.run_dir / TIMING_FILE).get("wall_time"))
@@ -444,7 +457,7 @@ def run_sweep(
                 shutil.rmtree(run.run_dir)
             if on_start is not None:
                 on_start(i, run)
-            callback = None if on_round is None else (lambda row, run=run: on_round(run, row))
+            callback = None if on_round is None else (lambda row: on_round(run, row))
             t0 = time.perf_counter()
             summary = simulate(run.scenario, run.run_dir, on_round=callback)
             timing = {
@@ -456,5 +469,19 @@ def run_sweep(
             write_tensorboard(run.run_dir)
         if on_end is not None:
             on_end(i, run, summary)
-        summaries.append(summary)
-    return summaries
+        return summary
+
+    with shared_runtimes(runtime_log):
+        if parallel <= 1:
+            return [one(i, run) for i, run in enumerate(runs)]
+        pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="run")
+        futures = [pool.submit(one, i, run) for i, run in enumerate(runs)]
+        try:
+            summaries = [f.result() for f in futures]
+        except BaseException:
+            # A failed run or Ctrl-C: start nothing new. Leaving this block stops
+            # the runtimes, which ends the runs still going (they resume later).
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+        return summaries

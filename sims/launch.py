@@ -5,22 +5,25 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from fedmerge.align import permutation_spec_for
 from fedmerge.atomic import atomic_write_text
 from fedmerge.topology import build_graph, mixing_matrix
+from sims.processes import stop_tree
 from sims.runs import parse_row
 from sims.scenario_files import load_scenario
 from strategies.config import (
@@ -130,57 +133,17 @@ def _wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout: float) -> N
     raise SimulationError(f"flower-superlink did not become healthy within {timeout:.0f} s")
 
 
-def _descendants(pid: int) -> list[int]:
-    """PIDs of every process below ``pid`` (read from /proc; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def _stop(proc: subprocess.Popen[bytes] | None, grace: float = 10.0) -> None:
     """Stop a process we started and all its descendants, by PID.
 
     The SuperLink starts a SuperExec in a session of its own, which starts the
-    simulation process and Ray; the whole tree is collected before the first
-    signal so that nothing re-parented to init is missed. SIGTERM first, then
-    SIGKILL for whatever is still alive after ``grace`` seconds.
+    simulation process; ``ray start`` starts Ray's daemons. The whole tree is
+    collected before the first signal (:func:`sims.processes.stop_tree`):
+    SIGTERM first, then SIGKILL for whatever is alive after ``grace`` seconds.
     """
     if proc is None:
         return
-    pids = [*_descendants(proc.pid), proc.pid]
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        proc.poll()
-        time.sleep(0.1)
-    for pid in pids:
-        if _alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    stop_tree([proc.pid], grace)
     proc.wait()
 
 
@@ -225,9 +188,199 @@ def federation_config(scenario: RunConfig) -> str:
         f"client-resources-num-cpus={sim.num_cpus_per_client}",
         f"client-resources-num-gpus={sim.num_gpus_per_client}",
     ]
-    if sim.ray_num_cpus and not sim.ray_address:
-        items.append(f"init-args-num-cpus={sim.ray_num_cpus}")
+    # Ray's size (simulation.ray_num_cpus) is set where the Runtime starts its head.
     return " ".join(items)
+
+
+class Runtime:
+    """A SuperLink and a Ray cluster that serve one run or many, and a watchdog for both.
+
+    ``flower-superlink --simulation`` listens on a free loopback port, with its
+    own ``FLWR_HOME`` in a temporary directory. Unless ``ray_address`` names
+    a cluster to join, ``ray start --head`` starts one on this machine
+    (``ray_num_cpus`` CPUs, 0 for all cores) that every run's simulation
+    process joins, so Ray starts once per runtime rather than once per run.
+    A watchdog process stops both, and every ``flwr run`` still going, if the
+    process that started them dies without stopping them (SIGKILL, OOM).
+
+    Parameters
+    ----------
+    ray_address : str
+        ``host:port`` of a running Ray cluster, or ``""`` to start one.
+    ray_num_cpus : int
+        CPUs of the Ray cluster this runtime starts (0: all cores).
+    log : Path
+        Where the SuperLink's and Ray's output goes (appended).
+    """
+
+    def __init__(self, ray_address: str, ray_num_cpus: int, log: Path) -> None:
+        self.key = (ray_address, ray_num_cpus)
+        self.tmp = Path(tempfile.mkdtemp(prefix="fm-"))  # short: Ray's socket paths are limited
+        self.env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.tmp / "flwr")}
+        self.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{self.env.get('PATH', '')}"
+        self.port = _free_port()
+        self.log = log
+        self._guarded: list[int] = []
+        self._lock = threading.Lock()
+        self.ray: subprocess.Popen[bytes] | None = None
+        self.superlink: subprocess.Popen[bytes] | None = None
+        (self.tmp / "flwr").mkdir()
+        (self.tmp / "flwr" / "config.toml").write_text(
+            f'[superlink]\ndefault = "fedmerge"\n\n[superlink.fedmerge]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
+        self.watchdog = subprocess.Popen(
+            [sys.executable, "-m", "sims.processes", str(os.getpid()), str(self.tmp / "guard")],
+            cwd=APP_DIR, stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        try:
+            with log.open("ab") as out:
+                self.env["RAY_ADDRESS"] = ray_address or self._start_ray(ray_num_cpus, out)
+                self.superlink = self.spawn(
+                    [
+                        "flower-superlink", "--insecure", "--simulation",
+                        "--isolation", "subprocess",
+                        "--host", "127.0.0.1", "--port", str(self.port),
+                    ],
+                    out,
+                )  # fmt: skip
+            _wait_healthy(self.port, self.superlink, timeout=60)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start_ray(self, num_cpus: int, out: IO[bytes]) -> str:
+        """Start a Ray head on loopback; return its address once its raylet is up."""
+        port = _free_port()
+        self.ray = self.spawn(
+            [
+                "ray", "start", "--head", "--block",
+                "--node-ip-address", "127.0.0.1", "--port", str(port),
+                "--num-cpus", str(num_cpus or os.cpu_count() or 1),
+                "--include-dashboard", "false", "--disable-usage-stats",
+                "--temp-dir", str(self.tmp / "r"),
+            ],
+            out,
+        )  # fmt: skip
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.ray.poll() is not None:
+                raise SimulationError(f"ray start exited with code {self.ray.returncode}")
+            if any((self.tmp / "r").glob("session_*/sockets/raylet")):
+                return f"127.0.0.1:{port}"
+            time.sleep(0.1)
+        raise SimulationError("the Ray head did not start within 90 s")
+
+    def spawn(
+        self, argv: list[str], out: IO[bytes], cwd: Path | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start ``argv`` in a session of its own, guarded by the watchdog."""
+        proc = subprocess.Popen(
+            argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=cwd, start_new_session=True,
+        )  # fmt: skip
+        with self._lock:
+            self._guarded.append(proc.pid)
+            atomic_write_text(self.tmp / "guard", "\n".join(map(str, self._guarded)) + "\n")
+        return proc
+
+    def run(
+        self,
+        scenario: RunConfig,
+        run_dir: Path,
+        on_round: Callable[[dict[str, Any]], None] | None = None,
+    ) -> bool:
+        """Submit ``scenario`` with ``flwr run --stream``; follow it until its summary exists.
+
+        Flower's output for the run goes to ``run_dir/flower.log``. Returns
+        whether the run wrote ``summary.json``.
+        """
+        (run_dir / "run_config.toml").write_text(run_config_toml(scenario, run_dir))
+        metrics = run_dir / "metrics.jsonl"
+        summary_path = run_dir / "summary.json"
+        summary_path.unlink(missing_ok=True)
+        app = stage_app(Path(tempfile.mkdtemp(prefix="app-", dir=self.tmp)))
+        client = None
+        try:
+            with (run_dir / "flower.log").open("ab") as log:
+                client = self.spawn(
+                    [
+                        "flwr", "run", str(app), "fedmerge", "--stream",
+                        "--run-config", str(run_dir / "run_config.toml"),
+                        "--federation-config", federation_config(scenario),
+                    ],
+                    log,
+                    cwd=run_dir,
+                )  # fmt: skip
+                seen = 0
+                while True:
+                    done = client.poll() is not None or summary_path.exists()
+                    if metrics.exists():
+                        rows = metrics.read_text().splitlines()
+                        for line in rows[seen:]:
+                            if line.strip() and on_round is not None:
+                                on_round(parse_row(line))
+                        seen = len(rows)
+                    if done:
+                        break
+                    time.sleep(0.1)
+                if client.poll() is None and summary_path.exists():
+                    try:  # the summary is written; let the run end before the next one starts
+                        client.wait(timeout=15)
+                    except subprocess.TimeoutExpired:
+                        pass
+        finally:
+            _stop(client, grace=2)
+            shutil.rmtree(app, ignore_errors=True)
+        return summary_path.exists()
+
+    def close(self, grace: float = 1.0) -> None:
+        """Stop the SuperLink, the Ray head this runtime started, and the watchdog."""
+        _stop(self.superlink, grace=grace)
+        _stop(self.ray, grace=grace)
+        _stop(self.watchdog, grace=1.0)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@dataclass
+class _Shared:
+    """The runtimes of a :func:`shared_runtimes` block, by Ray address and CPU count."""
+
+    log: Path
+    runtimes: dict[tuple[str, int], Runtime] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_shared: _Shared | None = None
+
+
+@contextmanager
+def shared_runtimes(log: Path | None = None) -> Iterator[None]:
+    """Within this block, runs share one :class:`Runtime` per Ray address and CPU count.
+
+    The first run that needs a runtime starts it; the end of the block stops
+    them all. A run that fails closes its runtime (the next run starts a fresh
+    one), so that nothing it left behind holds Ray's resources. ``log``
+    receives the runtimes' own output (default: a temporary file, deleted).
+    """
+    global _shared
+    if _shared is not None:  # nested: the outer block owns the runtimes
+        yield
+        return
+    own_log = log is None
+    if log is None:
+        fd, name = tempfile.mkstemp(prefix="fm-runtime-", suffix=".log")
+        os.close(fd)
+        log = Path(name)
+    _shared = _Shared(log)
+    try:
+        yield
+    finally:
+        runtimes, _shared = list(_shared.runtimes.values()), None
+        for runtime in runtimes:
+            runtime.close()
+        if own_log:
+            log.unlink(missing_ok=True)
 
 
 def simulate(
@@ -236,13 +389,14 @@ def simulate(
     *,
     on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run ``scenario`` through ``flwr run`` against a SuperLink of its own.
+    """Run ``scenario`` through ``flwr run`` on a :class:`Runtime`.
 
-    Starts ``flower-superlink --simulation`` on free loopback ports (its own
-    ``FLWR_HOME`` and ``RAY_TMPDIR`` in a temp directory), submits the app
-    with ``flwr run --stream``, follows ``metrics.jsonl`` (calling
-    ``on_round`` for every new row), then stops the SuperLink and everything
-    it started. Flower's output goes to ``run_dir/flower.log``.
+    Outside :func:`shared_runtimes`, the run gets a runtime of its own (a
+    SuperLink, and a Ray head unless ``simulation.ray_address`` names one),
+    stopped with everything it started when the run ends. Inside, it shares
+    the block's runtime for its Ray address and CPU count. Follows
+    ``metrics.jsonl``, calling ``on_round`` for every new row. Flower's output
+    goes to ``run_dir/flower.log``.
 
     Returns
     -------
@@ -257,68 +411,34 @@ def simulate(
     t0 = time.perf_counter()
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="fm-"))  # short: Ray's socket paths are length-limited
-    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(tmp / "flwr"), "RAY_TMPDIR": str(tmp / "r")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    if scenario.simulation.ray_address:
-        env["RAY_ADDRESS"] = scenario.simulation.ray_address
-    port = _free_port()
-    (tmp / "flwr").mkdir()
-    (tmp / "r").mkdir()
-    (tmp / "flwr" / "config.toml").write_text(
-        f'[superlink]\ndefault = "fedmerge"\n\n[superlink.fedmerge]\n'
-        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
-    )
-    (run_dir / "run_config.toml").write_text(run_config_toml(scenario, run_dir))
-    metrics = run_dir / "metrics.jsonl"
-    summary_path = run_dir / "summary.json"
-    summary_path.unlink(missing_ok=True)
     log_path = run_dir / "flower.log"
-    superlink = client = None
-    try:
-        with log_path.open("wb") as log:
-            superlink = subprocess.Popen(
-                [
-                    "flower-superlink", "--insecure", "--simulation",
-                    "--isolation", "subprocess",
-                    "--host", "127.0.0.1", "--port", str(port),
-                ],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-            _wait_healthy(port, superlink, timeout=60)
-            client = subprocess.Popen(
-                [
-                    "flwr", "run", str(stage_app(tmp / "app")), "fedmerge", "--stream",
-                    "--run-config", str(run_dir / "run_config.toml"),
-                    "--federation-config", federation_config(scenario),
-                ],
-                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=run_dir,
-                start_new_session=True,
-            )  # fmt: skip
-            seen = 0
-            while True:
-                done = client.poll() is not None or summary_path.exists()
-                if metrics.exists():
-                    rows = metrics.read_text().splitlines()
-                    for line in rows[seen:]:
-                        if line.strip() and on_round is not None:
-                            on_round(parse_row(line))
-                    seen = len(rows)
-                if done:
-                    break
-                time.sleep(0.1)
-            if client.poll() is None:
-                try:
-                    client.wait(timeout=1)  # the summary is written: the run is over
-                except subprocess.TimeoutExpired:
-                    pass
-    finally:
-        _stop(client, grace=2)
-        # A finished run has nothing left to save: don't wait for Ray's slow
-        # graceful shutdown. An interrupted one gets time to stop cleanly.
-        _stop(superlink, grace=1.0 if summary_path.exists() else 10.0)
-        shutil.rmtree(tmp, ignore_errors=True)
-    if not summary_path.exists():
+    log_path.write_bytes(b"")
+    key = (scenario.simulation.ray_address, scenario.simulation.ray_num_cpus)
+    if _shared is None:
+        runtime = Runtime(*key, log=log_path)
+        try:
+            ok = runtime.run(scenario, run_dir, on_round)
+        finally:
+            # A finished run has nothing left to save: don't wait for Ray's slow
+            # graceful shutdown. An interrupted one gets time to stop cleanly.
+            runtime.close(grace=1.0 if (run_dir / "summary.json").exists() else 10.0)
+    else:
+        shared = _shared
+        with shared.lock:
+            if key not in shared.runtimes:
+                shared.runtimes[key] = Runtime(*key, log=shared.log)
+            runtime = shared.runtimes[key]
+        ok = False
+        try:
+            ok = runtime.run(scenario, run_dir, on_round)
+        finally:
+            if not ok:
+                with shared.lock:
+                    if shared.runtimes.get(key) is runtime:
+                        del shared.runtimes[key]
+                runtime.close(grace=10.0)
+    summary_path = run_dir / "summary.json"
+    if not ok:
         tail = log_path.read_text(errors="replace").splitlines()[-15:]
         raise SimulationError(f"run did not complete; see {log_path}\n" + "\n".join(tail))
     summary: dict[str, Any] = json.loads(summary_path.read_text())

@@ -1,4 +1,4 @@
-"""Shared fixtures: one Ray cluster per test session for the end-to-end tests."""
+"""Shared fixtures: one Ray cluster and one SuperLink per test session for the end-to-end tests."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from sims.launch import FLOWER_ENV
+from sims.launch import FLOWER_ENV, shared_runtimes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,3 +67,15 @@ def ray_address() -> Iterator[str]:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_superlink_per_ray_cluster() -> Iterator[None]:
+    """Simulations in this session share a SuperLink per Ray cluster (started on first use).
+
+    As ``fedmerge compare`` does for a sweep; a run that fails gets a fresh
+    runtime for the next one. Tests that run ``fedmerge simulate`` in a
+    subprocess still start their own.
+    """
+    with shared_runtimes():
+        yield

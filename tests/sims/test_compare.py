@@ -171,7 +171,8 @@ def compared(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     out = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
         mp.setattr(compare, "simulate", recording_simulate)
-        code = cli.main(["compare", str(sweep), "--runs-root", str(runs_root)])
+        # Two at a time on one runtime: the numbers must not depend on it.
+        code = cli.main(["compare", str(sweep), "--runs-root", str(runs_root), "--parallel", "2"])
     assert code == 0, out.getvalue()
 
     reference = tmp / "reference"

@@ -1,0 +1,102 @@
+"""Process trees that fedmerge starts, and a watchdog that stops them when fedmerge dies.
+
+Standard library only: ``python -m sims.processes PARENT_PID GUARD_FILE`` runs
+the watchdog in a process of its own, without importing torch, Flower or Ray.
+
+The watchdog polls its parent. When the parent is gone (SIGKILL, an
+out-of-memory kill, a crash), it reads the PIDs listed in ``GUARD_FILE`` (the
+SuperLink, the Ray head, ``flwr run``; written by the parent as it starts
+them), collects every process below them and stops them all: SIGTERM, then
+SIGKILL after a grace period. A parent that exits normally stops its
+processes itself and then the watchdog.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+#: Seconds between two looks at the parent.
+POLL = 0.25
+
+#: Seconds from SIGTERM to SIGKILL when the watchdog stops an orphaned tree.
+ORPHAN_GRACE = 2.0
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of every process below ``pid`` (read from /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, is not alive)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def stop_tree(roots: list[int], grace: float) -> list[int]:
+    """SIGTERM ``roots`` and everything below them; SIGKILL what is left after ``grace`` s.
+
+    The whole tree is collected before the first signal, so that nothing
+    re-parented to init on the way is missed. Returns the PIDs signalled.
+    """
+    pids = [d for root in roots for d in descendants(root)] + list(roots)
+    _signal(pids, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        _reap()
+        time.sleep(0.05)
+    _signal([p for p in pids if alive(p)], signal.SIGKILL)
+    return pids
+
+
+def _signal(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _reap() -> None:
+    """Collect exited children of this process (the watchdog's own, if any)."""
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
+
+
+def watch(parent: int, guard_file: Path) -> int:
+    """Wait for ``parent`` to die, then stop every tree listed in ``guard_file``."""
+    while os.getppid() == parent and alive(parent):
+        time.sleep(POLL)
+    try:
+        roots = [int(x) for x in guard_file.read_text().split()]
+    except (OSError, ValueError):
+        return 0
+    stop_tree(roots, ORPHAN_GRACE)
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    sys.exit(watch(int(sys.argv[1]), Path(sys.argv[2])))
