@@ -50,6 +50,8 @@ FLOWER_ENV = {
     # Ray >= 2.50 warns that it will stop overriding CUDA_VISIBLE_DEVICES for
     # actors with num_gpus=0; opt in to that future behaviour now.
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    # The SuperExec looks for a submitted run every second by default.
+    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
 }
 
 
@@ -235,7 +237,23 @@ class Runtime:
         )  # fmt: skip
         try:
             with log.open("ab") as out:
-                self.env["RAY_ADDRESS"] = ray_address or self._start_ray(ray_num_cpus, out)
+                # Ray and the SuperLink start side by side: the SuperLink needs
+                # Ray only when the first run's simulation process starts.
+                if ray_address:
+                    self.env["RAY_ADDRESS"] = ray_address
+                else:
+                    ray_port = _free_port()
+                    self.env["RAY_ADDRESS"] = f"127.0.0.1:{ray_port}"
+                    self.ray = self.spawn(
+                        [
+                            "ray", "start", "--head", "--block",
+                            "--node-ip-address", "127.0.0.1", "--port", str(ray_port),
+                            "--num-cpus", str(ray_num_cpus or os.cpu_count() or 1),
+                            "--include-dashboard", "false", "--disable-usage-stats",
+                            "--temp-dir", str(self.tmp / "r"),
+                        ],
+                        out,
+                    )  # fmt: skip
                 self.superlink = self.spawn(
                     [
                         "flower-superlink", "--insecure", "--simulation",
@@ -244,32 +262,24 @@ class Runtime:
                     ],
                     out,
                 )  # fmt: skip
+            if self.ray is not None:
+                self._wait_ray()
             _wait_healthy(self.port, self.superlink, timeout=60)
         except BaseException:
             self.close()
             raise
 
-    def _start_ray(self, num_cpus: int, out: IO[bytes]) -> str:
-        """Start a Ray head on loopback; return its address once its raylet is up."""
-        port = _free_port()
-        self.ray = self.spawn(
-            [
-                "ray", "start", "--head", "--block",
-                "--node-ip-address", "127.0.0.1", "--port", str(port),
-                "--num-cpus", str(num_cpus or os.cpu_count() or 1),
-                "--include-dashboard", "false", "--disable-usage-stats",
-                "--temp-dir", str(self.tmp / "r"),
-            ],
-            out,
-        )  # fmt: skip
-        deadline = time.monotonic() + 90
+    def _wait_ray(self, timeout: float = 90) -> None:
+        """Wait for the Ray head's raylet (its socket file) to be up."""
+        assert self.ray is not None
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.ray.poll() is not None:
                 raise SimulationError(f"ray start exited with code {self.ray.returncode}")
             if any((self.tmp / "r").glob("session_*/sockets/raylet")):
-                return f"127.0.0.1:{port}"
+                return
             time.sleep(0.1)
-        raise SimulationError("the Ray head did not start within 90 s")
+        raise SimulationError(f"the Ray head did not start within {timeout:.0f} s")
 
     def spawn(
         self, argv: list[str], out: IO[bytes], cwd: Path | None = None
