@@ -6,11 +6,17 @@ The same workload runs twice in this process:
     sampling, local training (same per-client seeds), sample-weighted
     averaging and test-set evaluation every round, one client after another;
 (b) ``fedmerge simulate`` (Flower's simulation runtime, Ray backend, one
-    actor per core).
+    actor per core);
+(c) the anchor: ``benchmarks/anchor_app``, a minimal Flower App as a Flower
+    user writes it (Flower's own FedAvg, partition ids from ``node_config``,
+    the simulation runtime starting Ray itself) on the same data, partitions,
+    model and local training, run with ``flower-superlink --simulation`` and
+    ``flwr run``.
 
-Prints wall times and the ratio b/a excluding and including start-up.
-Start-up of (a) is loading data, partitioning and building the model; of (b)
-everything before round 1 (SuperLink, Ray, actors, their data) plus that.
+Prints wall times and the ratios b/a and b/c, excluding and including
+start-up. Start-up of (a) is loading data, partitioning and building the
+model; of (b) and (c) everything before round 1 (SuperLink, Ray, actors,
+their data) plus shutdown.
 
 Run:  .venv/bin/python benchmarks/sim_overhead.py [--rounds 10] [--clients 50]
 """
@@ -18,6 +24,9 @@ Run:  .venv/bin/python benchmarks/sim_overhead.py [--rounds 10] [--clients 50]
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,13 +36,14 @@ import torch
 
 from fedmerge.data.datasets import load_dataset
 from fedmerge.training import evaluate, train_local
-from sims.launch import simulate
+from sims.launch import FLOWER_ENV, _free_port, _stop, _wait_healthy, simulate
 from sims.scenario_files import load_scenario
 from strategies.config import RunConfig
 from strategies.federation import SAMPLING_STREAM, Federation
 
 
 def bare_loop(scenario: RunConfig) -> dict[str, float]:
+    """The workload of a FedAvg or FedProx ``scenario`` in one process, one client at a time."""
     t0 = time.perf_counter()
     load_dataset.cache_clear()
     fed = Federation(scenario)
@@ -45,6 +55,8 @@ def bare_loop(scenario: RunConfig) -> dict[str, float]:
     ids = list(range(scenario.num_clients))
     config = scenario.train
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    # FedProx's clients add the proximal term; every other strategy here trains plainly.
+    prox_mu = float(getattr(scenario.strategy.options, "prox_mu", 0.0))
     evaluate(model, data.test_x, data.test_y)
     acc = 0.0
     for server_round in range(1, scenario.rounds + 1):
@@ -54,7 +66,9 @@ def bare_loop(scenario: RunConfig) -> dict[str, float]:
             model.load_state_dict(global_state)
             x, y = fed.client_data(pid)
             gen = torch.Generator().manual_seed(fed.client_seed(server_round, pid))
-            result = train_local(model, x, y, config, generator=gen)
+            result = train_local(
+                model, x, y, config, generator=gen, prox_mu=prox_mu, global_state=global_state
+            )
             states.append({k: v.clone() for k, v in model.state_dict().items()})
             weights.append(result.num_examples)
         total = sum(weights)
@@ -68,6 +82,47 @@ def bare_loop(scenario: RunConfig) -> dict[str, float]:
         _, acc = evaluate(model, data.test_x, data.test_y)
     t_end = time.perf_counter()
     return {"startup": t_ready - t0, "rounds": t_end - t_ready, "total": t_end - t0, "acc": acc}
+
+
+ANCHOR = Path(__file__).resolve().parent / "anchor_app"
+
+
+def plain_flower(scenario: RunConfig, tmp: Path) -> dict[str, float]:
+    """Run the anchor app as a Flower user would: a SuperLink, then ``flwr run --stream``."""
+    home, times = tmp / "home", tmp / "times.txt"
+    home.mkdir()
+    port = _free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "local"\n[superlink.local]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home), "RAY_TMPDIR": str(tmp / "r")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    run_config = (
+        f"rounds={scenario.rounds} num-clients={scenario.num_clients} "
+        f"per-round={scenario.clients_per_round} seed={scenario.seed} times='{times}'"
+    )
+    t0 = time.perf_counter()
+    with (tmp / "flower.log").open("wb") as log:
+        superlink = subprocess.Popen(
+            ["flower-superlink", "--insecure", "--simulation", "--host", "127.0.0.1",
+             "--port", str(port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            _wait_healthy(port, superlink, timeout=60)
+            subprocess.run(
+                ["flwr", "run", str(ANCHOR), "local", "--stream", "--run-config", run_config,
+                 "--federation-config",
+                 f"num-supernodes={scenario.num_clients} client-resources-num-cpus=1"],
+                env=env, stdout=log, stderr=subprocess.STDOUT, check=True, timeout=1800,
+            )  # fmt: skip
+        finally:
+            _stop(superlink, grace=1.0)
+    total = time.perf_counter() - t0
+    rows = [line.split() for line in times.read_text().splitlines()]
+    rounds = float(rows[-1][1]) - float(rows[0][1])
+    return {"rounds": rounds, "total": total, "acc": float(rows[-1][2])}
 
 
 def main() -> None:
@@ -106,8 +161,16 @@ def main() -> None:
         f"(start-up {b_start:.2f} s, of which the ServerApp before round 1 "
         f"{s['startup_time']:.2f} s)  final acc {s['final_accuracy']:.4f}"
     )
+    with tempfile.TemporaryDirectory(prefix="fm-bench-") as tmp:
+        c = plain_flower(scenario, Path(tmp))
+    print(
+        f"(c) plain Flower   : rounds {c['rounds']:7.2f} s  total {c['total']:7.2f} s  "
+        f"(start-up {c['total'] - c['rounds']:.2f} s)  final acc {c['acc']:.4f}"
+    )
     print(f"b/a excluding start-up: {s['train_time'] / a['rounds']:.2f}x")
     print(f"b/a including start-up: {b_total / a['total']:.2f}x")
+    print(f"b/c excluding start-up: {s['train_time'] / c['rounds']:.2f}x")
+    print(f"b/c including start-up: {b_total / c['total']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Plain Flower FedAvg on fedmerge's workload: the anchor of ``benchmarks/sim_overhead.py``."""
