@@ -48,8 +48,8 @@ class Federation:
         return load_dataset_config(self.config.dataset, self.root)
 
     @cached_property
-    def partitions(self) -> tuple[np.ndarray, ...]:
-        """Indices of every client's training samples (cached on disk too)."""
+    def _partition_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every client's sample indices, concatenated, and each client's offsets in them."""
         c, data = self.config, self.data
         labels = data.train_y.numpy()
 
@@ -57,12 +57,28 @@ class Federation:
             parts = partition_indices(
                 labels, c.num_clients, c.partition, seed=c.seed, groups=data.train_groups
             )
-            return {str(i): p for i, p in enumerate(parts)}
+            # One index array and the offsets of each client's slice: one file
+            # and one memory map however many clients there are.
+            offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+            np.cumsum([len(p) for p in parts], out=offsets[1:])
+            indices = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+            return {"indices": indices.astype(np.int64, copy=False), "offsets": offsets}
 
         groups = data.train_groups if data.train_groups is not None else np.zeros(0)
         key = cache_key(data.name, labels, groups, str(c.partition), c.num_clients, c.seed)
-        arrays = cached_arrays("partition", key, compute)
-        return tuple(arrays[str(i)] for i in range(c.num_clients))
+        arrays = cached_arrays("partitions", key, compute)
+        return arrays["indices"], arrays["offsets"]
+
+    @cached_property
+    def partitions(self) -> tuple[np.ndarray, ...]:
+        """Indices of every client's training samples (memory-mapped from the disk cache)."""
+        indices, offsets = self._partition_arrays
+        return tuple(indices[offsets[i] : offsets[i + 1]] for i in range(self.config.num_clients))
+
+    @cached_property
+    def partition_digest(self) -> str:
+        """A hash of every client's sample indices (equal digests: equal partitions)."""
+        return cache_key(*self._partition_arrays)
 
     def client_data(self, partition_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Training tensors ``(x, y)`` of one client."""

@@ -12,7 +12,6 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedmerge.cache import cache_key
 from strategies import protocol
 from strategies.config import RUN_DIR_KEY, RunConfig, from_run_config
 from strategies.federation import SAMPLING_STREAM, Federation, federation
@@ -128,7 +127,7 @@ def main(grid: Grid, context: Context) -> None:
     model = fed.initial_model().to(config.device)
     hashes = {
         "initial_hash": state_hash(model.state_dict()),
-        "partition_hash": cache_key(*fed.partitions),
+        "partition_hash": fed.partition_digest,
     }
     metered = MeteredGrid(grid)
     recorder = RoundRecorder(config, log, model, fed.data)

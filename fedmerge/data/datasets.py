@@ -76,11 +76,17 @@ def _find_idx(root: Path, stem: str) -> Path:
     )
 
 
-def _normalise(train: np.ndarray, test: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale to [0, 1], then standardise with the training mean and std."""
-    tr = torch.from_numpy(train.astype(np.float32) / 255.0)
-    te = torch.from_numpy(test.astype(np.float32) / 255.0)
-    mean, std = tr.mean(), tr.std()
+def _normalise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scale to [0, 1], then standardise with the training mean and (sample) std.
+
+    The statistics are reduced in float64 by numpy, on one thread, so every
+    process on every machine gets the same bits (torch's float32 reductions
+    depend on the thread count).
+    """
+    tr = train.astype(np.float32) / np.float32(255.0)
+    te = test.astype(np.float32) / np.float32(255.0)
+    mean = np.float32(tr.mean(dtype=np.float64))
+    std = np.float32(tr.std(dtype=np.float64, ddof=1))
     return (tr - mean) / std, (te - mean) / std
 
 
@@ -98,20 +104,26 @@ def _fashion_mnist(root: Path) -> DatasetBundle:
     )
     paths = [_find_idx(root, stem) for stem in stems]
     stat = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
-    arrays = cached_arrays(
-        "fashion-mnist",
-        cache_key(stat),
-        lambda: {stem: _read_idx(path) for stem, path in zip(stems, paths, strict=True)},
-    )
-    train_x, test_x = _normalise(
-        arrays["train-images-idx3-ubyte"][:, None], arrays["t10k-images-idx3-ubyte"][:, None]
-    )
+
+    def decode() -> dict[str, np.ndarray]:
+        raw = [_read_idx(path) for path in paths]
+        train_x, test_x = _normalise(raw[0][:, None], raw[2][:, None])
+        return {
+            "train_x": train_x,
+            "train_y": raw[1].astype(np.int64),
+            "test_x": test_x,
+            "test_y": raw[3].astype(np.int64),
+        }
+
+    # The decoded, normalised arrays are what every process holds: cache those,
+    # memory-mapped, so that the processes of a machine share one copy.
+    arrays = cached_arrays("fashion-mnist-normalised", cache_key(stat), decode)
     return DatasetBundle(
         name="fashion-mnist",
-        train_x=train_x,
-        train_y=torch.from_numpy(arrays["train-labels-idx1-ubyte"].astype(np.int64)),
-        test_x=test_x,
-        test_y=torch.from_numpy(arrays["t10k-labels-idx1-ubyte"].astype(np.int64)),
+        train_x=torch.from_numpy(arrays["train_x"]),
+        train_y=torch.from_numpy(arrays["train_y"]),
+        test_x=torch.from_numpy(arrays["test_x"]),
+        test_y=torch.from_numpy(arrays["test_y"]),
         num_classes=10,
     )
 
@@ -202,9 +214,9 @@ def _torchvision(name: str, root: Path) -> DatasetBundle:
     train_t, test_t = _normalise(tr_x, te_x)
     return DatasetBundle(
         name=name,
-        train_x=train_t,
+        train_x=torch.from_numpy(train_t),
         train_y=torch.from_numpy(tr_y),
-        test_x=test_t,
+        test_x=torch.from_numpy(test_t),
         test_y=torch.from_numpy(te_y),
         num_classes=100 if name == "cifar100" else 10,
     )
