@@ -11,7 +11,7 @@ from fedmerge.merge.average import (
     weighted_average,
 )
 from fedmerge.merge.batchnorm import has_batchnorm, reset_bn_state, reset_bn_stats
-from fedmerge.merge.ldawa import LDAWAConfig, ldawa_aggregate, ldawa_weights
+from fedmerge.merge.ldawa import LDAWAConfig, ldawa_aggregate, ldawa_terms, ldawa_weights
 from fedmerge.merge.merge_many import MERGE_REFERENCES, MergeManyInfo, merge_many
 from fedmerge.merge.peer import (
     PEER_ALIGN,
@@ -52,6 +52,7 @@ __all__ = [
     "krum_scores",
     "krum_select",
     "ldawa_aggregate",
+    "ldawa_terms",
     "ldawa_weights",
     "mean_state",
     "median_of",
