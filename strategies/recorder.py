@@ -16,6 +16,7 @@ from torch import nn
 from fedmerge.cache import cache_key
 from fedmerge.data import DatasetBundle
 from fedmerge.training import evaluate
+from strategies.adversary import adversarial_partitions
 from strategies.config import RunConfig
 from strategies.metering import Traffic
 from strategies.run_log import RunLog
@@ -174,7 +175,8 @@ class RoundRecorder:
         ``status`` is ``"completed"``, or ``"degraded"`` when the run lost
         clients (error replies or messages without a reply) or refused
         replies in its screening; ``failures``, ``missing`` and ``refused``
-        count them over all rounds.
+        count them over all rounds. ``adversaries`` lists the partitions the
+        scenario made adversarial (``simulation.adversary_*``).
         """
         rows, c = self.rows, self.config
         t_end = time.perf_counter()
@@ -194,6 +196,7 @@ class RoundRecorder:
             "bytes_up": sum(r["bytes_up"] for r in rows),
             "bytes_total": sum(r["bytes_down"] + r["bytes_up"] for r in rows),
             **lost,
+            "adversaries": sorted(adversarial_partitions(c)),
             "startup_time": self.t_ready - t_start,
             "train_time": t_end - self.t_ready,
             "serverapp_time": t_end - t_start,
