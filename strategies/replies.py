@@ -86,13 +86,14 @@ class EvaluationScreening:
 def check_count(value: object, size: int | None, weight_key: str) -> str | None:
     """Why a reported sample count is refused (``None``: it is valid).
 
-    A count must be a finite number > 0 and, when the partition's size is
-    known (simulation), at most that size.
+    A count must be a finite number >= 1 (one sample at least: weights of
+    a round never sum to zero) and, when the partition's size is known
+    (simulation), at most that size.
     """
     if isinstance(value, bool) or not isinstance(value, int | float):
         return f"no valid metric {weight_key!r}"
-    if not math.isfinite(value) or value <= 0:
-        return f"{weight_key} {value!r} is not a finite number > 0"
+    if not math.isfinite(value) or value < 1:
+        return f"{weight_key} {value!r} is not a finite number >= 1"
     if size is not None and value > size:
         return f"{weight_key} {value!r} exceeds the partition size {size}"
     return None
@@ -122,7 +123,7 @@ def screen_replies(
     """Unpack replies; skip (and say why) every one that must not be merged.
 
     A reply is skipped when it carries an error, has no ``arrays_key``
-    ArrayRecord or no valid ``weight_key`` metric (a finite number > 0, at
+    ArrayRecord or no valid ``weight_key`` metric (a finite number >= 1, at
     most the partition's size when ``partition_sizes`` knows it), a
     non-finite metric (a train loss of NaN), other parameter names than
     ``reference``, arrays of other shapes (unless ``allow_shape_mismatch``,

@@ -106,7 +106,7 @@ class SeededSampling:
     ``numpy.random.Generator``, maps them to node ids, and sorts replies by
     partition id before aggregation. Replies are screened first: errors,
     missing records, other names or shapes, non-finite values, sample counts
-    that are not finite and > 0 (or exceed the partition's size, where
+    that are not finite and >= 1 (or exceed the partition's size, where
     :meth:`bind_nodes` got the sizes) and, with ``screen_norm_ratio``,
     updates far longer than the round's median are skipped and counted,
     never merged; the round goes on with the rest. Client-side evaluation

@@ -62,13 +62,14 @@ def _mean_of_a_and_b(got: dict[str, torch.Tensor]) -> None:
 @pytest.mark.parametrize(
     ("bad_count", "needle"),
     [
-        (float("nan"), "num-examples nan is not a finite number > 0"),
-        (float("inf"), "num-examples inf is not a finite number > 0"),
-        (0, "num-examples 0 is not a finite number > 0"),
-        (-5, "num-examples -5 is not a finite number > 0"),
+        (float("nan"), "num-examples nan is not a finite number >= 1"),
+        (float("inf"), "num-examples inf is not a finite number >= 1"),
+        (0, "num-examples 0 is not a finite number >= 1"),
+        (-5, "num-examples -5 is not a finite number >= 1"),
+        (0.5, "num-examples 0.5 is not a finite number >= 1"),
         (1e9, "num-examples 1000000000.0 exceeds the partition size 50"),
     ],
-    ids=["nan", "inf", "zero", "negative", "huge"],
+    ids=["nan", "inf", "zero", "negative", "fraction", "huge"],
 )
 def test_bad_sample_count_is_refused_and_the_round_goes_on(bad_count, needle) -> None:
     strategy = _fedavg([10, 11, 12], sizes={0: 10, 1: 30, 2: 50})
