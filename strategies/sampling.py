@@ -105,9 +105,9 @@ class SeededSampling:
     differ. This mixin samples *partition ids* with a seeded
     ``numpy.random.Generator``, maps them to node ids, and sorts replies by
     partition id before aggregation. Replies are screened first: errors,
-    missing records, other names or shapes, non-finite values, sample counts
-    that are not finite and >= 1 (or exceed the partition's size, where
-    :meth:`bind_nodes` got the sizes) and, with ``screen_norm_ratio``,
+    missing records, other names or shapes, non-finite values or metrics,
+    sample counts that are not finite or below 1 (or above the partition's
+    size, where :meth:`bind_nodes` got the sizes) and, with ``screen_norm_ratio``,
     updates far longer than the round's median are skipped and counted,
     never merged; the round goes on with the rest. Client-side evaluation
     replies are screened the same way (:meth:`screen_evaluation`).

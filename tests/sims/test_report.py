@@ -306,3 +306,19 @@ def test_a_degraded_run_is_finished_for_report_and_compare(
     else:
         with pytest.raises(ValueError, match="has not completed"):
             load_run(run_dir)
+
+
+def test_runs_that_differ_in_their_adversaries_are_separate_groups(tmp_path: Path) -> None:
+    clean = _write_run(tmp_path / "clean", [], [0.1, 0.5, 0.6], 3.0)
+    attacked = _write_run(
+        tmp_path / "attacked", ["simulation.adversary_fraction=0.3"], [0.1, 0.2, 0.1], 3.0
+    )
+    cpus = _write_run(tmp_path / "cpus", ["simulation.num_cpus_per_client=2"], [0.1, 0.5, 0.6], 3.0)
+    grouping = report.group_runs([load_run(clean), load_run(attacked)])
+    assert grouping.keys == ["simulation.adversary_fraction"]
+    assert [g.values for g in grouping.groups] == [
+        {"simulation.adversary_fraction": None},  # at its default: as in runs that predate it
+        {"simulation.adversary_fraction": 0.3},
+    ]
+    with pytest.raises(ValueError, match="repeats the scenario and seed"):
+        report.group_runs([load_run(clean), load_run(cpus)])  # resources are still ungrouped
