@@ -53,7 +53,7 @@ from fedmerge.atomic import atomic_write_text
 from sims.launch import preflight, shared_runtimes, simulate
 from sims.plots import write_tensorboard
 from sims.report import DEFAULT_TARGET
-from sims.runs import TIMING_FILE
+from sims.runs import FINISHED_STATUSES, TIMING_FILE
 from sims.runs import read_json as _read_json
 from sims.scenario_files import apply_overrides, read_toml, resolve_scenario_path
 from strategies.config import ConfigError, RunConfig, flatten, run_config_from_dict, set_dotted
@@ -342,14 +342,14 @@ def expand(sweep: Sweep) -> list[tuple[dict[str, Any], RunConfig]]:
 def run_state(scenario: RunConfig, run_dir: Path) -> str:
     """``"done"``, ``"resume"`` or ``"new"`` for ``scenario`` in ``run_dir``.
 
-    ``done`` needs ``summary.json`` with status ``completed`` and the
+    ``done`` needs ``summary.json`` with status ``completed`` (or ``degraded``) and the
     scenario's digest, plus ``metrics.jsonl`` and ``model.safetensors``;
     ``resume`` needs ``checkpoint.json`` of the same digest.
     """
     digest = scenario.digest()
     summary = _read_json(run_dir / "summary.json")
     if (
-        summary.get("status") == "completed"
+        summary.get("status") in FINISHED_STATUSES
         and summary.get("digest") == digest
         and (run_dir / "metrics.jsonl").is_file()
         and (run_dir / "model.safetensors").is_file()

@@ -4,13 +4,14 @@
 ``fedmerge simulate``) into ``summary.csv``, ``summary.md``, ``runs.csv`` and
 three PNG plots (drawn by :mod:`sims.plots`). Runs are grouped by their
 resolved scenario less ``seed`` and ``simulation`` (resources, which do not
-change the numbers); a group's numbers are the mean and sample standard
-deviation over its seeds.
+change the numbers; its ``adversary_*`` keys, which do, are kept); a group's
+numbers are the mean and sample standard deviation over its seeds.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -25,7 +26,7 @@ from fedmerge.atomic import atomic_write_text
 from sims.evaluation import client_accuracy
 from sims.plots import plot_client_accuracy, plot_curves, write_tensorboard
 from sims.runs import RunRecord, expand_run_dirs, load_run
-from strategies.config import flatten
+from strategies.config import SimulationConfig, flatten
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +90,27 @@ class Grouping:
     groups: list[Group]
 
 
+#: Keys of ``simulation`` that change a run's numbers (adversarial clients): grouped.
+GROUPED_SIMULATION_PREFIX = "adversary_"
+
+
+def _simulation_defaults() -> dict[str, Any]:
+    defaults = dataclasses.asdict(SimulationConfig())
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
+
+
 def _group_key(config: dict[str, Any]) -> dict[str, Any]:
-    return flatten({k: v for k, v in config.items() if k not in UNGROUPED})
+    kept = {k: v for k, v in config.items() if k not in UNGROUPED}
+    simulation = config.get("simulation", {})
+    defaults = _simulation_defaults()
+    adversaries = {  # at their defaults they are left out, as in runs written before they existed
+        k: v
+        for k, v in simulation.items()
+        if k.startswith(GROUPED_SIMULATION_PREFIX) and v != defaults.get(k)
+    }
+    if adversaries:
+        kept["simulation"] = adversaries
+    return flatten(kept)
 
 
 def group_runs(runs: list[RunRecord]) -> Grouping:

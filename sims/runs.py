@@ -22,6 +22,8 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 TIMING_FILE = "timing.json"
+#: ``summary.json`` statuses of a finished run ("degraded": it lost or refused clients).
+FINISHED_STATUSES: tuple[str, ...] = ("completed", "degraded")
 SWEEP_FILE = "sweep.json"
 
 
@@ -115,7 +117,7 @@ def load_run(run_dir: str | Path) -> RunRecord:
                 f"written by fedmerge simulate or compare"
             )
     summary = read_json(run_dir / SUMMARY_FILE)
-    if summary.get("status") != "completed":
+    if summary.get("status") not in FINISHED_STATUSES:
         raise ValueError(
             f"run_dir: {str(run_dir)!r} has not completed (no summary.json with status "
             f"completed); allowed: finished runs (resume it with fedmerge compare)"

@@ -22,6 +22,7 @@ from torch import nn
 
 from fedmerge.training import evaluate, train_local
 from strategies import protocol
+from strategies.adversary import adversary_for
 from strategies.config import RunConfig, from_run_config
 from strategies.federation import PEER_TRAIN_SEED_OFFSET, Federation, federation
 from strategies.plugins import ClientContext, PeerPlugin, ServerPlugin
@@ -121,10 +122,12 @@ def train(msg: Message, context: Context) -> Message:
     model = start.model
     model.load_state_dict(start.state)
     mu = float(msg.content[protocol.CONFIG].get(protocol.PROXIMAL_MU, 0.0))  # type: ignore[arg-type]
+    adversary = adversary_for(c.config, c.partition_id)  # simulation.adversary_*
+    y = c.y if adversary is None else adversary.labels(c.y, c.fed.data.num_classes)
     result = train_local(
         model,
         c.x,
-        c.y,
+        y,
         c.config.train,
         generator=torch.Generator().manual_seed(c.fed.client_seed(server_round, c.partition_id)),
         global_state=global_state,
@@ -132,10 +135,11 @@ def train(msg: Message, context: Context) -> Message:
     )
     if start.keep:
         context.state[kept_key] = ArrayRecord(model.state_dict())
-    metrics = MetricRecord(
-        {protocol.TRAIN_LOSS: result.loss, protocol.NUM_EXAMPLES: result.num_examples}
-    )
-    records = {protocol.ARRAYS: ArrayRecord(model.state_dict()), protocol.METRICS: metrics}
+    sent, count = model.state_dict(), result.num_examples
+    if adversary is not None:
+        sent, count = adversary.reply(start.state, sent, count)
+    metrics = MetricRecord({protocol.TRAIN_LOSS: result.loss, protocol.NUM_EXAMPLES: count})
+    records = {protocol.ARRAYS: ArrayRecord(sent), protocol.METRICS: metrics}
     return _reply(msg, c.partition_id, records)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from fedmerge.errors import ConfigError
 from fedmerge.models import ModelConfig
 from fedmerge.topology import TopologyConfig
 from fedmerge.training import TrainConfig
+from strategies.adversary import ADVERSARY_BEHAVIOURS
 from strategies.plugins import Plugin, get_plugin, load_plugins, plugin_names
 
 __all__ = [
@@ -105,6 +107,18 @@ class SimulationConfig:
     max_nodes : int (default: 64)
         The most SuperNodes a simulation starts when partitions are assigned;
         partition ``p`` always goes to node ``p mod nodes``. >= 1.
+    adversary_fraction : float (default: 0.0)
+        Share of the clients that are adversarial, drawn with the run seed
+        (``round(fraction x num_clients)``, at least one for a fraction > 0;
+        see :mod:`strategies.adversary`); in [0, 1].
+    adversary_partitions : tuple of int (default: ())
+        The adversarial partitions by id, instead of a fraction (not both).
+    adversary_behaviour : str (default: "scale")
+        What adversaries do to their training replies: ``"scale"``,
+        ``"replace"``, ``"sign-flip"``, ``"label-flip"`` or
+        ``"inflate-count"`` (see :class:`strategies.adversary.Adversary`).
+    adversary_factor : float (default: 10.0)
+        The factor of ``scale``, ``replace`` and ``inflate-count``; finite.
     """
 
     num_cpus_per_client: int = 1
@@ -115,9 +129,25 @@ class SimulationConfig:
     inject_failures: str = ""
     assign_partitions: bool = True
     max_nodes: int = 64
+    adversary_fraction: float = 0.0
+    adversary_partitions: tuple[int, ...] = ()
+    adversary_behaviour: str = "scale"
+    adversary_factor: float = 10.0
 
     def __post_init__(self) -> None:
         checks = (
+            ("adversary_fraction", 0 <= self.adversary_fraction <= 1, "a number in [0, 1]"),
+            (
+                "adversary_partitions",
+                all(p >= 0 for p in self.adversary_partitions),
+                "a list of partition ids >= 0",
+            ),
+            (
+                "adversary_behaviour",
+                self.adversary_behaviour in ADVERSARY_BEHAVIOURS,
+                ", ".join(ADVERSARY_BEHAVIOURS),
+            ),
+            ("adversary_factor", math.isfinite(self.adversary_factor), "a finite number"),
             ("max_nodes", self.max_nodes >= 1, "an integer >= 1"),
             ("num_cpus_per_client", self.num_cpus_per_client >= 1, ">= 1"),
             ("num_gpus_per_client", self.num_gpus_per_client >= 0, ">= 0"),
@@ -126,8 +156,19 @@ class SimulationConfig:
         )
         for key, ok, allowed in checks:
             if not ok:
-                raise ValueError(f"{key}: got {getattr(self, key)!r}; allowed: {allowed}")
+                value = _plain(getattr(self, key))
+                raise ValueError(f"{key}: got {value!r}; allowed: {allowed}")
+        if self.adversary_partitions and self.adversary_fraction > 0:
+            raise ValueError(
+                f"adversary_partitions: got {list(self.adversary_partitions)} with "
+                f"adversary_fraction {self.adversary_fraction!r}; allowed: one of the two"
+            )
         self.failures()
+
+    @property
+    def has_adversaries(self) -> bool:
+        """Whether the run declares adversarial clients."""
+        return bool(self.adversary_partitions) or self.adversary_fraction > 0
 
     def failures(self) -> frozenset[tuple[int, int]]:
         """``inject_failures`` as ``{(partition id, round)}``."""
@@ -256,6 +297,18 @@ class RunConfig(BaseModel):
             raise ValueError(
                 f"clients_per_round: got {self.clients_per_round}; "
                 f"allowed: 1 to num_clients ({self.num_clients})"
+            )
+        sim = self.simulation
+        outside = [p for p in sim.adversary_partitions if p >= self.num_clients]
+        if outside:
+            raise ValueError(
+                f"simulation.adversary_partitions: got {list(sim.adversary_partitions)}; "
+                f"allowed: partition ids 0 to {self.num_clients - 1}"
+            )
+        if sim.has_adversaries and self.strategy.plugin.peer:
+            raise ValueError(
+                f"simulation.adversary_behaviour: got adversaries with peer strategy "
+                f"{self.strategy.name!r}; allowed: adversaries with server-side strategies only"
             )
         self.strategy.plugin.check(self.strategy.options, self)
         return self

@@ -73,9 +73,9 @@ class MergingStrategy(SeededFedAvg):
         """Screen replies, merge the valid ones, aggregate their metrics."""
         screening = self.screen(replies, global_state)
         if not screening.updates:
-            return RoundOutcome(None, skipped=screening.skipped)
+            return RoundOutcome(None, skipped=screening.skipped, refused=screening.refused)
         state, extras = self.merge(server_round, global_state, screening.updates)
         metrics = self.train_metrics_aggr_fn(
             [u.message.content for u in screening.updates], self.weighted_by_key
         )
-        return RoundOutcome(state, metrics, extras, screening.skipped)
+        return RoundOutcome(state, metrics, extras, screening.skipped, screening.refused)

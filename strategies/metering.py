@@ -51,6 +51,8 @@ class Traffic:
         Array bytes sent to nodes and received from them.
     replies, errors : int
         Replies without and with an error.
+    missing : int
+        Messages that got no reply at all (lost: the node did not answer in time).
     train_partitions : list of int
         Partitions that training messages were about (-1: not named), in
         sending order.
@@ -60,6 +62,7 @@ class Traffic:
     bytes_up: int = 0
     replies: int = 0
     errors: int = 0
+    missing: int = 0
     train_partitions: list[int] = field(default_factory=list)
 
 
@@ -120,7 +123,9 @@ class MeteredGrid(Grid):
                 t.train_partitions.append(_named_partition(m))
         replies: list[Message] = []
         for wave in _waves(messages):
-            replies += self._grid.send_and_receive(wave, timeout=timeout)
+            answers = list(self._grid.send_and_receive(wave, timeout=timeout))
+            t.missing += max(0, len(wave) - len(answers))
+            replies += answers
         for r in replies:
             if r.has_error():
                 t.errors += 1

@@ -114,6 +114,7 @@ def run_peers(
             "answered": sorted(answered),
             "skipped": len(screening.skipped),
             "skipped_reasons": screening.skipped,
+            "refused": screening.refused,
             "bytes_down_per_peer": down,
             "bytes_up_per_peer": up,
             "units_moved_per_peer": moved,

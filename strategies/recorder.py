@@ -16,6 +16,7 @@ from torch import nn
 from fedmerge.cache import cache_key
 from fedmerge.data import DatasetBundle
 from fedmerge.training import evaluate
+from strategies.adversary import adversarial_partitions
 from strategies.config import RunConfig
 from strategies.metering import Traffic
 from strategies.run_log import RunLog
@@ -23,6 +24,8 @@ from strategies.run_log import RunLog
 logger = logging.getLogger(__name__)
 
 _STATS = ("mean", "std", "min", "max", "n")
+#: Per-round counts of lost or refused replies; any of them makes a run "degraded".
+_DEGRADING = ("failures", "missing", "refused")
 
 
 def statistics_of(metrics: MetricRecord | None, metric: str) -> dict[str, float] | None:
@@ -152,6 +155,7 @@ class RoundRecorder:
             "client_eval_accuracy": statistics_of(eval_metrics, "eval_accuracy"),
             "clients": traffic.replies,
             "failures": traffic.errors,
+            "missing": traffic.missing,
             "sampled": sorted(traffic.train_partitions),
             "bytes_down": traffic.bytes_down,
             "bytes_up": traffic.bytes_up,
@@ -166,11 +170,19 @@ class RoundRecorder:
         return row
 
     def summary(self, t_start: float, hashes: dict[str, str]) -> dict[str, Any]:
-        """Write and return ``summary.json``."""
+        """Write and return ``summary.json``.
+
+        ``status`` is ``"completed"``, or ``"degraded"`` when the run lost
+        clients (error replies or messages without a reply) or refused
+        replies in its screening; ``failures``, ``missing`` and ``refused``
+        count them over all rounds. ``adversaries`` lists the partitions the
+        scenario made adversarial (``simulation.adversary_*``).
+        """
         rows, c = self.rows, self.config
         t_end = time.perf_counter()
+        lost = {key: sum(int(r.get(key, 0)) for r in rows) for key in _DEGRADING}
         summary = {
-            "status": "completed",
+            "status": "degraded" if any(lost.values()) else "completed",
             "scenario": c.name,
             "digest": c.digest(),
             "strategy": c.strategy.name,
@@ -183,7 +195,8 @@ class RoundRecorder:
             "bytes_down": sum(r["bytes_down"] for r in rows),
             "bytes_up": sum(r["bytes_up"] for r in rows),
             "bytes_total": sum(r["bytes_down"] + r["bytes_up"] for r in rows),
-            "failures": sum(r["failures"] for r in rows),
+            **lost,
+            "adversaries": sorted(adversarial_partitions(c)),
             "startup_time": self.t_ready - t_start,
             "train_time": t_end - self.t_ready,
             "serverapp_time": t_end - t_start,

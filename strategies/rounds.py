@@ -13,6 +13,7 @@ from flwr.serverapp import Grid
 from strategies.config import RunConfig
 from strategies.metering import MeteredGrid
 from strategies.recorder import RoundRecorder
+from strategies.replies import EvaluationScreening
 from strategies.sampling import RoundOutcome
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,10 @@ class RoundStrategy(Protocol):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Evaluation messages of ``server_round``."""
+        ...
+
+    def screen_evaluation(self, replies: Iterable[Message]) -> EvaluationScreening:
+        """Valid client-side evaluation replies, and why the others are skipped."""
         ...
 
     def aggregate_evaluate(
@@ -99,8 +104,19 @@ def run_server_rounds(
             server_round, ArrayRecord(state), ConfigRecord(), grid
         )
         replies = grid.send_and_receive(messages, timeout=timeout)
-        eval_metrics = strategy.aggregate_evaluate(server_round, replies) if replies else None
-        extras = {"skipped": len(outcome.skipped), "skipped_reasons": outcome.skipped}
+        evaluation = strategy.screen_evaluation(replies)
+        eval_metrics = (
+            strategy.aggregate_evaluate(server_round, evaluation.replies)
+            if evaluation.replies
+            else None
+        )
+        extras = {
+            "skipped": len(outcome.skipped),
+            "skipped_reasons": outcome.skipped,
+            # replies that arrived without an error but failed the screening (train + evaluate)
+            "refused": outcome.refused + evaluation.refused,
+            "eval_skipped_reasons": evaluation.skipped,
+        }
         _record(
             recorder, grid, server_round, state, {**extras, **outcome.extras},
             train_metrics=outcome.train_metrics, eval_metrics=eval_metrics,

@@ -13,8 +13,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 
+from fedmerge.merge import RobustConfig, weighted_average
 from strategies import protocol
-from strategies.replies import Screening, reply_partition, screen_replies
+from strategies.replies import (
+    EvaluationScreening,
+    Screening,
+    reply_partition,
+    screen_evaluations,
+    screen_replies,
+)
+from strategies.robust import robust_combine
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +85,16 @@ class RoundOutcome:
         (``units_permuted``, ``transport_cost_mean``, ...).
     skipped : list of str
         One reason per reply that was not aggregated.
+    refused : int
+        How many of the skipped replies arrived without an error and were
+        refused by the screening.
     """
 
     state: dict[str, torch.Tensor] | None
     train_metrics: MetricRecord | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    refused: int = 0
 
 
 class SeededSampling:
@@ -93,8 +105,12 @@ class SeededSampling:
     differ. This mixin samples *partition ids* with a seeded
     ``numpy.random.Generator``, maps them to node ids, and sorts replies by
     partition id before aggregation. Replies are screened first: errors,
-    missing records, other names or shapes and non-finite values are skipped
-    and counted, never merged; the round goes on with the rest.
+    missing records, other names or shapes, non-finite values or metrics,
+    sample counts that are not finite or below 1 (or above the partition's
+    size, where :meth:`bind_nodes` got the sizes) and, with ``screen_norm_ratio``,
+    updates far longer than the round's median are skipped and counted,
+    never merged; the round goes on with the rest. Client-side evaluation
+    replies are screened the same way (:meth:`screen_evaluation`).
 
     :meth:`aggregate_round` takes the current global model as an argument and
     returns a :class:`RoundOutcome`; fedmerge's ServerApp drives rounds with
@@ -102,6 +118,17 @@ class SeededSampling:
     aggregates against the arrays the last ``configure_train`` sent.
 
     Call :meth:`bind_nodes` before the first round.
+
+    Parameters
+    ----------
+    robust : RobustConfig, optional
+        Clipping and robust aggregator of FedAvg's mean (merging strategies
+        apply their own, see :mod:`strategies.robust`); none by default.
+    screen_norm_ratio : float (default: 0.0)
+        Refuse updates whose norm exceeds this many times the round's median
+        update norm (0: off).
+    **kwargs
+        The Flower strategy's options.
     """
 
     fraction_train: float
@@ -111,6 +138,24 @@ class SeededSampling:
     weighted_by_key: str
     #: Accept replies whose shapes differ from the global model (OT fusion).
     accepts_other_widths: bool = False
+    #: Clipping and robust aggregator of FedAvg's mean (merging strategies do their own).
+    robust: RobustConfig = RobustConfig()
+    #: Refuse updates longer than this many times the round's median norm (0: off).
+    screen_norm_ratio: float = 0.0
+    #: Partition id -> training samples, where the server knows them (simulation).
+    partition_sizes: Mapping[int, int] | None = None
+
+    def __init__(
+        self,
+        *,
+        robust: RobustConfig | None = None,
+        screen_norm_ratio: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        """Keep the screening and robust options; the rest goes to the Flower strategy."""
+        super().__init__(**kwargs)
+        self.robust = robust if robust is not None else RobustConfig()
+        self.screen_norm_ratio = screen_norm_ratio
 
     def bind_nodes(
         self,
@@ -118,12 +163,17 @@ class SeededSampling:
         *,
         clients_per_round: int,
         rng: np.random.Generator,
+        partition_sizes: Mapping[int, int] | None = None,
     ) -> None:
         """Set the node map, the number of clients per round and the sampler.
 
         Several partitions may share a node (virtual clients in simulation):
-        every message names its partition, and so does every reply.
+        every message names its partition, and so does every reply. With
+        ``partition_sizes`` (simulation: the server derives the partitions
+        from the run configuration), a reply that reports more samples than
+        its partition holds is refused.
         """
+        self.partition_sizes = None if partition_sizes is None else dict(partition_sizes)
         self._partition_to_node = dict(partition_to_node)
         self._node_to_partition = unique_partitions(self._partition_to_node)
         self.clients_per_round = clients_per_round
@@ -201,19 +251,50 @@ class SeededSampling:
             arrays_key=self.arrayrecord_key,
             weight_key=self.weighted_by_key,
             allow_shape_mismatch=self.accepts_other_widths,
+            partition_sizes=self.partition_sizes,
+            norm_ratio=self.screen_norm_ratio,
+        )
+
+    def screen_evaluation(self, replies: Iterable[Message]) -> EvaluationScreening:
+        """Valid client-side evaluation replies in partition order, and why the others were not."""
+        return screen_evaluations(
+            replies,
+            self._node_to_partition,
+            weight_key=self.weighted_by_key,
+            partition_sizes=self.partition_sizes,
         )
 
     def aggregate_round(
         self, server_round: int, global_state: dict[str, torch.Tensor], replies: Iterable[Message]
     ) -> RoundOutcome:
-        """Screen the replies, then aggregate the valid ones with Flower's FedAvg."""
+        """Screen the replies, then aggregate the valid ones with Flower's FedAvg.
+
+        With clipping or a robust aggregator (:attr:`robust`), the valid
+        updates go through :func:`strategies.robust.robust_combine` instead,
+        whose mean is the sample-weighted mean.
+        """
         screening = self.screen(replies, global_state)
         valid = [u.message for u in screening.updates]
+        skipped, refused = screening.skipped, screening.refused
         if not valid:
-            return RoundOutcome(None, skipped=screening.skipped)
+            return RoundOutcome(None, skipped=skipped, refused=refused)
+        if not self.robust.is_plain:
+            updates = screening.updates
+            state, extras = robust_combine(
+                self.robust,
+                global_state,
+                [u.state for u in updates],
+                [u.num_examples for u in updates],
+                [u.partition for u in updates],
+                mean=lambda states, counts: weighted_average(states, [float(c) for c in counts]),
+            )
+            metrics = self.train_metrics_aggr_fn(  # type: ignore[attr-defined]
+                [m.content for m in valid], self.weighted_by_key
+            )
+            return RoundOutcome(state, metrics, extras, skipped, refused)
         arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
-        state = None if arrays is None else dict(arrays.to_torch_state_dict())
-        return RoundOutcome(state, metrics, skipped=screening.skipped)
+        merged = None if arrays is None else dict(arrays.to_torch_state_dict())
+        return RoundOutcome(merged, metrics, skipped=skipped, refused=refused)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -228,9 +309,11 @@ class SeededSampling:
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Aggregate evaluation replies in partition order."""
-        ordered = sorted(replies, key=self.partition_of)
-        return super().aggregate_evaluate(server_round, ordered)  # type: ignore[misc, no-any-return]
+        """Aggregate the valid evaluation replies (:meth:`screen_evaluation`) in partition order."""
+        valid = self.screen_evaluation(replies).replies
+        if not valid:
+            return None
+        return super().aggregate_evaluate(server_round, valid)  # type: ignore[misc, no-any-return]
 
 
 def _with_statistics(kwargs: dict[str, Any]) -> dict[str, Any]:

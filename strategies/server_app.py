@@ -139,10 +139,17 @@ def main(grid: Grid, context: Context) -> None:
                 f"strategy.name: {config.strategy.name!r} built a {type(strategy).__name__}; "
                 "allowed: a fedmerge strategy (SeededFedAvg, SeededFedProx, MergingStrategy)"
             )
+        # in simulation the server derives every partition itself, so it knows their sizes
+        sizes = (
+            {p: len(part) for p, part in enumerate(fed.partitions)}
+            if config.simulation.assign_partitions
+            else None
+        )
         strategy.bind_nodes(
             mapping,
             clients_per_round=config.clients_per_round,
             rng=np.random.default_rng([config.seed, SAMPLING_STREAM]),
+            partition_sizes=sizes,
         )
         initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
         final = run_server_rounds(cast(RoundStrategy, strategy), metered, config, recorder, initial)

@@ -11,7 +11,7 @@ from fedmerge.merge.average import (
     weighted_average,
 )
 from fedmerge.merge.batchnorm import has_batchnorm, reset_bn_state, reset_bn_stats
-from fedmerge.merge.ldawa import LDAWAConfig, ldawa_aggregate, ldawa_weights
+from fedmerge.merge.ldawa import LDAWAConfig, ldawa_aggregate, ldawa_terms, ldawa_weights
 from fedmerge.merge.merge_many import MERGE_REFERENCES, MergeManyInfo, merge_many
 from fedmerge.merge.peer import (
     PEER_ALIGN,
@@ -20,24 +20,49 @@ from fedmerge.merge.peer import (
     mean_state,
     peer_merge,
 )
+from fedmerge.merge.robust import (
+    ROBUST_AGGREGATORS,
+    RobustConfig,
+    clip_updates,
+    coordinate_median,
+    krum,
+    krum_scores,
+    krum_select,
+    median_of,
+    multi_krum,
+    trimmed_mean,
+    update_norms,
+)
 
 __all__ = [
     "ACCUMULATE_MODES",
     "INTEGER_RULES",
     "MERGE_REFERENCES",
     "PEER_ALIGN",
+    "ROBUST_AGGREGATORS",
     "LDAWAConfig",
     "MergeManyInfo",
     "PeerMergeInfo",
+    "RobustConfig",
+    "clip_updates",
     "consensus_distance",
+    "coordinate_median",
     "has_batchnorm",
+    "krum",
+    "krum_scores",
+    "krum_select",
     "ldawa_aggregate",
+    "ldawa_terms",
     "ldawa_weights",
     "mean_state",
+    "median_of",
     "merge_many",
+    "multi_krum",
     "normalise_weights",
     "peer_merge",
     "reset_bn_state",
     "reset_bn_stats",
+    "trimmed_mean",
+    "update_norms",
     "weighted_average",
 ]

@@ -190,6 +190,72 @@ def ldawa_aggregate(
        Aggregation in Federated Self-Supervised Visual Representation
        Learning", ICCV 2023. https://arxiv.org/abs/2307.07393
     """
+    flat, coef = _coefficients(global_state, client_states, num_examples, config)
+    element_coef = torch.repeat_interleave(
+        coef, torch.tensor(flat.sizes, device=coef.device), dim=1
+    )
+    merged = (element_coef * flat.c).sum(0)
+    out: dict[str, torch.Tensor] = {}
+    for name, chunk in zip(flat.names, torch.split(merged, flat.sizes), strict=True):
+        ref = global_state[name]
+        out[name] = chunk.reshape(ref.shape).to(ref.dtype)
+    for name, ref in global_state.items():
+        if not ref.is_floating_point():
+            out[name] = torch.stack([s[name] for s in client_states]).max(0).values.to(ref.dtype)
+    return {name: out[name] for name in global_state}
+
+
+def ldawa_terms(
+    global_state: Mapping[str, torch.Tensor],
+    client_states: Sequence[Mapping[str, torch.Tensor]],
+    num_examples: Sequence[int],
+    config: LDAWAConfig | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    r"""The per-client terms whose plain mean is :func:`ldawa_aggregate`'s result.
+
+    .. math::
+
+        T_k^l = K \frac{w_k^l}{Z^l} \theta_k^l, \qquad
+        \theta_g^{l, \mathrm{new}} = \frac{1}{K} \sum_{k=1}^K T_k^l
+
+    A robust aggregator (coordinate-wise median, trimmed mean) applied to
+    these terms instead of their mean is a robust L-DAWA. Integer buffers
+    (``num_batches_tracked``) are each client's own value.
+
+    Parameters
+    ----------
+    global_state, client_states, num_examples, config
+        As in :func:`ldawa_aggregate`.
+
+    Returns
+    -------
+    list of dict of str to Tensor
+        One state dict per client, in the global tensors' dtypes.
+    """
+    flat, coef = _coefficients(global_state, client_states, num_examples, config)
+    k = len(client_states)
+    sizes = torch.tensor(flat.sizes, device=coef.device)
+    terms = []
+    for i, state in enumerate(client_states):
+        row = torch.repeat_interleave(coef[i], sizes) * k * flat.c[i]
+        term = {
+            name: chunk.reshape(global_state[name].shape).to(global_state[name].dtype)
+            for name, chunk in zip(flat.names, torch.split(row, flat.sizes), strict=True)
+        }
+        for name, ref in global_state.items():
+            if not ref.is_floating_point():
+                term[name] = state[name].to(ref.dtype)
+        terms.append({name: term[name] for name in global_state})
+    return terms
+
+
+def _coefficients(
+    global_state: Mapping[str, torch.Tensor],
+    client_states: Sequence[Mapping[str, torch.Tensor]],
+    num_examples: Sequence[int],
+    config: LDAWAConfig | None,
+) -> tuple[_Flat, torch.Tensor]:
+    """The flattened models and every client's coefficient per tensor, shape (K, T)."""
     config = config or LDAWAConfig()
     if not client_states:
         raise ValueError("client_states: got no client models; allowed: at least one")
@@ -212,15 +278,4 @@ def ldawa_aggregate(
         for t, name in enumerate(flat.names):
             if _is_bn_stat(name):
                 coef[:, t] = share
-    element_coef = torch.repeat_interleave(
-        coef, torch.tensor(flat.sizes, device=coef.device), dim=1
-    )
-    merged = (element_coef * flat.c).sum(0)
-    out: dict[str, torch.Tensor] = {}
-    for name, chunk in zip(flat.names, torch.split(merged, flat.sizes), strict=True):
-        ref = global_state[name]
-        out[name] = chunk.reshape(ref.shape).to(ref.dtype)
-    for name, ref in global_state.items():
-        if not ref.is_floating_point():
-            out[name] = torch.stack([s[name] for s in client_states]).max(0).values.to(ref.dtype)
-    return {name: out[name] for name in global_state}
+    return flat, coef

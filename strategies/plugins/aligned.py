@@ -18,9 +18,10 @@ from fedmerge.align import (
     permutation_spec_for,
     weight_matching,
 )
-from fedmerge.merge import reset_bn_state, weighted_average
+from fedmerge.merge import RobustConfig, reset_bn_state, weighted_average
 from strategies.plugins.base import ServerContext, ServerPlugin, StateDict
 from strategies.plugins.fedavg import ServerOptions
+from strategies.robust import robust_combine
 
 if TYPE_CHECKING:
     from flwr.serverapp.strategy import Strategy
@@ -93,11 +94,16 @@ class ServerModel:
 
 @dataclass
 class AlignedMerge:
-    """Align each update to the global model, then take the sample-weighted mean."""
+    """Align each update to the global model, then take the sample-weighted mean.
+
+    With the robust options (``robust``), the aligned models are clipped and
+    combined by :func:`strategies.robust.robust_combine` instead.
+    """
 
     server: ServerModel
     method: str
     seed: int
+    robust: RobustConfig = field(default_factory=RobustConfig)
 
     def __call__(
         self, server_round: int, global_state: StateDict, updates: list[ClientUpdate]
@@ -118,8 +124,17 @@ class AlignedMerge:
             aligned.append(apply_permutation(spec, perm, u.state))
             for group, count in count_moved_units(perm).items():
                 moved[group] = moved.get(group, 0) + count
-        state = weighted_average(aligned, [float(u.num_examples) for u in updates])
-        return self.server.finish(state), {"units_permuted": moved}
+        counts = [u.num_examples for u in updates]
+        extras: dict[str, Any] = {"units_permuted": moved}
+        if self.robust.is_plain:
+            state = weighted_average(aligned, [float(c) for c in counts])
+        else:
+            state, robust_extras = robust_combine(
+                self.robust, global_state, aligned, counts, [u.partition for u in updates],
+                mean=lambda s, c: weighted_average(s, [float(x) for x in c]),
+            )  # fmt: skip
+            extras.update(robust_extras)
+        return self.server.finish(state), extras
 
 
 class AlignedPlugin(ServerPlugin):
@@ -143,11 +158,12 @@ class AlignedPlugin(ServerPlugin):
 
         server = ServerModel.for_context(ctx, options.proxy_samples, options.reset_bn)
         return MergingStrategy(
-            merge=AlignedMerge(server, options.method, ctx.config.seed),
+            merge=AlignedMerge(server, options.method, ctx.config.seed, options),
             description=(
                 f"Aligned FedAvg: {options.method} matching, {len(server.proxy)} proxy batches, "
                 f"BN reset {options.reset_bn}"
             ),
             fraction_evaluate=options.fraction_evaluate,
+            **options.screening,
             **ctx.flower_options,
         )

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from fedmerge.merge import RobustConfig
 from strategies.plugins.base import ServerContext, ServerPlugin
 
 if TYPE_CHECKING:
@@ -13,8 +14,13 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class ServerOptions:
+class ServerOptions(RobustConfig):
     """Options every server-side strategy has.
+
+    The robust section (:class:`fedmerge.merge.RobustConfig`: ``robust``,
+    ``clip_norm``, ``clip_to_median``, ``trim_fraction``, ``krum_f``,
+    ``krum_m``; documented and checked there) applies where the strategy
+    averages client models (see :mod:`strategies.robust`), plus:
 
     Attributes
     ----------
@@ -22,15 +28,29 @@ class ServerOptions:
         Share of the clients that evaluate the new global model on their local
         data after every round (client-side evaluation; 0 turns it off); in
         [0, 1].
+    screen_norm_ratio : float (default: 0.0)
+        Refuse a training reply whose update norm ``||W_k - W_g||`` exceeds
+        this many times the median update norm of the round (0: off); 0 or
+        >= 1.
     """
 
     fraction_evaluate: float = 0.0
+    screen_norm_ratio: float = 0.0
 
     def __post_init__(self) -> None:
+        RobustConfig.__post_init__(self)
         if not 0 <= self.fraction_evaluate <= 1:
             raise ValueError(
                 f"fraction_evaluate: got {self.fraction_evaluate!r}; allowed: a number in [0, 1]"
             )
+        ratio = self.screen_norm_ratio
+        if not (math.isfinite(ratio) and (ratio == 0 or ratio >= 1)):
+            raise ValueError(f"screen_norm_ratio: got {ratio!r}; allowed: 0 (off) or a number >= 1")
+
+    @property
+    def screening(self) -> dict[str, Any]:
+        """Keyword arguments of fedmerge's strategies for the shared screening options."""
+        return {"screen_norm_ratio": self.screen_norm_ratio}
 
 
 @dataclass(frozen=True)
@@ -63,7 +83,12 @@ class FedAvgPlugin(ServerPlugin):
         """Flower's FedAvg with seeded sampling."""
         from strategies.sampling import SeededFedAvg
 
-        return SeededFedAvg(fraction_evaluate=options.fraction_evaluate, **ctx.flower_options)
+        return SeededFedAvg(
+            robust=options,
+            fraction_evaluate=options.fraction_evaluate,
+            **options.screening,
+            **ctx.flower_options,
+        )
 
 
 class FedProxPlugin(ServerPlugin):
@@ -79,6 +104,8 @@ class FedProxPlugin(ServerPlugin):
 
         return SeededFedProx(
             proximal_mu=options.prox_mu,
+            robust=options,
+            **options.screening,
             fraction_evaluate=options.fraction_evaluate,
             **ctx.flower_options,
         )

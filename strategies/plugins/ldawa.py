@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fedmerge.merge import LDAWAConfig, ldawa_aggregate, weighted_average
+from fedmerge.merge import LDAWAConfig, ldawa_aggregate, ldawa_terms, weighted_average
 from strategies.plugins.base import ServerContext, ServerPlugin, StateDict
 from strategies.plugins.fedavg import ServerOptions
+from strategies.robust import robust_combine
 
 if TYPE_CHECKING:
     from flwr.serverapp.strategy import Strategy
@@ -41,19 +42,38 @@ class LDAWAOptions(ServerOptions, LDAWAConfig):
 
 @dataclass(frozen=True)
 class LDAWAMerge:
-    """L-DAWA's aggregation of one round: FedAvg during warm-up, L-DAWA after."""
+    """L-DAWA's aggregation of one round: FedAvg during warm-up, L-DAWA after.
+
+    With the robust options, clipping applies to the client models, Krum
+    selects the clients that enter L-DAWA (or the warm-up's FedAvg), and the
+    median or trimmed mean replaces the mean over clients of the
+    cosine-weighted layers (:func:`fedmerge.merge.ldawa_terms`; of the client
+    models during warm-up).
+    """
 
     options: LDAWAOptions
 
     def __call__(
         self, server_round: int, global_state: StateDict, updates: list[ClientUpdate]
     ) -> tuple[StateDict, dict[str, Any]]:
-        """The new global state (and no per-round extras)."""
+        """The new global state and the robust step's extras (none without it)."""
         counts = [u.num_examples for u in updates]
         states = [u.state for u in updates]
-        if server_round <= self.options.warmup_rounds:
-            return weighted_average(states, [float(c) for c in counts]), {}
-        return ldawa_aggregate(global_state, states, counts, self.options), {}
+        o = self.options
+        if server_round <= o.warmup_rounds:
+            if o.is_plain:
+                return weighted_average(states, [float(c) for c in counts]), {}
+            return robust_combine(
+                o, global_state, states, counts, [u.partition for u in updates],
+                mean=lambda s, c: weighted_average(s, [float(x) for x in c]),
+            )  # fmt: skip
+        if o.is_plain:
+            return ldawa_aggregate(global_state, states, counts, o), {}
+        return robust_combine(
+            o, global_state, states, counts, [u.partition for u in updates],
+            mean=lambda s, c: ldawa_aggregate(global_state, s, c, o),
+            terms=lambda s, c: ldawa_terms(global_state, s, c, o),
+        )  # fmt: skip
 
 
 class LDAWAPlugin(ServerPlugin):
@@ -76,5 +96,6 @@ class LDAWAPlugin(ServerPlugin):
             merge=LDAWAMerge(options),
             description=f"L-DAWA: {options}",
             fraction_evaluate=options.fraction_evaluate,
+            **options.screening,
             **ctx.flower_options,
         )

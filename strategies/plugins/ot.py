@@ -27,6 +27,7 @@ from strategies.plugins.base import (
     StateDict,
 )
 from strategies.plugins.fedavg import ServerOptions
+from strategies.robust import robust_combine
 
 if TYPE_CHECKING:
     from flwr.serverapp.strategy import Strategy
@@ -106,7 +107,11 @@ class OTOptions(ServerOptions):
 
 @dataclass
 class OTMerge:
-    """Transport each update onto the global units, then take the sample-weighted mean."""
+    """Transport each update onto the global units, then take the sample-weighted mean.
+
+    With the robust options, the transported models are clipped and combined
+    by :func:`strategies.robust.robust_combine` instead.
+    """
 
     server: ServerModel
     options: OTOptions
@@ -132,8 +137,17 @@ class OTMerge:
             )  # fmt: skip
             moved_states.append(apply_transport(spec, plans, u.state))
             costs.append(float(sum(info.costs.values())))
-        state = weighted_average(moved_states, [float(u.num_examples) for u in updates])
-        return self.server.finish(state), {"transport_cost_mean": float(np.mean(costs))}
+        counts = [u.num_examples for u in updates]
+        extras: dict[str, Any] = {"transport_cost_mean": float(np.mean(costs))}
+        if o.is_plain:
+            state = weighted_average(moved_states, [float(c) for c in counts])
+        else:
+            state, robust_extras = robust_combine(
+                o, global_state, moved_states, counts, [u.partition for u in updates],
+                mean=lambda s, c: weighted_average(s, [float(x) for x in c]),
+            )  # fmt: skip
+            extras.update(robust_extras)
+        return self.server.finish(state), extras
 
 
 class OTPlugin(ServerPlugin):
@@ -172,6 +186,7 @@ class OTPlugin(ServerPlugin):
                 f"{options.marginals} marginals, {len(server.proxy)} proxy batches"
             ),
             fraction_evaluate=options.fraction_evaluate,
+            **options.screening,
             **ctx.flower_options,
         )
 

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from sims import cli, evaluation, plots, report
+from sims.compare import run_state
 from sims.runs import expand_run_dirs, load_run
 from sims.scenario_files import load_scenario
 from strategies.federation import Federation
@@ -288,3 +289,36 @@ def test_note_says_whether_rows_are_paired(runs: list[Path], tmp_path: Path) -> 
     assert "(paired: every row uses the same seeds" in paired
     unpaired = report.build_report(runs[:3], tmp_path / "b").summary_md.read_text()
     assert "not paired: the rows' seeds differ" in unpaired
+
+
+@pytest.mark.parametrize(("status", "finished"), [("degraded", True), ("running", False)])
+def test_a_degraded_run_is_finished_for_report_and_compare(
+    status: str, finished: bool, tmp_path: Path
+) -> None:
+    run_dir = _write_run(tmp_path / "run", [], [0.1, 0.5, 0.6], 3.0)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "status": status}))
+    save_file({"w": torch.zeros(1)}, str(run_dir / "model.safetensors"))
+    scenario = load_scenario(None, ["rounds=2", "num_clients=4", "clients_per_round=2"])
+    assert run_state(scenario, run_dir) == ("done" if finished else "new")
+    if finished:
+        assert load_run(run_dir).summary["status"] == "degraded"
+    else:
+        with pytest.raises(ValueError, match="has not completed"):
+            load_run(run_dir)
+
+
+def test_runs_that_differ_in_their_adversaries_are_separate_groups(tmp_path: Path) -> None:
+    clean = _write_run(tmp_path / "clean", [], [0.1, 0.5, 0.6], 3.0)
+    attacked = _write_run(
+        tmp_path / "attacked", ["simulation.adversary_fraction=0.3"], [0.1, 0.2, 0.1], 3.0
+    )
+    cpus = _write_run(tmp_path / "cpus", ["simulation.num_cpus_per_client=2"], [0.1, 0.5, 0.6], 3.0)
+    grouping = report.group_runs([load_run(clean), load_run(attacked)])
+    assert grouping.keys == ["simulation.adversary_fraction"]
+    assert [g.values for g in grouping.groups] == [
+        {"simulation.adversary_fraction": None},  # at its default: as in runs that predate it
+        {"simulation.adversary_fraction": 0.3},
+    ]
+    with pytest.raises(ValueError, match="repeats the scenario and seed"):
+        report.group_runs([load_run(clean), load_run(cpus)])  # resources are still ungrouped

@@ -109,7 +109,10 @@ def test_the_embedded_default_reads_back_from_pyproject() -> None:
         (["strategy.normalize='weights'"],
          "strategy.normalize: got 'weights'; allowed: only with strategy 'ldawa' (strategy is "
          "'fedavg')"),
-        (["strategy.colour='red'"], "strategy.colour: unknown key; allowed: fraction_evaluate"),
+        (
+            ["strategy.colour='red'"],
+            "strategy.colour: unknown key; allowed: clip_norm, clip_to_median, fraction_evaluate",
+        ),
         (["strategy.name='ldawa'", "strategy.normalize='all'"],
          "strategy.normalize: got 'all'; allowed: clients, weights"),
         (["strategy.name='ot'", "strategy.reg=-1.0"],
