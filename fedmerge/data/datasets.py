@@ -56,13 +56,32 @@ class DatasetBundle:
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (optionally gzip-compressed) into a uint8 array."""
+    """Read an IDX file (optionally gzip-compressed) into a uint8 array.
+
+    Raises
+    ------
+    ValueError
+        If the file is not a gzip file (for ``.gz``), is empty, or is not an
+        IDX file of unsigned bytes whose size matches its header.
+    """
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (gzip.BadGzipFile, EOFError) as exc:
+        raise ValueError(
+            f"root: {str(path)!r}: got a damaged gzip file ({exc}); "
+            f"allowed: a gzip-compressed IDX file"
+        ) from None
+    ndim = data[3] if len(data) >= 4 else 0
+    size = 4 + 4 * ndim
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08" or len(data) != size + int(np.prod(dims)):
+        raise ValueError(
+            f"root: {str(path)!r}: got {len(data)} bytes that are not an IDX file of unsigned "
+            f"bytes; allowed: an IDX file (magic 0x00000801 or 0x00000803, size as its header)"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=size).reshape(dims)
 
 
 def _find_idx(root: Path, stem: str) -> Path:
@@ -103,6 +122,16 @@ def _fashion_mnist(root: Path) -> DatasetBundle:
         cache_key(stat),
         lambda: {stem: _read_idx(path) for stem, path in zip(stems, paths, strict=True)},
     )
+    for images, labels in (("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                           ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")):  # fmt: skip
+        y, where = arrays[labels], str(paths[stems.index(labels)])
+        if arrays[images].ndim != 3 or y.ndim != 1 or len(y) != len(arrays[images]):
+            raise ValueError(
+                f"root: {where!r}: got {y.shape} labels for images of shape "
+                f"{arrays[images].shape}; allowed: one label per 2-D image"
+            )
+        if len(y) and int(y.max()) >= 10:
+            raise ValueError(f"root: {where!r}: got label {int(y.max())}; allowed: labels 0 to 9")
     train_x, test_x = _normalise(
         arrays["train-images-idx3-ubyte"][:, None], arrays["t10k-images-idx3-ubyte"][:, None]
     )
