@@ -276,11 +276,6 @@ def check_run_dir(run_dir: Path, config: RunConfig, *, force: bool = False) -> s
     info = read_checkpoint(run_dir)
     if info is None:
         return "new"
-    if info.round > config.rounds:
-        raise ConfigError(
-            f"run_dir: {str(run_dir)!r} holds a checkpoint of round {info.round}, past the "
-            f"scenario's {config.rounds} rounds; allowed: a new directory, or --force"
-        )
     resume_rows(run_dir, info.round)
     return "resume"
 
