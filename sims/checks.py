@@ -106,8 +106,8 @@ def _answers_grpc(endpoint: tuple[str, int], timeout: float) -> str | None:
             channel.unary_unary("/ray.rpc.NodeInfoGcsService/CheckAlive")(b"", timeout=timeout)
         except grpc.RpcError as exc:
             code, details = exc.code(), str(exc.details())
-            if code == grpc.StatusCode.UNAVAILABLE:
-                return "nothing accepts connections there"
+            if code == grpc.StatusCode.UNAVAILABLE:  # refused, no route, unknown host
+                return f"unreachable: {details.rsplit(': ', 1)[-1].rstrip('])')[:80]}"
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 return "no gRPC server answered"
             if "http2 header with status" in details:
@@ -276,6 +276,12 @@ def check_run_dir(run_dir: Path, config: RunConfig, *, force: bool = False) -> s
     info = read_checkpoint(run_dir)
     if info is None:
         return "new"
+    if info.digest != digest:
+        raise ConfigError(
+            f"{run_dir / CHECKPOINT_WEIGHTS}: got a checkpoint of another scenario (digest "
+            f"{info.digest}, this one {digest}); allowed: this scenario's checkpoint (delete "
+            f"{str(run_dir)!r} or rerun with --force to start over)"
+        )
     resume_rows(run_dir, info.round)
     return "resume"
 

@@ -135,6 +135,12 @@ def _simulate_locked(scenario: RunConfig, run_dir: Path) -> int:
 def cmd_partition(args: argparse.Namespace) -> int:
     """Show the partition of a scenario as a per-client label histogram."""
     scenario = load_scenario(args.scenario, args.set)
+    out = Path(args.out or f"partition-{scenario.name}.png")
+    if out.is_dir():
+        out = out / f"partition-{scenario.name}.png"
+    if out.suffix.lower() != ".png":
+        raise ConfigError(f"--out: got {str(out)!r}; allowed: a .png file or a directory")
+    check_run_path(out.parent)
     fed = federation(scenario)
     data = fed.data
     labels = data.train_y.numpy()
@@ -148,12 +154,6 @@ def cmd_partition(args: argparse.Namespace) -> int:
     for i, row in enumerate(counts):
         table.add_row(str(i), *(str(v) if v else "." for v in row), str(int(row.sum())))
     console.print(table)
-    out = Path(args.out or f"partition-{scenario.name}.png")
-    if out.is_dir():
-        out = out / f"partition-{scenario.name}.png"
-    if out.suffix.lower() != ".png":
-        raise ConfigError(f"--out: got {str(out)!r}; allowed: a .png file or a directory")
-    check_run_path(out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
     p = scenario.partition
     detail = {"dirichlet": f"(alpha={p.alpha})", "quantity-skew": f"(alpha={p.alpha})",

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmerge.atomic import atomic_write_text
-from sims.checks import check_run_dir, clear_run_dir, run_dir_lock
+from sims.checks import check_run_dir, check_scenario, clear_run_dir, run_dir_lock
 from sims.launch import preflight, simulate
 from sims.plots import write_tensorboard
 from sims.report import DEFAULT_TARGET
@@ -375,6 +375,8 @@ def plan_sweep(sweep: Sweep, runs_root: str | Path, *, force: bool = False) -> l
         if data_key not in checked:  # the strategy does not change data or model
             preflight(scenario)
             checked.add(data_key)
+        else:  # what preflight checks beyond data and model
+            check_scenario(scenario)
         run_dir = root / scenario.digest()
         state = "new" if force else run_state(scenario, run_dir)
         if state == "resume":  # a damaged checkpoint fails here, not after Flower started

@@ -6,7 +6,9 @@ metadata key :data:`METADATA_KEY`. It is written through a temp file and a
 rename, so weights and round always belong together. ``checkpoint.json``
 repeats that metadata with the SHA-256 of the weights file, for readers that
 do not parse safetensors (``fedmerge compare`` finds resumable runs by it);
-it is written after the weights.
+it is written after the weights, so a run stopped between the two writes
+leaves a ``checkpoint.json`` one round behind: that one case resumes from
+the weights file (which holds its own round), with a warning.
 
 :func:`read_checkpoint` and :func:`resume_rows` check a run directory before
 it resumes: the two files must describe the same checkpoint, and
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ __all__ = [
     "METADATA_KEY",
     "CheckpointError",
     "CheckpointInfo",
+    "checkpoint_metadata",
     "read_checkpoint",
     "resume_rows",
 ]
@@ -43,6 +47,8 @@ CHECKPOINT_JSON = "checkpoint.json"
 METRICS = "metrics.jsonl"
 #: Key of the checkpoint's metadata (JSON text) in the safetensors header.
 METADATA_KEY = "fedmerge.checkpoint"
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(ConfigError):
@@ -89,7 +95,8 @@ def read_checkpoint(run_dir: Path) -> CheckpointInfo | None:
     CheckpointError
         If ``checkpoint.json`` exists without weights, if the weights file
         is damaged or carries no metadata, or if ``checkpoint.json`` does not
-        describe that weights file (another round, other weights).
+        describe that weights file (another round, other weights), unless it
+        is the previous checkpoint of the same run (stopped between writes).
     """
     run_dir = Path(run_dir)
     weights, meta_path = run_dir / CHECKPOINT_WEIGHTS, run_dir / CHECKPOINT_JSON
@@ -125,9 +132,20 @@ def read_checkpoint(run_dir: Path) -> CheckpointInfo | None:
         try:
             mirror = json.loads(meta_path.read_text())
             mirror_round, mirror_sha = mirror["round"], mirror["weights_sha256"]
+            mirror_digest = mirror["digest"]
         except (OSError, ValueError, TypeError, KeyError):
-            mirror_round, mirror_sha = "?", "?"
-        if mirror_sha != sha or mirror_round != info.round:
+            mirror_round, mirror_sha, mirror_digest = "?", "?", "?"
+        if mirror_round == info.round - 1 and mirror_digest == info.digest:
+            # Stopped between the two writes: the weights file (one unit with
+            # its round) is the newer checkpoint, and resuming from it is exact.
+            logger.warning(
+                "%s is one round behind %s (the run stopped between the two writes); "
+                "resuming from round %d",
+                meta_path,
+                weights.name,
+                info.round,
+            )
+        elif mirror_sha != sha or mirror_round != info.round:
             raise CheckpointError(
                 f"{meta_path}: got round {mirror_round} with weights {str(mirror_sha)[:12]}, but "
                 f"{weights.name} holds round {info.round} with weights {sha[:12]}; allowed: "

@@ -22,7 +22,12 @@ from sims import checks, cli
 from sims.compare import load_sweep, plan_sweep
 from sims.launch import SimulationError
 from sims.scenario_files import load_scenario
-from strategies.checkpoint import METADATA_KEY, CheckpointError, resume_rows
+from strategies.checkpoint import (
+    METADATA_KEY,
+    CheckpointError,
+    checkpoint_metadata,
+    resume_rows,
+)
 from strategies.config import ConfigError, RunConfig
 from strategies.recorder import RoundRecorder
 from strategies.run_log import RunLog
@@ -132,6 +137,26 @@ def test_recorder_refuses_weights_of_another_round(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"checkpoint\.json: got round 2 .* round 1"):
         fresh.begin()
     assert (tmp_path / "metrics.jsonl").read_bytes() == rows_before, "rows were touched"
+
+
+def test_stop_between_the_two_writes_resumes_from_the_weights(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], launches: list[dict[str, object]]
+) -> None:
+    """Weights of round 2 written, checkpoint.json still of round 1: round 2 is exact."""
+    config = _scenario()
+    recorder = _prepare(tmp_path, config, checkpoint_round=1)
+    _write_rows(tmp_path, [0, 1, 2])
+    recorder.log.save_tensors(
+        "checkpoint.safetensors", _state(2), checkpoint_metadata(2, config.digest(), {"calls": 2})
+    )
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["round"] == 1
+    fresh = RoundRecorder(config, RunLog(tmp_path), torch.nn.Linear(1, 1), None)  # type: ignore[arg-type]
+    resume = fresh.begin()
+    assert resume is not None and resume.round == 2 and resume.sampler_state == {"calls": 2}
+    torch.testing.assert_close(resume.state["w"], _state(2)["w"])
+    code = cli.main(["simulate", *_argv("--run-dir", str(tmp_path))])
+    assert code == 1 and "stopped by the test" in capsys.readouterr().err
+    assert len(launches) == 1
 
 
 def test_rows_after_the_checkpoint_are_dropped(tmp_path: Path) -> None:
@@ -245,6 +270,23 @@ def test_damaged_run_is_refused_before_launch(
         assert needle in line, f"{needle!r} not in {line!r}"
     assert launches == []
     assert _snapshot(tmp_path) == before
+
+
+def test_checkpoint_of_another_scenario_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], launches: list[dict[str, object]]
+) -> None:
+    """checkpoint.json edited to this scenario's digest; the weights' header names the other."""
+    _prepare(tmp_path, _scenario("seed=1"))
+    mirror = json.loads((tmp_path / "checkpoint.json").read_text())
+    mirror["digest"] = _scenario().digest()
+    (tmp_path / "checkpoint.json").write_text(json.dumps(mirror))
+    (tmp_path / "config.json").write_text(json.dumps(_scenario().to_dict()))
+    code = cli.main(["simulate", *_argv("--run-dir", str(tmp_path))])
+    line = _one_line(capsys.readouterr().err)
+    assert code == EXIT_BAD_INPUT
+    assert line.startswith(f"fedmerge: error: {tmp_path}/checkpoint.safetensors: got a checkpoint")
+    assert _scenario("seed=1").digest() in line and "--force" in line
+    assert launches == []
 
 
 def test_compare_refuses_a_damaged_checkpoint_before_any_run(tmp_path: Path) -> None:
