@@ -93,11 +93,14 @@ def _rows(run_dir: Path) -> list[dict]:
 
 
 def _snapshot(root: Path) -> dict[str, int]:
-    """Modification times (ns) of every file under the sweep's run directories."""
+    """Modification times (ns) of every file under the sweep's run directories.
+
+    Lock files are left out: every ``compare`` takes the locks again.
+    """
     return {
         str(p.relative_to(root)): p.stat().st_mtime_ns
         for p in sorted(root.rglob("*"))
-        if p.is_file() and "report" not in p.relative_to(root).parts
+        if p.is_file() and "report" not in p.relative_to(root).parts and p.name != ".lock"
     }
 
 
