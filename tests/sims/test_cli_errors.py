@@ -97,6 +97,10 @@ def _placeholders(arg: str, tmp_path: Path) -> str:
         return _deep_toml(tmp_path)
     if arg == "@DIR@":
         return str(tmp_path)
+    if arg == "@ODD_KEY_TOML@":
+        path = tmp_path / "odd-key.toml"
+        path.write_text('[train]\n"x\\ny" = 2\n')
+        return str(path)
     for kind in ("empty", "not-gzip", "labels"):
         if f"@FMNIST_{kind}@" in arg:
             arg = arg.replace(f"@FMNIST_{kind}@", str(_fmnist_dir(tmp_path, kind)))
@@ -169,6 +173,8 @@ CASES = [
         ["strategy.client_widths: got [1, 2]", "only with strategy 'ot'"],
     ),
     ("deeply-nested-toml", ["@DEEP_TOML@"], ["deep.toml", "nested too deeply"]),
+    ("set-key-with-line-break", ["--set", "a\nb=1"], ["--set: got 'a\\nb=1'", "dotted key"]),
+    ("toml-key-with-line-break", ["@ODD_KEY_TOML@"], ["'train.x\\ny': unknown key"]),
     ("directory-as-scenario", ["@DIR@"], ["scenario", "is not a file"]),
     (
         "more-shards-than-samples",
@@ -567,3 +573,22 @@ def test_ctrl_c_in_a_subprocess_exits_130(tmp_path: Path) -> None:
             proc.wait()
     assert proc.returncode == 130
     assert len(err.splitlines()) == 1 and err.startswith("fedmerge: interrupted"), err
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["simulate", "--set", "-x=1"], "fedmerge simulate: argument --set: expected one argument"),
+        (["simulate", "--bogus"], "unrecognized arguments: --bogus"),
+        (["simulat"], "invalid choice: 'simulat'"),
+    ],
+    ids=["set-key-like-an-option", "unknown-option", "unknown-command"],
+)
+def test_usage_errors_are_one_line(
+    argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    line = _one_error_line(capsys.readouterr().err)
+    assert exited.value.code == EXIT_BAD_INPUT
+    assert needle in line and line.endswith("--help")
