@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -335,3 +336,30 @@ def test_lock_goes_with_its_process(
         holder.wait()
     assert cli.main(["simulate", *_argv("--run-dir", str(tmp_path))]) == 1
     assert len(launches) == 1
+
+
+# -- the machine (a machine with two GPUs, as torch would report it) ---------------------
+@pytest.mark.parametrize(
+    ("sets", "refused"),
+    [
+        (["device='cuda'"], None),
+        (["device='cuda:1'", "simulation.num_gpus_per_client=2.0"], None),
+        (["device='cuda:2'"], "device: got 'cuda:2'; allowed: 'cpu' or 'cuda:0' to 'cuda:1'"),
+        (["simulation.num_gpus_per_client=2.5"], "simulation.num_gpus_per_client: got 2.5"),
+        (
+            ["simulation.num_gpus_per_client=2.5", "simulation.ray_address='auto'"],
+            None,  # a cluster's GPUs are the cluster's business
+        ),
+    ],
+    ids=["cuda", "cuda-1-two-gpus-per-client", "cuda-2", "gpus-per-client", "cluster"],
+)
+def test_gpu_checks_follow_what_torch_sees(
+    sets: list[str], refused: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(checks, "_cuda_devices", lambda: 2)
+    config = _scenario(*sets)
+    if refused is None:
+        checks.check_scenario(config)
+    else:
+        with pytest.raises(ConfigError, match=f"^{re.escape(refused)}"):
+            checks.check_scenario(config)
