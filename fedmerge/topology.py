@@ -101,6 +101,10 @@ def _read_edges(path: str, n: int) -> list[tuple[int, int, float | None]]:
             raise ValueError(
                 f"edge_file: line {lineno} is {raw!r}; allowed: 'i j' or 'i j w'"
             ) from None
+        if w is not None and not (math.isfinite(w) and 0 <= w <= 1):
+            raise ValueError(
+                f"edge_file: line {lineno} has weight {parts[2]!r}; allowed: a number in [0, 1]"
+            )
         if not (0 <= i < n and 0 <= j < n) or i == j:
             raise ValueError(
                 f"edge_file: line {lineno} has edge ({i}, {j}); "

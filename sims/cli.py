@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
+import traceback
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 from rich.console import Console
@@ -22,13 +24,19 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from sims.compare import PlannedRun, load_sweep, plan_sweep, run_sweep, write_manifest
+from sims.checks import (
+    check_run_dir,
+    check_run_path,
+    clear_run_dir,
+    run_dir_lock,
+)
+from sims.compare import PlannedRun, Sweep, load_sweep, plan_sweep, run_sweep, write_manifest
 from sims.launch import SimulationError, preflight, simulate
 from sims.plots import plot_accuracy, plot_partition
 from sims.report import DEFAULT_TARGET, Report, build_report
 from sims.runs import expand_run_dirs
 from sims.scenario_files import load_scenario
-from strategies.config import RunConfig, StrategyConfig
+from strategies.config import ConfigError, RunConfig, StrategyConfig
 from strategies.federation import federation
 from strategies.plugins import get_plugin, load_plugins, plugin_names
 
@@ -37,6 +45,8 @@ console = Console(width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True)
 
 EXIT_BAD_INPUT = 2
+#: Exit code after Ctrl-C (128 + SIGINT), as shells report it.
+EXIT_INTERRUPTED = 130
 
 
 def _mb(n: float) -> str:
@@ -58,6 +68,11 @@ def format_round(row: dict[str, Any]) -> str:
 
 
 def _default_run_dir(scenario: RunConfig, root: str) -> Path:
+    if any(sep in scenario.name for sep in {"/", os.sep, "\0"}):
+        raise ConfigError(
+            f"name: got {scenario.name!r}; allowed: a name without '/' (it names the run "
+            f"directory under --runs-root {root!r}), or give --run-dir"
+        )
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     return Path(root) / f"{scenario.name}-{scenario.strategy.name}-s{scenario.seed}-{stamp}"
 
@@ -67,6 +82,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     scenario = load_scenario(args.scenario, args.set)
     preflight(scenario)
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(scenario, args.runs_root)
+    check_run_path(run_dir)
+    with run_dir_lock(run_dir):
+        # Checked under the lock: a writer that holds it may be between two files.
+        check_run_dir(run_dir, scenario, force=args.force)
+        if args.force:
+            clear_run_dir(run_dir)
+        return _simulate_locked(scenario, run_dir)
+
+
+def _simulate_locked(scenario: RunConfig, run_dir: Path) -> int:
     console.print(
         f"[bold]fedmerge[/] {scenario.name}: {scenario.strategy.name} on {scenario.dataset.name} "
         f"({scenario.partition.scheme}), {scenario.model.name}, {scenario.num_clients} clients, "
@@ -110,6 +135,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_partition(args: argparse.Namespace) -> int:
     """Show the partition of a scenario as a per-client label histogram."""
     scenario = load_scenario(args.scenario, args.set)
+    out = Path(args.out or f"partition-{scenario.name}.png")
+    if out.is_dir():
+        out = out / f"partition-{scenario.name}.png"
+    if out.suffix.lower() != ".png":
+        raise ConfigError(f"--out: got {str(out)!r}; allowed: a .png file or a directory")
+    check_run_path(out.parent)
     fed = federation(scenario)
     data = fed.data
     labels = data.train_y.numpy()
@@ -123,14 +154,13 @@ def cmd_partition(args: argparse.Namespace) -> int:
     for i, row in enumerate(counts):
         table.add_row(str(i), *(str(v) if v else "." for v in row), str(int(row.sum())))
     console.print(table)
-    out = Path(args.out or f"partition-{scenario.name}.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     p = scenario.partition
     detail = {"dirichlet": f"(alpha={p.alpha})", "quantity-skew": f"(alpha={p.alpha})",
               "pathological": f"(#C={p.classes_per_client})",
               "shards": f"({p.shards_per_client} shards/client)"}.get(p.scheme, "")  # fmt: skip
     title = f"{scenario.dataset.name} / {p.scheme}{detail} / {scenario.num_clients} clients"
-    plot_partition(counts, out, title)
+    out = plot_partition(counts, out, title)
     covered = int(counts.sum())
     console.print(f"{covered} of {len(labels)} training samples assigned; plot: {out}")
     return 0
@@ -180,7 +210,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     runs = plan_sweep(sweep, args.runs_root, force=args.force)
     sweep_dir = Path(args.runs_root) / sweep.name
     out = Path(args.out) if args.out else sweep_dir / "report"
-    todo = [r for r in runs if r.state != "done"]
     states = [r.state for r in runs]
     console.print(
         f"[bold]fedmerge compare[/] {sweep.name}: {len(runs)} runs "
@@ -188,6 +217,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
         f"{states.count('new')} new) -> {sweep_dir}",
         soft_wrap=True,
     )
+    check_run_path(sweep_dir)
+    with run_dir_lock(sweep_dir):
+        _compare_locked(args, sweep, runs, out)
+    return 0
+
+
+def _compare_locked(
+    args: argparse.Namespace, sweep: Sweep, runs: list[PlannedRun], out: Path
+) -> None:
+    todo = [r for r in runs if r.state != "done"]
     write_manifest(sweep, runs, args.runs_root)
     tensorboard = args.tensorboard or sweep.tensorboard
     with Progress(
@@ -236,13 +275,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
             on_round=on_round,
             on_end=on_end,
             parallel=args.parallel,
-            runtime_log=sweep_dir / "runtime.log",
+            runtime_log=Path(args.runs_root) / sweep.name / "runtime.log",
         )
     report = build_report(
         [r.run_dir for r in runs], out, target=sweep.target_accuracy, tensorboard=tensorboard
     )
     _print_report(report)
-    return 0
 
 
 def _print_report(report: Report) -> None:
@@ -272,9 +310,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (the usage is in ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``PROG: error: MESSAGE; see PROG --help`` and exit with code 2."""
+        _error_line(f"error: {self.prog}: {message}; see {self.prog} --help")
+        sys.exit(EXIT_BAD_INPUT)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fedmerge``."""
-    parser = argparse.ArgumentParser(prog="fedmerge", description=__doc__)
+    parser = _Parser(prog="fedmerge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def scenario_args(p: argparse.ArgumentParser) -> None:
@@ -296,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument(
         "--runs-root", default="runs", help="parent of new run directories (default: runs)"
+    )
+    sim.add_argument(
+        "--force",
+        action="store_true",
+        help="delete the run in --run-dir first (another scenario's, or a damaged checkpoint)",
     )
     sim.set_defaults(func=cmd_simulate)
 
@@ -373,17 +425,59 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError) as exc:  # ConfigError and fedmerge.errors included
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        err_console.print(
-            f"fedmerge: error: {message}", highlight=False, markup=False, soft_wrap=True
+    except KeyboardInterrupt:
+        _error_line(
+            "interrupted: the processes it started are stopped; finished rounds are kept "
+            "(run the same command again to resume from the last checkpoint)"
         )
-        return EXIT_BAD_INPUT
+        return EXIT_INTERRUPTED
     except SimulationError as exc:
         err_console.print(
             f"fedmerge: simulation failed: {exc}", highlight=False, markup=False, soft_wrap=True
         )
         return 1
+    except Exception as exc:  # one line for bad input; a traceback for bugs
+        message = input_error(exc)
+        if message is None:
+            traceback.print_exc()
+            _error_line(
+                f"internal error ({type(exc).__name__}), a bug in fedmerge: please report it "
+                f"with the traceback above"
+            )
+            return 1
+        _error_line(f"error: {message}")
+        return EXIT_BAD_INPUT
+
+
+def _error_line(text: str) -> None:
+    err_console.print(f"fedmerge: {text}", highlight=False, markup=False, soft_wrap=True)
+
+
+def input_error(exc: BaseException) -> str | None:
+    """The one-line message for an exception caused by the input; ``None`` for a bug.
+
+    Bad input is a :class:`ValueError` (``ConfigError`` and the kernel's
+    errors among them: their message is the line), an :class:`OSError` (a
+    path that cannot be read or written: the path and the reason), a
+    :class:`RecursionError` (input nested too deeply) or running out of
+    memory (:class:`MemoryError`, or PyTorch's allocator failing). Anything
+    else, e.g. a ``TypeError`` or ``KeyError`` in fedmerge's own code, is a
+    bug and keeps its traceback.
+    """
+    if isinstance(exc, ValueError):
+        text = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return text
+    if isinstance(exc, OSError):
+        where = exc.filename if exc.filename is not None else "input"
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        return f"{where}: got {reason}; allowed: a path this user can read and write"
+    if isinstance(exc, RecursionError):
+        return "input: got data nested too deeply; allowed: a few levels of tables and lists"
+    if isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    ):
+        return "memory: got a scenario that does not fit in memory; allowed: a smaller one"
+    return None
 
 
 if __name__ == "__main__":

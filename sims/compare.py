@@ -41,7 +41,6 @@ import itertools
 import json
 import logging
 import re
-import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmerge.atomic import atomic_write_text
+from sims.checks import check_run_dir, check_scenario, clear_run_dir, run_dir_lock
 from sims.launch import preflight, shared_runtimes, simulate
 from sims.plots import write_tensorboard
 from sims.report import DEFAULT_TARGET
@@ -376,8 +376,12 @@ def plan_sweep(sweep: Sweep, runs_root: str | Path, *, force: bool = False) -> l
         if data_key not in checked:  # the strategy does not change data or model
             preflight(scenario)
             checked.add(data_key)
+        else:  # what preflight checks beyond data and model
+            check_scenario(scenario)
         run_dir = root / scenario.digest()
         state = "new" if force else run_state(scenario, run_dir)
+        if state == "resume":  # a damaged checkpoint fails here, not after Flower started
+            check_run_dir(run_dir, scenario)
         runs.append(PlannedRun(scenario, run_dir, values, state))
     return runs
 
@@ -422,7 +426,9 @@ def run_sweep(
     runs : list of PlannedRun
         From :func:`plan_sweep`.
     force : bool (default: False)
-        Delete each run directory before running it (even finished ones).
+        Empty each run directory before running it (even finished ones).
+        Each run holds ``RUN_DIR/.lock`` while it runs
+        (:func:`sims.checks.run_dir_lock`).
     tensorboard : bool (default: False)
         Write ``RUN_DIR/tensorboard/`` for every run (also cached ones).
     on_start, on_round, on_end : callable, optional
@@ -453,13 +459,14 @@ def run_sweep(
             summary = _read_json(run.run_dir / "summary.json")
             summary.setdefault("wall_time", _read_json(run.run_dir / TIMING_FILE).get("wall_time"))
         else:
-            if force and run.run_dir.exists():
-                shutil.rmtree(run.run_dir)
             if on_start is not None:
                 on_start(i, run)
             callback = None if on_round is None else (lambda row: on_round(run, row))
             t0 = time.perf_counter()
-            summary = simulate(run.scenario, run.run_dir, on_round=callback)
+            with run_dir_lock(run.run_dir):
+                if force:
+                    clear_run_dir(run.run_dir, everything=True)
+                summary = simulate(run.scenario, run.run_dir, on_round=callback)
             timing = {
                 "wall_time": summary.get("wall_time", time.perf_counter() - t0),
                 "resumed": run.state == "resume",

@@ -23,6 +23,7 @@ from typing import IO, Any
 from fedmerge.align import permutation_spec_for
 from fedmerge.atomic import atomic_write_text
 from fedmerge.topology import build_graph, mixing_matrix
+from sims.checks import check_scenario, model_allocation_error
 from sims.processes import stop_tree
 from sims.runs import parse_row
 from sims.scenario_files import load_scenario
@@ -60,7 +61,12 @@ class SimulationError(RuntimeError):
 
 
 def preflight(config: RunConfig) -> None:
-    """Load data, partition it and build the model: fail before any process starts."""
+    """Load data, partition it and build the model: fail before any process starts.
+
+    :func:`sims.checks.check_scenario` runs first (this machine's GPUs and
+    CPUs, the Ray address, options that could never act).
+    """
+    check_scenario(config)
     fed = federation(config)
     try:
         data = fed.data
@@ -77,6 +83,8 @@ def preflight(config: RunConfig) -> None:
         model = fed.initial_model()
     except ValueError as exc:  # a user's model factory that cannot build; the kernel names
         raise ConfigError(f"model.{exc}") from None  # its own field (factory, width, ...)
+    except (MemoryError, RuntimeError) as exc:
+        raise model_allocation_error(config, exc) from None
     plugin = config.strategy.plugin
     if plugin.aligns:  # a model that cannot be traced fails here, not in the ServerApp
         permutation_spec_for(model, fed.example_input)

@@ -8,6 +8,7 @@ defaults; unknown keys and bad values are errors.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,8 @@ from strategies.config import ConfigError, RunConfig, run_config_from_dict, set_
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 #: The scenario ``fedmerge simulate`` runs without arguments.
 DEFAULT_SCENARIO = "default"
+#: A ``--set`` key: TOML bare keys joined by dots.
+_DOTTED_KEY = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
 __all__ = [
     "DEFAULT_SCENARIO",
@@ -76,8 +79,11 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     dotted: dict[str, Any] = {}
     for item in overrides:
         key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set: got {item!r}; allowed: key=value, e.g. train.lr=0.05")
+        if not sep or not _DOTTED_KEY.fullmatch(key.strip()):
+            raise ConfigError(
+                f"--set: got {item!r}; allowed: key=value with a dotted key of letters, digits, "
+                f"'_' and '-', e.g. train.lr=0.05"
+            )
         dotted[key.strip()] = _parse_value(text.strip())
     return set_dotted(data, dotted)
 

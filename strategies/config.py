@@ -403,6 +403,8 @@ def _describe(err: ErrorDetails, *, skip: int = 0, owner: Plugin | None = None) 
     """One ``key: got X; allowed: Y`` line for a pydantic error."""
     path = tuple(err["loc"])[skip:]
     key = ".".join(str(p) for p in path)
+    if not key.isprintable():  # a quoted TOML key with a line break: keep the message one line
+        key = ascii(key)
     kind, msg = err["type"], err["msg"]
     if kind == "value_error":
         text = msg.removeprefix("Value error, ")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -17,6 +16,13 @@ from fedmerge.cache import cache_key
 from fedmerge.data import DatasetBundle
 from fedmerge.training import evaluate
 from strategies.adversary import adversarial_partitions
+from strategies.checkpoint import (
+    CHECKPOINT_JSON,
+    CHECKPOINT_WEIGHTS,
+    checkpoint_metadata,
+    read_checkpoint,
+    resume_rows,
+)
 from strategies.config import RunConfig
 from strategies.metering import Traffic
 from strategies.run_log import RunLog
@@ -101,28 +107,37 @@ class RoundRecorder:
         return resume
 
     def _checkpoint(self) -> Resume | None:
-        meta_path = self.log.run_dir / "checkpoint.json"
-        weights = self.log.run_dir / "checkpoint.safetensors"
-        if not (meta_path.exists() and weights.exists()):
+        """The checkpoint to resume from, checked (:mod:`strategies.checkpoint`)."""
+        run_dir = self.log.run_dir
+        info = read_checkpoint(run_dir)  # CheckpointError: damaged or mismatched
+        if info is None:
             return None
-        meta = json.loads(meta_path.read_text())
-        if meta.get("digest") != self.config.digest():
-            logger.warning("checkpoint in %s is of another run; starting over", self.log.run_dir)
+        if info.digest != self.config.digest():
+            logger.warning("checkpoint in %s is of another run; starting over", run_dir)
             return None
-        rows = [r for r in self.log.read_metrics() if r["round"] <= meta["round"]]
-        return Resume(meta["round"], load_file(str(weights)), meta["sampler_state"], rows)
+        rows = resume_rows(run_dir, info.round)
+        state = load_file(str(run_dir / CHECKPOINT_WEIGHTS))
+        return Resume(info.round, state, info.sampler_state, rows)
 
     def checkpoint(
         self, server_round: int, state: dict[str, torch.Tensor], sampler_state: dict[str, Any]
     ) -> None:
-        """Save the state after ``server_round`` (weights, then metadata)."""
-        self.log.save_tensors("checkpoint.safetensors", state)
+        """Save the state after ``server_round``: one weights file that holds its metadata.
+
+        ``checkpoint.json`` follows with the same metadata and the weights
+        file's SHA-256 (see :mod:`strategies.checkpoint`).
+        """
+        digest = self.config.digest()
+        sha = self.log.save_tensors(
+            CHECKPOINT_WEIGHTS, state, checkpoint_metadata(server_round, digest, sampler_state)
+        )
         self.log.write_json(
-            "checkpoint.json",
+            CHECKPOINT_JSON,
             {
                 "round": server_round,
-                "digest": self.config.digest(),
+                "digest": digest,
                 "sampler_state": sampler_state,
+                "weights_sha256": sha,
             },
         )
 

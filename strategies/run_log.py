@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -54,7 +55,11 @@ class RunLog:
             f.flush()
             os.fsync(f.fileno())
 
-    def save_tensors(self, name: str, state: dict[str, torch.Tensor]) -> None:
-        """Save tensors as safetensors (temp file, then rename)."""
+    def save_tensors(
+        self, name: str, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+    ) -> str:
+        """Save tensors as safetensors (temp file, then rename); return the file's SHA-256."""
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-        atomic_write(self.run_dir / name, lambda f: f.write(save(tensors)))
+        blob = save(tensors, metadata=metadata)
+        atomic_write(self.run_dir / name, lambda f: f.write(blob))
+        return hashlib.sha256(blob).hexdigest()

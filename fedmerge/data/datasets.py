@@ -56,13 +56,32 @@ class DatasetBundle:
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (optionally gzip-compressed) into a uint8 array."""
+    """Read an IDX file (optionally gzip-compressed) into a uint8 array.
+
+    Raises
+    ------
+    ValueError
+        If the file is not a gzip file (for ``.gz``), is empty, or is not an
+        IDX file of unsigned bytes whose size matches its header.
+    """
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (gzip.BadGzipFile, EOFError) as exc:
+        raise ValueError(
+            f"root: {str(path)!r}: got a damaged gzip file ({exc}); "
+            f"allowed: a gzip-compressed IDX file"
+        ) from None
+    ndim = data[3] if len(data) >= 4 else 0
+    size = 4 + 4 * ndim
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08" or len(data) != size + int(np.prod(dims)):
+        raise ValueError(
+            f"root: {str(path)!r}: got {len(data)} bytes that are not an IDX file of unsigned "
+            f"bytes; allowed: an IDX file (magic 0x00000801 or 0x00000803, size as its header)"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=size).reshape(dims)
 
 
 def _find_idx(root: Path, stem: str) -> Path:
@@ -106,13 +125,27 @@ def _fashion_mnist(root: Path) -> DatasetBundle:
     stat = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
 
     def decode() -> dict[str, np.ndarray]:
-        raw = [_read_idx(path) for path in paths]
-        train_x, test_x = _normalise(raw[0][:, None], raw[2][:, None])
+        raw = dict(zip(stems, (_read_idx(path) for path in paths), strict=True))
+        for images, labels in (("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                               ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")):  # fmt: skip
+            y, where = raw[labels], str(paths[stems.index(labels)])
+            if raw[images].ndim != 3 or y.ndim != 1 or len(y) != len(raw[images]):
+                raise ValueError(
+                    f"root: {where!r}: got {y.shape} labels for images of shape "
+                    f"{raw[images].shape}; allowed: one label per 2-D image"
+                )
+            if len(y) and int(y.max()) >= 10:
+                raise ValueError(
+                    f"root: {where!r}: got label {int(y.max())}; allowed: labels 0 to 9"
+                )
+        train_x, test_x = _normalise(
+            raw["train-images-idx3-ubyte"][:, None], raw["t10k-images-idx3-ubyte"][:, None]
+        )
         return {
             "train_x": train_x,
-            "train_y": raw[1].astype(np.int64),
+            "train_y": raw["train-labels-idx1-ubyte"].astype(np.int64),
             "test_x": test_x,
-            "test_y": raw[3].astype(np.int64),
+            "test_y": raw["t10k-labels-idx1-ubyte"].astype(np.int64),
         }
 
     # The decoded, normalised arrays are what every process holds: cache those,

@@ -194,6 +194,11 @@ def partition_indices(
         raise ValueError(
             f"num_clients: got {num_partitions}; allowed: 1 to {n} (the training set's size)"
         )
+    if config.scheme == "shards" and num_partitions * config.shards_per_client > n:
+        raise ValueError(
+            f"partition.shards_per_client: got {config.shards_per_client}; allowed: 1 to "
+            f"{n // num_partitions} ({n} training samples in shards for {num_partitions} clients)"
+        )
     order = np.random.default_rng(seed).permutation(n)
     columns: dict[str, np.ndarray] = {"label": labels[order], "index": order}
     if config.scheme == "natural":

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import gzip
+import os
 import re
+import socket
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
-from sims import cli
+from sims import checks, cli
 
 REPO = Path(__file__).resolve().parents[2]
 EXIT_BAD_INPUT = 2
@@ -40,6 +46,76 @@ def _bad_toml(tmp_path: Path) -> str:
     path = tmp_path / "broken.toml"
     path.write_text('name = "broken"\nrounds = = 3\n')
     return str(path)
+
+
+_IDX_STEMS = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+    """An IDX file of unsigned bytes, written from the format's definition."""
+    head = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    return head + array.astype(np.uint8).tobytes()
+
+
+def _fmnist_dir(tmp_path: Path, kind: str) -> Path:
+    """Four Fashion-MNIST files: empty, not gzip, or with a label out of 0..9."""
+    root = tmp_path / f"fmnist-{kind}"
+    root.mkdir()
+    images, labels = np.zeros((4, 28, 28)), np.array([0, 1, 12, 3])
+    for stem in _IDX_STEMS:
+        array = images if "images" in stem else labels
+        blob = {"empty": b"", "not-gzip": b"hello, not gzip\n"}.get(kind)
+        data = blob if blob is not None else gzip.compress(_idx_bytes(array))
+        (root / f"{stem}.gz").write_bytes(data)
+    return root
+
+
+def _edge_file(tmp_path: Path, kind: str) -> Path:
+    """A ring of 4 peers whose first edge has a negative, NaN or too large weight."""
+    first = {"negative": "-0.25", "nan": "nan", "sum-above-1": "0.75"}[kind]
+    path = tmp_path / f"edges-{kind}.txt"
+    path.write_text(f"0 1 {first}\n1 2 0.5\n2 3 0.25\n3 0 0.5\n")
+    return path
+
+
+def _deep_toml(tmp_path: Path) -> str:
+    path = tmp_path / "deep.toml"
+    path.write_text("a = " + "[" * 5000 + "]" * 5000 + "\n")
+    return str(path)
+
+
+def _placeholders(arg: str, tmp_path: Path) -> str:
+    """Replace the @NAME@ placeholders of a case by paths made for it."""
+    if arg == "@BAD_TOML@":
+        return _bad_toml(tmp_path)
+    if arg == "@DEEP_TOML@":
+        return _deep_toml(tmp_path)
+    if arg == "@DIR@":
+        return str(tmp_path)
+    if arg == "@ODD_KEY_TOML@":
+        path = tmp_path / "odd-key.toml"
+        path.write_text('[train]\n"x\\ny" = 2\n')
+        return str(path)
+    for kind in ("empty", "not-gzip", "labels"):
+        if f"@FMNIST_{kind}@" in arg:
+            arg = arg.replace(f"@FMNIST_{kind}@", str(_fmnist_dir(tmp_path, kind)))
+    for kind in ("negative", "nan", "sum-above-1"):
+        if f"@EDGES_{kind}@" in arg:
+            arg = arg.replace(f"@EDGES_{kind}@", str(_edge_file(tmp_path, kind)))
+    return arg
+
+
+_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+_CPUS = os.cpu_count() or 1
+_DIGITS = ["--set", "dataset.name=digits", "--set", "model.name=mlp"]
+_PEERS = [*_DIGITS, "--set", "strategy.name=gossip", "--set", "num_clients=4",
+          "--set", "clients_per_round=4", "--set", "topology.name=edge-list",
+          "--set", "topology.mixing=given"]  # fmt: skip
 
 
 # (id, extra argv, substrings the single stderr line must hold: key, then bad value)
@@ -96,6 +172,116 @@ CASES = [
         ["--set", "strategy.client_widths=[1, 2]"],
         ["strategy.client_widths: got [1, 2]", "only with strategy 'ot'"],
     ),
+    ("deeply-nested-toml", ["@DEEP_TOML@"], ["deep.toml", "nested too deeply"]),
+    ("set-key-with-line-break", ["--set", "a\nb=1"], ["--set: got 'a\\nb=1'", "dotted key"]),
+    ("toml-key-with-line-break", ["@ODD_KEY_TOML@"], ["'train.x\\ny': unknown key"]),
+    ("directory-as-scenario", ["@DIR@"], ["scenario", "is not a file"]),
+    (
+        "more-shards-than-samples",
+        [*_DIGITS, "--set", "partition.scheme=shards", "--set", "partition.shards_per_client=1000"],
+        ["partition.shards_per_client: got 1000", "1 to 143"],  # 1438 samples // 10 clients
+    ),
+    (
+        "model-too-large-to-allocate",
+        [*_DIGITS, "--set", "model.width=100000000"],
+        ["model: got", "width=100000000", "fits in this machine's memory"],
+    ),
+    (
+        "cuda-device-missing",
+        [*_DIGITS, "--set", f"device=cuda:{_GPUS}"],
+        [f"device: got 'cuda:{_GPUS}'", f"torch sees {_GPUS} CUDA device"],
+    ),
+    (
+        "more-gpus-per-client-than-here",
+        [*_DIGITS, "--set", f"simulation.num_gpus_per_client={_GPUS + 1}"],
+        [f"simulation.num_gpus_per_client: got {_GPUS + 1}.0", f"0 to {_GPUS}"],
+    ),
+    (
+        "more-cpus-per-client-than-ray-has",
+        [*_DIGITS, "--set", f"simulation.num_cpus_per_client={_CPUS + 1}"],
+        [f"simulation.num_cpus_per_client: got {_CPUS + 1}", f"1 to {_CPUS}"],
+    ),
+    (
+        "more-cpus-per-client-than-ray-num-cpus",
+        [
+            *_DIGITS,
+            *("--set", "simulation.ray_num_cpus=1"),
+            "--set",
+            "simulation.num_cpus_per_client=2",
+        ],
+        ["simulation.num_cpus_per_client: got 2", "1 to 1"],
+    ),
+    (
+        "ray-num-cpus-above-cores",
+        [*_DIGITS, "--set", f"simulation.ray_num_cpus={_CPUS * 1000}"],
+        [f"simulation.ray_num_cpus: got {_CPUS * 1000}", f"0 (all) to {_CPUS}"],
+    ),
+    (
+        "ray-address-refused",
+        [*_DIGITS, "--set", "simulation.ray_address='127.0.0.1:1'"],
+        ["simulation.ray_address: got '127.0.0.1:1'", "unreachable: Connection refused"],
+    ),
+    (
+        "ray-address-malformed",
+        [*_DIGITS, "--set", "simulation.ray_address='localhost:port'"],
+        ["simulation.ray_address: got 'localhost:port'", "HOST:PORT"],
+    ),
+    (
+        "topology-of-server-side-strategy",
+        [*_DIGITS, "--set", "topology.name=full"],
+        ["topology.name: got 'full'", "peer-side strategy", "(strategy is 'fedavg'"],
+    ),
+    (
+        "topology-option-of-server-side-strategy",
+        [*_DIGITS, "--set", "topology.mixing=metropolis"],
+        ["topology.mixing: got 'metropolis'", "peer-side strategy"],
+    ),
+    (
+        "inject-failure-partition-out-of-range",
+        [*_DIGITS, "--set", "simulation.inject_failures='10@1'"],
+        ["simulation.inject_failures: got 10@1", "PARTITION 0 to 9"],
+    ),
+    (
+        "inject-failure-after-last-round",
+        [*_DIGITS, "--set", "simulation.inject_failures='1@2,3@6'"],
+        ["simulation.inject_failures: got 3@6", "ROUND 1 to 5"],
+    ),
+    (
+        "inject-failure-round-0",
+        [*_DIGITS, "--set", "simulation.inject_failures='1@0'"],
+        ["simulation.inject_failures: got 1@0", "ROUND 1 to 5"],
+    ),
+    ("name-escapes-runs-root", [*_DIGITS, "--set", "name='../../..'"], ["name: got '../../..'"]),
+    (
+        "edge-weight-negative",
+        [*_PEERS, "--set", "topology.edge_file='@EDGES_negative@'"],
+        ["topology.edge_file: line 1 has weight '-0.25'", "[0, 1]"],
+    ),
+    (
+        "edge-weight-nan",
+        [*_PEERS, "--set", "topology.edge_file='@EDGES_nan@'"],
+        ["topology.edge_file: line 1 has weight 'nan'", "[0, 1]"],
+    ),
+    (
+        "edge-weights-sum-above-1",  # peer 0: edges (0, 1) and (3, 0), 0.75 + 0.5
+        [*_PEERS, "--set", "topology.edge_file='@EDGES_sum-above-1@'"],
+        ["peer 0", "sum to 1.250", "at most 1"],
+    ),
+    (
+        "idx-files-empty",
+        ["--set", "dataset.root='@FMNIST_empty@'"],
+        ["dataset.root", "train-images-idx3-ubyte.gz", "got 0 bytes"],
+    ),
+    (
+        "idx-files-not-gzip",
+        ["--set", "dataset.root='@FMNIST_not-gzip@'"],
+        ["dataset.root", "train-images-idx3-ubyte.gz", "damaged gzip file"],
+    ),
+    (
+        "idx-labels-out-of-range",
+        ["--set", "dataset.root='@FMNIST_labels@'"],
+        ["dataset.root", "train-labels-idx1-ubyte.gz", "got label 12", "labels 0 to 9"],
+    ),
 ]
 
 
@@ -110,10 +296,7 @@ def test_simulate_bad_input_is_one_line_and_exit_2(
     runs = tmp_path / "runs"
     empty = tmp_path / "empty-dir"
     empty.mkdir()
-    argv = [
-        _bad_toml(tmp_path) if a == "@BAD_TOML@" else a.replace("@EMPTY_DIR@", str(empty))
-        for a in extra
-    ]
+    argv = [_placeholders(a.replace("@EMPTY_DIR@", str(empty)), tmp_path) for a in extra]
     code = cli.main(["simulate", *argv, "--runs-root", str(runs)])
     out, err = capsys.readouterr()
     assert code == EXIT_BAD_INPUT
@@ -178,3 +361,234 @@ def test_partition_writes_png_and_table(tmp_path: Path, capsys: pytest.CaptureFi
         assert sum(per_class) == int(r[-1])
     assert sum(int(r[-1]) for r in rows) == n_train
     assert f"{n_train} of {n_train} training samples assigned" in out
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.splitlines()
+    assert len(lines) == 1, f"stderr is not one line: {err!r}"
+    assert lines[0].startswith("fedmerge: error: ")
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("kind", ["is-a-file", "under-a-file", "component-too-long"])
+def test_unusable_run_dir_is_one_line_and_exit_2(
+    kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], no_simulation: list[object]
+) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory\n")
+    run_dir = {
+        "is-a-file": a_file,
+        "under-a-file": a_file / "run",
+        "component-too-long": tmp_path / ("x" * 300) / "run",
+    }[kind]
+    code = cli.main(["simulate", *_DIGITS, "--run-dir", str(run_dir)])
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == EXIT_BAD_INPUT
+    assert line.startswith("fedmerge: error: run_dir: got ")
+    expected = {
+        "is-a-file": f"'{a_file}' is a file",
+        "under-a-file": f"'{a_file}' is a file",
+        "component-too-long": "component of 300 bytes",
+    }[kind]
+    assert expected in line
+    assert a_file.read_text() == "not a directory\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+    assert no_simulation == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_unwritable_run_dir_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_simulation: list[object]
+) -> None:
+    locked = tmp_path / "read-only"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        code = cli.main(["simulate", *_DIGITS, "--run-dir", str(locked / "run")])
+    finally:
+        locked.chmod(0o755)
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == EXIT_BAD_INPUT
+    assert f"'{locked}' is not writable" in line
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A TCP port that accepts connections and never answers (like a stray proxy)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        yield server.getsockname()[1]
+
+
+def test_ray_address_that_never_answers_is_refused(
+    silent_server: int,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    no_simulation: list[object],
+    tmp_path: Path,
+) -> None:
+    monkeypatch.setattr(checks, "RAY_CONNECT_TIMEOUT", 0.5)
+    address = f"127.0.0.1:{silent_server}"
+    code = cli.main(
+        ["simulate", *_DIGITS, "--set", f"simulation.ray_address='{address}'",
+         "--runs-root", str(tmp_path / "runs")]
+    )  # fmt: skip
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == EXIT_BAD_INPUT
+    assert f"simulation.ray_address: got '{address}'" in line
+    assert "no gRPC server answered" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_partition_out_directory_writes_inside_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_dir = tmp_path / "plots"
+    out_dir.mkdir()
+    code = cli.main(["partition", *_DIGITS, "--out", str(out_dir)])
+    out = capsys.readouterr().out
+    expected = out_dir / "partition-default.png"
+    assert code == 0
+    assert expected.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot: {expected}" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plots"]
+
+
+def test_partition_out_without_png_suffix_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "plot.pdf"
+    code = cli.main(["partition", *_DIGITS, "--out", str(out)])
+    captured = capsys.readouterr()
+    line = _one_error_line(captured.err)
+    assert captured.out == "", "the table was printed before --out was checked"
+    assert code == EXIT_BAD_INPUT
+    assert f"--out: got '{out}'" in line and "a .png file or a directory" in line
+    assert not out.exists()
+
+
+def _raise(exc: BaseException) -> Callable[[object], int]:
+    def command(args: object) -> int:
+        raise exc
+
+    return command
+
+
+def _patch_command(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> None:
+    parser = cli.build_parser
+
+    def patched() -> object:
+        """The real parser, its ``strategies`` command replaced by one that raises ``exc``."""
+        p = parser()
+        p._subparsers._group_actions[0].choices["strategies"].set_defaults(func=_raise(exc))
+        return p
+
+    monkeypatch.setattr(cli, "build_parser", patched)
+
+
+@pytest.mark.parametrize(
+    ("exc", "needles"),
+    [
+        (
+            PermissionError(13, "Permission denied", "/srv/runs/x/metrics.jsonl"),
+            ["/srv/runs/x/metrics.jsonl: got Permission denied"],
+        ),
+        (OSError(28, "No space left on device", "/srv/runs"), ["/srv/runs: got No space left"]),
+        (RecursionError("maximum recursion depth exceeded"), ["nested too deeply"]),
+        (MemoryError(), ["does not fit in memory"]),
+        (
+            RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8"),
+            ["does not fit in memory"],
+        ),
+    ],
+    ids=["permission", "disk-full", "recursion", "memory", "torch-allocator"],
+)
+def test_main_turns_input_errors_into_one_line(
+    exc: BaseException,
+    needles: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _patch_command(monkeypatch, exc)
+    code = cli.main(["strategies"])
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == EXIT_BAD_INPUT
+    for needle in needles:
+        assert needle in line
+
+
+def test_ctrl_c_is_one_line_and_exit_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _patch_command(monkeypatch, KeyboardInterrupt())
+    code = cli.main(["strategies"])
+    err = capsys.readouterr().err
+    assert code == 130
+    assert len(err.splitlines()) == 1 and err.startswith("fedmerge: interrupted")
+    assert "Traceback" not in err
+
+
+def test_a_bug_keeps_its_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _patch_command(monkeypatch, KeyError("rows"))
+    code = cli.main(["strategies"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "Traceback (most recent call last)" in err and "KeyError: 'rows'" in err
+    assert err.splitlines()[-1].startswith("fedmerge: internal error (KeyError), a bug")
+
+
+def test_ctrl_c_in_a_subprocess_exits_130(tmp_path: Path) -> None:
+    """SIGINT while the command runs: exit 130, one line, no traceback."""
+    script = (
+        "import sys, time\n"
+        "from sims import cli\n"
+        "def wait(args):\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(60)\n"
+        "    return 0\n"
+        "cli.cmd_strategies = wait\n"
+        "p = cli.build_parser\n"
+        "def patched():\n"
+        "    parser = p()\n"
+        "    parser._subparsers._group_actions[0].choices['strategies'].set_defaults(func=wait)\n"
+        "    return parser\n"
+        "cli.build_parser = patched\n"
+        "sys.exit(cli.main(['strategies']))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        proc.send_signal(2)  # SIGINT, as Ctrl-C sends
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    assert len(err.splitlines()) == 1 and err.startswith("fedmerge: interrupted"), err
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["simulate", "--set", "-x=1"], "fedmerge simulate: argument --set: expected one argument"),
+        (["simulate", "--bogus"], "unrecognized arguments: --bogus"),
+        (["simulat"], "invalid choice: 'simulat'"),
+    ],
+    ids=["set-key-like-an-option", "unknown-option", "unknown-command"],
+)
+def test_usage_errors_are_one_line(
+    argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    line = _one_error_line(capsys.readouterr().err)
+    assert exited.value.code == EXIT_BAD_INPUT
+    assert needle in line and line.endswith("--help")

@@ -93,11 +93,14 @@ def _rows(run_dir: Path) -> list[dict]:
 
 
 def _snapshot(root: Path) -> dict[str, int]:
-    """Modification times (ns) of every file under the sweep's run directories."""
+    """Modification times (ns) of every file under the sweep's run directories.
+
+    Lock files are left out: every ``compare`` takes the locks again.
+    """
     return {
         str(p.relative_to(root)): p.stat().st_mtime_ns
         for p in sorted(root.rglob("*"))
-        if p.is_file() and "report" not in p.relative_to(root).parts
+        if p.is_file() and "report" not in p.relative_to(root).parts and p.name != ".lock"
     }
 
 
@@ -274,9 +277,10 @@ def test_force_deletes_and_reruns_every_run(
     calls: list[str] = []
 
     def fake_simulate(scenario: RunConfig, run_dir: Path, **kwargs: object) -> dict:
-        assert not run_dir.exists(), "--force must delete the old run first"
+        # --force empties the run directory first; only the run's lock is left
+        assert [p.name for p in run_dir.iterdir()] == [".lock"], "old run not deleted"
         calls.append(scenario.digest())
-        shutil.copytree(originals[scenario.digest()], run_dir)
+        shutil.copytree(originals[scenario.digest()], run_dir, dirs_exist_ok=True)
         (run_dir / "timing.json").unlink()
         return {**json.loads((run_dir / "summary.json").read_text()), "wall_time": 1.0}
 

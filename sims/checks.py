@@ -1,0 +1,364 @@
+"""Checks that run before a simulation starts, and the lock on a run directory.
+
+Everything here refuses an input with one :class:`ConfigError` line
+(``key-or-path: got X; allowed: Y``) before any process starts or any file
+is written:
+
+- :func:`check_scenario`: what the machine or cluster must provide (a GPU for
+  ``device = "cuda"``, the CPUs and GPUs the clients reserve, a reachable
+  ``ray_address``) and options that could never take effect (topology options
+  of a server-side strategy, ``inject_failures`` that never fire).
+- :func:`check_run_dir`: the run directory can be written, holds no other
+  scenario's run, and a checkpoint in it can be resumed.
+- :func:`run_dir_lock`: one writer per run directory (``RUN_DIR/.lock``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from fedmerge.topology import TopologyConfig
+from sims.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, TIMING_FILE, read_json
+from strategies.checkpoint import CHECKPOINT_JSON, CHECKPOINT_WEIGHTS, read_checkpoint, resume_rows
+from strategies.config import ConfigError, RunConfig, run_config_from_dict
+
+__all__ = [
+    "LOCK_FILE",
+    "RAY_CONNECT_TIMEOUT",
+    "RUN_FILES",
+    "check_run_dir",
+    "check_run_path",
+    "check_scenario",
+    "clear_run_dir",
+    "run_dir_digest",
+    "run_dir_lock",
+]
+
+#: The lock file of a run directory.
+LOCK_FILE = ".lock"
+#: What fedmerge writes into a run directory (``--force`` deletes these, nothing else).
+RUN_FILES: tuple[str, ...] = (
+    CONFIG_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    TIMING_FILE,
+    CHECKPOINT_JSON,
+    CHECKPOINT_WEIGHTS,
+    "model.safetensors",
+    "run_config.toml",
+    "flower.log",
+    "accuracy.png",
+    "tensorboard",
+)
+#: Seconds to wait for a TCP connection to ``simulation.ray_address``.
+RAY_CONNECT_TIMEOUT = 3.0
+#: Longest file name most file systems accept.
+_NAME_MAX = 255
+
+
+# -- the scenario and this machine ---------------------------------------------
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _ray_endpoint(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a Ray address; ``None`` for ``auto``/``local`` (Ray resolves those)."""
+    if address in ("auto", "local"):
+        return None
+    rest = address.removeprefix("ray://")
+    host, sep, port = rest.rpartition(":")
+    if not sep:
+        host, port = rest, "6379"  # Ray's default GCS port
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"simulation.ray_address: got {address!r}; allowed: HOST:PORT or ray://HOST:PORT "
+            f"of a running Ray cluster, 'auto', or '' (start one)"
+        )
+    return host, int(port)
+
+
+def _answers_grpc(endpoint: tuple[str, int], timeout: float) -> str | None:
+    """``None`` if a gRPC server answers at ``endpoint``, else the reason it did not.
+
+    Ray's GCS and Ray Client servers speak gRPC. One call of a method that
+    any answer settles (a GCS answers it; another gRPC server says the method
+    is unknown) tells a gRPC server from a closed port, a silent host, or a
+    proxy or web server that accepts any connection (it answers with an HTTP
+    status, not a gRPC one).
+    """
+    import grpc
+
+    host, port = endpoint
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    with grpc.insecure_channel(target) as channel:
+        try:
+            channel.unary_unary("/ray.rpc.NodeInfoGcsService/CheckAlive")(b"", timeout=timeout)
+        except grpc.RpcError as exc:
+            code, details = exc.code(), str(exc.details())
+            if code == grpc.StatusCode.UNAVAILABLE:  # refused, no route, unknown host
+                return f"unreachable: {details.rsplit(': ', 1)[-1].rstrip('])')[:80]}"
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return "no gRPC server answered"
+            if "http2 header with status" in details:
+                return "a server answered, but not a gRPC one"
+    return None
+
+
+def _check_ray_address(address: str) -> None:
+    endpoint = _ray_endpoint(address)
+    if endpoint is None or os.environ.get("RAY_USE_TLS", "0") not in ("", "0"):
+        return
+    reason = _answers_grpc(endpoint, RAY_CONNECT_TIMEOUT)
+    if reason is not None:
+        raise ConfigError(
+            f"simulation.ray_address: got {address!r}, which did not answer as a Ray cluster "
+            f"within {RAY_CONNECT_TIMEOUT:.0f} s ({reason}); allowed: the address of a running "
+            f"Ray cluster, or '' to start one"
+        )
+
+
+def check_scenario(config: RunConfig) -> None:
+    """Refuse what this machine (or the Ray cluster) cannot run, and options that never act.
+
+    Raises
+    ------
+    ConfigError
+        One line: the key, the value, and what is allowed here.
+    """
+    gpus = _cuda_devices()
+    if config.device != "cpu":
+        index = int(config.device.partition(":")[2] or 0)
+        if index >= gpus:
+            allowed = f"'cpu' or 'cuda:0' to 'cuda:{gpus - 1}'" if gpus else "'cpu'"
+            raise ConfigError(
+                f"device: got {config.device!r}; allowed: {allowed} "
+                f"(torch sees {gpus} CUDA device{'s' * (gpus != 1)})"
+            )
+    sim = config.simulation
+    if sim.ray_address:
+        _check_ray_address(sim.ray_address)
+    else:  # the run starts its own Ray on this machine
+        cores = os.cpu_count() or 1
+        if sim.ray_num_cpus > cores:
+            raise ConfigError(
+                f"simulation.ray_num_cpus: got {sim.ray_num_cpus}; allowed: 0 (all) to {cores}, "
+                f"the cores of this machine"
+            )
+        ray_cpus = sim.ray_num_cpus or cores
+        if sim.num_cpus_per_client > ray_cpus:
+            raise ConfigError(
+                f"simulation.num_cpus_per_client: got {sim.num_cpus_per_client}; allowed: 1 to "
+                f"{ray_cpus}, the CPUs of the Ray cluster this run starts"
+            )
+        if sim.num_gpus_per_client > gpus:
+            raise ConfigError(
+                f"simulation.num_gpus_per_client: got {sim.num_gpus_per_client}; allowed: 0 to "
+                f"{gpus}, the GPUs of this machine (or set simulation.ray_address)"
+            )
+    plugin = config.strategy.plugin
+    if not plugin.peer and config.topology != TopologyConfig():
+        key = next(
+            f.name
+            for f in dataclasses.fields(TopologyConfig)
+            if getattr(config.topology, f.name) != getattr(TopologyConfig(), f.name)
+        )
+        raise ConfigError(
+            f"topology.{key}: got {getattr(config.topology, key)!r}; allowed: only with a "
+            f"peer-side strategy (strategy is {config.strategy.name!r}, which aggregates on "
+            f"the server)"
+        )
+    for pid, rnd in sorted(sim.failures()):
+        if pid >= config.num_clients or not 1 <= rnd <= config.rounds:
+            raise ConfigError(
+                f"simulation.inject_failures: got {pid}@{rnd}; allowed: PARTITION@ROUND with "
+                f"PARTITION 0 to {config.num_clients - 1} and ROUND 1 to {config.rounds}, "
+                f"which can fire"
+            )
+
+
+# -- the run directory ------------------------------------------------------------
+def check_run_path(run_dir: Path) -> None:
+    """Refuse a run directory path that cannot become a writable directory.
+
+    Raises
+    ------
+    ConfigError
+        If a path component is too long, the path is or lies under a file,
+        or the deepest existing directory on it is not writable.
+    """
+    for part in run_dir.parts:
+        if len(os.fsencode(part)) > _NAME_MAX:
+            raise ConfigError(
+                f"run_dir: got a path component of {len(os.fsencode(part))} bytes "
+                f"({part[:20]}...); allowed: at most {_NAME_MAX}"
+            )
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ConfigError(
+            f"run_dir: got {str(run_dir)!r}, but {str(existing)!r} is a file; "
+            f"allowed: a directory or a path that can become one"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"run_dir: got {str(run_dir)!r}, but {str(existing)!r} is not writable; "
+            f"allowed: a directory this user can write"
+        )
+
+
+def run_dir_digest(run_dir: Path) -> str | None:
+    """Digest of the scenario whose files are in ``run_dir``; ``None`` if it holds none.
+
+    From ``summary.json``, else ``checkpoint.json``, else ``config.json``
+    (``"unreadable"`` if that cannot be read as a scenario).
+    """
+    for name in (SUMMARY_FILE, CHECKPOINT_JSON):
+        digest = read_json(run_dir / name).get("digest")
+        if isinstance(digest, str):
+            return digest
+    if (run_dir / CONFIG_FILE).exists():
+        try:
+            return run_config_from_dict(read_json(run_dir / CONFIG_FILE)).digest()
+        except (ValueError, TypeError):
+            return "unreadable"
+    if (run_dir / METRICS_FILE).exists():
+        return "unreadable"
+    return None
+
+
+def check_run_dir(run_dir: Path, config: RunConfig, *, force: bool = False) -> str:
+    """Check ``run_dir`` before ``config`` runs in it; say whether the run is new or resumes.
+
+    Parameters
+    ----------
+    run_dir : Path
+        The run directory (need not exist).
+    config : RunConfig
+        The scenario that will run there.
+    force : bool (default: False)
+        The caller deletes the run's files first: only the path is checked.
+
+    Returns
+    -------
+    str
+        ``"resume"`` if a checkpoint of ``config`` is there, else ``"new"``.
+
+    Raises
+    ------
+    ConfigError
+        If the path cannot become a writable directory, if the directory
+        holds a run of another scenario, or if its checkpoint or metrics
+        cannot be resumed (:mod:`strategies.checkpoint`).
+    """
+    run_dir = Path(run_dir)
+    check_run_path(run_dir)
+    if force or not run_dir.is_dir():
+        return "new"
+    digest = config.digest()
+    other = run_dir_digest(run_dir)
+    if other is not None and other != digest:
+        raise ConfigError(
+            f"run_dir: {str(run_dir)!r} holds a run of another scenario (digest {other}, this "
+            f"one {digest}); allowed: a new directory, or --force to delete that run"
+        )
+    info = read_checkpoint(run_dir)
+    if info is None:
+        return "new"
+    if info.digest != digest:
+        raise ConfigError(
+            f"{run_dir / CHECKPOINT_WEIGHTS}: got a checkpoint of another scenario (digest "
+            f"{info.digest}, this one {digest}); allowed: this scenario's checkpoint (delete "
+            f"{str(run_dir)!r} or rerun with --force to start over)"
+        )
+    resume_rows(run_dir, info.round)
+    return "resume"
+
+
+def clear_run_dir(run_dir: Path, *, everything: bool = False) -> None:
+    """Delete what fedmerge wrote into ``run_dir`` (:data:`RUN_FILES`), or all but the lock.
+
+    Parameters
+    ----------
+    run_dir : Path
+        A run directory (missing: nothing to do).
+    everything : bool (default: False)
+        Delete every entry but :data:`LOCK_FILE` (a sweep's own run
+        directories), not only :data:`RUN_FILES`.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    names = [p.name for p in run_dir.iterdir()] if everything else list(RUN_FILES)
+    for name in names:
+        if name == LOCK_FILE:
+            continue
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path) -> Iterator[Path]:
+    """Hold ``RUN_DIR/.lock`` (``flock``, exclusive) while the block runs.
+
+    Creates ``run_dir``. The lock goes with the process: a killed writer
+    leaves no stale lock behind.
+
+    Raises
+    ------
+    ConfigError
+        If another process holds the lock.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            raise ConfigError(
+                f"run_dir: {str(run_dir)!r} is in use by process {holder} ({path} is locked); "
+                f"allowed: one writer per run directory (wait for it, or use another directory)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield run_dir
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def model_allocation_error(config: RunConfig, exc: BaseException) -> BaseException:
+    """A :class:`ConfigError` for a model that could not be allocated; other errors unchanged.
+
+    ``exc`` is a :class:`MemoryError`, or a :class:`RuntimeError` from
+    PyTorch's allocator (its message says "allocate"); any other
+    ``RuntimeError`` is returned as it is (a bug, not an input).
+    """
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and "alloc" not in text.lower():
+        return exc
+    found = re.search(r"allocate (\d+) bytes", text)
+    size = f"{int(found.group(1)) / 2**30:.1f} GiB" if found else "more memory than there is"
+    model = ", ".join(f"{k}={v!r}" for k, v in config.to_dict()["model"].items())
+    return ConfigError(
+        f"model: got {model}, which needs {size}; allowed: a model that fits in this "
+        f"machine's memory (a smaller width or hidden size)"
+    )
