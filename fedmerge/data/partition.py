@@ -214,6 +214,12 @@ def partition_indices(
                 f"{num_groups} (one client per natural owner)"
             )
         columns["group"] = np.asarray(groups)[order]
+    if config.scheme == "iid":
+        # flwr-datasets' IidPartitioner gives client i the i-th contiguous shard
+        # of the shuffled order (the first n % N shards one sample longer):
+        # np.array_split's cut. Done here directly, it takes milliseconds for
+        # 100,000 clients instead of a dataset selection per client.
+        return [np.sort(part.astype(np.int64)) for part in np.array_split(order, num_partitions)]
     import datasets
 
     dataset = datasets.Dataset.from_dict(columns)

@@ -249,3 +249,19 @@ def test_min_partition_size_must_be_a_non_negative_integer(size: float) -> None:
     with pytest.raises(ValueError) as info:
         PartitionConfig(min_partition_size=size)  # type: ignore[arg-type]
     assert str(info.value) == f"min_partition_size: got {size!r}; allowed: an integer >= 0"
+
+
+@pytest.mark.parametrize(("n", "clients"), [(100, 7), (60, 60), (1000, 3), (13, 5)])
+def test_iid_cut_is_flwr_datasets_iid_partitioner(n: int, clients: int) -> None:
+    """The fast IID path gives exactly what flwr-datasets' IidPartitioner gives."""
+    import datasets
+    from flwr_datasets.partitioner import IidPartitioner
+
+    labels = np.arange(n) % 10
+    ours = partition_indices(labels, clients, PartitionConfig(scheme="iid"), seed=3)
+    order = np.random.default_rng(3).permutation(n)
+    partitioner = IidPartitioner(clients)
+    partitioner.dataset = datasets.Dataset.from_dict({"label": labels[order], "index": order})
+    for i in range(clients):
+        theirs = np.sort(np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64))
+        np.testing.assert_array_equal(ours[i], theirs)
