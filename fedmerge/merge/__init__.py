@@ -1,4 +1,4 @@
-"""Merging state dicts: weighted means, L-DAWA, aligned merges, peer merges, BatchNorm.
+"""Merging state dicts: weighted means, L-DAWA, task vectors, Fisher, peer merges, BatchNorm.
 
 Pure functions on state dicts (``reset_bn_stats`` updates a model's buffers);
 no Flower, no Ray.
@@ -11,6 +11,7 @@ from fedmerge.merge.average import (
     weighted_average,
 )
 from fedmerge.merge.batchnorm import has_batchnorm, reset_bn_state, reset_bn_stats
+from fedmerge.merge.fisher import FISHER_FLOORS, FISHER_LABELS, diagonal_fisher, fisher_merge
 from fedmerge.merge.ldawa import LDAWAConfig, ldawa_aggregate, ldawa_weights
 from fedmerge.merge.merge_many import MERGE_REFERENCES, MergeManyInfo, merge_many
 from fedmerge.merge.peer import (
@@ -20,17 +21,32 @@ from fedmerge.merge.peer import (
     mean_state,
     peer_merge,
 )
+from fedmerge.merge.task_vectors import (
+    BN_STAT_RULES,
+    TIES_TRIM_SCOPES,
+    is_bn_stat,
+    task_arithmetic,
+    ties_merge,
+    trim_mask,
+)
 
 __all__ = [
     "ACCUMULATE_MODES",
+    "BN_STAT_RULES",
+    "FISHER_FLOORS",
+    "FISHER_LABELS",
     "INTEGER_RULES",
     "MERGE_REFERENCES",
     "PEER_ALIGN",
+    "TIES_TRIM_SCOPES",
     "LDAWAConfig",
     "MergeManyInfo",
     "PeerMergeInfo",
     "consensus_distance",
+    "diagonal_fisher",
+    "fisher_merge",
     "has_batchnorm",
+    "is_bn_stat",
     "ldawa_aggregate",
     "ldawa_weights",
     "mean_state",
@@ -39,5 +55,8 @@ __all__ = [
     "peer_merge",
     "reset_bn_state",
     "reset_bn_stats",
+    "task_arithmetic",
+    "ties_merge",
+    "trim_mask",
     "weighted_average",
 ]
