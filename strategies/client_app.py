@@ -136,6 +136,9 @@ def train(msg: Message, context: Context) -> Message:
         {protocol.TRAIN_LOSS: result.loss, protocol.NUM_EXAMPLES: result.num_examples}
     )
     records = {protocol.ARRAYS: ArrayRecord(model.state_dict()), protocol.METRICS: metrics}
+    seed = c.fed.client_seed(server_round, c.partition_id)
+    extra = plugin.reply_arrays(c.config.strategy.options, c.ctx, model, c.x, c.y, seed)
+    records.update({key: ArrayRecord(arrays) for key, arrays in extra.items()})
     return _reply(msg, c.partition_id, records)
 
 
