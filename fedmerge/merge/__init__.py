@@ -1,4 +1,4 @@
-"""Merging state dicts: weighted means, L-DAWA, task vectors, Fisher, peer merges, BatchNorm.
+"""Merging state dicts: weighted means, L-DAWA, task vectors, Fisher, ZipIt!, peer merges, BN.
 
 Pure functions on state dicts (``reset_bn_stats`` updates a model's buffers);
 no Flower, no Ray.
@@ -29,6 +29,7 @@ from fedmerge.merge.task_vectors import (
     ties_merge,
     trim_mask,
 )
+from fedmerge.merge.zipit import ZipItResult, zipit_match, zipit_merge
 
 __all__ = [
     "ACCUMULATE_MODES",
@@ -42,6 +43,7 @@ __all__ = [
     "LDAWAConfig",
     "MergeManyInfo",
     "PeerMergeInfo",
+    "ZipItResult",
     "consensus_distance",
     "diagonal_fisher",
     "fisher_merge",
@@ -59,4 +61,6 @@ __all__ = [
     "ties_merge",
     "trim_mask",
     "weighted_average",
+    "zipit_match",
+    "zipit_merge",
 ]
