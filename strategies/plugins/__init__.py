@@ -33,6 +33,7 @@ from strategies.plugins.ot import OTPlugin
 from strategies.plugins.peer import DIMATPlugin, DIMATWMPlugin, GossipPlugin, LocalPlugin
 from strategies.plugins.task_arithmetic import PeerTaskArithmeticPlugin, TaskArithmeticPlugin
 from strategies.plugins.ties import PeerTIESPlugin, TIESPlugin
+from strategies.plugins.zipit import ZipItPlugin
 
 __all__ = [
     "ClientContext",
@@ -63,6 +64,7 @@ _BUILTIN: dict[str, Plugin] = {
     "peer-ties": PeerTIESPlugin(),
     "task-arithmetic": TaskArithmeticPlugin(),
     "ties": TIESPlugin(),
+    "zipit": ZipItPlugin(),
 }
 _REGISTRY: dict[str, Plugin] = dict(_BUILTIN)
 

@@ -1,4 +1,4 @@
-"""The task-arithmetic, TIES and Fisher plugins: options, and one round on real Flower messages."""
+"""The task-arithmetic, TIES, Fisher and ZipIt! plugins: options, one round on Flower messages."""
 
 from __future__ import annotations
 
@@ -7,13 +7,16 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
+from fedmerge.align import apply_permutation, permutation_spec_for, random_permutation
 from fedmerge.models import build_model
 from strategies.merging import MergingStrategy
 from strategies.plugins import get_plugin
+from strategies.plugins.aligned import ServerModel
 from strategies.plugins.base import ClientContext
 from strategies.plugins.fisher import FisherMerge, FisherOptions
 from strategies.plugins.task_arithmetic import TaskArithmeticMerge, TaskArithmeticOptions
 from strategies.plugins.ties import PeerTIESOptions, TIESMerge, TIESOptions
+from strategies.plugins.zipit import ZipItMerge, ZipItOptions
 
 
 def _reply(node: int, state: dict[str, torch.Tensor], n: int, **extra: ArrayRecord) -> Message:
@@ -52,6 +55,9 @@ def _states() -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
         (lambda: FisherOptions(fisher_labels="true"), "fisher_labels: got 'true'"),
         (lambda: FisherOptions(fisher_floor=0.0), "fisher_floor: got 0.0"),
         (lambda: FisherOptions(floor_models="last"), "floor_models: got 'last'"),
+        (lambda: ZipItOptions(alpha=1.5), r"alpha: got 1.5; allowed: a number in \[0, 1\]"),
+        (lambda: ZipItOptions(beta=-0.1), "beta: got -0.1"),
+        (lambda: ZipItOptions(zip_samples=0), "zip_samples: got 0"),
     ],
 )
 def test_options_reject_bad_values(options, message: str) -> None:
@@ -148,3 +154,20 @@ def test_peer_ties_with_full_density_and_scale_one_of_one_neighbour() -> None:
     )
     for key in own:  # gossip: own + 1/4 (nbr - own)
         torch.testing.assert_close(merged[key], 0.25 * nbr[key])
+
+
+def test_zipit_round_undoes_a_planted_permutation() -> None:
+    model = build_model("mlp", input_shape=(1, 8, 8), num_classes=10, hidden=(16, 8), seed=0)
+    spec = permutation_spec_for(model)
+    state = model.state_dict()
+    perm = random_permutation(spec, state, generator=torch.Generator().manual_seed(1))
+    proxy = list(torch.split(torch.randn(256, 1, 8, 8, generator=torch.Generator()), 128))
+    server = ServerModel(model, spec, proxy, reset_bn=True)
+    strategy = _bind(MergingStrategy(merge=ZipItMerge(server, ZipItOptions()),
+                                     min_available_nodes=1), 2)  # fmt: skip
+    outcome = strategy.aggregate_round(
+        1, state, [_reply(10, state, 5), _reply(11, apply_permutation(spec, perm, state), 50)]
+    )
+    for key in state:
+        torch.testing.assert_close(outcome.state[key], state[key], rtol=1e-5, atol=1e-6)
+    assert outcome.extras["zipit_within"] == 0
