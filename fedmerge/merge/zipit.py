@@ -296,8 +296,9 @@ def _correlations(
 def _apply(t: torch.Tensor, axis: int, matrix: torch.Tensor, block: int) -> torch.Tensor:
     """``matrix`` (new, old) applied along ``axis`` of ``t``, each unit ``block`` entries wide."""
     if block > 1:
-        matrix = torch.kron(matrix, torch.eye(block, dtype=matrix.dtype, device=matrix.device))
-    moved = torch.movedim(t, axis, 0)
+        eye = torch.eye(block, dtype=matrix.dtype, device=matrix.device)
+        matrix = torch.kron(matrix.contiguous(), eye)
+    moved = torch.movedim(t, axis, 0).contiguous()
     res = torch.tensordot(matrix.to(t.device), moved, dims=([1], [0]))
     return torch.movedim(res, 0, axis)
 

@@ -1,4 +1,4 @@
-"""End-to-end runs of task arithmetic, TIES-Merging and Fisher averaging through Flower + Ray."""
+"""End-to-end runs of task arithmetic, TIES, Fisher averaging and ZipIt! through Flower + Ray."""
 
 from __future__ import annotations
 
@@ -32,8 +32,9 @@ def _rows(run_dir: Path) -> list[dict[str, Any]]:
         # 4 task vectors, 20 % of each kept: at most 80 % of the entries change (plus ties)
         (["strategy.name='ties'", "strategy.density=0.2"], "ties_changed", 0.2, 0.8),
         (["strategy.name='fisher'", "strategy.fisher_samples=64"], "fisher_mean", 1e-12, 1.0),
+        (["strategy.name='zipit'", "strategy.zip_samples=256"], "zipit_within", 0, 10_000),
     ],
-    ids=["task-arithmetic", "ties", "fisher"],
+    ids=["task-arithmetic", "ties", "fisher", "zipit"],
 )  # fmt: skip
 def test_merge_operator_improves_on_initial_model(
     options: list[str], metric: str, low: float, high: float, ray_address: str, tmp_path: Path

@@ -22,9 +22,23 @@ def _mlp(seed: int = 0) -> torch.nn.Module:
     return build_model("mlp", input_shape=(1, 8, 8), num_classes=10, hidden=(24, 12), seed=seed)
 
 
-def _batches() -> list[torch.Tensor]:
+def _cnn() -> torch.nn.Module:
+    """Convolutions, then a flatten into linear layers (blocks of H x W entries per channel).
+
+    A large bias of ``fc1`` and rows of ``fc2`` with positive sums keep every ReLU alive on
+    the test inputs: a unit that never fires correlates with nothing, so its match would be
+    arbitrary.
+    """
+    model = build_model("simple-cnn", input_shape=(1, 28, 28), num_classes=10, seed=0)
+    with torch.no_grad():
+        model.fc1.bias.add_(10.0)
+        model.fc2.weight.mul_(torch.sign(model.fc2.weight.sum(1, keepdim=True)))
+    return model
+
+
+def _batches(shape: tuple[int, ...] = (1, 8, 8)) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(5)
-    return list(torch.split(torch.randn(384, 1, 8, 8, generator=g), 128))
+    return list(torch.split(torch.randn(384, *shape, generator=g), 128))
 
 
 def _holding(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -54,13 +68,15 @@ def test_zipit_match_by_hand() -> None:
     assert u2.T.tolist() == [[1.0, 1.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]]
 
 
-def test_zipit_of_permuted_copies_equals_weight_matching_then_averaging() -> None:
-    model = _mlp()
+@pytest.mark.parametrize("arch", ["mlp", "simple-cnn"])
+def test_zipit_of_permuted_copies_equals_weight_matching_then_averaging(arch: str) -> None:
+    model = _mlp() if arch == "mlp" else _cnn()
     spec = permutation_spec_for(model)
     state = model.state_dict()
     perm = random_permutation(spec, state, generator=torch.Generator().manual_seed(3))
     permuted = apply_permutation(spec, perm, state)
-    result = zipit_merge(spec, [model, _holding(model, permuted)], _batches())
+    batches = _batches() if arch == "mlp" else _batches((1, 28, 28))
+    result = zipit_merge(spec, [model, _holding(model, permuted)], batches)
     found, _ = weight_matching(spec, state, permuted)
     expected = weighted_average([state, apply_permutation(spec, found, permuted)])
     merged = result.states[0]
