@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedmerge.align.activations import collect_activation_stats
+from fedmerge.align.activations import _features, _find_sites, first_tensor
 from fedmerge.align.spec import PermutationSpec, check_finite, check_same_shapes
 from fedmerge.merge.average import weighted_average
 
@@ -60,6 +60,8 @@ def zipit_match(
     the two parts' models (the reference indexes the shrunken matrix with the
     original model blocks); and a budget of 0 forbids within-model merges
     from the start (the reference allows one before it checks the budget).
+    When every remaining pair is masked (possible with :math:`\alpha = 0`),
+    the two lowest remaining features are merged.
     """
     total = corr.shape[0]
     if corr.shape != (total, total) or total % num_models:
@@ -81,10 +83,13 @@ def zipit_match(
         if budget[model] <= 0:
             same = origin == model
             sims[same[:, None] & same[None, :]] = -math.inf
+    # The best entry of every row, kept up to date: a step changes rows i and j and
+    # columns i and j only, so only the rows whose best was i or j are searched again.
+    rowmax, rowarg = sims.max(1)
     for _ in range(total - n):
-        best = int(torch.argmax(sims))
-        i, j = divmod(best, total)
-        if not math.isfinite(float(sims[i, j])):
+        i = int(torch.argmax(rowmax))
+        j = int(rowarg[i])
+        if not math.isfinite(float(rowmax[i])):
             i, j = _any_pair(alive)
         i, j = min(i, j), max(i, j)
         oi, oj = int(origin[i]), int(origin[j])
@@ -102,11 +107,19 @@ def zipit_match(
         alive[j] = False
         sims[j, :] = -math.inf
         sims[:, j] = -math.inf
+        stale = (rowarg == i) | (rowarg == j)
+        stale[i] = stale[j] = True
         if oi == oj:
             budget[oi] -= 1
             if budget[oi] <= 0:
                 same = alive & (origin == oi)
                 sims[same[:, None] & same[None, :]] = -math.inf
+                stale |= same
+        better = (sims[:, i] > rowmax) & ~stale
+        rowmax = torch.where(better, sims[:, i], rowmax)
+        rowarg = torch.where(better, torch.full_like(rowarg, i), rowarg)
+        rows = torch.nonzero(stale).squeeze(1)
+        rowmax[rows], rowarg[rows] = sims[rows].max(1)
     kept = torch.nonzero(alive).squeeze(1)
     column = torch.full((total,), -1, dtype=torch.int64, device=sims.device)
     column[kept] = torch.arange(len(kept), device=sims.device)
@@ -182,7 +195,9 @@ def zipit_merge(
         The ``N >= 2`` models; same architecture and widths; not modified.
     batches : iterable
         Input batches (tensors, or tuples whose first item is one) on which
-        activations are observed; iterated once per pair of models.
+        activations are observed (at the inputs of the layers that consume a
+        group, as :func:`~fedmerge.align.collect_activation_stats` observes
+        them); every model sees every batch once.
     alpha, beta : float (default: 0.3, 0.125)
         The paper's :math:`\alpha` and :math:`\beta` (:func:`zipit_match`).
     stop : int, optional
@@ -279,18 +294,74 @@ def _correlations(
     sizes: dict[str, int],
     eps: float,
 ) -> dict[str, torch.Tensor]:
-    """Per group, the (N n, N n) correlations of all models' features (one pass per pair)."""
-    num = len(models)
-    out = {g: torch.zeros(num * sizes[g], num * sizes[g], dtype=torch.float64) for g in groups}
-    for i in range(num):
-        for j in range(i, num):
-            stats = collect_activation_stats(spec, models[i], models[j], batches)
-            for g in groups:
-                n = sizes[g]
-                block = stats[g].correlation(eps).cpu()
-                out[g][i * n : (i + 1) * n, j * n : (j + 1) * n] = block
-                out[g][j * n : (j + 1) * n, i * n : (i + 1) * n] = block.T
-    return out
+    """Per group, the (N n, N n) correlations of all models' features (one pass per model).
+
+    A group is observed where :func:`~fedmerge.align.collect_activation_stats`
+    observes it (the inputs of the layers that consume it); with several
+    sites the correlation is the mean of the sites'.
+    """
+    sites = _find_sites(spec, models[0])
+    paths = sorted({s.module for g in groups for s in sites[g]})
+    mods = [dict(m.named_modules()) for m in models]
+    seen: list[dict[str, torch.Tensor]] = [{} for _ in models]
+    uses = {s.module: s.use_input for g in groups for s in sites[g]}
+
+    def hook(store: dict[str, torch.Tensor], path: str, use_input: bool) -> Any:
+        def fn(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            store[path] = inputs[0] if use_input else output
+
+        return fn
+
+    handles = [
+        mods[k][p].register_forward_hook(hook(seen[k], p, uses[p]))
+        for k in range(len(models))
+        for p in paths
+    ]
+    sums: dict[tuple[str, str], list[Any]] = {}  # (group, site) -> [count, sum, cross]
+    modes = [{m: m.training for m in model.modules()} for model in models]
+    try:
+        for model in models:
+            model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                x = first_tensor(batch)
+                for k, model in enumerate(models):
+                    seen[k].clear()
+                    model(x.to(next(model.parameters()).device))
+                for g in groups:
+                    used: list[torch.Tensor] = []
+                    for site in sites[g]:
+                        if any(seen[0][site.module] is u for u in used):
+                            continue  # the same tensor reaches two sites: count it once
+                        used.append(seen[0][site.module])
+                        feats = torch.cat(
+                            [
+                                _features(mods[k][site.module], seen[k][site.module], site.block)
+                                .double()
+                                .cpu()
+                                for k in range(len(models))
+                            ],
+                            dim=1,
+                        )
+                        acc = sums.setdefault((g, site.module), [0, 0.0, 0.0])
+                        acc[0] += feats.shape[0]
+                        acc[1] = acc[1] + feats.sum(0)
+                        acc[2] = acc[2] + feats.T @ feats
+    finally:
+        for handle in handles:
+            handle.remove()
+        for flags in modes:
+            for module, flag in flags.items():
+                module.train(flag)
+    if not batches:
+        raise ValueError("batches: got no batch; allowed: a non-empty iterable of input tensors")
+    out: dict[str, list[torch.Tensor]] = {g: [] for g in groups}
+    for (g, _), (count, total, cross) in sums.items():
+        mean = total / count
+        cov = cross / count - torch.outer(mean, mean)
+        std = torch.diagonal(cov).clamp_min(0).sqrt()
+        out[g].append(cov / (torch.outer(std, std) + eps))
+    return {g: torch.stack(blocks).mean(0) for g, blocks in out.items()}
 
 
 def _apply(t: torch.Tensor, axis: int, matrix: torch.Tensor, block: int) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,6 +67,58 @@ def test_zipit_match_by_hand() -> None:
     corr2[0, 1] = corr2[1, 0] = 0.95
     u2 = zipit_match(corr2, 2, alpha=1.0, beta=1.0)
     assert u2.T.tolist() == [[1.0, 1.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]]
+
+
+def _naive_match(corr: np.ndarray, num: int, alpha: float, beta: float) -> list[frozenset[int]]:
+    """Independent: the greedy rules on a NumPy matrix, a full search of all pairs every step."""
+    total = corr.shape[0]
+    n = total // num
+    sims = corr.astype(float).copy()
+    np.fill_diagonal(sims, -np.inf)
+    origin = [f // n for f in range(total)]
+    members = {f: {f} for f in range(total)}
+    budget = [int(((total - n) // num) * beta + 1e-4)] * num
+    for model in range(num):
+        if budget[model] <= 0:
+            for a in range(total):
+                for b in range(total):
+                    if origin[a] == origin[b] == model:
+                        sims[a, b] = -np.inf
+    while len(members) > n:
+        i, j = sorted(np.unravel_index(int(np.argmax(sims)), sims.shape))
+        if not np.isfinite(sims[i, j]):  # every pair masked: the two lowest features left
+            i, j = sorted(members)[:2]
+        members[i] |= members.pop(j)
+        sims[:, i] = np.minimum(sims[:, i], sims[:, j])
+        sims[i, :] = np.minimum(sims[i, :], sims[j, :])
+        if alpha <= 0:
+            for k in members:
+                if origin[k] in (origin[i], origin[j]):
+                    sims[k, i] = sims[i, k] = -np.inf
+        else:
+            sims[:, i] *= alpha
+            sims[i, :] *= alpha
+        sims[i, i] = -np.inf
+        sims[j, :] = -np.inf
+        sims[:, j] = -np.inf
+        if origin[i] == origin[j]:
+            budget[origin[i]] -= 1
+            if budget[origin[i]] <= 0:
+                for a in members:
+                    for b in members:
+                        if origin[a] == origin[b] == origin[i]:
+                            sims[a, b] = -np.inf
+    return sorted(frozenset(m) for m in members.values())
+
+
+@pytest.mark.parametrize(("alpha", "beta"), [(0.3, 0.125), (0.0, 0.5), (1.0, 1.0), (0.5, 0.0)])
+def test_zipit_match_agrees_with_a_full_search(alpha: float, beta: float) -> None:
+    g = torch.Generator().manual_seed(7)
+    features = torch.randn(3 * 12, 40, generator=g, dtype=torch.float64)
+    corr = torch.corrcoef(features)
+    u = zipit_match(corr, 3, alpha=alpha, beta=beta)
+    got = sorted(frozenset(torch.nonzero(u[:, m]).squeeze(1).tolist()) for m in range(12))
+    assert got == _naive_match(corr.numpy(), 3, alpha, beta)
 
 
 @pytest.mark.parametrize("arch", ["mlp", "simple-cnn"])
