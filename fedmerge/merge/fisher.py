@@ -57,7 +57,8 @@ def diagonal_fisher(
     labels : {"sampled", "exact", "empirical"} (default: "sampled")
         Where the label of each squared gradient comes from (see above).
     generator : torch.Generator, optional
-        Seeded generator of the sampled labels (``labels="sampled"``).
+        Seeded generator of the sampled labels (``labels="sampled"``); the
+        labels are drawn on its device (a CPU generator serves a CUDA model).
 
     Returns
     -------
@@ -100,7 +101,9 @@ def diagonal_fisher(
                 if labels == "sampled":
                     with torch.no_grad():
                         probs = F.softmax(model(x), dim=-1)
-                    y = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                    where = generator.device if generator is not None else probs.device
+                    y = torch.multinomial(probs.to(where), 1, generator=generator)
+                    y = y.squeeze(1).to(probs.device)
                 elif y is None:
                     raise ValueError(
                         "batches: got inputs without labels; allowed with "
