@@ -1,4 +1,4 @@
-"""End-to-end runs of task arithmetic, TIES, Fisher averaging and ZipIt! through Flower + Ray."""
+"""End-to-end runs of task arithmetic, TIES, Fisher averaging, ZipIt! and the peer operators."""
 
 from __future__ import annotations
 
@@ -46,3 +46,20 @@ def test_merge_operator_improves_on_initial_model(
     assert all(r["skipped"] == 0 and r["clients"] == 4 for r in rows[1:])
     assert rows[-1]["accuracy"] > rows[0]["accuracy"] + 0.2
     assert all(low <= r[metric] <= high for r in rows[1:]), [r[metric] for r in rows[1:]]
+
+
+@pytest.mark.parametrize("name", ["peer-task-arithmetic", "peer-ties"])
+def test_peer_operator_improves_on_initial_model(
+    name: str, ray_address: str, tmp_path: Path
+) -> None:
+    scenario = load_scenario(
+        None,
+        [*NON_IID, f"strategy.name='{name}'", "strategy.peer_init='shared'",
+         "topology.name='ring'", f"simulation.ray_address='{ray_address}'"],
+    )  # fmt: skip
+    simulate(scenario, tmp_path)
+    rows = _rows(tmp_path)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(r["answered"] == [0, 1, 2, 3] for r in rows[1:])
+    assert all(m == 0 for r in rows[1:] for m in r["units_moved_per_peer"])  # no alignment
+    assert rows[-1]["accuracy"] > rows[0]["accuracy"] + 0.2
