@@ -140,6 +140,9 @@ def train(msg: Message, context: Context) -> Message:
         sent, count = adversary.reply(start.state, sent, count)
     metrics = MetricRecord({protocol.TRAIN_LOSS: result.loss, protocol.NUM_EXAMPLES: count})
     records = {protocol.ARRAYS: ArrayRecord(sent), protocol.METRICS: metrics}
+    seed = c.fed.client_seed(server_round, c.partition_id)
+    extra = plugin.reply_arrays(c.config.strategy.options, c.ctx, model, c.x, c.y, seed)
+    records.update({key: ArrayRecord(arrays) for key, arrays in extra.items()})
     return _reply(msg, c.partition_id, records)
 
 

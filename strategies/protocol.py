@@ -26,6 +26,7 @@ from typing import Final
 ARRAYS: Final = "arrays"
 METRICS: Final = "metrics"
 CONFIG: Final = "config"
+FISHER: Final = "fisher"  # a client's diagonal Fisher (strategy "fisher")
 
 # -- config keys --------------------------------------------------------------
 SERVER_ROUND: Final = "server-round"

@@ -1,4 +1,4 @@
-"""Merging state dicts: weighted means, L-DAWA, aligned merges, peer merges, BatchNorm.
+"""Merging state dicts: weighted means, L-DAWA, task vectors, Fisher, ZipIt!, peer merges, BN.
 
 Pure functions on state dicts (``reset_bn_stats`` updates a model's buffers);
 no Flower, no Ray.
@@ -11,6 +11,7 @@ from fedmerge.merge.average import (
     weighted_average,
 )
 from fedmerge.merge.batchnorm import has_batchnorm, reset_bn_state, reset_bn_stats
+from fedmerge.merge.fisher import FISHER_FLOORS, FISHER_LABELS, diagonal_fisher, fisher_merge
 from fedmerge.merge.ldawa import LDAWAConfig, ldawa_aggregate, ldawa_terms, ldawa_weights
 from fedmerge.merge.merge_many import MERGE_REFERENCES, MergeManyInfo, merge_many
 from fedmerge.merge.peer import (
@@ -33,21 +34,38 @@ from fedmerge.merge.robust import (
     trimmed_mean,
     update_norms,
 )
+from fedmerge.merge.task_vectors import (
+    BN_STAT_RULES,
+    TIES_TRIM_SCOPES,
+    is_bn_stat,
+    task_arithmetic,
+    ties_merge,
+    trim_mask,
+)
+from fedmerge.merge.zipit import ZipItResult, zipit_match, zipit_merge
 
 __all__ = [
     "ACCUMULATE_MODES",
+    "BN_STAT_RULES",
+    "FISHER_FLOORS",
+    "FISHER_LABELS",
     "INTEGER_RULES",
     "MERGE_REFERENCES",
     "PEER_ALIGN",
     "ROBUST_AGGREGATORS",
+    "TIES_TRIM_SCOPES",
     "LDAWAConfig",
     "MergeManyInfo",
     "PeerMergeInfo",
     "RobustConfig",
+    "ZipItResult",
     "clip_updates",
     "consensus_distance",
     "coordinate_median",
+    "diagonal_fisher",
+    "fisher_merge",
     "has_batchnorm",
+    "is_bn_stat",
     "krum",
     "krum_scores",
     "krum_select",
@@ -62,7 +80,12 @@ __all__ = [
     "peer_merge",
     "reset_bn_state",
     "reset_bn_stats",
+    "task_arithmetic",
+    "ties_merge",
+    "trim_mask",
     "trimmed_mean",
     "update_norms",
     "weighted_average",
+    "zipit_match",
+    "zipit_merge",
 ]

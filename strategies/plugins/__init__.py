@@ -27,9 +27,13 @@ from strategies.plugins.base import (
     ServerPlugin,
 )
 from strategies.plugins.fedavg import FedAvgPlugin, FedProxPlugin
+from strategies.plugins.fisher import FisherPlugin
 from strategies.plugins.ldawa import LDAWAPlugin
 from strategies.plugins.ot import OTPlugin
 from strategies.plugins.peer import DIMATPlugin, DIMATWMPlugin, GossipPlugin, LocalPlugin
+from strategies.plugins.task_arithmetic import PeerTaskArithmeticPlugin, TaskArithmeticPlugin
+from strategies.plugins.ties import PeerTIESPlugin, TIESPlugin
+from strategies.plugins.zipit import ZipItPlugin
 
 __all__ = [
     "ClientContext",
@@ -51,10 +55,16 @@ _BUILTIN: dict[str, Plugin] = {
     "dimat-wm": DIMATWMPlugin(),
     "fedavg": FedAvgPlugin(),
     "fedprox": FedProxPlugin(),
+    "fisher": FisherPlugin(),
     "gossip": GossipPlugin(),
     "ldawa": LDAWAPlugin(),
     "local": LocalPlugin(),
     "ot": OTPlugin(),
+    "peer-task-arithmetic": PeerTaskArithmeticPlugin(),
+    "peer-ties": PeerTIESPlugin(),
+    "task-arithmetic": TaskArithmeticPlugin(),
+    "ties": TIESPlugin(),
+    "zipit": ZipItPlugin(),
 }
 _REGISTRY: dict[str, Plugin] = dict(_BUILTIN)
 

@@ -9,7 +9,9 @@ A plugin is the one home of a strategy. It holds
 - for a server-side strategy (:class:`ServerPlugin`), :meth:`~ServerPlugin.strategy`,
   the factory of its Flower strategy (Flower is imported there, lazily), and
   optionally :meth:`~ServerPlugin.client_start`, the client-side hook that
-  prepares the model a client trains;
+  prepares the model a client trains, and
+  :meth:`~ServerPlugin.reply_arrays`, extra arrays the client sends back
+  (Fisher-weighted averaging's Fisher);
 - for a decentralized strategy (:class:`PeerPlugin`), :meth:`~PeerPlugin.merges`
   and :meth:`~PeerPlugin.merge`, the operator each peer applies to its
   neighbours' models.
@@ -143,6 +145,25 @@ class ServerPlugin(Plugin):
         :attr:`ClientStart.keep`), ``None`` before the first.
         """
         return ClientStart(ctx.model, global_state)
+
+    def reply_arrays(
+        self,
+        options: Any,
+        ctx: ClientContext,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        seed: int,
+    ) -> dict[str, StateDict]:
+        """Extra named arrays a client sends with its trained model: none by default.
+
+        Called after local training with the trained ``model``, the client's
+        data ``x``, ``y`` and a seed for this client and round; each returned
+        state dict travels as an ArrayRecord under its name (a name of
+        :mod:`strategies.protocol`, not one of the reply's own records) and
+        reaches the merge in ``ClientUpdate.message``.
+        """
+        return {}
 
 
 class PeerPlugin(Plugin):
