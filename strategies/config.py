@@ -310,7 +310,10 @@ class RunConfig(BaseModel):
                 f"simulation.adversary_behaviour: got adversaries with peer strategy "
                 f"{self.strategy.name!r}; allowed: adversaries with server-side strategies only"
             )
-        self.strategy.plugin.check(self.strategy.options, self)
+        try:
+            self.strategy.plugin.check(self.strategy.options, self)
+        except ValueError as exc:  # the plugin names its own option
+            raise ValueError(f"strategy.{exc}") from None
         return self
 
     @property

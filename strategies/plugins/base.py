@@ -21,6 +21,7 @@ Each is a thin call into :mod:`fedmerge`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -131,6 +132,26 @@ class Plugin:
 
 class ServerPlugin(Plugin):
     """A server-side strategy: clients train, the Flower strategy aggregates."""
+
+    #: Whether its aggregation applies the robust section of its options
+    #: (:class:`fedmerge.merge.RobustConfig`, inherited from ``ServerOptions``).
+    #: A plugin that sets this to ``False`` refuses any robust option other
+    #: than its default instead of ignoring it.
+    robust: ClassVar[bool] = True
+
+    def check(self, options: Any, config: RunConfig) -> None:
+        """Refuse robust options the strategy would not apply (see :attr:`robust`)."""
+        if self.robust:
+            return
+        from fedmerge.merge import RobustConfig
+
+        for f in dataclasses.fields(RobustConfig):
+            value = getattr(options, f.name, f.default)
+            if value != f.default:
+                raise ValueError(
+                    f"{f.name}: got {value!r}; allowed for {self.name}: {f.default!r} "
+                    f"({self.name} combines the clients by its own rule, not by a robust one)"
+                )
 
     def strategy(self, options: Any, ctx: ServerContext) -> Strategy:
         """Build the Flower strategy (import Flower here, not at module level)."""

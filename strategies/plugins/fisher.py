@@ -117,6 +117,7 @@ class FisherPlugin(ServerPlugin):
 
     name = "fisher"
     Options = FisherOptions
+    robust = False
     summary = "clients send their diagonal Fisher; per-parameter Fisher-weighted mean"
 
     def strategy(self, options: Any, ctx: ServerContext) -> Strategy:

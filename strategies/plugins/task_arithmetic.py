@@ -118,6 +118,7 @@ class TaskArithmeticPlugin(ServerPlugin):
 
     name = "task-arithmetic"
     Options = TaskArithmeticOptions
+    robust = False
     summary = "global model plus the scaled weighted sum of the clients' task vectors"
 
     def strategy(self, options: Any, ctx: ServerContext) -> Strategy:

@@ -104,6 +104,7 @@ class TIESPlugin(ServerPlugin):
 
     name = "ties"
     Options = TIESOptions
+    robust = False
     summary = "trim the clients' task vectors, elect signs, disjoint mean (TIES-Merging)"
 
     def strategy(self, options: Any, ctx: ServerContext) -> Strategy:

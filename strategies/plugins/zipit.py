@@ -96,6 +96,7 @@ class ZipItPlugin(ServerPlugin):
     name = "zipit"
     aligns = True
     Options = ZipItOptions
+    robust = False
     summary = "clients' features zipped within and across models on proxy activations (ZipIt!)"
 
     def strategy(self, options: Any, ctx: ServerContext) -> Strategy:

@@ -171,3 +171,16 @@ def test_zipit_round_undoes_a_planted_permutation() -> None:
     for key in state:
         torch.testing.assert_close(outcome.state[key], state[key], rtol=1e-5, atol=1e-6)
     assert outcome.extras["zipit_within"] == 0
+
+
+@pytest.mark.parametrize("name", ["task-arithmetic", "ties", "fisher", "zipit"])
+@pytest.mark.parametrize(
+    "override", ["robust='median'", "clip_norm=1.0", "clip_to_median=true", "krum_f=2"]
+)
+def test_robust_options_they_would_ignore_are_refused(name: str, override: str) -> None:
+    from sims.scenario_files import load_scenario
+
+    key = override.split("=")[0]
+    with pytest.raises(ValueError, match=rf"^strategy\.{key}: got .*; allowed for {name}: "):
+        load_scenario(None, [f"strategy.name='{name}'", f"strategy.{override}"])
+    load_scenario(None, [f"strategy.name='{name}'"])  # the defaults are accepted
