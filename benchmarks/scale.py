@@ -1,4 +1,4 @@
-"""Start-up, time per round and memory of a simulation as the number of clients grows.
+r"""Start-up, time per round and memory of a simulation as the number of clients grows.
 
 For each client count, ``fedmerge simulate`` runs the default scenario
 (Fashion-MNIST, simple CNN) with that many clients on an IID split, 10 per
@@ -13,9 +13,13 @@ round, 2 rounds, and the script prints:
   of one Ray worker.
 
 Memory is sampled every 0.2 s from /proc (Linux). The data set must hold at
-least as many training samples as there are clients (Fashion-MNIST: 60,000).
+least as many training samples as there are clients (Fashion-MNIST: 60,000;
+MNIST-1D as many as ``dataset.mnist1d_samples``).
 
 Run:  .venv/bin/python benchmarks/scale.py [--clients 1000,10000] [--max-nodes 64]
+      .venv/bin/python benchmarks/scale.py --clients 1000,10000,100000 \
+          --set "dataset.name='mnist1d'" --set dataset.mnist1d_samples=250000 \
+          --set "model.name='mlp'"
 """
 
 from __future__ import annotations
@@ -88,13 +92,13 @@ class MemorySampler(threading.Thread):
         self.join()
 
 
-def measure(clients: int, max_nodes: int) -> dict[str, float]:
+def measure(clients: int, max_nodes: int, overrides: list[str]) -> dict[str, float]:
     config = load_scenario(
         None,
         [
             f"num_clients={clients}", "clients_per_round=10", "rounds=2",
             "partition.scheme='iid'", f"simulation.max_nodes={max_nodes}",
-            f"name='scale-{clients}'",
+            f"name='scale-{clients}'", *overrides,
         ],
     )  # fmt: skip
     sampler = MemorySampler()
@@ -119,11 +123,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", default="1000,10000")
     parser.add_argument("--max-nodes", type=int, default=64)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="scenario override for every client count (e.g. dataset.name='mnist1d')",
+    )  # fmt: skip
     args = parser.parse_args()
     print(f"{'clients':>8} {'start-up s':>10} {'ServerApp s':>11} {'round s':>8} "
           f"{'peak RSS GB':>11} {'worker USS GB':>13}")  # fmt: skip
     for n in (int(c) for c in args.clients.split(",")):
-        m = measure(n, args.max_nodes)
+        m = measure(n, args.max_nodes, args.set)
         print(
             f"{n:>8} {m['startup']:>10.1f} {m['serverapp_startup']:>11.1f} {m['round']:>8.2f} "
             f"{m['peak_rss_gb']:>11.2f} {m['peak_worker_uss_gb']:>13.2f}",
