@@ -343,8 +343,12 @@ class Runtime:
                         break
                     time.sleep(0.1)
                 if client.poll() is None and summary_path.exists():
-                    try:  # the summary is written; let the run end before the next one starts
-                        client.wait(timeout=15)
+                    # The summary is written: the run is over. `flwr run` streams
+                    # the simulation process's shutdown for about 3 s more; give
+                    # it a second, then stop it (the runtime lets the simulation
+                    # process finish on its own while the next run starts).
+                    try:
+                        client.wait(timeout=1)
                     except subprocess.TimeoutExpired:
                         pass
         finally:
