@@ -49,15 +49,17 @@ def test_virtual_clients_give_the_numbers_of_nodes_that_own_their_partition(
     assert virtual == owned
 
 
-def test_a_thousand_clients_on_a_few_nodes(ray_address: str, tmp_path: Path) -> None:
+def test_a_hundred_thousand_clients_on_a_few_nodes(ray_address: str, tmp_path: Path) -> None:
+    """100,000 clients (MNIST-1D, 125,000 samples: 100,000 to train, one each) on 8 nodes."""
     rows, _ = _run(
         tmp_path, "many", ray_address,
-        "rounds=2", "num_clients=1000", "clients_per_round=10", "partition.scheme='iid'",
+        "rounds=2", "num_clients=100000", "clients_per_round=10", "partition.scheme='iid'",
+        "dataset.name='mnist1d'", "dataset.mnist1d_samples=125000", "model.name='mlp'",
         "simulation.max_nodes=8",
     )  # fmt: skip
     assert [r["round"] for r in rows] == [0, 1, 2]
     for row in rows[1:]:
         assert len(set(row["sampled"])) == 10
-        assert all(0 <= p < 1000 for p in row["sampled"])
+        assert all(0 <= p < 100_000 for p in row["sampled"])
         assert row["clients"] == 10 and row["train_loss"]["n"] == 10
     assert rows[1]["sampled"] != rows[2]["sampled"]
