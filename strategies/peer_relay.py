@@ -18,7 +18,7 @@ from strategies.federation import Federation
 from strategies.metering import MeteredGrid, arrayrecord_bytes
 from strategies.plugins import PeerPlugin
 from strategies.recorder import RoundRecorder
-from strategies.replies import screen_replies
+from strategies.replies import screen_replies, stop_on_dead_worker
 from strategies.sampling import metric_statistics, unique_partitions
 
 logger = logging.getLogger(__name__)
@@ -126,6 +126,7 @@ def run_peers(
         }
         _record(recorder, grid, server_round, states, extra, train_metrics)
         recorder.checkpoint(server_round, _flat(states), {"answered": sorted(answered)})
+        stop_on_dead_worker(server_round, screening.skipped)
     return _flat(states)
 
 

@@ -16,6 +16,34 @@ from strategies import protocol
 logger = logging.getLogger(__name__)
 
 
+#: What Ray's error replies say when a simulated client's worker process died.
+DEAD_WORKER_ERRORS = ("ActorDiedError", "RayActorError")
+
+
+class DeadWorkerError(RuntimeError):
+    """A Ray worker of the simulation died; Flower's runtime would not replace it."""
+
+
+def stop_on_dead_worker(server_round: int, reasons: Iterable[str]) -> None:
+    """Raise :class:`DeadWorkerError` if a reply of this round says its Ray worker died.
+
+    Flower's simulation runtime keeps handing messages to a dead actor, so
+    every later round would lose the clients it serves (and the run would
+    carry on, degraded). The round loops call this after a round is recorded
+    and checkpointed, so the run stops there and resumes, with fresh workers,
+    when it is started again.
+    """
+    for reason in reasons:
+        if any(name in reason for name in DEAD_WORKER_ERRORS):
+            who = reason.split(":", 1)[0]
+            raise DeadWorkerError(
+                f"round {server_round}: the Ray worker of {who} died (ActorDiedError; killed, "
+                "crashed or out of memory), and Flower's simulation runtime does not replace "
+                f"it. The run stopped after round {server_round} with its checkpoint; run the "
+                "same command again to resume with fresh workers"
+            )
+
+
 def reply_partition(msg: Message, node_to_partition: Mapping[int, int]) -> int | None:
     """The partition a reply is about: named in its ConfigRecord, else its node's (if one).
 

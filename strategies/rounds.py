@@ -13,7 +13,7 @@ from flwr.serverapp import Grid
 from strategies.config import RunConfig
 from strategies.metering import MeteredGrid
 from strategies.recorder import RoundRecorder
-from strategies.replies import EvaluationScreening
+from strategies.replies import EvaluationScreening, stop_on_dead_worker
 from strategies.sampling import RoundOutcome
 
 logger = logging.getLogger(__name__)
@@ -122,6 +122,7 @@ def run_server_rounds(
             train_metrics=outcome.train_metrics, eval_metrics=eval_metrics,
         )  # fmt: skip
         recorder.checkpoint(server_round, state, strategy.sampler_state)
+        stop_on_dead_worker(server_round, [*outcome.skipped, *evaluation.skipped])
     return state
 
 
