@@ -24,6 +24,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from fedmerge.atomic import atomic_write_text
 from sims.checks import (
     check_run_dir,
     check_run_path,
@@ -31,7 +32,8 @@ from sims.checks import (
     run_dir_lock,
 )
 from sims.compare import PlannedRun, Sweep, load_sweep, plan_sweep, run_sweep, write_manifest
-from sims.launch import SimulationError, preflight, simulate
+from sims.deploy import run_status
+from sims.launch import SimulationError, preflight, run_config_toml, simulate
 from sims.plots import plot_accuracy, plot_partition
 from sims.report import DEFAULT_TARGET, Report, build_report
 from sims.runs import expand_run_dirs
@@ -310,6 +312,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run_config(args: argparse.Namespace) -> int:
+    """Print (or write) a scenario as a flat run config for ``flwr run --run-config``."""
+    text = run_config_toml(load_scenario(args.scenario, args.set), None)
+    if args.out:
+        atomic_write_text(Path(args.out), text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print how a run ended; exit 0 completed, 3 degraded, 1 failed, 4 no summary."""
+    line, code = run_status(args.run_dir)
+    console.print(line, highlight=False, markup=False, soft_wrap=True)
+    return code
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose usage errors are one line (the usage is in ``--help``)."""
 
@@ -413,6 +432,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--tensorboard", action="store_true", help="also write RUN_DIR/tensorboard/ for every run"
     )
     rep.set_defaults(func=cmd_report)
+
+    rc = sub.add_parser(
+        "run-config", help="a scenario as a flat TOML file for flwr run --run-config"
+    )
+    scenario_args(rc)
+    rc.add_argument("-o", "--out", help="write it here (default: standard output)")
+    rc.set_defaults(func=cmd_run_config)
+
+    st = sub.add_parser("status", help="how a run ended (exit 0 completed, 3 degraded, 1 failed)")
+    st.add_argument("run_dir", metavar="RUN_DIR")
+    st.set_defaults(func=cmd_status)
     return parser
 
 
