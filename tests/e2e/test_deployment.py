@@ -202,3 +202,66 @@ def test_bad_partition_id_fails_with_a_summary(deployment, tmp_path: Path) -> No
     )  # fmt: skip
     assert status.returncode == 1, status.stdout + status.stderr
     assert status.stdout.startswith("failed (discovery): NodeDiscoveryError: partition-id"), out
+
+
+def test_tls_and_node_authentication(tmp_path: Path) -> None:
+    """fedmerge certs/superlink/supernode: TLS, registered keys only; others stay out.
+
+    The unregistered node claims partition 1 as well: had it joined, discovery would
+    fail on a duplicate partition id, or, joining later, it would take partition 1 over.
+    """
+    repo = Path(__file__).resolve().parents[2]
+    fedmerge = [sys.executable, "-m", "sims.cli"]
+    certs, home, port = tmp_path / "certs", tmp_path / "home", _free_port()
+    subprocess.run([*fedmerge, "certs", str(certs), "--host", "127.0.0.1", "--nodes", "3"],
+                   cwd=repo, check=True, capture_output=True, timeout=120)  # fmt: skip
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "tls"\n[superlink.tls]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{certs / "ca.crt"}"\n'
+    )
+    env = {
+        **os.environ, **FLOWER_ENV, "FLWR_HOME": str(home),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }  # fmt: skip
+    procs: list[subprocess.Popen] = []
+
+    def start(*args: str) -> None:
+        procs.append(
+            subprocess.Popen([*fedmerge, *args], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+        )  # fmt: skip
+
+    try:
+        start("superlink", "--certs", str(certs), "--host", "127.0.0.1", "--port", str(port))
+        for i in range(2):  # register nodes 0 and 1 (retried until the SuperLink is up)
+            deadline = time.monotonic() + 90
+            while True:
+                reg = subprocess.run(
+                    ["flwr", "supernode", "register", str(certs / f"node-{i}.pub"), "tls"],
+                    env=env, capture_output=True, text=True, timeout=60,
+                )  # fmt: skip
+                if reg.returncode == 0 or time.monotonic() > deadline:
+                    break
+                time.sleep(1)
+            assert reg.returncode == 0, reg.stdout + reg.stderr
+        dirs = _node_dirs(tmp_path, 2)
+        for key, pid in ((0, 0), (1, 1), (2, 1)):
+            start(
+                "supernode", "--superlink", f"127.0.0.1:{port}", "--certs", str(certs),
+                "--key", str(certs / f"node-{key}"), "--port", str(_free_port()),
+                "--node-config", f"partition-id={pid} data-dir='{dirs[pid]}'",
+            )  # fmt: skip
+        run_dir = tmp_path / "run"
+        own = _OWN_DATA.replace(
+            "num_clients=3 clients_per_round=3", "num_clients=2 clients_per_round=2"
+        )
+        out = _flwr_run(env, f"{own} rounds=1 output.run-dir='{run_dir}'")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "completed", out.stdout[-3000:]
+        assert _rows(run_dir)[1]["sampled"] == [0, 1]
+        assert "round 1: accuracy" in out.stdout + out.stderr
+        assert "rejoined" not in out.stdout + out.stderr
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
