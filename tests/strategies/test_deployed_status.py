@@ -6,15 +6,19 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
+import pytest
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
 
 from strategies import protocol
+from strategies.config import RUN_DIR_KEY
 from strategies.deployment import (
     RejoiningGrid,
     failed_summary,
     lost_partitions,
     read_status,
 )
+from strategies.server_app import FinishedRunDirError, NodeDiscoveryError, discover_nodes
+from strategies.server_app import main as server_main
 
 
 class _FakeGrid:
@@ -138,3 +142,34 @@ def test_a_message_without_reply_becomes_an_error_of_its_partition() -> None:
     replies = grid.send_and_receive([_train(11), _train(22)], timeout=7)
     assert [r.metadata.src_node_id for r in replies] == [11, 22]
     assert replies[1].has_error() and replies[1].error.reason == "no reply within 7 s"
+
+
+def test_discovery_refuses_bad_and_duplicate_partition_ids() -> None:
+    with pytest.raises(NodeDiscoveryError, match=r"partition-id: node 12 says 5; allowed: 0 to 1"):
+        discover_nodes(_FakeGrid({11: 0, 12: 5}), 2, timeout=5)  # type: ignore[arg-type]
+    with pytest.raises(NodeDiscoveryError, match=r"partition-id 1 claimed by two nodes"):
+        discover_nodes(_FakeGrid({11: 1, 12: 1}), 2, timeout=5)  # type: ignore[arg-type]
+    assert discover_nodes(_FakeGrid({11: 1, 12: 0}), 2, timeout=5) == {0: 12, 1: 11}  # type: ignore[arg-type]
+
+
+def _context(run_dir: Path, **config: object) -> Context:
+    run_config = {RUN_DIR_KEY: str(run_dir), "name": "t", **config}
+    return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)  # type: ignore[arg-type]
+
+
+def test_a_run_that_fails_leaves_a_failed_summary(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="rounds"):
+        server_main(None, _context(tmp_path, rounds=-1))  # type: ignore[arg-type]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["stage"] == "configuration"
+    assert "rounds" in summary["error"] and summary["scenario"] == "t"
+
+
+def test_a_finished_run_directory_is_refused_and_left_alone(tmp_path: Path) -> None:
+    old = json.dumps({"status": "completed", "final_accuracy": 0.5})
+    (tmp_path / "summary.json").write_text(old)
+    with pytest.raises(
+        FinishedRunDirError, match=r"^output.run-dir: got '.*', which holds a finished"
+    ):
+        server_main(None, _context(tmp_path))  # type: ignore[arg-type]
+    assert (tmp_path / "summary.json").read_text() == old
