@@ -120,23 +120,23 @@ def main(grid: Grid, context: Context) -> None:
     refused and left as it is.
     """
     log_through_flower()
+    raw = context.run_config
+    name = str(raw.get("name", "run"))
+    run_dir = str(raw.get(RUN_DIR_KEY, "")) or str(
+        Path("runs") / f"{name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    )
     stage = ["configuration"]
     try:
-        _run(grid, context, stage)
+        _run(grid, context, run_dir, stage)
     except FinishedRunDirError:
         raise
     except Exception as exc:
-        raw = context.run_config
-        name = str(raw.get("name", "run"))
-        run_dir = str(raw.get(RUN_DIR_KEY, "")) or str(
-            Path("runs") / f"{name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
-        )
-        config = {
+        known = {
             "name": name,
             "seed": raw.get("seed"),
             "strategy": {"name": raw.get("strategy.name")},
         }
-        RunLog(Path(run_dir)).write_json("summary.json", failed_summary(config, stage[0], exc))
+        RunLog(Path(run_dir)).write_json("summary.json", failed_summary(known, stage[0], exc))
         logger.error("run failed during %s: %s", stage[0], exc)
         raise
 
@@ -145,12 +145,9 @@ class FinishedRunDirError(ValueError):
     """``output.run-dir`` names a directory that already holds a finished run."""
 
 
-def _run(grid: Grid, context: Context, stage: list[str]) -> None:
+def _run(grid: Grid, context: Context, run_dir: str, stage: list[str]) -> None:
     t_start = time.perf_counter()
     config = from_run_config(context.run_config)
-    run_dir = str(context.run_config.get(RUN_DIR_KEY, "")) or str(
-        Path("runs") / f"{config.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
-    )
     status = read_status(Path(run_dir))
     if status is not None:
         raise FinishedRunDirError(
