@@ -34,7 +34,6 @@ PARTITION_ID: Final = "partition-id"  # node config and discovery reply
 NUM_PARTITIONS: Final = "num-partitions"  # node config
 DATASET_ROOT: Final = "dataset-root"  # node config
 DATA_DIR: Final = "data-dir"  # node config: the node's own data (strategies.node_data)
-NODE_INPUT_SHAPE: Final = "input-shape"  # discovery reply of a node with its own data
 
 # -- metric names -------------------------------------------------------------
 NUM_EXAMPLES: Final = "num-examples"
