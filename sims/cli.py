@@ -24,6 +24,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from fedmerge.atomic import atomic_write_text
+from sims.certs import write_certs
 from sims.checks import (
     check_run_dir,
     check_run_path,
@@ -31,7 +33,8 @@ from sims.checks import (
     run_dir_lock,
 )
 from sims.compare import PlannedRun, Sweep, load_sweep, plan_sweep, run_sweep, write_manifest
-from sims.launch import SimulationError, preflight, simulate
+from sims.deploy import run_status, superlink_command, supernode_command
+from sims.launch import FLOWER_ENV, SimulationError, preflight, run_config_toml, simulate
 from sims.plots import plot_accuracy, plot_partition
 from sims.report import DEFAULT_TARGET, Report, build_report
 from sims.runs import expand_run_dirs
@@ -310,6 +313,59 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run_config(args: argparse.Namespace) -> int:
+    """Print (or write) a scenario as a flat run config for ``flwr run --run-config``."""
+    text = run_config_toml(load_scenario(args.scenario, args.set), None)
+    if args.out:
+        atomic_write_text(Path(args.out), text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    """Write a private CA, a SuperLink certificate and SuperNode key pairs."""
+    for path in write_certs(Path(args.out), args.host, args.nodes):
+        console.print(str(path), highlight=False, markup=False, soft_wrap=True)
+    return 0
+
+
+def _exec_flower(cmd: list[str]) -> int:
+    """Replace this process by Flower's (same PID), telemetry and update checks off."""
+    sys.stdout.flush()
+    os.execvpe(cmd[0], cmd, {**os.environ, **FLOWER_ENV})
+
+
+def cmd_superlink(args: argparse.Namespace) -> int:
+    """Start flower-superlink with TLS and SuperNode authentication."""
+    certs = Path(args.certs) if args.certs else None
+    return _exec_flower(
+        superlink_command(
+            certs=certs, host=args.host, port=args.port, insecure=args.insecure,
+            force=args.force_insecure, auth=not args.no_auth, extra=args.extra,
+        )
+    )  # fmt: skip
+
+
+def cmd_supernode(args: argparse.Namespace) -> int:
+    """Start flower-supernode with TLS and its authentication key."""
+    return _exec_flower(
+        supernode_command(
+            superlink=args.superlink, node_config=args.node_config,
+            certs=Path(args.certs) if args.certs else None,
+            key=Path(args.key) if args.key else None, insecure=args.insecure,
+            force=args.force_insecure, port=args.port, extra=args.extra,
+        )
+    )  # fmt: skip
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print how a run ended; exit 0 completed, 3 degraded, 1 failed, 4 no summary."""
+    line, code = run_status(args.run_dir)
+    console.print(line, highlight=False, markup=False, soft_wrap=True)
+    return code
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose usage errors are one line (the usage is in ``--help``)."""
 
@@ -413,6 +469,50 @@ def build_parser() -> argparse.ArgumentParser:
         "--tensorboard", action="store_true", help="also write RUN_DIR/tensorboard/ for every run"
     )
     rep.set_defaults(func=cmd_report)
+
+    rc = sub.add_parser(
+        "run-config", help="a scenario as a flat TOML file for flwr run --run-config"
+    )
+    scenario_args(rc)
+    rc.add_argument("-o", "--out", help="write it here (default: standard output)")
+    rc.set_defaults(func=cmd_run_config)
+
+    crt = sub.add_parser("certs", help="a private CA, a SuperLink certificate, node key pairs")
+    crt.add_argument("out", metavar="DIR", help="where to write them")
+    crt.add_argument(
+        "--host", action="append", required=True, help="SuperLink name or IP (repeatable)"
+    )
+    crt.add_argument("--nodes", type=int, default=0, help="SuperNode key pairs (default: 0)")
+    crt.set_defaults(func=cmd_certs)
+
+    def flower_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--certs", metavar="DIR", help="directory written by fedmerge certs")
+        p.add_argument("--insecure", action="store_true", help="no TLS (loopback only)")
+        p.add_argument(
+            "--force-insecure", action="store_true", help="allow --insecure off loopback"
+        )
+        p.add_argument("extra", nargs="*", help="more Flower arguments, after --")
+
+    sl = sub.add_parser("superlink", help="flower-superlink with TLS and node authentication")
+    sl.add_argument("--host", default="0.0.0.0", help="listen address (default: 0.0.0.0)")
+    sl.add_argument("--port", type=int, default=9091, help="the one port (default: 9091)")
+    sl.add_argument("--no-auth", action="store_true", help="no --enable-supernode-auth")
+    flower_args(sl)
+    sl.set_defaults(func=cmd_superlink)
+
+    sn = sub.add_parser("supernode", help="flower-supernode with TLS and its key")
+    sn.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    sn.add_argument(
+        "--node-config", required=True, help="e.g. \"partition-id=0 data-dir='/srv/data'\""
+    )
+    sn.add_argument("--key", help="this node's private key (node-I of fedmerge certs)")
+    sn.add_argument("--port", type=int, help="local ClientApp API port (default: 9094)")
+    flower_args(sn)
+    sn.set_defaults(func=cmd_supernode)
+
+    st = sub.add_parser("status", help="how a run ended (exit 0 completed, 3 degraded, 1 failed)")
+    st.add_argument("run_dir", metavar="RUN_DIR")
+    st.set_defaults(func=cmd_status)
     return parser
 
 

@@ -164,8 +164,11 @@ def app_config_keys() -> frozenset[str]:
     return frozenset(flatten(data["tool"]["flwr"]["app"].get("config", {})))
 
 
-def run_config_toml(config: RunConfig, run_dir: Path) -> str:
+def run_config_toml(config: RunConfig, run_dir: Path | None) -> str:
     """``config`` as a flat TOML run config for ``flwr run --run-config``.
+
+    ``run_dir`` becomes ``output.run-dir``; ``None`` leaves it out (the
+    ServerApp then writes ``runs/NAME-TIMESTAMP``).
 
     Flower accepts only the keys that the app's ``pyproject.toml`` declares
     under ``[tool.flwr.app.config]``. An option of a strategy from a
@@ -185,7 +188,8 @@ def run_config_toml(config: RunConfig, run_dir: Path) -> str:
                 )
             continue
         flat[key] = value
-    flat[RUN_DIR_KEY] = str(run_dir.resolve())
+    if run_dir is not None:
+        flat[RUN_DIR_KEY] = str(run_dir.resolve())
     return "\n".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in flat.items()) + "\n"
 
 
@@ -464,6 +468,8 @@ def simulate(
         tail = log_path.read_text(errors="replace").splitlines()[-15:]
         raise SimulationError(f"run did not complete; see {log_path}\n" + "\n".join(tail))
     summary: dict[str, Any] = json.loads(summary_path.read_text())
+    if summary.get("status") == "failed":  # the ServerApp stopped and said why
+        raise SimulationError(f"run failed ({summary.get('stage')}): {summary.get('error')}")
     summary["wall_time"] = time.perf_counter() - t0
     atomic_write_text(summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary

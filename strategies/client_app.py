@@ -25,6 +25,7 @@ from strategies import protocol
 from strategies.adversary import adversary_for
 from strategies.config import RunConfig, from_run_config
 from strategies.federation import PEER_TRAIN_SEED_OFFSET, Federation, federation
+from strategies.node_data import local_evaluation_set, node_federation
 from strategies.plugins import ClientContext, PeerPlugin, ServerPlugin
 
 app = ClientApp()
@@ -39,9 +40,9 @@ def _run_config(items: tuple[tuple[str, Any], ...]) -> RunConfig:
 
 
 @lru_cache(maxsize=4)
-def _scratch_model(config: RunConfig, root: str | None) -> nn.Module:
+def _scratch_model(fed: Federation) -> nn.Module:
     """One model object per process and run; weights are loaded per message."""
-    return federation(config, root).initial_model().to(config.device)
+    return fed.initial_model().to(fed.config.device)
 
 
 @dataclass(frozen=True)
@@ -77,12 +78,17 @@ def _client(context: Context, msg: Message | None = None) -> _Client:
     torch.set_num_threads(config.simulation.num_cpus_per_client)
     if (pid, server_round) in config.simulation.failures():
         raise RuntimeError(f"injected failure of partition {pid} in round {server_round}")
-    fed = federation(config, root)
-    x, y = fed.client_data(pid)
+    data_dir = node.get(protocol.DATA_DIR)
+    if data_dir:  # the node's own arrays (strategies.node_data)
+        fed = node_federation(config, str(data_dir))
+        x, y = fed.data.train_x, fed.data.train_y
+    else:
+        fed = federation(config, root)
+        x, y = fed.client_data(pid)
     ctx = ClientContext(
         config=config,
         partition_id=pid,
-        model=_scratch_model(config, root),
+        model=_scratch_model(fed),
         model_at_width=fed.model_at_width,
         example_input=fed.example_input,
     )
@@ -152,12 +158,14 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     c = _client(context, msg)
     model = c.ctx.model
     model.load_state_dict(msg.content.array_records[protocol.ARRAYS].to_torch_state_dict())
-    loss, acc = evaluate(model, c.x, c.y)
+    own_data = bool(context.node_config.get(protocol.DATA_DIR))
+    x, y = local_evaluation_set(c.fed.data) if own_data else (c.x, c.y)
+    loss, acc = evaluate(model, x, y)
     metrics = MetricRecord(
         {
             protocol.EVAL_LOSS: loss,
             protocol.EVAL_ACCURACY: acc,
-            protocol.NUM_EXAMPLES: len(c.y),
+            protocol.NUM_EXAMPLES: len(y),
         }
     )
     return _reply(msg, c.partition_id, {protocol.METRICS: metrics})

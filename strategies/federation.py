@@ -36,11 +36,18 @@ class Federation:
     root : str, optional
         Where this participant finds the data set (a node's ``dataset-root``),
         overriding ``dataset.root``.
+    data : DatasetBundle, optional
+        This participant's own data (a node that brings its own data, see
+        :mod:`strategies.node_data`) instead of the scenario's data set.
     """
 
-    def __init__(self, config: RunConfig, root: str | None = None) -> None:
+    def __init__(
+        self, config: RunConfig, root: str | None = None, data: DatasetBundle | None = None
+    ) -> None:
         self.config = config
         self.root = root
+        if data is not None:
+            self.__dict__["data"] = data  # fills the cached property below
 
     @cached_property
     def data(self) -> DatasetBundle:

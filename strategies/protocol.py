@@ -34,6 +34,7 @@ PROXIMAL_MU: Final = "proximal-mu"  # Flower's FedProx key
 PARTITION_ID: Final = "partition-id"  # node config and discovery reply
 NUM_PARTITIONS: Final = "num-partitions"  # node config
 DATASET_ROOT: Final = "dataset-root"  # node config
+DATA_DIR: Final = "data-dir"  # node config: the node's own data (strategies.node_data)
 
 # -- metric names -------------------------------------------------------------
 NUM_EXAMPLES: Final = "num-examples"

@@ -24,6 +24,7 @@ from strategies.checkpoint import (
     resume_rows,
 )
 from strategies.config import RunConfig
+from strategies.deployment import lost_partitions
 from strategies.metering import Traffic
 from strategies.run_log import RunLog
 
@@ -211,6 +212,7 @@ class RoundRecorder:
             "bytes_up": sum(r["bytes_up"] for r in rows),
             "bytes_total": sum(r["bytes_down"] + r["bytes_up"] for r in rows),
             **lost,
+            **lost_partitions(rows),
             "adversaries": sorted(adversarial_partitions(c)),
             "startup_time": self.t_ready - t_start,
             "train_time": t_end - self.t_ready,

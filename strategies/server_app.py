@@ -9,11 +9,18 @@ from pathlib import Path
 from typing import cast
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from strategies import protocol
 from strategies.config import RUN_DIR_KEY, RunConfig, from_run_config
+from strategies.deployment import (
+    RejoiningGrid,
+    failed_summary,
+    log_through_flower,
+    query_message,
+    read_status,
+)
 from strategies.federation import SAMPLING_STREAM, Federation, federation
 from strategies.metering import MeteredGrid
 from strategies.peer_relay import run_peers
@@ -65,14 +72,7 @@ def discover_nodes(grid: Grid, expected: int, timeout: float) -> dict[int, int]:
     do not pay for it). Node ids are random per run; partition ids are not.
     """
     node_ids = _wait_for_nodes(grid, expected, timeout)
-    messages = [
-        Message(
-            RecordDict({protocol.CONFIG: ConfigRecord({})}),
-            dst_node_id=n,
-            message_type=MessageType.QUERY,
-        )
-        for n in node_ids
-    ]
+    messages = [query_message(n) for n in node_ids]
     mapping: dict[int, int] = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
         if reply.has_error():
@@ -80,6 +80,11 @@ def discover_nodes(grid: Grid, expected: int, timeout: float) -> dict[int, int]:
                 f"node {reply.metadata.src_node_id} failed to answer: {reply.error.reason}"
             )
         pid = int(reply.content[protocol.CONFIG][protocol.PARTITION_ID])  # type: ignore[arg-type]
+        if not 0 <= pid < expected:
+            raise NodeDiscoveryError(
+                f"partition-id: node {reply.metadata.src_node_id} says {pid}; "
+                f"allowed: 0 to {expected - 1} (num_clients {expected})"
+            )
         if pid in mapping:
             raise NodeDiscoveryError(f"partition-id {pid} claimed by two nodes")
         mapping[pid] = reply.metadata.src_node_id
@@ -107,19 +112,58 @@ def server_context(config: RunConfig, fed: Federation) -> ServerContext:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Discover nodes, run the configured strategy, log every round."""
+    """Discover nodes, run the configured strategy, log every round.
+
+    ``summary.json`` is written whatever happens: ``completed``, ``degraded``
+    or, when the run stops with an error, ``failed`` with the error (the
+    exception is raised again). A run directory that holds a finished run is
+    refused and left as it is.
+    """
+    log_through_flower()
+    raw = context.run_config
+    name = str(raw.get("name", "run"))
+    run_dir = str(raw.get(RUN_DIR_KEY, "")) or str(
+        Path("runs") / f"{name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    )
+    stage = ["configuration"]
+    try:
+        _run(grid, context, run_dir, stage)
+    except FinishedRunDirError:
+        raise
+    except Exception as exc:
+        known = {
+            "name": name,
+            "seed": raw.get("seed"),
+            "strategy": {"name": raw.get("strategy.name")},
+        }
+        RunLog(Path(run_dir)).write_json("summary.json", failed_summary(known, stage[0], exc))
+        logger.error("run failed during %s: %s", stage[0], exc)
+        raise
+
+
+class FinishedRunDirError(ValueError):
+    """``output.run-dir`` names a directory that already holds a finished run."""
+
+
+def _run(grid: Grid, context: Context, run_dir: str, stage: list[str]) -> None:
     t_start = time.perf_counter()
     config = from_run_config(context.run_config)
-    run_dir = str(context.run_config.get(RUN_DIR_KEY, "")) or str(
-        Path("runs") / f"{config.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
-    )
+    status = read_status(Path(run_dir))
+    if status is not None:
+        raise FinishedRunDirError(
+            f"{RUN_DIR_KEY}: got {run_dir!r}, which holds a finished run (status {status}); "
+            f"allowed: a new directory, or leave {RUN_DIR_KEY} out (runs/NAME-TIMESTAMP)"
+        )
     log = RunLog(Path(run_dir))
     log.write_json("config.json", config.to_dict())
     timeout = config.simulation.timeout
+    stage[0] = "discovery"
     if config.simulation.assign_partitions:
         mapping = assign_partitions(grid, config.num_clients, config.nodes, timeout)
     else:
         mapping = discover_nodes(grid, config.num_clients, timeout)
+        grid = RejoiningGrid(grid, mapping, timeout)
+    stage[0] = "rounds"
     nodes = len(set(mapping.values()))
     logger.info("%d nodes ready after %.1f s", nodes, time.perf_counter() - t_start)
 

@@ -6,11 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from fedmerge.data import load_dataset
 from sims.launch import APP_DIR, FLOWER_ENV, _free_port, _stop, _wait_healthy
 
 
@@ -44,26 +47,32 @@ def deployment(tmp_path: Path) -> Iterator[tuple[dict[str, str], list[subprocess
             _stop(proc)
 
 
+def _supernode(
+    env: dict[str, str], procs: list[subprocess.Popen], node_config: str
+) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [
+            "flower-supernode",
+            "--insecure",
+            "--superlink",
+            f"127.0.0.1:{env['SUPERLINK_PORT']}",
+            "--port",
+            str(_free_port()),
+            "--node-config",
+            node_config,
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    procs.append(proc)
+    return proc
+
+
 def _supernodes(env: dict[str, str], procs: list[subprocess.Popen], n: int) -> None:
     for pid in range(n):
-        procs.append(
-            subprocess.Popen(
-                [
-                    "flower-supernode",
-                    "--insecure",
-                    "--superlink",
-                    f"127.0.0.1:{env['SUPERLINK_PORT']}",
-                    "--port",
-                    str(_free_port()),
-                    "--node-config",
-                    f"partition-id={pid} num-partitions={n}",
-                ],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        )
+        _supernode(env, procs, f"partition-id={pid} num-partitions={n}")
 
 
 def _flwr_run(env: dict[str, str], run_config: str) -> subprocess.CompletedProcess:
@@ -103,6 +112,156 @@ def test_peer_relay_on_supernodes(deployment, tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert f"round 1: accuracy {rows[1]['accuracy']:.4f}" in out.stdout + out.stderr
     assert rows[1]["answered"] == [0, 1, 2]
     assert all(m > 0 for m in rows[1]["units_moved_per_peer"])
     assert rows[1]["accuracy"] > rows[0]["accuracy"]
+
+
+def _node_dirs(tmp_path: Path, n: int) -> list[Path]:
+    """``n`` data directories cut from the digits training set, round-robin by sample."""
+    data = load_dataset("digits")
+    x, y = data.train_x.numpy(), data.train_y.numpy()
+    dirs = []
+    for p in range(n):
+        d = tmp_path / f"node{p}"
+        d.mkdir()
+        np.savez(d / "data.npz", train_x=x[p::n], train_y=y[p::n])
+        dirs.append(d)
+    return dirs
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+_OWN_DATA = (
+    "num_clients=3 clients_per_round=3 strategy.name='fedavg' dataset.name='digits' "
+    "model.name='mlp' simulation.assign_partitions=false simulation.timeout=60 "
+)
+
+
+def test_nodes_with_their_own_data_and_a_lost_node(deployment, tmp_path: Path) -> None:
+    """3 nodes bring their own arrays; node 2 dies after round 1 and comes back later."""
+    env, procs = deployment
+    dirs = _node_dirs(tmp_path, 3)
+    nodes = [_supernode(env, procs, f"partition-id={p} data-dir='{d}'") for p, d in enumerate(dirs)]
+    run_dir, log = tmp_path / "run", tmp_path / "flwr-run.log"
+    sink = log.open("w")
+    client = subprocess.Popen(
+        ["flwr", "run", ".", "--stream", "--run-config",
+         f"{_OWN_DATA} rounds=4 output.run-dir='{run_dir}'"],
+        cwd=APP_DIR, env=env, stdout=sink, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    sink.close()  # the child has its own copy
+    procs.append(client)
+
+    def wait_rows(n: int) -> None:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and client.poll() is None:
+            path = run_dir / "metrics.jsonl"
+            if path.exists() and len(path.read_text().splitlines()) >= n:
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"no row {n - 1} in {run_dir}")
+
+    wait_rows(2)  # round 1 done: stop node 2
+    _stop(nodes[2], grace=0.0)
+    wait_rows(3)  # round 2 done without it: start it again, with a new node id
+    _supernode(env, procs, f"partition-id=2 data-dir='{dirs[2]}'")
+    client.wait(timeout=400)
+    out = log.read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = _rows(run_dir)
+    assert summary["status"] == "degraded", out[-3000:]
+    assert summary["lost_partitions"] == [2]
+    assert all(e["reason"].startswith("partition 2 ") for e in summary["lost"])
+    assert rows[1]["clients"] == 3 and rows[1]["skipped"] == 0
+    assert rows[2]["skipped"] >= 1
+    assert rows[4]["skipped"] == 0 and rows[4]["clients"] == 3  # it rejoined
+    assert rows[-1]["accuracy"] > rows[0]["accuracy"] + 0.3
+
+
+def test_bad_partition_id_fails_with_a_summary(deployment, tmp_path: Path) -> None:
+    env, procs = deployment
+    dirs = _node_dirs(tmp_path, 3)
+    for p, d in zip((0, 1, 7), dirs, strict=True):
+        _supernode(env, procs, f"partition-id={p} data-dir='{d}'")
+    run_dir = tmp_path / "run"
+    out = _flwr_run(env, f"{_OWN_DATA} rounds=1 output.run-dir='{run_dir}'")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["stage"] == "discovery", summary
+    assert (
+        "partition-id: node" in summary["error"] and "says 7; allowed: 0 to 2" in summary["error"]
+    )
+    # flwr run --stream exits 0 whatever the ServerApp did; fedmerge status does not
+    status = subprocess.run(
+        [sys.executable, "-m", "sims.cli", "status", str(run_dir)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert status.returncode == 1, status.stdout + status.stderr
+    assert status.stdout.startswith("failed (discovery): NodeDiscoveryError: partition-id"), out
+
+
+def test_tls_and_node_authentication(tmp_path: Path) -> None:
+    """fedmerge certs/superlink/supernode: TLS, registered keys only; others stay out.
+
+    The unregistered node claims partition 1 as well: had it joined, discovery would
+    fail on a duplicate partition id, or, joining later, it would take partition 1 over.
+    """
+    repo = Path(__file__).resolve().parents[2]
+    fedmerge = [sys.executable, "-m", "sims.cli"]
+    certs, home, port = tmp_path / "certs", tmp_path / "home", _free_port()
+    subprocess.run([*fedmerge, "certs", str(certs), "--host", "127.0.0.1", "--nodes", "3"],
+                   cwd=repo, check=True, capture_output=True, timeout=120)  # fmt: skip
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "tls"\n[superlink.tls]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{certs / "ca.crt"}"\n'
+    )
+    env = {
+        **os.environ, **FLOWER_ENV, "FLWR_HOME": str(home),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }  # fmt: skip
+    procs: list[subprocess.Popen] = []
+
+    def start(*args: str) -> None:
+        procs.append(
+            subprocess.Popen([*fedmerge, *args], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+        )  # fmt: skip
+
+    try:
+        start("superlink", "--certs", str(certs), "--host", "127.0.0.1", "--port", str(port))
+        for i in range(2):  # register nodes 0 and 1 (retried until the SuperLink is up)
+            deadline = time.monotonic() + 90
+            while True:
+                reg = subprocess.run(
+                    ["flwr", "supernode", "register", str(certs / f"node-{i}.pub"), "tls"],
+                    env=env, capture_output=True, text=True, timeout=60,
+                )  # fmt: skip
+                if reg.returncode == 0 or time.monotonic() > deadline:
+                    break
+                time.sleep(1)
+            assert reg.returncode == 0, reg.stdout + reg.stderr
+        dirs = _node_dirs(tmp_path, 2)
+        for key, pid in ((0, 0), (1, 1), (2, 1)):
+            start(
+                "supernode", "--superlink", f"127.0.0.1:{port}", "--certs", str(certs),
+                "--key", str(certs / f"node-{key}"), "--port", str(_free_port()),
+                "--node-config", f"partition-id={pid} data-dir='{dirs[pid]}'",
+            )  # fmt: skip
+        run_dir = tmp_path / "run"
+        own = _OWN_DATA.replace(
+            "num_clients=3 clients_per_round=3", "num_clients=2 clients_per_round=2"
+        )
+        out = _flwr_run(env, f"{own} rounds=1 output.run-dir='{run_dir}'")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "completed", out.stdout[-3000:]
+        assert _rows(run_dir)[1]["sampled"] == [0, 1]
+        assert "round 1: accuracy" in out.stdout + out.stderr
+        assert "rejoined" not in out.stdout + out.stderr
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)

@@ -1,0 +1,186 @@
+"""Deployment helpers of the CLI: Flower's processes with TLS and authentication, run status.
+
+:func:`superlink_command` and :func:`supernode_command` build the command
+lines of ``fedmerge superlink`` / ``fedmerge supernode``: Flower's own
+``flower-superlink`` / ``flower-supernode`` with TLS (certificates from
+``fedmerge certs``) and SuperNode authentication on, telemetry and update
+checks off (:data:`sims.launch.FLOWER_ENV`). ``--insecure`` is refused
+unless every address involved is loopback, or ``force`` says so.
+
+``flwr run --stream`` exits 0 whatever the ServerApp did; ``summary.json``
+says what happened (see :mod:`strategies.deployment`). :func:`run_status`
+turns it into one line and an exit code, for ``fedmerge status RUN_DIR``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sims.runs import SUMMARY_FILE, read_json
+
+#: Exit codes of ``fedmerge status`` by ``summary.json`` status.
+STATUS_EXIT: dict[str, int] = {"completed": 0, "degraded": 3, "failed": 1}
+#: Exit code when there is no readable summary (a run still going, or killed).
+NO_SUMMARY_EXIT = 4
+
+
+def status_line(summary: dict[str, Any]) -> str:
+    """One line that says how a run ended, from its ``summary.json``."""
+    status = summary.get("status")
+    if status == "failed":
+        return f"failed ({summary.get('stage')}): {summary.get('error')}"
+    if status == "degraded":
+        lost = summary.get("lost") or []
+        first = f"; first: round {lost[0]['round']}, {lost[0]['reason']}" if lost else ""
+        return (
+            f"degraded: lost partitions {summary.get('lost_partitions', [])} "
+            f"({len(lost)} skipped replies, {summary.get('failures', 0)} failures, "
+            f"{summary.get('missing', 0)} missing, {summary.get('refused', 0)} refused){first}"
+        )
+    return (
+        f"{status}: final accuracy {summary.get('final_accuracy')}, {summary.get('rounds')} rounds"
+    )
+
+
+def run_status(run_dir: str | Path) -> tuple[str, int]:
+    """The status line of ``run_dir`` and the exit code of ``fedmerge status``."""
+    summary = read_json(Path(run_dir) / SUMMARY_FILE)
+    status = summary.get("status")
+    if status not in STATUS_EXIT:
+        return f"{run_dir}: no summary.json (the run is going on, or was killed)", NO_SUMMARY_EXIT
+    return status_line(summary), STATUS_EXIT[str(status)]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an IP address, no port) is this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _flower(name: str) -> str:
+    """Flower's console script ``name``, from this Python's environment when it has one."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else name
+
+
+def _need(paths: Sequence[Path], what: str) -> None:
+    for path in paths:
+        if not path.is_file():
+            raise ValueError(
+                f"{what}: got {str(path)!r}, which is not a file; allowed: the files "
+                f"fedmerge certs writes"
+            )
+
+
+def _insecure_ok(hosts: Sequence[str], force: bool, flag: str) -> None:
+    bad = [h for h in hosts if not is_loopback(h)]
+    if bad and not force:
+        raise ValueError(
+            f"--insecure: got {flag} {bad[0]}; allowed: loopback addresses only "
+            f"(127.0.0.1, ::1, localhost), or add --force-insecure"
+        )
+
+
+def superlink_command(
+    *,
+    certs: Path | None,
+    host: str,
+    port: int,
+    insecure: bool = False,
+    force: bool = False,
+    auth: bool = True,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """The ``flower-superlink`` command line.
+
+    Parameters
+    ----------
+    certs : Path, optional
+        Directory of ``ca.crt``, ``server.pem``, ``server.key`` (required
+        unless ``insecure``).
+    host, port : str, int
+        Where the SuperLink listens: nodes, ``flwr run`` and ``flwr
+        supernode register`` all use this one port.
+    insecure : bool (default: False)
+        Plain HTTP; refused for a non-loopback ``host`` unless ``force``.
+    auth : bool (default: True)
+        ``--enable-supernode-auth``: only registered SuperNode keys may join.
+    extra : sequence of str
+        More arguments for ``flower-superlink``.
+    """
+    if not 1 <= port <= 65535:
+        raise ValueError(f"--port: got {port}; allowed: 1 to 65535")
+    cmd = [_flower("flower-superlink"), "--host", host, "--port", str(port)]
+    if insecure:
+        _insecure_ok([host], force, "--host")
+        cmd.append("--insecure")
+    else:
+        if certs is None:
+            raise ValueError("--certs: got none; allowed: a directory written by fedmerge certs")
+        files = [certs / "ca.crt", certs / "server.pem", certs / "server.key"]
+        _need(files, "--certs")
+        cmd += ["--ssl-ca-certfile", str(files[0])]
+        cmd += ["--ssl-certfile", str(files[1]), "--ssl-keyfile", str(files[2])]
+    if auth:
+        cmd.append("--enable-supernode-auth")
+    return cmd + list(extra)
+
+
+def supernode_command(
+    *,
+    superlink: str,
+    node_config: str,
+    certs: Path | None,
+    key: Path | None,
+    insecure: bool = False,
+    force: bool = False,
+    port: int | None = None,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """The ``flower-supernode`` command line.
+
+    Parameters
+    ----------
+    superlink : str
+        ``HOST:PORT`` of the SuperLink.
+    node_config : str
+        Flower's ``--node-config``, e.g. ``"partition-id=0 data-dir='/srv/data'"``.
+    certs : Path, optional
+        Directory holding ``ca.crt`` (required unless ``insecure``).
+    key : Path, optional
+        This node's private key (``fedmerge certs``' ``node-I``; its
+        ``.pub`` beside it); ``None``: no authentication.
+    insecure : bool (default: False)
+        Plain HTTP; refused for a non-loopback SuperLink unless ``force``.
+    port : int, optional
+        The node's local ClientApp API port (default 9094; give each node
+        on one host its own). It listens on 127.0.0.1 only.
+    """
+    host, sep, port_text = superlink.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"--superlink: got {superlink!r}; allowed: HOST:PORT")
+    cmd = [_flower("flower-supernode"), "--superlink", superlink, "--node-config", node_config]
+    if insecure:
+        _insecure_ok([host], force, "--superlink")
+        cmd.append("--insecure")
+    else:
+        if certs is None:
+            raise ValueError("--certs: got none; allowed: a directory written by fedmerge certs")
+        _need([certs / "ca.crt"], "--certs")
+        cmd += ["--root-certificates", str(certs / "ca.crt")]
+    if key is not None:
+        public = key.with_name(key.name + ".pub")
+        _need([key, public], "--key")
+        cmd += ["--auth-supernode-private-key", str(key)]
+        cmd += ["--auth-supernode-public-key", str(public)]
+    if port is not None:
+        cmd += ["--port", str(port)]
+    return cmd + list(extra)

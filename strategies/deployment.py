@@ -1,0 +1,223 @@
+"""A deployed federation: nodes that rejoin, replies attributed to partitions, honest status.
+
+On a SuperLink, node ids are random per node process and partition ids are
+what the run is about. :class:`RejoiningGrid` keeps the partition -> node map
+of discovery up to date: a SuperNode restarted with the same ``partition-id``
+gets a new node id, and is asked for its partition before the next message
+to that partition goes out; messages keep the node ids of discovery, so that
+the strategy's own map stays valid. Error replies made by the SuperLink (a
+node that went away) come from the SuperLink, not the node: they are
+attributed back to the node, and hence the partition, they were sent to.
+
+:func:`failed_summary` and :func:`lost_partitions` make ``summary.json`` say
+what happened: ``failed`` with the error, or which partitions were lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+from strategies import protocol
+
+logger = logging.getLogger(__name__)
+
+#: ``summary.json`` statuses of a run that ran to its end (``sims.runs.FINISHED_STATUSES``).
+FINISHED: tuple[str, ...] = ("completed", "degraded")
+#: How a skip reason names its partition (``strategies.replies``).
+_PARTITION_OF_REASON = re.compile(r"^partition (\d+) ")
+
+
+def with_source(reply: Message, node: int) -> Message:
+    """``reply``, marked as coming from ``node`` (in place; Flower sets message ids this way)."""
+    reply.metadata.__dict__["_src_node_id"] = node
+    return reply
+
+
+def query_message(node: int) -> Message:
+    """The discovery question to ``node``: which partition it holds."""
+    return Message(
+        RecordDict({protocol.CONFIG: ConfigRecord({})}),
+        dst_node_id=node,
+        message_type=MessageType.QUERY,
+    )
+
+
+class RejoiningGrid(Grid):
+    """A Grid that routes each partition's messages to the node that holds it now.
+
+    Parameters
+    ----------
+    grid : Grid
+        The SuperLink's grid.
+    partition_to_node : mapping of int to int
+        Discovery's map; messages are addressed with these node ids.
+    timeout : float
+        Seconds to wait for a new node's answer to the discovery question.
+    """
+
+    def __init__(self, grid: Grid, partition_to_node: Mapping[int, int], timeout: float) -> None:
+        self._grid = grid
+        self._original = dict(partition_to_node)
+        self._current = dict(partition_to_node)
+        self._asked: set[int] = set(partition_to_node.values())
+        self._timeout = timeout
+
+    # -- the wrapped grid's methods ---------------------------------------------
+    def set_run(self, run: Run) -> None:
+        """The wrapped grid's ``set_run``."""
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        """The wrapped grid's run."""
+        return self._grid.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        """The wrapped grid's ``create_message``."""
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """The wrapped grid's node ids."""
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """The wrapped grid's ``push_messages`` (not rerouted)."""
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """The wrapped grid's ``pull_messages``."""
+        return self._grid.pull_messages(message_ids)
+
+    # -- rerouting ------------------------------------------------------------------
+    @property
+    def routes(self) -> dict[int, int]:
+        """Partition id -> the node id that holds it now."""
+        return dict(self._current)
+
+    def _rejoin(self) -> None:
+        """Ask nodes that registered since discovery which partition they hold."""
+        new = sorted(set(self._grid.get_node_ids()) - self._asked)
+        if not new:
+            return
+        self._asked.update(new)
+        replies = self._grid.send_and_receive(
+            [query_message(n) for n in new], timeout=self._timeout
+        )
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                logger.warning("node %d did not say its partition: %s", node, reply.error.reason)
+                continue
+            pid = int(reply.content[protocol.CONFIG][protocol.PARTITION_ID])  # type: ignore[arg-type]
+            if pid not in self._original:
+                logger.warning("node %d claims unknown partition %d; ignored", node, pid)
+                continue
+            logger.info(
+                "partition %d rejoined on node %d (was node %d)", pid, node, self._current[pid]
+            )
+            self._current[pid] = node
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        """Send each message to its partition's current node; replies keep discovery's ids."""
+        messages = list(messages)
+        self._rejoin()
+        partition_of = {n: p for p, n in self._original.items()}
+        addressed: list[int] = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            addressed.append(node)
+            pid = partition_of.get(node)
+            if pid is not None:
+                m.metadata.dst_node_id = self._current[pid]
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        answered = {r.metadata.reply_to_message_id for r in replies}
+        replies += [  # name the partitions that did not answer, rather than just count them
+            Message(Error(code=0, reason=f"no reply within {timeout} s"), reply_to=m)
+            for m in messages
+            if m.metadata.message_id not in answered
+        ]
+        original = {
+            m.metadata.message_id: node for m, node in zip(messages, addressed, strict=True)
+        }
+        for m, node in zip(messages, addressed, strict=True):
+            m.metadata.dst_node_id = node
+        return [
+            with_source(r, original.get(r.metadata.reply_to_message_id, r.metadata.src_node_id))
+            for r in replies
+        ]
+
+
+def lost_partitions(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Which partitions a run lost, in which rounds, and why (from the rows' skip reasons).
+
+    Returns
+    -------
+    dict
+        ``lost_partitions``: sorted partition ids named by a skipped reply;
+        ``lost``: ``{"round", "reason"}`` of every skipped reply.
+    """
+    lost: list[dict[str, Any]] = []
+    partitions: set[int] = set()
+    for row in rows:
+        for key in ("skipped_reasons", "eval_skipped_reasons"):
+            for reason in row.get(key) or []:
+                lost.append({"round": row["round"], "reason": str(reason)})
+                match = _PARTITION_OF_REASON.match(str(reason))
+                if match:
+                    partitions.add(int(match.group(1)))
+    return {"lost_partitions": sorted(partitions), "lost": lost}
+
+
+def failed_summary(config: Mapping[str, Any], stage: str, error: BaseException) -> dict[str, Any]:
+    """``summary.json`` of a run that stopped with ``error`` during ``stage``."""
+    strategy = config.get("strategy")
+    return {
+        "status": "failed",
+        "stage": stage,
+        "error": f"{type(error).__name__}: {error}",
+        "scenario": config.get("name"),
+        "strategy": strategy.get("name") if isinstance(strategy, Mapping) else None,
+        "seed": config.get("seed"),
+    }
+
+
+def read_status(run_dir: Path) -> str | None:
+    """The status in ``run_dir/summary.json`` if it says the run finished, else ``None``."""
+    try:
+        status = json.loads((run_dir / "summary.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return status if status in FINISHED else None
+
+
+def log_through_flower() -> None:
+    """Send the INFO lines of ``strategies.*`` through Flower's handlers.
+
+    ``flwr run --stream`` shows what Flower's logger writes; fedmerge's own
+    lines (one per round for every strategy, peers included, nodes rejoining,
+    skipped replies) go the same way.
+    """
+    ours = logging.getLogger("strategies")
+    ours.setLevel(logging.INFO)
+    for handler in logging.getLogger("flwr").handlers:
+        if handler not in ours.handlers:
+            ours.addHandler(handler)
+    ours.propagate = False

@@ -1,0 +1,200 @@
+"""A node's own data: arrays in a local directory instead of a partition of a shared data set.
+
+A SuperNode started with ``--node-config "partition-id=3 data-dir=/srv/data"``
+trains on the arrays in ``/srv/data`` and never loads the scenario's data set.
+The scenario's ``dataset.name`` still names the *kind* of data (its input
+shape and number of classes, :data:`DATA_SPECS`), so that the server and
+every node build the same model; a node whose arrays do not match refuses to
+join with a one-line error that the server writes to ``summary.json``.
+
+Layout of a data directory (either form)::
+
+    DIR/data.npz                 # arrays train_x, train_y [, test_x, test_y]
+    DIR/train_x.npy, DIR/train_y.npy [, DIR/test_x.npy, DIR/test_y.npy]
+
+``train_x``: float array of shape ``(n, *input_shape)``, preprocessed the way
+the server's test set is (fedmerge's loaders standardise each data set with
+its training mean and standard deviation); integer arrays are converted to
+float32 as they are. ``train_y``: integer labels of shape ``(n,)`` in
+``[0, num_classes)``. ``test_x``/``test_y`` (both or neither) are the node's
+own held-out set, used for client-side evaluation; without them the node
+evaluates on its training data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedmerge.data import DatasetBundle
+from strategies.config import RunConfig
+from strategies.federation import Federation
+
+#: ``dataset.name`` -> (input shape, number of classes) of the built-in data sets.
+DATA_SPECS: dict[str, tuple[tuple[int, ...], int]] = {
+    "cifar10": ((3, 32, 32), 10),
+    "cifar100": ((3, 32, 32), 100),
+    "digits": ((1, 8, 8), 10),
+    "fashion-mnist": ((1, 28, 28), 10),
+    "mnist": ((1, 28, 28), 10),
+    "mnist1d": ((1, 40), 10),
+    "synthetic": ((60,), 10),
+}
+
+_ARRAYS = ("train_x", "train_y", "test_x", "test_y")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What every participant's data must look like.
+
+    Attributes
+    ----------
+    kind : str
+        The scenario's ``dataset.name``.
+    input_shape : tuple of int
+        Shape of one sample.
+    num_classes : int
+        Labels lie in ``[0, num_classes)``.
+    """
+
+    kind: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+    def __post_init__(self) -> None:
+        """Refuse empty shapes and fewer than two classes."""
+        if not self.input_shape or min(self.input_shape) < 1:
+            raise ValueError(f"input_shape: got {self.input_shape}; allowed: positive sizes")
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes: got {self.num_classes}; allowed: >= 2")
+
+
+def data_spec(kind: str) -> DataSpec:
+    """The :class:`DataSpec` of the data set named ``kind``.
+
+    Raises
+    ------
+    ValueError
+        If ``kind`` is not one of :data:`DATA_SPECS`.
+    """
+    if kind not in DATA_SPECS:
+        raise ValueError(
+            f"dataset.name: got {kind!r}; allowed with nodes that bring their own data: "
+            f"{', '.join(sorted(DATA_SPECS))}"
+        )
+    shape, classes = DATA_SPECS[kind]
+    return DataSpec(kind, shape, classes)
+
+
+def _read_arrays(root: Path) -> dict[str, np.ndarray]:
+    """The arrays of a data directory, by name (see the module docstring)."""
+    if not root.is_dir():
+        raise ValueError(f"data-dir: got {str(root)!r}; allowed: an existing directory")
+    npz = root / "data.npz"
+    try:
+        if npz.is_file():
+            with np.load(npz, allow_pickle=False) as archive:
+                arrays = {k: np.asarray(archive[k]) for k in _ARRAYS if k in archive.files}
+            where = str(npz)
+        else:
+            arrays = {
+                k: np.load(root / f"{k}.npy", allow_pickle=False)
+                for k in _ARRAYS
+                if (root / f"{k}.npy").is_file()
+            }
+            where = str(root)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"data-dir: {str(root)!r} holds an unreadable array: {exc}") from exc
+    for key in ("train_x", "train_y"):
+        if key not in arrays:
+            raise ValueError(
+                f"data-dir: {where!r} has no {key}; allowed: data.npz with train_x, train_y "
+                f"[test_x, test_y], or train_x.npy, train_y.npy [test_x.npy, test_y.npy]"
+            )
+    if ("test_x" in arrays) != ("test_y" in arrays):
+        raise ValueError(
+            f"data-dir: {where!r} has only one of test_x, test_y; allowed: both or neither"
+        )
+    return arrays
+
+
+def _checked(
+    x: np.ndarray, y: np.ndarray, split: str, spec: DataSpec, where: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` as float32 and int64 tensors after checking them against ``spec``."""
+    if x.dtype.kind not in "fiu":
+        raise ValueError(f"data-dir: {where} {split}_x has dtype {x.dtype}; allowed: numbers")
+    if y.dtype.kind not in "iu":
+        raise ValueError(f"data-dir: {where} {split}_y has dtype {y.dtype}; allowed: integers")
+    if tuple(x.shape[1:]) != spec.input_shape:
+        raise ValueError(
+            f"data-dir: {where} {split}_x has samples of shape {tuple(x.shape[1:])}; allowed: "
+            f"{spec.input_shape} (dataset.name {spec.kind!r})"
+        )
+    if y.ndim != 1 or len(y) != len(x):
+        raise ValueError(
+            f"data-dir: {where} {split}_y has shape {y.shape}; allowed: ({len(x)},), "
+            f"one label per {split}_x sample"
+        )
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= spec.num_classes):
+        raise ValueError(
+            f"data-dir: {where} {split}_y has labels {int(y.min())} to {int(y.max())}; "
+            f"allowed: 0 to {spec.num_classes - 1} (dataset.name {spec.kind!r})"
+        )
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise ValueError(f"data-dir: {where} {split}_x has NaN or infinite values; allowed: finite")
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return xt, torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+
+
+def load_node_data(data_dir: str | Path, spec: DataSpec) -> DatasetBundle:
+    """Load and check a node's data directory.
+
+    Parameters
+    ----------
+    data_dir : str or Path
+        The directory (layout in the module docstring).
+    spec : DataSpec
+        What the arrays must look like.
+
+    Returns
+    -------
+    DatasetBundle
+        The node's training arrays, and its test arrays (empty, shape
+        ``(0, *input_shape)``, when it has none).
+
+    Raises
+    ------
+    ValueError
+        One line naming ``data-dir``, the array and what is allowed.
+    """
+    root = Path(data_dir)
+    arrays = _read_arrays(root)
+    where = repr(str(root))
+    train_x, train_y = _checked(arrays["train_x"], arrays["train_y"], "train", spec, where)
+    if len(train_y) == 0:
+        raise ValueError(f"data-dir: {where} train_y is empty; allowed: at least one sample")
+    if "test_x" in arrays:
+        test_x, test_y = _checked(arrays["test_x"], arrays["test_y"], "test", spec, where)
+    else:
+        test_x, test_y = torch.zeros((0, *spec.input_shape)), torch.zeros(0, dtype=torch.int64)
+    return DatasetBundle(spec.kind, train_x, train_y, test_x, test_y, spec.num_classes)
+
+
+def local_evaluation_set(data: DatasetBundle) -> tuple[torch.Tensor, torch.Tensor]:
+    """A node's evaluation arrays: its test set, else its training set."""
+    if len(data.test_y):
+        return data.test_x, data.test_y
+    return data.train_x, data.train_y
+
+
+@lru_cache(maxsize=4)
+def node_federation(config: RunConfig, data_dir: str) -> Federation:
+    """The :class:`Federation` of a node that brings its own data (one per process and run)."""
+    data = load_node_data(data_dir, data_spec(config.dataset.name))
+    return Federation(config, data=data)

@@ -1,0 +1,100 @@
+"""``fedmerge certs``, ``superlink``, ``supernode``: files and command lines, no processes."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from sims.certs import write_certs
+from sims.cli import main
+from sims.deploy import is_loopback, superlink_command, supernode_command
+
+
+def test_certs_chain_hosts_and_node_keys(tmp_path: Path) -> None:
+    assert main(["certs", str(tmp_path), "--host", "link.example", "--host", "10.0.0.5",
+                 "--nodes", "2"]) == 0  # fmt: skip
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)  # raises unless the CA signed it
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["link.example"]
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.5")]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    key = serialization.load_pem_private_key((tmp_path / "server.key").read_bytes(), None)
+    assert key.public_key().public_numbers() == server.public_key().public_numbers()  # type: ignore[union-attr]
+    for i in range(2):
+        private = serialization.load_ssh_private_key((tmp_path / f"node-{i}").read_bytes(), None)
+        public = serialization.load_ssh_public_key((tmp_path / f"node-{i}.pub").read_bytes())
+        assert private.public_key().public_numbers() == public.public_numbers()  # type: ignore[union-attr]
+        assert (tmp_path / f"node-{i}").stat().st_mode & 0o077 == 0
+    assert not (tmp_path / "node-2").exists()
+    assert (tmp_path / "ca.key").stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize("hosts", [[], ["a b"], ["h:9091"]])
+def test_certs_refuse_bad_hosts(tmp_path: Path, hosts: list[str]) -> None:
+    with pytest.raises(ValueError, match=r"^--host: got"):
+        write_certs(tmp_path, hosts, 1)
+
+
+def test_superlink_command_tls_and_auth_by_default(tmp_path: Path) -> None:
+    write_certs(tmp_path, ["127.0.0.1"], 0)
+    cmd = superlink_command(certs=tmp_path, host="0.0.0.0", port=9091)
+    assert Path(cmd[0]).name == "flower-superlink"
+    assert cmd[1:] == [
+        "--host", "0.0.0.0", "--port", "9091",
+        "--ssl-ca-certfile", str(tmp_path / "ca.crt"),
+        "--ssl-certfile", str(tmp_path / "server.pem"),
+        "--ssl-keyfile", str(tmp_path / "server.key"),
+        "--enable-supernode-auth",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match=r"^--certs: got '.*missing/ca.crt', which is not a file"):
+        superlink_command(certs=tmp_path / "missing", host="0.0.0.0", port=9091)
+
+
+def test_insecure_only_on_loopback_unless_forced() -> None:
+    cmd = superlink_command(certs=None, host="127.0.0.1", port=9091, insecure=True, auth=False)
+    assert cmd[1:] == ["--host", "127.0.0.1", "--port", "9091", "--insecure"]
+    with pytest.raises(ValueError, match=r"^--insecure: got --host 0.0.0.0; allowed: loopback"):
+        superlink_command(certs=None, host="0.0.0.0", port=9091, insecure=True)
+    assert "--insecure" in superlink_command(
+        certs=None, host="0.0.0.0", port=9091, insecure=True, force=True
+    )
+    with pytest.raises(ValueError, match=r"^--insecure: got --superlink 10.1.2.3"):
+        supernode_command(
+            superlink="10.1.2.3:9091", node_config="partition-id=0", certs=None, key=None,
+            insecure=True,
+        )  # fmt: skip
+    assert [is_loopback(h) for h in ("localhost", "::1", "127.0.0.2", "10.0.0.1", "x")] == [
+        True, True, True, False, False,
+    ]  # fmt: skip
+
+
+def test_supernode_command_with_key(tmp_path: Path) -> None:
+    write_certs(tmp_path, ["link"], 1)
+    cmd = supernode_command(
+        superlink="link:9091", node_config="partition-id=0 data-dir='/d'", certs=tmp_path,
+        key=tmp_path / "node-0", port=9100,
+    )  # fmt: skip
+    assert cmd[1:] == [
+        "--superlink", "link:9091", "--node-config", "partition-id=0 data-dir='/d'",
+        "--root-certificates", str(tmp_path / "ca.crt"),
+        "--auth-supernode-private-key", str(tmp_path / "node-0"),
+        "--auth-supernode-public-key", str(tmp_path / "node-0.pub"),
+        "--port", "9100",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match=r"^--superlink: got 'link'; allowed: HOST:PORT"):
+        supernode_command(superlink="link", node_config="", certs=tmp_path, key=None)
+    with pytest.raises(ValueError, match=r"^--key: got"):
+        supernode_command(
+            superlink="link:1", node_config="", certs=tmp_path, key=tmp_path / "node-9"
+        )
+
+
+def test_cli_refuses_insecure_off_loopback_with_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["superlink", "--insecure"]) == 2
+    assert "--insecure: got --host 0.0.0.0" in capsys.readouterr().err
