@@ -27,11 +27,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ray_address() -> Iterator[str]:
+def ray_head() -> Iterator[tuple[str, int]]:
     """Start a local Ray head (2 CPUs) once; stop it by its PID at the end.
 
-    End-to-end simulations join it through ``simulation.ray_address``, so the
-    suite pays Ray's start-up once instead of once per run.
+    Yields its address and the PID of ``ray start`` (Ray's daemons, and the
+    workers of every simulation that joins it, run below that process).
     """
     tmp = Path(tempfile.mkdtemp(prefix="fmray-"))
     port = _free_port()
@@ -58,7 +58,7 @@ def ray_address() -> Iterator[str]:
         time.sleep(0.5)
     time.sleep(2)  # the GCS port opens before the raylet is ready
     try:
-        yield address
+        yield address, proc.pid
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -67,6 +67,15 @@ def ray_address() -> Iterator[str]:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_head: tuple[str, int]) -> str:
+    """The session's Ray head, which end-to-end simulations join (``simulation.ray_address``).
+
+    The suite pays Ray's start-up once instead of once per run.
+    """
+    return ray_head[0]
 
 
 @pytest.fixture(scope="session", autouse=True)

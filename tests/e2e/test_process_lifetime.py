@@ -1,4 +1,5 @@
-"""Nothing ``fedmerge simulate`` starts outlives it, even when it is killed with SIGKILL.
+"""Nothing ``fedmerge simulate`` starts outlives it, even when it is killed with SIGKILL;
+a Ray worker that dies stops the run, which then resumes.
 
 The run starts its own SuperLink and Ray head (no ``simulation.ray_address``),
 so the tree below the CLI holds every kind of process a run has: the
@@ -13,10 +14,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import pytest
+
+from sims.launch import SimulationError, simulate
 from sims.processes import alive, descendants, stop_tree
+from sims.scenario_files import load_scenario
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
@@ -72,3 +78,47 @@ def test_sigkill_of_simulate_leaves_no_process_behind(tmp_path: Path) -> None:
     time.sleep(2)
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == rows_at_kill
     assert not (run_dir / "summary.json").exists()
+
+
+def test_a_dead_ray_worker_stops_the_run_which_then_resumes(
+    ray_head: tuple[str, int], tmp_path: Path
+) -> None:
+    """Flower never replaces a dead actor: the run stops after that round and resumes whole."""
+    address, head_pid = ray_head
+    scenario = load_scenario(
+        None,
+        ["rounds=4", "num_clients=4", "clients_per_round=4", "dataset.name='digits'",
+         "model.name='mlp'", f"simulation.ray_address='{address}'"],
+    )  # fmt: skip
+    run_dir = tmp_path / "run"
+    killed: list[int] = []
+
+    def kill_one_worker_after_round_1() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            metrics = run_dir / "metrics.jsonl"
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+                actors = [p for p in descendants(head_pid) if "ClientAppActor" in _cmdline(p)]
+                if actors:
+                    os.kill(actors[0], signal.SIGKILL)
+                    killed.append(actors[0])
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_one_worker_after_round_1, daemon=True)
+    killer.start()
+    with pytest.raises(SimulationError, match=r"the Ray worker of partition \d+ .*died"):
+        simulate(scenario, run_dir)
+    killer.join()
+    assert killed
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    stopped = rows[-1]["round"]
+    assert 2 <= stopped < 4  # the round that lost the worker's clients, and no later one
+    assert any("ActorDiedError" in r for r in rows[-1]["skipped_reasons"])
+    assert json.loads((run_dir / "checkpoint.json").read_text())["round"] == stopped
+    resumed = simulate(scenario, run_dir)  # fresh workers: every later round has all clients
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+    assert all(r["clients"] == 4 for r in rows[stopped + 1 :])
+    assert resumed["status"] == "degraded"  # round `stopped` did lose clients
