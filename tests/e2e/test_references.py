@@ -3,7 +3,9 @@
 The references in ``tests/references/`` were recorded by
 ``scripts/record_references.py`` with the code before the change; a run of the
 same scenario must give a byte-identical ``model.safetensors`` and the same
-``metrics.jsonl`` in every field but wall times.
+``metrics.jsonl`` in every field but wall times. Fields that rows gained after
+a reference was recorded (screening counts, for instance) are not in it, so
+they are not compared; no field of the reference may be missing.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def test_same_numbers_as_the_reference(name: str, ray_address: str, tmp_path: Pa
     assert len(rows) == len(reference["rows"])
     for row, expected in zip(rows, reference["rows"], strict=True):
         loss, expected_loss = row.pop("train_loss"), expected.pop("train_loss")
-        assert row == expected, f"round {expected['round']}"
+        assert set(expected) <= set(row), f"round {expected['round']}: fields lost"
+        assert {k: row[k] for k in expected} == expected, f"round {expected['round']}"
         # The old relay took the peers' train losses in arrival order, which varies from run
         # to run; they are now taken in partition order. Same values, so the statistics agree
         # to the last bits of a float64 (and now repeat exactly).

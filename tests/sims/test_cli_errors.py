@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -567,6 +568,9 @@ def test_ctrl_c_in_a_subprocess_exits_130(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
+        # A shell without job control starts background jobs with SIGINT ignored,
+        # and Python keeps an ignored SIGINT ignored: give the child the default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
