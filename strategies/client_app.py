@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from fedmerge.training import evaluate, train_local
+from fedmerge.training import evaluate, local_epochs, train_local
 from strategies import protocol
 from strategies.adversary import adversary_for
 from strategies.config import RunConfig, from_run_config
@@ -114,7 +114,9 @@ def train(msg: Message, context: Context) -> Message:
     plugin = c.config.strategy.plugin
     if not isinstance(plugin, ServerPlugin):
         raise TypeError(f"strategy.name: {c.config.strategy.name!r} is a peer strategy")
-    global_state = msg.content.array_records[protocol.ARRAYS].to_torch_state_dict()
+    global_state = dict(msg.content.array_records[protocol.ARRAYS].to_torch_state_dict())
+    if server_round == 1 and c.config.train.independent_init:  # one-shot fusion's clients
+        global_state = dict(c.fed.client_initial_model(c.partition_id).state_dict())
     kept_key = f"{KEPT_MODEL_KEY}-{c.partition_id}"
     record = context.state.array_records.get(kept_key)
     kept = dict(record.to_torch_state_dict()) if record is not None else None
@@ -132,6 +134,7 @@ def train(msg: Message, context: Context) -> Message:
         generator=torch.Generator().manual_seed(c.fed.client_seed(server_round, c.partition_id)),
         global_state=global_state,
         prox_mu=mu,
+        epochs=local_epochs(c.config.train, server_round, peer=False),
     )
     if start.keep:
         context.state[kept_key] = ArrayRecord(model.state_dict())
@@ -208,6 +211,7 @@ def train_peer(msg: Message, context: Context) -> Message:
         c.y,
         c.config.train,
         generator=torch.Generator().manual_seed(seed + PEER_TRAIN_SEED_OFFSET),
+        epochs=local_epochs(c.config.train, server_round, peer=True),
     )
     metrics = MetricRecord(
         {

@@ -64,8 +64,11 @@ def run_peers(
             p: {k.split(".", 1)[1]: v for k, v in resume.state.items() if k.startswith(f"peer{p}.")}
             for p in range(n)
         }
-    else:
-        _record(recorder, grid, 0, states, {})
+    else:  # round 0: the initial models, after local pre-training when asked
+        pretrained = config.train.pretrain_epochs > 0
+        if pretrained:
+            _pretrain(grid, config, states, mapping)
+        _record(recorder, grid, 0, states, {"pretrained": pretrained})
     partition_of = unique_partitions(mapping)
     for server_round in range(first, config.rounds + 1):
         graph = build_graph(topo, n, seed=config.seed, round=server_round)
@@ -127,6 +130,42 @@ def run_peers(
         _record(recorder, grid, server_round, states, extra, train_metrics)
         recorder.checkpoint(server_round, _flat(states), {"answered": sorted(answered)})
     return _flat(states)
+
+
+def _pretrain(
+    grid: MeteredGrid, config: RunConfig, states: dict[int, StateDict], mapping: dict[int, int]
+) -> None:
+    """Round 0: every peer trains ``train.pretrain_epochs`` epochs alone (updates ``states``).
+
+    A peer that fails keeps its initial model.
+    """
+    messages = [
+        Message(
+            RecordDict(
+                {
+                    protocol.SELF: ArrayRecord(states[p]),
+                    protocol.CONFIG: ConfigRecord(
+                        {
+                            protocol.SERVER_ROUND: 0,
+                            protocol.PARTITION_ID: p,
+                            protocol.MERGE: False,
+                            protocol.MIXING: "{}",
+                            protocol.SELF_WEIGHT: 1.0,
+                        }
+                    ),
+                }
+            ),
+            dst_node_id=mapping[p],
+            message_type=protocol.PEER_MESSAGE_TYPE,
+        )
+        for p in range(config.num_clients)
+    ]
+    replies = grid.send_and_receive(messages, timeout=config.simulation.timeout)
+    screening = screen_replies(replies, states[0], unique_partitions(mapping))
+    for update in screening.updates:
+        states[update.partition] = update.state
+    if screening.skipped:
+        logger.warning("pre-training: %d peers kept their initial models", len(screening.skipped))
 
 
 def _flat(states: dict[int, StateDict]) -> StateDict:
