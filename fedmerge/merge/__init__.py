@@ -11,6 +11,7 @@ from fedmerge.merge.average import (
     weighted_average,
 )
 from fedmerge.merge.batchnorm import has_batchnorm, reset_bn_state, reset_bn_stats
+from fedmerge.merge.fusion import FUSION_METHODS, ensemble_accuracy, fuse_to_anchor
 from fedmerge.merge.ldawa import LDAWAConfig, ldawa_aggregate, ldawa_terms, ldawa_weights
 from fedmerge.merge.merge_many import MERGE_REFERENCES, MergeManyInfo, merge_many
 from fedmerge.merge.peer import (
@@ -36,6 +37,7 @@ from fedmerge.merge.robust import (
 
 __all__ = [
     "ACCUMULATE_MODES",
+    "FUSION_METHODS",
     "INTEGER_RULES",
     "MERGE_REFERENCES",
     "PEER_ALIGN",
@@ -47,6 +49,8 @@ __all__ = [
     "clip_updates",
     "consensus_distance",
     "coordinate_median",
+    "ensemble_accuracy",
+    "fuse_to_anchor",
     "has_batchnorm",
     "krum",
     "krum_scores",
