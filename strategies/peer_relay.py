@@ -68,7 +68,7 @@ def run_peers(
         pretrained = config.train.pretrain_epochs > 0
         if pretrained:
             _pretrain(grid, config, states, mapping)
-        _record(recorder, grid, 0, states, {"pretrained": pretrained})
+        _record(recorder, grid, 0, states, {"pretrained": True} if pretrained else {})
     partition_of = unique_partitions(mapping)
     for server_round in range(first, config.rounds + 1):
         graph = build_graph(topo, n, seed=config.seed, round=server_round)

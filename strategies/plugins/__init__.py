@@ -28,6 +28,7 @@ from strategies.plugins.base import (
 )
 from strategies.plugins.fedavg import FedAvgPlugin, FedProxPlugin
 from strategies.plugins.ldawa import LDAWAPlugin
+from strategies.plugins.oneshot import OneShotPlugin
 from strategies.plugins.ot import OTPlugin
 from strategies.plugins.peer import DIMATPlugin, DIMATWMPlugin, GossipPlugin, LocalPlugin
 
@@ -54,6 +55,7 @@ _BUILTIN: dict[str, Plugin] = {
     "gossip": GossipPlugin(),
     "ldawa": LDAWAPlugin(),
     "local": LocalPlugin(),
+    "oneshot": OneShotPlugin(),
     "ot": OTPlugin(),
 }
 _REGISTRY: dict[str, Plugin] = dict(_BUILTIN)

@@ -1,4 +1,4 @@
-"""End-to-end runs of the paper regimes: independent clients with local pre-training."""
+"""End-to-end runs of the paper regimes: pre-training, independent clients, one-shot fusion."""
 
 from __future__ import annotations
 
@@ -64,24 +64,53 @@ def test_peers_pretrain_exactly_pretrain_epochs_before_the_first_merge(
             assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=f"peer {p} {k}")
 
 
-def test_fedavg_of_independent_pretrained_clients(ray_address: str, tmp_path: Path) -> None:
-    """Round 1: every client trains 2 epochs from its own init; the server averages them."""
+def test_oneshot_fuses_independent_pretrained_clients_then_fine_tunes(
+    ray_address: str, tmp_path: Path
+) -> None:
+    """Round 1: every client trains 2 epochs from its own init and the server averages them
+    once (vanilla), measuring fused, client and ensemble accuracy; round 2 is FedAvg."""
     scenario = load_scenario(
         None,
-        [*SMALL, "strategy.name='fedavg'", "train.independent_init=true",
-         f"simulation.ray_address='{ray_address}'"],
+        [*SMALL, "rounds=2", "strategy.name='oneshot'", "strategy.method='average'",
+         "train.independent_init=true", f"simulation.ray_address='{ray_address}'"],
     )  # fmt: skip
     simulate(scenario, tmp_path)
     fed = Federation(scenario)
-    states, counts = [], []
+    x, y = fed.data.test_x, fed.data.test_y
+    models, counts = [], []
     for p in range(3):
         model = fed.client_initial_model(p)
         _train(fed, model, p, fed.client_seed(1, p), 2)
-        states.append(model.state_dict())
+        models.append(model)
         counts.append(float(len(fed.client_data(p)[1])))
     total = sum(counts)
+    pairs = list(zip(counts, [m.state_dict() for m in models], strict=True))
+    fused = {k: sum(c * s[k] for c, s in pairs) / total for k in models[0].state_dict()}
+    probs = torch.stack([m.eval()(x).softmax(1) for m in models]).mean(0)
+    fused_model = fed.initial_model()
+    fused_model.load_state_dict(fused)
+    rows = _rows(tmp_path)
+    fusion = rows[1]["fusion"]
+    assert fusion["method"] == "average" and fusion["client_partitions"] == [0, 1, 2]
+    for got, m in zip(fusion["client_accuracy"], models, strict=True):
+        assert got == pytest.approx(evaluate(m, x, y)[1], abs=1e-6)
+    assert fusion["ensemble_accuracy"] == pytest.approx(
+        float((probs.argmax(1) == y).float().mean())
+    )
+    assert fusion["fused_accuracy"] == pytest.approx(evaluate(fused_model, x, y)[1], abs=1e-6)
+    assert rows[1]["accuracy"] == pytest.approx(fusion["fused_accuracy"], abs=1e-6)
+    assert "fusion" not in rows[2]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["fusion"] == fusion
+    # round 2: FedAvg fine-tuning, every client one epoch from the fused model
+    states = []
+    for p in range(3):
+        model = fed.initial_model()
+        model.load_state_dict(fused)
+        _train(fed, model, p, fed.client_seed(2, p), 1)
+        states.append(model.state_dict())
     pairs = list(zip(counts, states, strict=True))
     want = {k: sum(c * s[k] for c, s in pairs) / total for k in states[0]}
     final = load_file(str(tmp_path / "model.safetensors"))
     for k, v in want.items():
-        assert_close(final[k], v, rtol=1e-5, atol=1e-6, msg=k)
+        assert_close(final[k], v, rtol=1e-5, atol=1e-5, msg=k)
