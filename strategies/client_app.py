@@ -26,6 +26,7 @@ from strategies.adversary import adversary_for
 from strategies.config import RunConfig, from_run_config
 from strategies.federation import PEER_TRAIN_SEED_OFFSET, Federation, federation
 from strategies.plugins import ClientContext, PeerPlugin, ServerPlugin
+from strategies.plugins.peer import alignment_batches
 
 app = ClientApp()
 
@@ -169,7 +170,7 @@ def train_peer(msg: Message, context: Context) -> Message:
 
     The message carries this peer's own state and its neighbours' (see
     :mod:`strategies.protocol`); alignment and BatchNorm re-estimation use
-    only this peer's local data.
+    this peer's local data, or the run's shared proxy set (``align_data``).
     """
     server_round = _round(msg)
     c = _client(context, msg)
@@ -189,8 +190,8 @@ def train_peer(msg: Message, context: Context) -> Message:
             if key.startswith(protocol.NEIGHBOUR_PREFIX)
         }
         mixing = {int(k): float(v) for k, v in json.loads(str(config[protocol.MIXING])).items()}
-        gen = torch.Generator().manual_seed(seed)
-        sample = torch.randperm(len(c.y), generator=gen)[: plugin.align_samples(options)]
+        samples = plugin.align_samples(options)
+        batches = alignment_batches(options, samples, c.x, seed, c.fed.proxy_batches)
         own, info = plugin.merge(
             options,
             c.ctx,
@@ -198,7 +199,7 @@ def train_peer(msg: Message, context: Context) -> Message:
             neighbours,
             mixing,
             float(config[protocol.SELF_WEIGHT]),  # type: ignore[arg-type]
-            batches=list(torch.split(c.x[sample], 128)),
+            batches=batches,
             rng=np.random.default_rng(seed),
         )
         units_moved = float(sum(info.moved.values()))
