@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from fedmerge.align import permutation_spec_for
+from fedmerge.align.activation_matching import DEAD_UNIT_RULES
 from fedmerge.merge import PeerMergeInfo, peer_merge
 from strategies.plugins.base import ClientContext, PeerPlugin, StateDict
 
@@ -90,12 +91,21 @@ class DIMATOptions(GossipOptions):
     ----------
     similarity : {"correlation", "cross-moment"} (default: "correlation")
         Similarity of activations that activation matching maximises.
+    dead_units : {"weights", "arbitrary"} (default: "weights")
+        Units with zero activation on the alignment data are paired by the
+        cosine similarity of their weights (a departure from DIMAT's code,
+        which pairs them arbitrarily), or ``"arbitrary"``ly as there.
     """
 
     similarity: str = "correlation"
+    dead_units: str = "weights"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.dead_units not in DEAD_UNIT_RULES:
+            raise ValueError(
+                f"dead_units: got {self.dead_units!r}; allowed: {', '.join(DEAD_UNIT_RULES)}"
+            )
         if self.similarity not in SIMILARITIES:
             raise ValueError(
                 f"similarity: got {self.similarity!r}; allowed: {', '.join(SIMILARITIES)}"
@@ -156,7 +166,8 @@ class _MixingPlugin(PeerPlugin):
         return peer_merge(
             ctx.model, own, neighbours, mixing, self_weight,
             align=self.align, spec=spec, batches=batches, reset_bn=options.reset_bn,
-            method=getattr(options, "similarity", "correlation"), rng=rng,
+            method=getattr(options, "similarity", "correlation"),
+            dead_units=getattr(options, "dead_units", "weights"), rng=rng,
         )  # fmt: skip
 
 
