@@ -11,7 +11,12 @@ from fedmerge.merge.average import (
     weighted_average,
 )
 from fedmerge.merge.batchnorm import has_batchnorm, reset_bn_state, reset_bn_stats
-from fedmerge.merge.fusion import FUSION_METHODS, ensemble_accuracy, fuse_to_anchor
+from fedmerge.merge.fusion import (
+    FUSION_METHODS,
+    align_to_anchor,
+    ensemble_accuracy,
+    fuse_to_anchor,
+)
 from fedmerge.merge.ldawa import LDAWAConfig, ldawa_aggregate, ldawa_terms, ldawa_weights
 from fedmerge.merge.merge_many import MERGE_REFERENCES, MergeManyInfo, merge_many
 from fedmerge.merge.peer import (
@@ -46,6 +51,7 @@ __all__ = [
     "MergeManyInfo",
     "PeerMergeInfo",
     "RobustConfig",
+    "align_to_anchor",
     "clip_updates",
     "consensus_distance",
     "coordinate_median",

@@ -26,7 +26,7 @@ from fedmerge.align.weight_matching import weight_matching
 from fedmerge.merge.average import weighted_average
 from fedmerge.merge.batchnorm import has_batchnorm, reset_bn_state
 
-__all__ = ["FUSION_METHODS", "ensemble_accuracy", "fuse_to_anchor"]
+__all__ = ["FUSION_METHODS", "align_to_anchor", "ensemble_accuracy", "fuse_to_anchor"]
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -123,6 +123,32 @@ def fuse_to_anchor(
     if reset_bn and batches and has_batchnorm(model):
         fused = reset_bn_state(model, fused, batches)
     return fused
+
+
+def align_to_anchor(
+    spec: PermutationSpec,
+    states: Sequence[StateDict],
+    *,
+    anchor: int = 0,
+    rng: np.random.Generator | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """Every model permuted onto model ``anchor``'s units by weight matching (anchor as is).
+
+    Measures that compare models unit by unit (their distance, their
+    average) then no longer depend on the arbitrary order of each model's
+    hidden units.
+    """
+    if not 0 <= anchor < len(states):
+        raise ValueError(f"anchor: got {anchor}; allowed: 0 to {len(states) - 1}")
+    ref = dict(states[anchor])
+    out: list[dict[str, torch.Tensor]] = []
+    for i, state in enumerate(states):
+        if i == anchor:
+            out.append(dict(state))
+            continue
+        perm, _ = weight_matching(spec, ref, dict(state), rng=rng)
+        out.append(apply_permutation(spec, perm, dict(state)))
+    return out
 
 
 @torch.no_grad()

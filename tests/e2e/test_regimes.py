@@ -51,6 +51,9 @@ def test_peers_pretrain_exactly_pretrain_epochs_before_the_first_merge(
     simulate(scenario, tmp_path)
     rows = _rows(tmp_path)
     assert [r["round"] for r in rows] == [0, 1] and rows[0]["pretrained"] is True
+    for row in rows:  # order-invariant measures beside the raw ones
+        assert 0 <= row["aligned_consensus_distance"] <= row["consensus_distance"] * 1.5
+        assert 0 <= row["aligned_avg_model_accuracy"] <= 1
     fed = Federation(scenario)
     final = load_file(str(tmp_path / "model.safetensors"))
     for p in range(3):

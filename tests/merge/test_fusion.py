@@ -11,7 +11,13 @@ from torch import nn
 from torch.testing import assert_close
 
 from fedmerge.align import permutation_spec_for
-from fedmerge.merge.fusion import FUSION_METHODS, ensemble_accuracy, fuse_to_anchor
+from fedmerge.merge import consensus_distance
+from fedmerge.merge.fusion import (
+    FUSION_METHODS,
+    align_to_anchor,
+    ensemble_accuracy,
+    fuse_to_anchor,
+)
 from fedmerge.models import build_model
 from fedmerge.training import TrainConfig, evaluate, train_local
 
@@ -124,3 +130,18 @@ def test_bad_arguments_are_named(trained, kwargs: dict, message: str) -> None:
 
 def test_every_method_is_covered() -> None:
     assert set(FUSION_METHODS) == {"average", "weight", "activation", "ot-weight", "ot-activation"}
+
+
+def test_permuted_peers_are_in_consensus_once_aligned(trained) -> None:
+    """Three copies of one function in three unit orders: raw distance > 0, aligned 0."""
+    model, x, _ = trained
+    states = [model.state_dict(), permuted_copy(model, 1).state_dict(),
+              permuted_copy(model, 2).state_dict()]  # fmt: skip
+    assert consensus_distance(states) > 1.0
+    aligned = align_to_anchor(permutation_spec_for(model, x[:2]), states)
+    for state in aligned:
+        for k, v in model.state_dict().items():
+            assert_close(state[k], v)
+    assert consensus_distance(aligned) == pytest.approx(0.0, abs=1e-5)
+    with pytest.raises(ValueError, match=r"^anchor: got 3; allowed: 0 to 2$"):
+        align_to_anchor(permutation_spec_for(model, x[:2]), states, anchor=3)
