@@ -39,3 +39,13 @@ def test_robust_aggregation_is_refused() -> None:
     plugin.check(config.strategy.options, config)
     with pytest.raises(ConfigError, match=r"robust: got 'median'; allowed: 'none' for oneshot$"):
         run_config_from_dict({"strategy": {"name": "oneshot", "robust": "median"}})
+
+
+def test_independent_init_never_acts_for_peers() -> None:
+    from sims.checks import check_scenario
+
+    train = {"independent_init": True}
+    check_scenario(run_config_from_dict({"strategy": {"name": "fedavg"}, "train": train}))
+    peer = run_config_from_dict({"strategy": {"name": "dimat"}, "train": train})
+    with pytest.raises(ConfigError, match=r"^train.independent_init: got True; allowed: false"):
+        check_scenario(peer)
