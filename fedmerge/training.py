@@ -10,10 +10,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+#: Local optimisers of :class:`TrainConfig` (``optimizer``).
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters of local training (SGD with momentum).
+    """Hyper-parameters of local training (SGD with momentum, or Adam).
 
     Attributes
     ----------
@@ -26,7 +29,22 @@ class TrainConfig:
     momentum : float (default: 0.9)
         SGD momentum in [0, 1).
     weight_decay : float (default: 0.0)
-        L2 penalty; >= 0.
+        L2 penalty; >= 0 (added to the gradient, for SGD and Adam alike).
+    optimizer : {"sgd", "adam"} (default: "sgd")
+        ``"sgd"``: :class:`torch.optim.SGD` with ``momentum``; ``"adam"``:
+        :class:`torch.optim.Adam` with PyTorch's default betas (0.9, 0.999) and
+        eps 1e-8 (DIMAT's authors train with Adam at ``lr = 0.001``);
+        ``momentum`` is then unused.
+    pretrain_epochs : int (default: 0)
+        Local epochs every client trains, from its starting model, before the
+        first merge; >= 0, 0 for none. Server-side strategies: the clients of
+        round 1 train ``pretrain_epochs`` epochs instead of ``epochs``. Peer
+        strategies: a round 0 of local training only, before round 1's merge.
+    independent_init : bool (default: False)
+        Server-side strategies: every client of round 1 starts from its own
+        seeded initialisation (as peers with ``peer_init = "independent"``)
+        instead of the global model; with ``pretrain_epochs`` the server's
+        first merge fuses independently trained models (one-shot fusion).
 
     Raises
     ------
@@ -40,6 +58,9 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 0.0
+    optimizer: str = "sgd"
+    pretrain_epochs: int = 0
+    independent_init: bool = False
 
     def __post_init__(self) -> None:
         lr, momentum, decay = self.lr, self.momentum, self.weight_decay
@@ -49,6 +70,8 @@ class TrainConfig:
             "lr": (math.isfinite(lr) and lr > 0, "a finite number > 0"),
             "momentum": (math.isfinite(momentum) and 0 <= momentum < 1, "a number in [0, 1)"),
             "weight_decay": (math.isfinite(decay) and decay >= 0, "a finite number >= 0"),
+            "optimizer": (self.optimizer in OPTIMIZERS, ", ".join(OPTIMIZERS)),
+            "pretrain_epochs": (self.pretrain_epochs >= 0, "an integer >= 0"),
         }
         for key, (ok, allowed) in checks.items():
             if not ok:
@@ -73,8 +96,9 @@ def train_local(
     generator: torch.Generator,
     prox_mu: float = 0.0,
     global_state: Mapping[str, torch.Tensor] | None = None,
+    epochs: int | None = None,
 ) -> TrainResult:
-    r"""Train ``model`` in place with mini-batch SGD on ``(x, y)``.
+    r"""Train ``model`` in place with mini-batch SGD (or Adam) on ``(x, y)``.
 
     Each step minimises the mini-batch cross-entropy, plus FedProx's proximal
     term when ``prox_mu > 0``:
@@ -100,6 +124,9 @@ def train_local(
         https://arxiv.org/abs/1812.06127); 0 trains without the proximal term.
     global_state : mapping of str to Tensor, optional
         Weights of the global model :math:`w_g`, required when ``prox_mu > 0``.
+    epochs : int, optional
+        Passes over the data instead of ``config.epochs`` (local
+        pre-training); >= 1.
 
     Returns
     -------
@@ -111,8 +138,10 @@ def train_local(
     ------
     ValueError
         If ``prox_mu`` is negative or not finite, or positive without
-        ``global_state``.
+        ``global_state``, or ``epochs`` is below 1.
     """
+    if epochs is not None and epochs < 1:
+        raise ValueError(f"epochs: got {epochs!r}; allowed: an integer >= 1")
     if not (math.isfinite(prox_mu) and prox_mu >= 0):
         raise ValueError(f"prox_mu: got {prox_mu!r}; allowed: a finite number >= 0")
     if prox_mu > 0 and global_state is None:
@@ -123,12 +152,7 @@ def train_local(
     n = len(y)
     if n == 0:
         return TrainResult(loss=float("nan"), num_examples=0, num_steps=0)
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=config.lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-    )
+    optimizer = make_optimizer(model, config)
     anchors: list[tuple[nn.Parameter, torch.Tensor]] = []
     if prox_mu > 0 and global_state is not None:
         anchors = [(p, global_state[name].to(device)) for name, p in model.named_parameters()]
@@ -136,7 +160,7 @@ def train_local(
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     steps = 0
     epoch_loss = float("nan")
-    for _ in range(config.epochs):
+    for _ in range(config.epochs if epochs is None else epochs):
         order = torch.randperm(n, generator=generator)
         total = torch.zeros((), device=device)
         seen = 0
@@ -157,6 +181,30 @@ def train_local(
             steps += 1
         epoch_loss = float(total) / seen if seen else float("nan")
     return TrainResult(loss=epoch_loss, num_examples=n, num_steps=steps)
+
+
+def local_epochs(config: TrainConfig, server_round: int, *, peer: bool) -> int:
+    """Epochs of local training in ``server_round``: pre-training before the first merge.
+
+    Server-side clients pre-train in round 1 (the server merges after it);
+    peers in round 0 (they merge at the start of round 1). Otherwise ``epochs``.
+    """
+    first = 0 if peer else 1
+    if config.pretrain_epochs > 0 and server_round == first:
+        return config.pretrain_epochs
+    return config.epochs
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The local optimiser ``config.optimizer`` over ``model``'s parameters."""
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
 
 
 @torch.no_grad()

@@ -167,6 +167,11 @@ def check_scenario(config: RunConfig) -> None:
                 f"{gpus}, the GPUs of this machine (or set simulation.ray_address)"
             )
     plugin = config.strategy.plugin
+    if plugin.peer and config.train.independent_init:
+        raise ConfigError(
+            f"train.independent_init: got True; allowed: false with peer strategy "
+            f"{config.strategy.name!r} (peers choose with strategy.peer_init)"
+        )
     if not plugin.peer and config.topology != TopologyConfig():
         key = next(
             f.name

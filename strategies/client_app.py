@@ -20,13 +20,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from fedmerge.training import evaluate, train_local
+from fedmerge.training import evaluate, local_epochs, train_local
 from strategies import protocol
 from strategies.adversary import adversary_for
 from strategies.config import RunConfig, from_run_config
 from strategies.federation import PEER_TRAIN_SEED_OFFSET, Federation, federation
 from strategies.node_data import local_evaluation_set, node_federation
 from strategies.plugins import ClientContext, PeerPlugin, ServerPlugin
+from strategies.plugins.peer import alignment_batches
 
 app = ClientApp()
 
@@ -120,7 +121,9 @@ def train(msg: Message, context: Context) -> Message:
     plugin = c.config.strategy.plugin
     if not isinstance(plugin, ServerPlugin):
         raise TypeError(f"strategy.name: {c.config.strategy.name!r} is a peer strategy")
-    global_state = msg.content.array_records[protocol.ARRAYS].to_torch_state_dict()
+    global_state = dict(msg.content.array_records[protocol.ARRAYS].to_torch_state_dict())
+    if server_round == 1 and c.config.train.independent_init:  # one-shot fusion's clients
+        global_state = dict(c.fed.client_initial_model(c.partition_id).state_dict())
     kept_key = f"{KEPT_MODEL_KEY}-{c.partition_id}"
     record = context.state.array_records.get(kept_key)
     kept = dict(record.to_torch_state_dict()) if record is not None else None
@@ -138,6 +141,7 @@ def train(msg: Message, context: Context) -> Message:
         generator=torch.Generator().manual_seed(c.fed.client_seed(server_round, c.partition_id)),
         global_state=global_state,
         prox_mu=mu,
+        epochs=local_epochs(c.config.train, server_round, peer=False),
     )
     if start.keep:
         context.state[kept_key] = ArrayRecord(model.state_dict())
@@ -177,7 +181,7 @@ def train_peer(msg: Message, context: Context) -> Message:
 
     The message carries this peer's own state and its neighbours' (see
     :mod:`strategies.protocol`); alignment and BatchNorm re-estimation use
-    only this peer's local data.
+    this peer's local data, or the run's shared proxy set (``align_data``).
     """
     server_round = _round(msg)
     c = _client(context, msg)
@@ -197,8 +201,8 @@ def train_peer(msg: Message, context: Context) -> Message:
             if key.startswith(protocol.NEIGHBOUR_PREFIX)
         }
         mixing = {int(k): float(v) for k, v in json.loads(str(config[protocol.MIXING])).items()}
-        gen = torch.Generator().manual_seed(seed)
-        sample = torch.randperm(len(c.y), generator=gen)[: plugin.align_samples(options)]
+        samples = plugin.align_samples(options)
+        batches = alignment_batches(options, samples, c.x, seed, c.fed.proxy_batches)
         own, info = plugin.merge(
             options,
             c.ctx,
@@ -206,7 +210,7 @@ def train_peer(msg: Message, context: Context) -> Message:
             neighbours,
             mixing,
             float(config[protocol.SELF_WEIGHT]),  # type: ignore[arg-type]
-            batches=list(torch.split(c.x[sample], 128)),
+            batches=batches,
             rng=np.random.default_rng(seed),
         )
         units_moved = float(sum(info.moved.values()))
@@ -219,6 +223,7 @@ def train_peer(msg: Message, context: Context) -> Message:
         c.y,
         c.config.train,
         generator=torch.Generator().manual_seed(seed + PEER_TRAIN_SEED_OFFSET),
+        epochs=local_epochs(c.config.train, server_round, peer=True),
     )
     metrics = MetricRecord(
         {

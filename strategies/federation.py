@@ -131,6 +131,10 @@ class Federation:
             return self.initial_model()
         return self.build_model(derived_seed(self.config.seed, PEER_INIT_STREAM, peer))
 
+    def client_initial_model(self, partition_id: int) -> nn.Module:
+        """A client's own seeded initialisation (``train.independent_init``; peers' seeds)."""
+        return self.build_model(derived_seed(self.config.seed, PEER_INIT_STREAM, partition_id))
+
     def client_seed(self, server_round: int, partition_id: int) -> int:
         """Seed of one client's training in one round, derived from the run seed."""
         return derived_seed(self.config.seed, server_round, partition_id)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-from fedmerge.merge import consensus_distance, mean_state
+from fedmerge.align import PermutationSpec, permutation_spec_for
+from fedmerge.errors import UntraceableModelError
+from fedmerge.merge import align_to_anchor, consensus_distance, mean_state
 from fedmerge.topology import build_graph, mixing_matrix
 from strategies import protocol
 from strategies.config import RunConfig
@@ -64,8 +67,12 @@ def run_peers(
             p: {k.split(".", 1)[1]: v for k, v in resume.state.items() if k.startswith(f"peer{p}.")}
             for p in range(n)
         }
-    else:
-        _record(recorder, grid, 0, states, {})
+    else:  # round 0: the initial models, after local pre-training when asked
+        pretrained = config.train.pretrain_epochs > 0
+        if pretrained:
+            _pretrain(grid, config, states, mapping)
+        extra0 = {"pretrained": True} if pretrained else {}
+        _record(recorder, grid, 0, states, {**extra0, **_aligned(recorder, fed, states, 0)})
     partition_of = unique_partitions(mapping)
     for server_round in range(first, config.rounds + 1):
         graph = build_graph(topo, n, seed=config.seed, round=server_round)
@@ -124,10 +131,80 @@ def run_peers(
             "merged_accuracy_min": min(accs) if accs else None,
             "edges": sorted([int(i), int(j)] for i, j in graph.edges()),
         }
+        extra.update(_aligned(recorder, fed, states, server_round))
         _record(recorder, grid, server_round, states, extra, train_metrics)
         recorder.checkpoint(server_round, _flat(states), {"answered": sorted(answered)})
         stop_on_dead_worker(server_round, screening.skipped)
     return _flat(states)
+
+
+def _pretrain(
+    grid: MeteredGrid, config: RunConfig, states: dict[int, StateDict], mapping: dict[int, int]
+) -> None:
+    """Round 0: every peer trains ``train.pretrain_epochs`` epochs alone (updates ``states``).
+
+    A peer that fails keeps its initial model.
+    """
+    messages = [
+        Message(
+            RecordDict(
+                {
+                    protocol.SELF: ArrayRecord(states[p]),
+                    protocol.CONFIG: ConfigRecord(
+                        {
+                            protocol.SERVER_ROUND: 0,
+                            protocol.PARTITION_ID: p,
+                            protocol.MERGE: False,
+                            protocol.MIXING: "{}",
+                            protocol.SELF_WEIGHT: 1.0,
+                        }
+                    ),
+                }
+            ),
+            dst_node_id=mapping[p],
+            message_type=protocol.PEER_MESSAGE_TYPE,
+        )
+        for p in range(config.num_clients)
+    ]
+    replies = grid.send_and_receive(messages, timeout=config.simulation.timeout)
+    screening = screen_replies(replies, states[0], unique_partitions(mapping))
+    for update in screening.updates:
+        states[update.partition] = update.state
+    if screening.skipped:
+        logger.warning("pre-training: %d peers kept their initial models", len(screening.skipped))
+
+
+@lru_cache(maxsize=4)
+def _spec(fed: Federation) -> PermutationSpec | None:
+    """The model's permutation spec, or None for a model that cannot be permuted."""
+    try:
+        return permutation_spec_for(fed.initial_model(), fed.example_input)
+    except (UntraceableModelError, ValueError):
+        return None
+
+
+def _aligned(
+    recorder: RoundRecorder, fed: Federation, states: dict[int, StateDict], server_round: int
+) -> dict[str, Any]:
+    """Order-invariant peer measures: every peer weight-matched onto peer 0's units first.
+
+    ``consensus_distance`` and the average model depend on the order of each
+    peer's hidden units; peers that compute the same function in another
+    order look far apart. These align them to a common reference (peer 0)
+    by weight matching before measuring; empty for a model without a spec.
+    """
+    spec = _spec(fed)
+    if spec is None:
+        return {}
+    ordered = [states[p] for p in sorted(states)]
+    rng = np.random.default_rng([fed.config.seed, server_round])
+    aligned = align_to_anchor(spec, ordered, rng=rng)
+    loss, acc = recorder.evaluate(mean_state(aligned))
+    return {
+        "aligned_consensus_distance": consensus_distance(aligned),
+        "aligned_avg_model_accuracy": acc,
+        "aligned_avg_model_loss": loss,
+    }
 
 
 def _flat(states: dict[int, StateDict]) -> StateDict:

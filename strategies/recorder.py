@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 _STATS = ("mean", "std", "min", "max", "n")
 #: Per-round counts of lost or refused replies; any of them makes a run "degraded".
 _DEGRADING = ("failures", "missing", "refused")
+#: Measures recorded once in a run's rows and copied into ``summary.json``.
+_ONCE = ("fusion",)
 
 
 def statistics_of(metrics: MetricRecord | None, metric: str) -> dict[str, float] | None:
@@ -213,6 +215,7 @@ class RoundRecorder:
             "bytes_total": sum(r["bytes_down"] + r["bytes_up"] for r in rows),
             **lost,
             **lost_partitions(rows),
+            **{k: r[k] for r in rows for k in _ONCE if k in r},  # one-shot fusion's measures
             "adversaries": sorted(adversarial_partitions(c)),
             "startup_time": self.t_ready - t_start,
             "train_time": t_end - self.t_ready,

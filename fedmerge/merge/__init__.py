@@ -12,6 +12,12 @@ from fedmerge.merge.average import (
 )
 from fedmerge.merge.batchnorm import has_batchnorm, reset_bn_state, reset_bn_stats
 from fedmerge.merge.fisher import FISHER_FLOORS, FISHER_LABELS, diagonal_fisher, fisher_merge
+from fedmerge.merge.fusion import (
+    FUSION_METHODS,
+    align_to_anchor,
+    ensemble_accuracy,
+    fuse_to_anchor,
+)
 from fedmerge.merge.ldawa import LDAWAConfig, ldawa_aggregate, ldawa_terms, ldawa_weights
 from fedmerge.merge.merge_many import MERGE_REFERENCES, MergeManyInfo, merge_many
 from fedmerge.merge.peer import (
@@ -49,6 +55,7 @@ __all__ = [
     "BN_STAT_RULES",
     "FISHER_FLOORS",
     "FISHER_LABELS",
+    "FUSION_METHODS",
     "INTEGER_RULES",
     "MERGE_REFERENCES",
     "PEER_ALIGN",
@@ -59,11 +66,14 @@ __all__ = [
     "PeerMergeInfo",
     "RobustConfig",
     "ZipItResult",
+    "align_to_anchor",
     "clip_updates",
     "consensus_distance",
     "coordinate_median",
     "diagonal_fisher",
+    "ensemble_accuracy",
     "fisher_merge",
+    "fuse_to_anchor",
     "has_batchnorm",
     "is_bn_stat",
     "krum",

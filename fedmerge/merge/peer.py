@@ -60,6 +60,7 @@ def peer_merge(
     batches: Sequence[torch.Tensor] = (),
     reset_bn: bool = True,
     method: str = "correlation",
+    dead_units: str = "weights",
     rng: np.random.Generator | None = None,
 ) -> tuple[dict[str, torch.Tensor], PeerMergeInfo]:
     r"""Align the neighbours to this peer, then take the weighted mix.
@@ -100,6 +101,9 @@ def peer_merge(
         (when the model has BatchNorm and batches are given).
     method : str (default: "correlation")
         Activation matching similarity ("correlation" or "cross-moment").
+    dead_units : {"weights", "arbitrary"} (default: "weights")
+        Activation matching's pairing of units dead on ``batches`` (see
+        :func:`fedmerge.align.activation_matching`).
     rng : numpy.random.Generator, optional
         Order of weight matching's coordinate descent.
 
@@ -145,7 +149,9 @@ def peer_merge(
             continue
         if align == "activation":
             model_b.load_state_dict(state)
-            perm, _ = activation_matching(spec, model_a, model_b, batches, method=method)
+            perm, _ = activation_matching(
+                spec, model_a, model_b, batches, method=method, dead_units=dead_units
+            )
         else:
             perm, _ = weight_matching(spec, own, state, rng=rng)
         aligned[j] = apply_permutation(spec, perm, state)

@@ -29,6 +29,7 @@ from strategies.plugins.base import (
 from strategies.plugins.fedavg import FedAvgPlugin, FedProxPlugin
 from strategies.plugins.fisher import FisherPlugin
 from strategies.plugins.ldawa import LDAWAPlugin
+from strategies.plugins.oneshot import OneShotPlugin
 from strategies.plugins.ot import OTPlugin
 from strategies.plugins.peer import DIMATPlugin, DIMATWMPlugin, GossipPlugin, LocalPlugin
 from strategies.plugins.task_arithmetic import PeerTaskArithmeticPlugin, TaskArithmeticPlugin
@@ -59,6 +60,7 @@ _BUILTIN: dict[str, Plugin] = {
     "gossip": GossipPlugin(),
     "ldawa": LDAWAPlugin(),
     "local": LocalPlugin(),
+    "oneshot": OneShotPlugin(),
     "ot": OTPlugin(),
     "peer-task-arithmetic": PeerTaskArithmeticPlugin(),
     "peer-ties": PeerTIESPlugin(),

@@ -10,7 +10,7 @@ mixes (the no-communication baseline).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -18,11 +18,14 @@ import numpy as np
 import torch
 
 from fedmerge.align import permutation_spec_for
+from fedmerge.align.activation_matching import DEAD_UNIT_RULES
 from fedmerge.merge import PeerMergeInfo, peer_merge
 from strategies.plugins.base import ClientContext, PeerPlugin, StateDict
 
 PEER_INITS: tuple[str, ...] = ("independent", "shared")
 SIMILARITIES: tuple[str, ...] = ("correlation", "cross-moment")
+#: Where a peer takes its alignment and BatchNorm data (``align_data``).
+ALIGN_DATA: tuple[str, ...] = ("local", "proxy")
 
 
 @dataclass(frozen=True)
@@ -56,14 +59,25 @@ class GossipOptions(LocalOptions):
         BatchNorm re-estimation; >= 1.
     reset_bn : bool (default: True)
         Re-estimate BatchNorm statistics of the mixed model on those inputs.
+    align_data : {"local", "proxy"} (default: "local")
+        Where those inputs come from: ``align_samples`` of the peer's own
+        training data, drawn anew each merge round; or a proxy set of
+        ``align_samples`` inputs drawn once with the run seed from the whole
+        training set and shared by every peer (DIMAT's authors' code), none
+        of them taken from the peer's local tensors.
     """
 
     merge_every: int = 1
     align_samples: int = 512
     reset_bn: bool = True
+    align_data: str = "local"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.align_data not in ALIGN_DATA:
+            raise ValueError(
+                f"align_data: got {self.align_data!r}; allowed: {', '.join(ALIGN_DATA)}"
+            )
         for key in ("merge_every", "align_samples"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: got {getattr(self, key)!r}; allowed: an integer >= 1")
@@ -77,16 +91,44 @@ class DIMATOptions(GossipOptions):
     ----------
     similarity : {"correlation", "cross-moment"} (default: "correlation")
         Similarity of activations that activation matching maximises.
+    dead_units : {"weights", "arbitrary"} (default: "weights")
+        Units with zero activation on the alignment data are paired by the
+        cosine similarity of their weights (a departure from DIMAT's code,
+        which pairs them arbitrarily), or ``"arbitrary"``ly as there.
     """
 
     similarity: str = "correlation"
+    dead_units: str = "weights"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.dead_units not in DEAD_UNIT_RULES:
+            raise ValueError(
+                f"dead_units: got {self.dead_units!r}; allowed: {', '.join(DEAD_UNIT_RULES)}"
+            )
         if self.similarity not in SIMILARITIES:
             raise ValueError(
                 f"similarity: got {self.similarity!r}; allowed: {', '.join(SIMILARITIES)}"
             )
+
+
+def alignment_batches(
+    options: Any,
+    samples: int,
+    x: torch.Tensor,
+    seed: int,
+    proxy_batches: Callable[[int], list[torch.Tensor]],
+) -> list[torch.Tensor]:
+    """A peer's alignment and BatchNorm inputs in one merge round, in batches of 128.
+
+    ``align_data = "proxy"``: ``proxy_batches(samples)`` (the run's shared
+    proxy set; ``x`` is not read). Otherwise ``samples`` rows of the local
+    inputs ``x``, drawn by a generator seeded with ``seed``.
+    """
+    if getattr(options, "align_data", "local") == "proxy":
+        return proxy_batches(samples)
+    sample = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:samples]
+    return list(torch.split(x[sample], 128))
 
 
 class _MixingPlugin(PeerPlugin):
@@ -124,7 +166,8 @@ class _MixingPlugin(PeerPlugin):
         return peer_merge(
             ctx.model, own, neighbours, mixing, self_weight,
             align=self.align, spec=spec, batches=batches, reset_bn=options.reset_bn,
-            method=getattr(options, "similarity", "correlation"), rng=rng,
+            method=getattr(options, "similarity", "correlation"),
+            dead_units=getattr(options, "dead_units", "weights"), rng=rng,
         )  # fmt: skip
 
 

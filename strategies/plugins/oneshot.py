@@ -1,0 +1,138 @@
+"""One-shot fusion: the server fuses independently trained clients once, then FedAvg fine-tunes.
+
+OTFusion's and Git Re-Basin's regime: models trained apart (here: clients
+of round 1 with ``train.independent_init`` and ``train.pretrain_epochs``)
+are aligned to one of them and averaged once; every later round is plain
+FedAvg from the fused model (``rounds - 1`` fine-tuning rounds).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from fedmerge.merge import FUSION_METHODS, ensemble_accuracy, fuse_to_anchor, weighted_average
+from fedmerge.training import evaluate
+from strategies.plugins.aligned import ServerModel
+from strategies.plugins.base import ServerContext, ServerPlugin, StateDict
+from strategies.plugins.fedavg import ServerOptions
+
+if TYPE_CHECKING:
+    from flwr.serverapp.strategy import Strategy
+
+    from strategies.replies import ClientUpdate
+
+
+@dataclass(frozen=True)
+class OneShotOptions(ServerOptions):
+    """Options of ``strategy.name = "oneshot"``.
+
+    Attributes
+    ----------
+    method : {"average", "weight", "activation", "ot-weight", "ot-activation"} (default: "weight")
+        How round 1's client models are aligned to the first of them (lowest
+        partition id) before averaging: not at all (vanilla average), weight
+        matching, activation matching on the proxy data, or exact optimal
+        transport with the weight or activation cost (OTFusion).
+    proxy_samples : int (default: 0)
+        Training inputs the server holds (drawn with the run seed from the
+        whole training set): activation methods and BatchNorm re-estimation;
+        >= 0, > 0 for the activation methods.
+    reset_bn : bool (default: True)
+        Re-estimate BatchNorm statistics of the fused model on the proxy data.
+    """
+
+    method: str = "weight"
+    proxy_samples: int = 0
+    reset_bn: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.method not in FUSION_METHODS:
+            raise ValueError(f"method: got {self.method!r}; allowed: {', '.join(FUSION_METHODS)}")
+        if self.proxy_samples < 0:
+            raise ValueError(f"proxy_samples: got {self.proxy_samples!r}; allowed: >= 0")
+        if "activation" in self.method and self.proxy_samples == 0:
+            raise ValueError(
+                f"proxy_samples: got 0; allowed: > 0 with method {self.method!r} "
+                "(the server's proxy data)"
+            )
+
+
+@dataclass
+class OneShotMerge:
+    """Round 1: fuse to the first client and measure; later rounds: the weighted mean.
+
+    ``test`` is the test set the fused model, every client's model and their
+    ensemble are measured on (extras ``fusion``).
+    """
+
+    server: ServerModel
+    method: str
+    seed: int
+    test: tuple[torch.Tensor, torch.Tensor]
+
+    def __call__(
+        self, server_round: int, global_state: StateDict, updates: list[ClientUpdate]
+    ) -> tuple[StateDict, dict[str, Any]]:
+        """The new global state; in round 1 also ``fusion`` (accuracies) in the extras."""
+        counts = [float(u.num_examples) for u in updates]
+        states = [u.state for u in updates]
+        if server_round != 1:  # fine-tuning: FedAvg from the fused model
+            return weighted_average(states, counts), {}
+        fused = fuse_to_anchor(
+            None if self.method == "average" else self.server.spec,
+            self.server.model, states, counts, method=self.method, batches=self.server.proxy,
+            rng=np.random.default_rng([self.seed, server_round]), reset_bn=self.server.reset_bn,
+        )  # fmt: skip
+        return fused, {"fusion": self.measure(fused, states, [u.partition for u in updates])}
+
+    def measure(
+        self, fused: StateDict, states: Sequence[StateDict], partitions: list[int]
+    ) -> dict[str, Any]:
+        """Test accuracy of the fused model, of every client's model and of their ensemble."""
+        x, y = self.test
+        models = [self.server.holding(s) for s in states]
+        return {
+            "method": self.method,
+            "fused_accuracy": evaluate(self.server.holding(fused), x, y)[1],
+            "client_partitions": partitions,
+            "client_accuracy": [evaluate(m, x, y)[1] for m in models],
+            "ensemble_accuracy": ensemble_accuracy(models, x, y),
+        }
+
+
+class OneShotPlugin(ServerPlugin):
+    """One-shot fusion (OTFusion, Singh & Jaggi, NeurIPS 2020; Git Re-Basin, ICLR 2023).
+
+    Notes
+    -----
+    Meant for ``train.independent_init = true`` and ``train.pretrain_epochs``
+    > 0 with every client in round 1 (``clients_per_round = num_clients``);
+    without them it fuses clients that started from the global model.
+    """
+
+    name = "oneshot"
+    aligns = True
+    Options = OneShotOptions
+    summary = "round 1 fuses the clients once (vanilla, matching or OT) and measures the ensemble"
+    robust = False  # the fused round is a plain mean of aligned models
+
+    def strategy(self, options: Any, ctx: ServerContext) -> Strategy:
+        """A merging strategy whose aggregation is :class:`OneShotMerge`."""
+        from strategies.federation import federation
+        from strategies.merging import MergingStrategy
+
+        data = federation(ctx.config).data
+        server = ServerModel.for_context(ctx, options.proxy_samples, options.reset_bn)
+        return MergingStrategy(
+            merge=OneShotMerge(server, options.method, ctx.config.seed, (data.test_x, data.test_y)),
+            description=f"One-shot fusion: {options.method}, {len(server.proxy)} proxy batches",
+            fraction_evaluate=options.fraction_evaluate,
+            **options.screening,
+            **ctx.flower_options,
+        )

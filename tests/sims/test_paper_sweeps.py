@@ -1,0 +1,55 @@
+"""The paper reproduction sweeps under sims/sweeps/papers/ load, expand and set their regimes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sims import compare
+
+PAPERS = Path(__file__).resolve().parents[2] / "sims" / "sweeps" / "papers"
+
+
+def _runs(name: str) -> list:
+    return [sc for _, sc in compare.expand(compare.load_sweep(PAPERS / f"{name}.toml"))]
+
+
+def test_every_paper_sweep_names_its_paper_scale_command() -> None:
+    files = sorted(PAPERS.glob("*.toml"))
+    assert [f.stem for f in files] == [
+        "dimat_regime", "fedma_regime", "otfusion_dirichlet", "otfusion_halves", "rebasin_barrier",
+    ]  # fmt: skip
+    for f in files:
+        assert "Paper scale" in f.read_text(), f.name
+
+
+def test_one_shot_sweeps_fuse_independent_pretrained_clients_once() -> None:
+    for name, methods in [
+        ("otfusion_halves", {"average", "weight", "activation", "ot-weight", "ot-activation"}),
+        ("otfusion_dirichlet", {"average", "weight", "activation", "ot-weight", "ot-activation"}),
+        ("rebasin_barrier", {"average", "weight", "activation"}),
+    ]:
+        runs = _runs(name)
+        assert {sc.strategy.options.method for sc in runs} == methods
+        for sc in runs:
+            assert sc.strategy.name == "oneshot"
+            assert sc.train.independent_init and sc.train.pretrain_epochs > 0
+            assert sc.clients_per_round == sc.num_clients
+    halves = _runs("otfusion_halves")[0]
+    assert (halves.partition.scheme, halves.partition.shards_per_client) == ("shards", 1)
+
+
+def test_dimat_regime_compares_local_and_proxy_alignment_with_gossip() -> None:
+    runs = _runs("dimat_regime")
+    assert len(runs) == 12
+    seen = {(sc.strategy.name, getattr(sc.strategy.options, "align_data", None)) for sc in runs}
+    assert seen == {("dimat", "local"), ("dimat", "proxy"), ("gossip", "local")}
+    for sc in runs:
+        assert sc.train.optimizer == "adam" and sc.train.lr == 0.001
+        assert sc.train.pretrain_epochs > 0 and sc.num_clients == 5
+
+
+def test_fedma_regime_trains_many_local_epochs() -> None:
+    runs = _runs("fedma_regime")
+    assert {sc.strategy.name for sc in runs} == {"fedavg", "aligned", "ot"}
+    assert {sc.train.epochs for sc in runs} == {10}
+    assert {sc.partition.alpha for sc in runs} == {0.1}
