@@ -1,4 +1,4 @@
-"""The ``fedmerge`` command: simulate scenarios, inspect partitions."""
+"""The ``fedmerge`` command: simulate scenarios, compare strategies, deploy a federation."""
 
 from __future__ import annotations
 
