@@ -36,8 +36,11 @@ KEYS = sorted(
     - _NOT_FUZZED
 )
 SECTIONS = sorted({k.split(".")[0] for k in KEYS if "." in k})
+# Derandomized: the same 200 examples on every run, so CI is reproducible (turn it
+# off, or raise max_examples, to explore further by hand).
 FUZZ = settings(
     max_examples=200,
+    derandomize=True,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
