@@ -24,9 +24,9 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 from strategies import protocol
+from strategies.metering import WrappedGrid
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def query_message(node: int) -> Message:
     )
 
 
-class RejoiningGrid(Grid):
+class RejoiningGrid(WrappedGrid):
     """A Grid that routes each partition's messages to the node that holds it now.
 
     Parameters
@@ -65,44 +65,11 @@ class RejoiningGrid(Grid):
     """
 
     def __init__(self, grid: Grid, partition_to_node: Mapping[int, int], timeout: float) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self._original = dict(partition_to_node)
         self._current = dict(partition_to_node)
         self._asked: set[int] = set(partition_to_node.values())
         self._timeout = timeout
-
-    # -- the wrapped grid's methods ---------------------------------------------
-    def set_run(self, run: Run) -> None:
-        """The wrapped grid's ``set_run``."""
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        """The wrapped grid's run."""
-        return self._grid.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        """The wrapped grid's ``create_message``."""
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """The wrapped grid's node ids."""
-        return self._grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """The wrapped grid's ``push_messages`` (not rerouted)."""
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """The wrapped grid's ``pull_messages``."""
-        return self._grid.pull_messages(message_ids)
 
     # -- rerouting ------------------------------------------------------------------
     @property

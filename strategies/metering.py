@@ -66,18 +66,11 @@ class Traffic:
     train_partitions: list[int] = field(default_factory=list)
 
 
-class MeteredGrid(Grid):
-    """A Flower :class:`~flwr.serverapp.Grid` that counts the traffic of the grid it wraps.
-
-    Every method is the wrapped grid's; ``send_and_receive`` also counts, and
-    sends the messages addressed to one node in successive waves, so that a
-    node never runs two ClientApp calls at once (several virtual clients
-    share a node in simulation).
-    """
+class WrappedGrid(Grid):
+    """A Grid that hands every call to the grid it wraps; subclasses override what they change."""
 
     def __init__(self, grid: Grid) -> None:
         self._grid = grid
-        self._traffic = Traffic()
 
     def set_run(self, run: Run) -> None:
         """The wrapped grid's ``set_run``."""
@@ -104,12 +97,32 @@ class MeteredGrid(Grid):
         return self._grid.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """The wrapped grid's ``push_messages`` (not counted)."""
+        """The wrapped grid's ``push_messages``."""
         return self._grid.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """The wrapped grid's ``pull_messages``."""
         return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """The wrapped grid's ``send_and_receive``."""
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+class MeteredGrid(WrappedGrid):
+    """A Flower :class:`~flwr.serverapp.Grid` that counts the traffic of the grid it wraps.
+
+    Every method is the wrapped grid's; ``send_and_receive`` also counts, and
+    sends the messages addressed to one node in successive waves, so that a
+    node never runs two ClientApp calls at once (several virtual clients
+    share a node in simulation).
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        super().__init__(grid)
+        self._traffic = Traffic()
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
