@@ -234,6 +234,7 @@ class Runtime:
         self.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{self.env.get('PATH', '')}"
         self.port = _free_port()
         self.log = log
+        self.app = stage_app(self.tmp / "app")  # once: every run of this runtime submits it
         self._guarded: list[int] = []
         self._lock = threading.Lock()
         self.ray: subprocess.Popen[bytes] | None = None
@@ -321,13 +322,12 @@ class Runtime:
         metrics = run_dir / "metrics.jsonl"
         summary_path = run_dir / "summary.json"
         summary_path.unlink(missing_ok=True)
-        app = stage_app(Path(tempfile.mkdtemp(prefix="app-", dir=self.tmp)))
         client = None
         try:
             with (run_dir / "flower.log").open("ab") as log:
                 client = self.spawn(
                     [
-                        "flwr", "run", str(app), "fedmerge", "--stream",
+                        "flwr", "run", str(self.app), "fedmerge", "--stream",
                         "--run-config", str(run_dir / "run_config.toml"),
                         "--federation-config", federation_config(scenario),
                     ],
@@ -357,7 +357,6 @@ class Runtime:
                         pass
         finally:
             _stop(client, grace=2)
-            shutil.rmtree(app, ignore_errors=True)
         return summary_path.exists()
 
     def close(self, grace: float = 1.0) -> None:
