@@ -34,23 +34,8 @@ import time
 from pathlib import Path
 
 from sims.launch import simulate
+from sims.processes import descendants
 from sims.scenario_files import load_scenario
-
-
-def _tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(stat.parent.name))
-    out, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def _memory(pid: int) -> tuple[int, int, str]:
@@ -78,7 +63,7 @@ class MemorySampler(threading.Thread):
         """Sample until :meth:`stop`."""
         while not self._done.is_set():
             total = 0
-            for pid in _tree(os.getpid()):
+            for pid in descendants(os.getpid()):
                 rss, uss, name = _memory(pid)
                 total += rss
                 if name.startswith("ray::"):
