@@ -94,15 +94,30 @@ class OneShotMerge:
     def measure(
         self, fused: StateDict, states: Sequence[StateDict], partitions: list[int]
     ) -> dict[str, Any]:
-        """Test accuracy of the fused model, of every client's model and of their ensemble."""
+        """Test accuracy and loss of the fused model, of every client's model and of their ensemble.
+
+        ``loss_barrier`` is Git Re-Basin's barrier at the fused point: the fused
+        model's test loss minus the clients' mean test loss (with two clients
+        of equal sample counts, the midpoint of the linear path between them);
+        ``accuracy_barrier`` is the clients' mean accuracy minus the fused
+        model's. Both are 0 or below when fusing costs nothing.
+        """
         x, y = self.test
         models = [self.server.holding(s) for s in states]
+        fused_loss, fused_accuracy = evaluate(self.server.holding(fused), x, y)
+        clients = [evaluate(m, x, y) for m in models]
+        client_loss = [loss for loss, _ in clients]
+        client_accuracy = [acc for _, acc in clients]
         return {
             "method": self.method,
-            "fused_accuracy": evaluate(self.server.holding(fused), x, y)[1],
+            "fused_accuracy": fused_accuracy,
+            "fused_loss": fused_loss,
             "client_partitions": partitions,
-            "client_accuracy": [evaluate(m, x, y)[1] for m in models],
+            "client_accuracy": client_accuracy,
+            "client_loss": client_loss,
             "ensemble_accuracy": ensemble_accuracy(models, x, y),
+            "loss_barrier": fused_loss - float(np.mean(client_loss)),
+            "accuracy_barrier": float(np.mean(client_accuracy)) - fused_accuracy,
         }
 
 

@@ -100,7 +100,13 @@ def test_oneshot_fuses_independent_pretrained_clients_then_fine_tunes(
     assert fusion["ensemble_accuracy"] == pytest.approx(
         float((probs.argmax(1) == y).float().mean())
     )
-    assert fusion["fused_accuracy"] == pytest.approx(evaluate(fused_model, x, y)[1], abs=1e-6)
+    fused_loss, fused_acc = evaluate(fused_model, x, y)
+    assert fusion["fused_accuracy"] == pytest.approx(fused_acc, abs=1e-6)
+    client_eval = [evaluate(m, x, y) for m in models]
+    mean_loss = sum(loss for loss, _ in client_eval) / 3
+    mean_acc = sum(acc for _, acc in client_eval) / 3
+    assert fusion["loss_barrier"] == pytest.approx(fused_loss - mean_loss, abs=1e-5)
+    assert fusion["accuracy_barrier"] == pytest.approx(mean_acc - fused_acc, abs=1e-6)
     assert rows[1]["accuracy"] == pytest.approx(fusion["fused_accuracy"], abs=1e-6)
     assert "fusion" not in rows[2]
     summary = json.loads((tmp_path / "summary.json").read_text())
