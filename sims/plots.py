@@ -127,21 +127,26 @@ def _band(ax: Any, x: np.ndarray, ys: np.ndarray, label: str, color: Any) -> Non
 def _curves(group: Group, field: str) -> np.ndarray:
     """``field`` per round of every run, shape (n_runs, n_rounds) (the shortest run's)."""
     n = min(len(r.rows) for r in group.runs)
-    return np.array([[row[field] for row in r.rows[:n]] for r in group.runs], dtype=float)
+    values = [[row.get(field) for row in r.rows[:n]] for r in group.runs]
+    return np.array([[math.nan if v is None else v for v in run] for run in values], dtype=float)
 
 
-def plot_curves(grouping: Grouping, out: Path, *, x: str) -> Path:
-    """Mean accuracy per round (``x="round"``) or per cumulative MB (``x="bytes"``).
+def plot_curves(
+    grouping: Grouping, out: Path, *, x: str, field: str = "accuracy", ylabel: str = ""
+) -> Path:
+    """Mean ``field`` per round (``x="round"``) or per cumulative MB (``x="bytes"``).
 
     One panel per combination of the non-strategy keys that vary; one line per
     strategy, with a band of ± one sample standard deviation over seeds.
+    ``field`` is a per-round entry of ``metrics.jsonl`` (default: the global
+    test accuracy; rounds without it are gaps).
     """
     series, panels = _panels(grouping)
     fig, axes = _figure(len(panels))
     colors = plt.get_cmap("tab10")
     for ax, (title, members) in zip(axes, panels.items(), strict=True):
         for i, g in enumerate(members):
-            acc = _curves(g, "accuracy")
+            acc = _curves(g, field)
             if x == "round":
                 xs = _curves(g, "round")[0]
             else:
@@ -154,8 +159,44 @@ def plot_curves(grouping: Grouping, out: Path, *, x: str) -> Path:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0].set_ylabel("global test accuracy")
+    axes[0].set_ylabel(ylabel or "global test accuracy")
     fig.suptitle("mean over seeds ± 1 sample std", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+#: Bars of :func:`plot_fusion`: the ``summarize`` column and its legend text.
+FUSION_BARS = (
+    ("fused_accuracy", "fused model"),
+    ("client_mean_accuracy", "clients (mean)"),
+    ("ensemble_accuracy", "ensemble"),
+)
+
+
+def plot_fusion(grouping: Grouping, rows: list[dict[str, Any]], out: Path) -> Path:
+    """Bars per group of one-shot fusion: fused model, clients' mean, ensemble (± std).
+
+    ``rows[i]`` is :func:`sims.report.summarize`'s row of ``grouping.groups[i]``.
+    """
+    series, panels = _panels(grouping)
+    index = {id(g): i for i, g in enumerate(grouping.groups)}
+    fig, axes = _figure(len(panels))
+    colors = plt.get_cmap("tab10")
+    width = 0.8 / len(FUSION_BARS)
+    for ax, (title, members) in zip(axes, panels.items(), strict=True):
+        xs = np.arange(len(members))
+        for b, (key, label) in enumerate(FUSION_BARS):
+            means = [rows[index[id(g)]].get(f"{key}_mean", math.nan) for g in members]
+            stds = [rows[index[id(g)]].get(f"{key}_std", math.nan) for g in members]
+            errs = [0.0 if math.isnan(e) else e for e in stds]
+            ax.bar(xs + (b - 1) * width, means, width, yerr=errs, capsize=2, label=label,
+                   color=colors(b))  # fmt: skip
+        ax.set_xticks(xs, [g.label(series) for g in members], fontsize=7, rotation=20)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("test accuracy (all classes)")
+    fig.suptitle("one-shot fusion: mean over seeds ± 1 sample std", fontsize=9)
     fig.tight_layout()
     return _save(fig, out)
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from fedmerge.atomic import atomic_write_text
 from sims.evaluation import client_accuracy
-from sims.plots import plot_client_accuracy, plot_curves, write_tensorboard
+from sims.plots import plot_client_accuracy, plot_curves, plot_fusion, write_tensorboard
 from sims.runs import RunRecord, expand_run_dirs, load_run
 from strategies.config import SimulationConfig, flatten
 
@@ -148,9 +148,20 @@ def group_runs(runs: list[RunRecord]) -> Grouping:
 #: Extra columns for peer-side runs (last round), and their headers.
 PEER_COLUMNS: dict[str, str] = {
     "min_peer_accuracy": "min peer accuracy",
+    "first_merge_accuracy": "peer accuracy after the first merge",
     "merged_accuracy": "peer accuracy after merge",
     "avg_model_accuracy": "average-model accuracy",
+    "aligned_avg_model_accuracy": "aligned average-model accuracy",
     "bytes_per_peer": "bytes per peer",
+}
+
+#: Extra columns for one-shot fusion runs (the ``fusion`` record of round 1), and their headers.
+FUSION_COLUMNS = {
+    "fused_accuracy": "fused accuracy",
+    "client_mean_accuracy": "clients' mean accuracy",
+    "ensemble_accuracy": "ensemble accuracy",
+    "accuracy_barrier": "accuracy barrier",
+    "loss_barrier": "loss barrier",
 }
 
 
@@ -169,12 +180,21 @@ def run_numbers(run: RunRecord, target: float) -> dict[str, Any]:
         "bytes_total": sum(r["bytes_down"] + r["bytes_up"] for r in run.rows),
         "wall_time": run.wall_time,
     }
+    fusion = next((r["fusion"] for r in run.rows if "fusion" in r), None)
+    if fusion is not None:  # one-shot fusion: the fused model against its clients and ensemble
+        for key in FUSION_COLUMNS:
+            value = fusion.get(key)
+            if key == "client_mean_accuracy":
+                value = statistics.fmean(fusion["client_accuracy"])
+            numbers[key] = math.nan if value is None else float(value)
     last = run.rows[-1]
     if "peer_accuracy" in last:  # peer-side strategies: per-peer numbers of the last round
         numbers["min_peer_accuracy"] = min(last["peer_accuracy"])
-        for key in ("merged_accuracy", "avg_model_accuracy"):
+        for key in ("merged_accuracy", "avg_model_accuracy", "aligned_avg_model_accuracy"):
             value = last.get(key)
             numbers[key] = math.nan if value is None else value
+        merged = [r["merged_accuracy"] for r in run.rows if r.get("merged_accuracy") is not None]
+        numbers["first_merge_accuracy"] = merged[0] if merged else math.nan
         if all("bytes_down_per_peer" in r for r in run.rows[1:]):
             numbers["bytes_per_peer"] = statistics.fmean(
                 sum(r["bytes_down_per_peer"][p] + r["bytes_up_per_peer"][p] for r in run.rows[1:])
@@ -207,7 +227,7 @@ def summarize(groups: list[Group], target: float) -> list[dict[str, Any]]:
         row["seed_list"] = " ".join(str(r.seed) for r in group.runs)
         for key in ("final_accuracy", "best_accuracy", "bytes_total", "wall_time"):
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([n[key] for n in numbers])
-        for key in PEER_COLUMNS:
+        for key in (*PEER_COLUMNS, *FUSION_COLUMNS):
             if all(key in n for n in numbers):
                 row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([n[key] for n in numbers])
         reached = [n["rounds_to_target"] for n in numbers if n["rounds_to_target"] is not None]
@@ -230,6 +250,8 @@ def markdown_table(rows: list[dict[str, Any]], keys: list[str], target: float) -
             f"rounds to {target:.0%}", "communicated", "wall time"]  # fmt: skip
     peer = [k for k in PEER_COLUMNS if any(f"{k}_mean" in row for row in rows)]
     head += [PEER_COLUMNS[k] for k in peer]
+    fusion = [k for k in FUSION_COLUMNS if any(f"{k}_mean" in row for row in rows)]
+    head += [FUSION_COLUMNS[k] for k in fusion]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         if row["target_reached"] == 0:
@@ -254,6 +276,9 @@ def markdown_table(rows: list[dict[str, Any]], keys: list[str], target: float) -
                 cells.append(f"{row[f'{k}_mean'] / 1e6:.2f} MB")
             else:
                 cells.append(_pm(row[f"{k}_mean"], row[f"{k}_std"], 4))
+        for k in fusion:
+            missing = f"{k}_mean" not in row or math.isnan(row[f"{k}_mean"])
+            cells.append("—" if missing else _pm(row[f"{k}_mean"], row[f"{k}_std"], 4))
         lines.append("| " + " | ".join(cells) + " |")
     paired = (
         "paired: every row uses the same seeds, hence the same partitions, initial weights "
@@ -271,7 +296,16 @@ def markdown_table(rows: list[dict[str, Any]], keys: list[str], target: float) -
             " Peer-side runs: final/best accuracy is the mean over peers of each peer's test "
             "accuracy after its local training; the peer columns are of the last round "
             "(after merge: right after mixing, before training, DIMAT's measurement point; "
-            "bytes per peer: relayed down plus up, own model included)."
+            "bytes per peer: relayed down plus up, own model included; the first merge's "
+            "column is the first round that merged; aligned average model: every peer "
+            "weight-matched onto peer 0's units, then averaged)."
+        )
+    if fusion:
+        note += (
+            " One-shot fusion runs: the fused model, the clients' own models and their "
+            "ensemble (mean softmax) on the test set in the fused round; accuracy barrier: "
+            "the clients' mean accuracy minus the fused model's; loss barrier: the fused "
+            "model's test loss minus the clients' mean (Git Re-Basin's barrier)."
         )
     note += "\n"
     return "\n".join(lines) + "\n" + note
@@ -300,6 +334,8 @@ class Report:
     bytes_png: Path
     clients_png: Path
     rows: list[dict[str, Any]]
+    fusion_png: Path | None = None
+    merged_png: Path | None = None
 
 
 def build_report(
@@ -317,7 +353,9 @@ def build_report(
         Finished run directories; order sets the order of groups.
     out : path
         Created if missing; gets ``summary.csv``, ``summary.md``, ``runs.csv``,
-        ``accuracy_rounds.png``, ``accuracy_bytes.png``, ``client_accuracy.png``.
+        ``accuracy_rounds.png``, ``accuracy_bytes.png``, ``client_accuracy.png``;
+        with one-shot fusion runs also ``fusion.png`` (fused, clients, ensemble),
+        with peer runs that merge ``merged_rounds.png`` (accuracy after merging).
     target : float (default: DEFAULT_TARGET, 0.7)
         Accuracy for "rounds to target", in (0, 1].
     tensorboard : bool (default: False)
@@ -351,6 +389,14 @@ def build_report(
     if tensorboard:
         for r in runs:
             write_tensorboard(r.run_dir)
+    fusion_png = merged_png = None
+    if any("fused_accuracy_mean" in row for row in rows):
+        fusion_png = plot_fusion(grouping, rows, out / "fusion.png")
+    if any(r.get("merged_accuracy") is not None for run in runs for r in run.rows):
+        merged_png = plot_curves(
+            grouping, out / "merged_rounds.png", x="round", field="merged_accuracy",
+            ylabel="mean peer accuracy right after merging",
+        )  # fmt: skip
     return Report(
         summary_csv=out / "summary.csv",
         summary_md=out / "summary.md",
@@ -359,4 +405,6 @@ def build_report(
         bytes_png=plot_curves(grouping, out / "accuracy_bytes.png", x="bytes"),
         clients_png=plot_client_accuracy(grouping, per_client, out / "client_accuracy.png"),
         rows=rows,
+        fusion_png=fusion_png,
+        merged_png=merged_png,
     )

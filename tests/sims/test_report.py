@@ -104,15 +104,16 @@ def test_summary_numbers_hand_worked(runs: list[Path], tmp_path: Path) -> None:
     assert "rounds to 70%" in md[0]
     # the fixture's runs carry peer accuracies [0.5 + 0.1 s, 0.9, 0.7 - 0.1 s]: min 0.5 and 0.6
     assert md[0].endswith(
-        "| min peer accuracy | peer accuracy after merge | average-model accuracy |"
+        "| min peer accuracy | peer accuracy after the first merge | peer accuracy after merge "
+        "| average-model accuracy | aligned average-model accuracy |"
     )
     assert md[2] == (
         "| fedavg | — | 2 | 0.7500 ± 0.0707 | 0.7500 ± 0.0707 | 2.0 ± 0.0 | 3.00 MB "
-        "| 12.0 ± 2.8 s | 0.5500 ± 0.0707 | — | — |"
+        "| 12.0 ± 2.8 s | 0.5500 ± 0.0707 | — | — | — | — |"
     )
     assert md[3] == (
         "| fedprox | 0.1 | 2 | 0.6250 ± 0.0354 | 0.6750 ± 0.1061 | 1.0 (1/2 seeds) | 3.00 MB "
-        "| 20.5 ± 0.7 s | 0.5500 ± 0.0707 | — | — |"
+        "| 20.5 ± 0.7 s | 0.5500 ± 0.0707 | — | — | — | — |"
     )
     assert float(avg["min_peer_accuracy_mean"]) == pytest.approx(0.55)
     per_run = _csv(rep.runs_csv)
@@ -322,3 +323,57 @@ def test_runs_that_differ_in_their_adversaries_are_separate_groups(tmp_path: Pat
     ]
     with pytest.raises(ValueError, match="repeats the scenario and seed"):
         report.group_runs([load_run(clean), load_run(cpus)])  # resources are still ungrouped
+
+
+def test_one_shot_fusion_columns_hand_worked(tmp_path: Path) -> None:
+    """Fused, clients' mean and ensemble accuracy and both barriers, mean ± std over seeds."""
+    dirs = []
+    # seed -> (fused acc, client accs, ensemble acc, fused loss, client losses)
+    fusions = {0: (0.50, [0.40, 0.60], 0.70, 1.5, [1.0, 1.2]),
+               1: (0.60, [0.50, 0.70], 0.80, 1.1, [0.8, 1.0])}  # fmt: skip
+    for seed, (fused, clients, ens, floss, closs) in fusions.items():
+        run = _write_run(
+            tmp_path / f"r{seed}", [f"seed={seed}"], [0.1, fused, fused], 1.0, peer=clients
+        )  # per-client accuracies, so no model file is read
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        rows[1]["fusion"] = {
+            "method": "weight", "fused_accuracy": fused, "fused_loss": floss,
+            "client_accuracy": clients, "client_loss": closs, "ensemble_accuracy": ens,
+            "client_partitions": [0, 1], "loss_barrier": floss - sum(closs) / 2,
+            "accuracy_barrier": sum(clients) / 2 - fused,
+        }  # fmt: skip
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        dirs.append(run)
+    rep = report.build_report(dirs, tmp_path / "out")
+    (row,) = _csv(rep.summary_csv)
+    assert float(row["fused_accuracy_mean"]) == pytest.approx(0.55)
+    assert float(row["client_mean_accuracy_mean"]) == pytest.approx(0.55)  # (0.5 + 0.6) / 2
+    assert float(row["ensemble_accuracy_mean"]) == pytest.approx(0.75)
+    assert float(row["accuracy_barrier_mean"]) == pytest.approx(0.0)  # 0.0 and 0.0
+    # loss barriers 1.5 - 1.1 = 0.4 and 1.1 - 0.9 = 0.2: mean 0.3, std sqrt(0.02)
+    assert float(row["loss_barrier_mean"]) == pytest.approx(0.3)
+    assert float(row["loss_barrier_std"]) == pytest.approx(math.sqrt(0.02))
+    md = rep.summary_md.read_text().splitlines()
+    assert md[0].endswith(
+        "| fused accuracy | clients' mean accuracy | ensemble accuracy | accuracy barrier "
+        "| loss barrier |"
+    )
+    assert md[2].endswith("| 0.7500 ± 0.0707 | 0.0000 ± 0.0000 | 0.3000 ± 0.1414 |")
+    assert "loss barrier: the fused model's test loss minus the clients' mean" in md[-1]
+    assert rep.fusion_png is not None and rep.fusion_png.read_bytes()[:8] == PNG_MAGIC
+    assert rep.merged_png is None  # no peer merged
+
+
+def test_first_merge_accuracy_is_read_from_the_first_round_that_merged(tmp_path: Path) -> None:
+    run = _write_run(tmp_path / "r", ["seed=0"], [0.1, 0.5, 0.6], 1.0, peer=[0.5, 0.7])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows[0]["merged_accuracy"] = None  # round 0: pre-training, nothing merged
+    rows[1]["merged_accuracy"] = 0.42
+    rows[2]["merged_accuracy"] = 0.58
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rep = report.build_report([run], tmp_path / "out")
+    (row,) = _csv(rep.summary_csv)
+    assert float(row["first_merge_accuracy_mean"]) == pytest.approx(0.42)
+    assert rep.merged_png is not None and rep.merged_png.stat().st_size > 5000
+    assert rep.fusion_png is None
+    assert float(row["merged_accuracy_mean"]) == pytest.approx(0.58)
