@@ -123,7 +123,11 @@ def train(msg: Message, context: Context) -> Message:
         raise TypeError(f"strategy.name: {c.config.strategy.name!r} is a peer strategy")
     global_state = dict(msg.content.array_records[protocol.ARRAYS].to_torch_state_dict())
     if server_round == 1 and c.config.train.independent_init:  # one-shot fusion's clients
-        global_state = dict(c.fed.client_initial_model(c.partition_id).state_dict())
+        width = plugin.client_width(c.config.strategy.options, c.partition_id, c.config.model.width)
+        own = c.fed.client_initial_model(
+            c.partition_id, None if width == c.config.model.width else width
+        )
+        global_state = dict(own.state_dict())
     kept_key = f"{KEPT_MODEL_KEY}-{c.partition_id}"
     record = context.state.array_records.get(kept_key)
     kept = dict(record.to_torch_state_dict()) if record is not None else None

@@ -312,7 +312,10 @@ class RunConfig(BaseModel):
             )
         try:
             self.strategy.plugin.check(self.strategy.options, self)
-        except ValueError as exc:  # the plugin names its own option
+        except ValueError as exc:  # the plugin names its own option, or a key of the run
+            top = str(exc).split(":", 1)[0].split(".", 1)[0]
+            if top in type(self).model_fields and top != "strategy":
+                raise
             raise ValueError(f"strategy.{exc}") from None
         return self
 

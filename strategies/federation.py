@@ -131,9 +131,14 @@ class Federation:
             return self.initial_model()
         return self.build_model(derived_seed(self.config.seed, PEER_INIT_STREAM, peer))
 
-    def client_initial_model(self, partition_id: int) -> nn.Module:
-        """A client's own seeded initialisation (``train.independent_init``; peers' seeds)."""
-        return self.build_model(derived_seed(self.config.seed, PEER_INIT_STREAM, partition_id))
+    def client_initial_model(self, partition_id: int, width: int | None = None) -> nn.Module:
+        """A client's own seeded initialisation (``train.independent_init``; peers' seeds).
+
+        ``width``: of another width than ``model.width`` (one-shot fusion of
+        several widths); the seed is the same.
+        """
+        seed = derived_seed(self.config.seed, PEER_INIT_STREAM, partition_id)
+        return self.build_model(seed, width)
 
     def client_seed(self, server_round: int, partition_id: int) -> int:
         """Seed of one client's training in one round, derived from the run seed."""

@@ -167,6 +167,14 @@ class ServerPlugin(Plugin):
         """
         return ClientStart(ctx.model, global_state)
 
+    def client_width(self, options: Any, partition_id: int, width: int) -> int:
+        """Width of a client's own initialisation (``train.independent_init``): ``width``.
+
+        A strategy that fuses clients of several widths overrides this;
+        ``width`` is the run's ``model.width``.
+        """
+        return width
+
     def reply_arrays(
         self,
         options: Any,

@@ -8,22 +8,30 @@ FedAvg from the fused model (``rounds - 1`` fine-tuning rounds).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from fedmerge.merge import FUSION_METHODS, ensemble_accuracy, fuse_to_anchor, weighted_average
 from fedmerge.training import evaluate
 from strategies.plugins.aligned import ServerModel
-from strategies.plugins.base import ServerContext, ServerPlugin, StateDict
+from strategies.plugins.base import (
+    ClientContext,
+    ClientStart,
+    ServerContext,
+    ServerPlugin,
+    StateDict,
+)
 from strategies.plugins.fedavg import ServerOptions
 
 if TYPE_CHECKING:
     from flwr.serverapp.strategy import Strategy
 
+    from strategies.config import RunConfig
     from strategies.replies import ClientUpdate
 
 
@@ -44,11 +52,20 @@ class OneShotOptions(ServerOptions):
         >= 0, > 0 for the activation methods.
     reset_bn : bool (default: True)
         Re-estimate BatchNorm statistics of the fused model on the proxy data.
+    client_widths : tuple of int (default: ())
+        Widths of the clients' models in the fused round, cycled over
+        partition ids (empty: every client has ``model.width``): OTFusion's
+        fusion of models of different widths. The first width is the
+        anchor's (client 0) and must be ``model.width``, the fused model's;
+        with other widths ``method`` must be ``"ot-weight"`` and
+        ``train.independent_init`` true. Fine-tuning rounds train the fused
+        model's width.
     """
 
     method: str = "weight"
     proxy_samples: int = 0
     reset_bn: bool = True
+    client_widths: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,6 +78,15 @@ class OneShotOptions(ServerOptions):
                 f"proxy_samples: got 0; allowed: > 0 with method {self.method!r} "
                 "(the server's proxy data)"
             )
+        if any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in self.client_widths):
+            raise ValueError(
+                f"client_widths: got {list(self.client_widths)}; allowed: a list of integers >= 1"
+            )
+
+    def client_width(self, partition_id: int, default: int) -> int:
+        """Width of one client's model (``client_widths`` cycled, else ``default``)."""
+        widths = self.client_widths
+        return widths[partition_id % len(widths)] if widths else default
 
 
 @dataclass
@@ -68,13 +94,16 @@ class OneShotMerge:
     """Round 1: fuse to the first client and measure; later rounds: the weighted mean.
 
     ``test`` is the test set the fused model, every client's model and their
-    ensemble are measured on (extras ``fusion``).
+    ensemble are measured on (extras ``fusion``); ``holding(partition,
+    state)`` builds a client's model when clients differ in width (else the
+    server's architecture holds every state).
     """
 
     server: ServerModel
     method: str
     seed: int
     test: tuple[torch.Tensor, torch.Tensor]
+    holding: Callable[[int, StateDict], nn.Module] | None = None
 
     def __call__(
         self, server_round: int, global_state: StateDict, updates: list[ClientUpdate]
@@ -103,7 +132,8 @@ class OneShotMerge:
         model's. Both are 0 or below when fusing costs nothing.
         """
         x, y = self.test
-        models = [self.server.holding(s) for s in states]
+        hold = self.holding or (lambda _, s: self.server.holding(s))
+        models = [hold(p, s) for p, s in zip(partitions, states, strict=True)]
         fused_loss, fused_accuracy = evaluate(self.server.holding(fused), x, y)
         clients = [evaluate(m, x, y) for m in models]
         client_loss = [loss for loss, _ in clients]
@@ -137,15 +167,76 @@ class OneShotPlugin(ServerPlugin):
     summary = "round 1 fuses the clients once (vanilla, matching or OT) and measures the ensemble"
     robust = False  # the fused round is a plain mean of aligned models
 
+    def check(self, options: Any, config: RunConfig) -> None:
+        """Clients of other widths: OT with the weight cost, anchored at ``model.width``."""
+        super().check(options, config)
+        widths = options.client_widths
+        if not set(widths) - {config.model.width}:
+            return
+        got = f"client_widths: got {list(widths)}"
+        if widths[0] != config.model.width:
+            raise ValueError(
+                f"{got}; allowed: a list whose first width is model.width "
+                f"({config.model.width}): client 0 is the anchor and sets the fused width"
+            )
+        if options.method != "ot-weight":
+            raise ValueError(
+                f"method: got {options.method!r} with client_widths {list(widths)}; "
+                "allowed: 'ot-weight' "
+                "(only transport with the weight cost fuses models of different widths)"
+            )
+        if not config.train.independent_init:
+            raise ValueError(
+                f"train.independent_init: got false with strategy.client_widths {list(widths)}; "
+                "allowed: true "
+                "(clients of another width start from their own initialisation)"
+            )
+        if config.clients_per_round != config.num_clients:
+            raise ValueError(
+                f"clients_per_round: got {config.clients_per_round} with strategy.client_widths "
+                f"{list(widths)}; "
+                f"allowed: num_clients ({config.num_clients}), so that the anchor (client 0) "
+                "is fused"
+            )
+
+    def client_width(self, options: Any, partition_id: int, width: int) -> int:
+        """``client_widths`` cycled over partition ids (``width`` when empty)."""
+        return int(options.client_width(partition_id, width))
+
+    def client_start(
+        self, options: Any, ctx: ClientContext, global_state: StateDict, kept: StateDict | None
+    ) -> ClientStart:
+        """The fused round: the client's own model at its width; later: the global model."""
+        scratch = ctx.model.state_dict()
+        if all(v.shape == scratch[k].shape for k, v in global_state.items()):
+            return ClientStart(ctx.model, global_state)
+        width = options.client_width(ctx.partition_id, ctx.config.model.width)
+        return ClientStart(ctx.model_at_width(width), global_state)
+
     def strategy(self, options: Any, ctx: ServerContext) -> Strategy:
         """A merging strategy whose aggregation is :class:`OneShotMerge`."""
         from strategies.federation import federation
         from strategies.merging import MergingStrategy
 
-        data = federation(ctx.config).data
+        fed = federation(ctx.config)
+        data = fed.data
         server = ServerModel.for_context(ctx, options.proxy_samples, options.reset_bn)
+        default = ctx.config.model.width
+
+        def holding(partition: int, state: StateDict) -> nn.Module:
+            width = options.client_width(partition, default)
+            if width == default:
+                return server.holding(state)
+            model = fed.model_at_width(width)
+            model.load_state_dict(state)
+            return model
+
+        merge = OneShotMerge(
+            server, options.method, ctx.config.seed, (data.test_x, data.test_y), holding
+        )
         return MergingStrategy(
-            merge=OneShotMerge(server, options.method, ctx.config.seed, (data.test_x, data.test_y)),
+            merge=merge,
+            accepts_other_widths=bool(options.client_widths),
             description=f"One-shot fusion: {options.method}, {len(server.proxy)} proxy batches",
             fraction_evaluate=options.fraction_evaluate,
             **options.screening,

@@ -123,3 +123,52 @@ def test_oneshot_fuses_independent_pretrained_clients_then_fine_tunes(
     final = load_file(str(tmp_path / "model.safetensors"))
     for k, v in want.items():
         assert_close(final[k], v, rtol=1e-5, atol=1e-5, msg=k)
+
+
+def test_oneshot_fuses_clients_of_different_widths_by_ot_then_fine_tunes_the_fused_width(
+    ray_address: str, tmp_path: Path
+) -> None:
+    """OTFusion's heterogeneous setting: clients of widths 1, 2, 1 (hidden 16, 32, 16), each
+    from its own initialisation at its width, fused by OT (weight cost) into client 0's width;
+    round 2 fine-tunes the fused model (width 1) on every client."""
+    from fedmerge.align import permutation_spec_for
+    from fedmerge.merge import fuse_to_anchor
+
+    scenario = load_scenario(
+        None,
+        [*SMALL, "rounds=2", "strategy.name='oneshot'", "strategy.method='ot-weight'",
+         "strategy.client_widths=[1, 2]", "train.independent_init=true",
+         f"simulation.ray_address='{ray_address}'"],
+    )  # fmt: skip
+    simulate(scenario, tmp_path)
+    fed = Federation(scenario)
+    x, y = fed.data.test_x, fed.data.test_y
+    widths = [1, 2, 1]
+    models, counts = [], []
+    for p, w in enumerate(widths):
+        model = fed.client_initial_model(p, None if w == 1 else w)
+        assert model.state_dict()["layers.0.weight"].shape[0] == 16 * w
+        _train(fed, model, p, fed.client_seed(1, p), 2)
+        models.append(model)
+        counts.append(float(len(fed.client_data(p)[1])))
+    rows = _rows(tmp_path)
+    fusion = rows[1]["fusion"]
+    for got, m in zip(fusion["client_accuracy"], models, strict=True):
+        assert got == pytest.approx(evaluate(m, x, y)[1], abs=1e-6)
+    spec = permutation_spec_for(fed.initial_model(), fed.example_input)
+    states = [m.state_dict() for m in models]
+    fused = fuse_to_anchor(spec, fed.initial_model(), states, counts, method="ot-weight")
+    fused_model = fed.initial_model()
+    fused_model.load_state_dict(fused)
+    assert fusion["fused_accuracy"] == pytest.approx(evaluate(fused_model, x, y)[1], abs=1e-6)
+    want_states = []
+    for p in range(3):  # round 2: every client trains the fused width
+        model = fed.initial_model()
+        model.load_state_dict(fused)
+        _train(fed, model, p, fed.client_seed(2, p), 1)
+        want_states.append(model.state_dict())
+    total = sum(counts)
+    final = load_file(str(tmp_path / "model.safetensors"))
+    for k in want_states[0]:
+        want = sum(c * s[k] for c, s in zip(counts, want_states, strict=True)) / total
+        assert_close(final[k], want, rtol=1e-5, atol=1e-5, msg=k)

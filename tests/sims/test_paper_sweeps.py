@@ -16,7 +16,8 @@ def _runs(name: str) -> list:
 def test_every_paper_sweep_names_its_paper_scale_command() -> None:
     files = sorted(PAPERS.glob("*.toml"))
     assert [f.stem for f in files] == [
-        "dimat_regime", "fedma_regime", "otfusion_dirichlet", "otfusion_halves", "rebasin_barrier",
+        "dimat_regime", "fedma_regime", "merge_ops_halves", "merge_ops_peers",
+        "otfusion_dirichlet", "otfusion_halves", "otfusion_widths", "rebasin_barrier",
     ]  # fmt: skip
     for f in files:
         assert "Paper scale" in f.read_text(), f.name
@@ -40,7 +41,7 @@ def test_one_shot_sweeps_fuse_independent_pretrained_clients_once() -> None:
 
 def test_dimat_regime_compares_local_and_proxy_alignment_with_gossip() -> None:
     runs = _runs("dimat_regime")
-    assert len(runs) == 12
+    assert len(runs) == 36  # 2 partitions x 2 graphs x 3 variants x 3 seeds
     seen = {(sc.strategy.name, getattr(sc.strategy.options, "align_data", None)) for sc in runs}
     assert seen == {("dimat", "local"), ("dimat", "proxy"), ("gossip", "local")}
     for sc in runs:
@@ -50,6 +51,47 @@ def test_dimat_regime_compares_local_and_proxy_alignment_with_gossip() -> None:
 
 def test_fedma_regime_trains_many_local_epochs() -> None:
     runs = _runs("fedma_regime")
-    assert {sc.strategy.name for sc in runs} == {"fedavg", "aligned", "ot"}
+    assert {"fedavg", "aligned", "ot"} <= {sc.strategy.name for sc in runs}
     assert {sc.train.epochs for sc in runs} == {10}
     assert {sc.partition.alpha for sc in runs} == {0.1}
+
+
+def test_merge_operator_sweeps_pair_with_the_regimes_they_extend() -> None:
+    """Same seeds and setting as the sweeps whose rows are their baselines."""
+    halves, ops = _runs("otfusion_halves")[0], _runs("merge_ops_halves")
+    assert {sc.strategy.name for sc in ops} == {
+        "fedavg",
+        "ldawa",
+        "task-arithmetic",
+        "ties",
+        "fisher",
+        "zipit",
+    }
+    for sc in ops:
+        for key in ("num_clients", "seed", "partition", "model", "train"):
+            if key != "seed":
+                assert getattr(sc, key) == getattr(halves, key), key
+    assert {sc.seed for sc in ops} == {sc.seed for sc in _runs("otfusion_halves")}
+    dimat, peers = _runs("dimat_regime"), _runs("merge_ops_peers")
+    assert {sc.strategy.name for sc in peers} == {"peer-ties", "peer-task-arithmetic"}
+    for sc in peers:
+        assert sc.topology.name == "full"
+        twin = next(d for d in dimat if d.seed == sc.seed and d.partition == sc.partition)
+        assert (sc.model, sc.train, sc.rounds) == (twin.model, twin.train, twin.rounds)
+    fedma = {sc.strategy.name for sc in _runs("fedma_regime")}
+    assert {
+        "fedavg",
+        "aligned",
+        "ot",
+        "ldawa",
+        "ties",
+        "task-arithmetic",
+        "fisher",
+        "zipit",
+    } == fedma
+
+
+def test_width_sweep_fuses_a_wider_client_by_ot() -> None:
+    runs = _runs("otfusion_widths")
+    assert {sc.strategy.options.client_widths for sc in runs} == {(), (1, 2)}
+    assert {sc.strategy.options.method for sc in runs} == {"ot-weight"}

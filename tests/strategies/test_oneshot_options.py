@@ -22,6 +22,7 @@ def test_defaults() -> None:
         ({"method": "activation"}, r"^proxy_samples: got 0; allowed: > 0 with method "),
         ({"method": "ot-activation"}, r"^proxy_samples: got 0; allowed: > 0 with method "),
         ({"proxy_samples": -1}, r"^proxy_samples: got -1; allowed: >= 0$"),
+        ({"client_widths": (1, 0)}, r"^client_widths: got \[1, 0\]; allowed: a list of integers"),
     ],
 )
 def test_bad_options_are_one_line(kwargs: dict, message: str) -> None:
@@ -51,3 +52,40 @@ def test_independent_init_never_acts_for_peers() -> None:
     peer = run_config_from_dict({"strategy": {"name": "dimat"}, "train": train})
     with pytest.raises(ConfigError, match=r"^train.independent_init: got True; allowed: false"):
         check_scenario(peer)
+
+
+WIDE = {"name": "oneshot", "method": "ot-weight", "client_widths": [1, 2]}
+
+
+@pytest.mark.parametrize(
+    ("scenario", "message"),
+    [
+        ({"strategy": {**WIDE, "client_widths": [2, 1]}},
+         r"^strategy.client_widths: got \[2, 1\]; allowed: a list whose first width is "
+         r"model.width \(1\)"),
+        ({"strategy": {**WIDE, "method": "weight"}},
+         r"^strategy.method: got 'weight' with client_widths \[1, 2\]; allowed: 'ot-weight' "),
+        ({"strategy": WIDE, "train": {"independent_init": False}},
+         r"^train.independent_init: got false with strategy.client_widths \[1, 2\]; "),
+        ({"strategy": WIDE, "clients_per_round": 2},
+         r"^clients_per_round: got 2 with strategy.client_widths \[1, 2\]; allowed: "
+         r"num_clients \(10\)"),
+    ],
+)  # fmt: skip
+def test_other_widths_need_ot_weight_an_anchor_of_the_model_width_and_every_client(
+    scenario: dict, message: str
+) -> None:
+    base = {"num_clients": 10, "clients_per_round": 10, "train": {"independent_init": True}}
+    with pytest.raises(ConfigError, match=message):
+        run_config_from_dict({**base, **scenario})
+
+
+def test_clients_of_other_widths_start_from_their_own_width() -> None:
+    config = run_config_from_dict(
+        {"num_clients": 3, "clients_per_round": 3, "train": {"independent_init": True},
+         "strategy": WIDE}
+    )  # fmt: skip
+    plugin = get_plugin("oneshot")
+    widths = [plugin.client_width(config.strategy.options, p, 1) for p in range(3)]
+    assert widths == [1, 2, 1]  # cycled over partition ids
+    assert get_plugin("fedavg").client_width(config.strategy.options, 1, 1) == 1
