@@ -288,9 +288,11 @@ def _compare_locked(
 
 def _print_report(report: Report) -> None:
     console.print(report.summary_md.read_text(), markup=False, highlight=False, soft_wrap=True)
+    pngs = [report.accuracy_png, report.bytes_png, report.clients_png]
+    pngs += [p for p in (report.fusion_png, report.merged_png) if p is not None]
     console.print(
         f"tables: {report.summary_md}, {report.summary_csv}, {report.runs_csv}\n"
-        f"plots:  {report.accuracy_png}, {report.bytes_png}, {report.clients_png}",
+        f"plots:  {', '.join(str(p) for p in pngs)}",
         highlight=False,
         soft_wrap=True,
     )

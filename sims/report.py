@@ -186,6 +186,8 @@ def run_numbers(run: RunRecord, target: float) -> dict[str, Any]:
             value = fusion.get(key)
             if key == "client_mean_accuracy":
                 value = statistics.fmean(fusion["client_accuracy"])
+            elif key == "accuracy_barrier" and value is None:  # runs recorded before it was
+                value = statistics.fmean(fusion["client_accuracy"]) - fusion["fused_accuracy"]
             numbers[key] = math.nan if value is None else float(value)
     last = run.rows[-1]
     if "peer_accuracy" in last:  # peer-side strategies: per-peer numbers of the last round
