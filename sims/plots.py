@@ -9,6 +9,7 @@ One run: :func:`plot_accuracy`. A scenario's partition:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -104,6 +105,30 @@ def _panels(grouping: Grouping) -> tuple[list[str], dict[str, list[Group]]]:
     return series, panels
 
 
+def _labels(groups: list[Group], series: list[str]) -> list[str]:
+    """Short labels: the strategy name and the series keys that vary among its own groups.
+
+    Options at the same value in every group of one strategy (its defaults,
+    say) say nothing and are left out; so are options of other strategies.
+    """
+    from sims.report import NAME_KEY
+
+    if NAME_KEY not in series:
+        return [g.label(series) for g in groups]
+    by_name: dict[str, list[Group]] = {}
+    for g in groups:
+        by_name.setdefault(json.dumps(g.values.get(NAME_KEY)), []).append(g)
+    out = []
+    for g in groups:
+        same = by_name[json.dumps(g.values.get(NAME_KEY))]
+        varying = [
+            k for k in series
+            if k != NAME_KEY and len({json.dumps(o.values.get(k)) for o in same}) > 1
+        ]  # fmt: skip
+        out.append(g.label([NAME_KEY, *varying]))
+    return out
+
+
 def _figure(n: int) -> tuple[Any, list[Any]]:
     cols = min(3, n)
     rows = math.ceil(n / cols)
@@ -145,14 +170,14 @@ def plot_curves(
     fig, axes = _figure(len(panels))
     colors = plt.get_cmap("tab10")
     for ax, (title, members) in zip(axes, panels.items(), strict=True):
-        for i, g in enumerate(members):
+        for i, (g, label) in enumerate(zip(members, _labels(members, series), strict=True)):
             acc = _curves(g, field)
             if x == "round":
                 xs = _curves(g, "round")[0]
             else:
                 step = _curves(g, "bytes_down") + _curves(g, "bytes_up")
                 xs = np.cumsum(step, axis=1).mean(axis=0) / 1e6
-            _band(ax, xs, acc, f"{g.label(series)} (n={len(g.runs)})", colors(i % 10))
+            _band(ax, xs, acc, f"{label} (n={len(g.runs)})", colors(i % 10))
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("round" if x == "round" else "cumulative MB communicated (down + up)")
         if x == "round":
@@ -167,7 +192,7 @@ def plot_curves(
 
 #: Bars of :func:`plot_fusion`: the ``summarize`` column and its legend text.
 FUSION_BARS = (
-    ("fused_accuracy", "fused model"),
+    ("fused_accuracy", "merged model"),
     ("client_mean_accuracy", "clients (mean)"),
     ("ensemble_accuracy", "ensemble"),
 )
@@ -177,6 +202,9 @@ def plot_fusion(grouping: Grouping, rows: list[dict[str, Any]], out: Path) -> Pa
     """Bars per group of one-shot fusion: fused model, clients' mean, ensemble (± std).
 
     ``rows[i]`` is :func:`sims.report.summarize`'s row of ``grouping.groups[i]``.
+    A group without a fused round (another strategy in the same regime, e.g.
+    ``rounds = 1`` of a merge operator) shows its final accuracy as the
+    merged model's, and no client or ensemble bar.
     """
     series, panels = _panels(grouping)
     index = {id(g): i for i, g in enumerate(grouping.groups)}
@@ -186,12 +214,17 @@ def plot_fusion(grouping: Grouping, rows: list[dict[str, Any]], out: Path) -> Pa
     for ax, (title, members) in zip(axes, panels.items(), strict=True):
         xs = np.arange(len(members))
         for b, (key, label) in enumerate(FUSION_BARS):
-            means = [rows[index[id(g)]].get(f"{key}_mean", math.nan) for g in members]
-            stds = [rows[index[id(g)]].get(f"{key}_std", math.nan) for g in members]
+            picked = [rows[index[id(g)]] for g in members]
+            keys = [
+                "final_accuracy" if key == "fused_accuracy" and f"{key}_mean" not in r else key
+                for r in picked
+            ]
+            means = [r.get(f"{k}_mean", math.nan) for r, k in zip(picked, keys, strict=True)]
+            stds = [r.get(f"{k}_std", math.nan) for r, k in zip(picked, keys, strict=True)]
             errs = [0.0 if math.isnan(e) else e for e in stds]
             ax.bar(xs + (b - 1) * width, means, width, yerr=errs, capsize=2, label=label,
                    color=colors(b))  # fmt: skip
-        ax.set_xticks(xs, [g.label(series) for g in members], fontsize=7, rotation=20)
+        ax.set_xticks(xs, _labels(members, series), fontsize=7, rotation=30, ha="right")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7)
@@ -215,7 +248,7 @@ def plot_client_accuracy(grouping: Grouping, per_client: list[list[float]], out:
         ax.boxplot(data, showmeans=True)
         for i, values in enumerate(data, start=1):
             ax.scatter(i + rng.uniform(-0.12, 0.12, len(values)), values, s=8, alpha=0.5)
-        ax.set_xticks(range(1, len(members) + 1), [g.label(series) for g in members], fontsize=7)
+        ax.set_xticks(range(1, len(members) + 1), _labels(members, series), fontsize=7)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     axes[0].set_ylabel("accuracy on the client's local data")

@@ -62,8 +62,13 @@ class Group:
     runs: list[RunRecord]
 
     def label(self, keys: list[str] | None = None) -> str:
-        """``value, key=value`` text of the group (``keys``: a subset to show)."""
-        shown = {k: v for k, v in self.values.items() if keys is None or k in keys}
+        """``value, key=value`` text of the group (``keys``: a subset to show).
+
+        Keys the group has no value for (an option of another strategy) are left out.
+        """
+        shown = {
+            k: v for k, v in self.values.items() if (keys is None or k in keys) and v is not None
+        }
         parts = [
             str(v) if k == NAME_KEY else f"{k.rpartition('.')[2]}={v}" for k, v in shown.items()
         ]
