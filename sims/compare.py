@@ -37,13 +37,15 @@ sampling order derive from ``seed`` alone, never from the strategy.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -453,6 +455,12 @@ def run_sweep(
     sims.launch.SimulationError
         If a run fails; the runs finished before it stay cached.
     """
+    installed = threading.Event()  # set by the first metrics row of any run
+
+    def row_seen(run: PlannedRun, row: dict[str, Any]) -> None:
+        installed.set()
+        if on_round is not None:
+            on_round(run, row)
 
     def one(i: int, run: PlannedRun) -> dict[str, Any]:
         if run.state == "done" and not force:
@@ -461,7 +469,7 @@ def run_sweep(
         else:
             if on_start is not None:
                 on_start(i, run)
-            callback = None if on_round is None else (lambda row: on_round(run, row))
+            callback = functools.partial(row_seen, run)
             t0 = time.perf_counter()
             with run_dir_lock(run.run_dir):
                 if force:
@@ -482,9 +490,22 @@ def run_sweep(
         if parallel <= 1:
             return [one(i, run) for i, run in enumerate(runs)]
         pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="run")
-        futures = [pool.submit(one, i, run) for i, run in enumerate(runs)]
+        futures: dict[int, Future[dict[str, Any]]] = {}
         try:
-            summaries = [f.result() for f in futures]
+            # Flower installs the app into FLWR_HOME on a run's first start and
+            # takes a half-copied install of a concurrent run for a finished one
+            # (flwr.cli.install.install_from_fab checks only that the directory
+            # exists). So the first run that starts goes alone until its first
+            # metrics row (its install is complete by then) or its end.
+            first = next((i for i, r in enumerate(runs) if force or r.state != "done"), None)
+            if first is not None:
+                futures[first] = pool.submit(one, first, runs[first])
+                while not installed.wait(0.2) and not futures[first].done():
+                    pass
+            for i, run in enumerate(runs):
+                if i not in futures:
+                    futures[i] = pool.submit(one, i, run)
+            summaries = [futures[i].result() for i in range(len(runs))]
         except BaseException:
             # A failed run or Ctrl-C: start nothing new. Leaving this block stops
             # the runtimes, which ends the runs still going (they resume later).
