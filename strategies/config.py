@@ -329,7 +329,7 @@ class RunConfig(BaseModel):
             raise ValueError(
                 f"task.name: got {task.name!r} with strategy {name!r}; allowed: "
                 f"'supervised' with {name!r} (self-supervised tasks run with the server-side "
-                f"strategies that need no labels)"
+                f"strategies that need neither labels nor a classifier)"
             )
         if getattr(options, "fraction_evaluate", 0.0) > 0:
             raise ValueError(
@@ -593,8 +593,9 @@ def declared_defaults() -> dict[str, Any]:
     return out
 
 
-#: Server-side strategies whose clients compute something from the labels (Fisher information).
-_LABELLED_STRATEGIES: frozenset[str] = frozenset({"fisher"})
+#: Server-side strategies that read labels or score a classifier: Fisher information on the
+#: clients, one-shot fusion's measures (test loss and accuracy of the fused and client models).
+_LABELLED_STRATEGIES: frozenset[str] = frozenset({"fisher", "oneshot"})
 
 #: Section name -> type, for messages about nested keys.
 _SECTION_TYPES: dict[str, type] = {

@@ -121,5 +121,6 @@ def linear_probe(
     with torch.no_grad():
         logits = xte @ w.T + b
         loss = float(F.cross_entropy(logits, test_y)) if len(test_y) else float("nan")
-        acc = float((logits.argmax(1) == test_y).float().mean()) if len(test_y) else float("nan")
+        correct = int((logits.argmax(1) == test_y).sum())
+        acc = correct / len(test_y) if len(test_y) else float("nan")
     return loss, acc

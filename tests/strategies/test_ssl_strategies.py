@@ -120,6 +120,8 @@ SIMCLR, BYOL = {"name": "simclr"}, {"name": "byol"}
          "task.name: got 'simclr' with strategy 'gossip'"),
         ({"task": BYOL, "strategy": {"name": "fisher"}},
          "task.name: got 'byol' with strategy 'fisher'"),
+        ({"task": SIMCLR, "strategy": {"name": "oneshot"}},
+         "task.name: got 'simclr' with strategy 'oneshot'"),
         ({"task": SIMCLR, "strategy": {"name": "fedavg", "fraction_evaluate": 0.5}},
          "strategy.fraction_evaluate: got 0.5 with task 'simclr'; allowed: 0"),
         ({"task": {**BYOL, "temperature": 0.1}},
