@@ -154,6 +154,15 @@ PEER_COLUMNS: dict[str, str] = {
 }
 
 
+#: Extra columns for self-supervised runs (linear probe of the global encoder), and their headers.
+SSL_COLUMNS: dict[str, str] = {
+    "final_linear_probe_accuracy": "linear probe (final)",
+    "best_linear_probe_accuracy": "linear probe (best)",
+}
+#: Every extra column, in table order.
+EXTRA_COLUMNS: dict[str, str] = {**PEER_COLUMNS, **SSL_COLUMNS}
+
+
 def rounds_to_target(rows: list[dict[str, Any]], target: float) -> int | None:
     """First round whose test accuracy is >= ``target`` (None if none is)."""
     return next((int(r["round"]) for r in rows if r["accuracy"] >= target), None)
@@ -180,6 +189,12 @@ def run_numbers(run: RunRecord, target: float) -> dict[str, Any]:
                 sum(r["bytes_down_per_peer"][p] + r["bytes_up_per_peer"][p] for r in run.rows[1:])
                 for p in range(len(last["peer_accuracy"]))
             )
+    probes = [
+        r["linear_probe_accuracy"] for r in run.rows if r.get("linear_probe_accuracy") is not None
+    ]
+    if probes:  # self-supervised runs: accuracy is the k-NN monitor, the probe the measure
+        numbers["final_linear_probe_accuracy"] = probes[-1]
+        numbers["best_linear_probe_accuracy"] = max(probes)
     return numbers
 
 
@@ -207,7 +222,7 @@ def summarize(groups: list[Group], target: float) -> list[dict[str, Any]]:
         row["seed_list"] = " ".join(str(r.seed) for r in group.runs)
         for key in ("final_accuracy", "best_accuracy", "bytes_total", "wall_time"):
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([n[key] for n in numbers])
-        for key in PEER_COLUMNS:
+        for key in EXTRA_COLUMNS:
             if all(key in n for n in numbers):
                 row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([n[key] for n in numbers])
         reached = [n["rounds_to_target"] for n in numbers if n["rounds_to_target"] is not None]
@@ -228,8 +243,8 @@ def markdown_table(rows: list[dict[str, Any]], keys: list[str], target: float) -
     """The summary as a Markdown table plus a line that says how to read it."""
     head = [*(keys or ["scenario"]), "seeds", "final accuracy", "best accuracy",
             f"rounds to {target:.0%}", "communicated", "wall time"]  # fmt: skip
-    peer = [k for k in PEER_COLUMNS if any(f"{k}_mean" in row for row in rows)]
-    head += [PEER_COLUMNS[k] for k in peer]
+    peer = [k for k in EXTRA_COLUMNS if any(f"{k}_mean" in row for row in rows)]
+    head += [EXTRA_COLUMNS[k] for k in peer]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         if row["target_reached"] == 0:
@@ -266,7 +281,12 @@ def markdown_table(rows: list[dict[str, Any]], keys: list[str], target: float) -
         f"{target:.0%}: first round whose global test accuracy is >= {target}, over the seeds "
         f"that reached it. Communicated: bytes sent down plus up over the whole run."
     )
-    if peer:
+    if any(k in SSL_COLUMNS for k in peer):
+        note += (
+            " Self-supervised runs: accuracy is the k-NN accuracy of the global encoder; "
+            "the linear probe is a logistic regression on its frozen features."
+        )
+    if any(k in PEER_COLUMNS for k in peer):
         note += (
             " Peer-side runs: final/best accuracy is the mean over peers of each peer's test "
             "accuracy after its local training; the peer columns are of the last round "

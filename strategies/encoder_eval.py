@@ -84,6 +84,15 @@ class EncoderEvaluation:
         z2 = self.model(augment(x, aug, generator=g))
         return float(nt_xent(z1, z2, self.config.task.temperature))
 
+    def knn_on(self, state: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
+        """k-NN accuracy of ``state``'s encoder on ``(x, y)`` (e.g. a client's local data)."""
+        self.model.load_state_dict(state)
+        bank_x, bank_y = self._bank
+        return knn_accuracy(
+            encode(self.model, bank_x), bank_y, encode(self.model, x), y,
+            k=self.config.task.knn_k, num_classes=self.data.num_classes,
+        )  # fmt: skip
+
     def __call__(self, server_round: int, state: dict[str, torch.Tensor]) -> dict[str, Any]:
         """The row's fields: ``accuracy`` (k-NN), ``loss``, ``knn_accuracy``, ``linear_probe_*``."""
         self.model.load_state_dict(state)
