@@ -126,6 +126,13 @@ class Federation:
             width=width,
         )
         task = self.config.task
+        shape = self.data.input_shape
+        if task.self_supervised and len(shape) != 3:  # the augmentations act on images
+            raise ValueError(
+                f"task.name: got {task.name!r} for inputs of shape {shape} "
+                f"(dataset {self.config.dataset.name!r}); allowed: image data sets "
+                f"(channels, height, width) with a self-supervised task"
+            )
         return get_task(task.name).network(model, task, seed=derived_seed(seed, TASK_STREAM))
 
     def initial_model(self) -> nn.Module:

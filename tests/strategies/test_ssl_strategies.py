@@ -147,3 +147,12 @@ def test_supervised_default_keeps_the_digest_and_model() -> None:
     assert type(a).__name__ == "SimpleCNN"
     for key, value in a.state_dict().items():
         assert torch.equal(value, b.state_dict()[key])
+
+
+def test_self_supervised_tasks_need_image_inputs() -> None:
+    config = run_config_from_dict(
+        {"dataset": {"name": "mnist1d", "mnist1d_samples": 100}, "model": {"name": "mlp"},
+         "task": SIMCLR}
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"task.name: got 'simclr' for inputs of shape \(1, 40\)"):
+        Federation(config).initial_model()
