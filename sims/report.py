@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmerge.atomic import atomic_write_text
+from fedmerge.tasks import TaskConfig
 from sims.evaluation import client_accuracy
 from sims.plots import plot_client_accuracy, plot_curves, write_tensorboard
 from sims.runs import RunRecord, expand_run_dirs, load_run
@@ -110,6 +111,10 @@ def _group_key(config: dict[str, Any]) -> dict[str, Any]:
     }
     if adversaries:
         kept["simulation"] = adversaries
+    task_defaults = dataclasses.asdict(TaskConfig())
+    task = {k: v for k, v in kept.pop("task", {}).items() if v != task_defaults.get(k)}
+    if task:  # likewise: a supervised run groups with runs written before [task] existed
+        kept["task"] = task
     return flatten(kept)
 
 

@@ -366,3 +366,18 @@ def test_self_supervised_runs_report_the_linear_probe_and_score_clients_by_knn(
             expected.append(float((fed.data.train_y[nearest] == y).float().mean()))
     assert got == pytest.approx(expected, abs=1e-6)
     assert min(got) > 0.9  # 1-NN finds the sample itself
+
+
+def test_a_run_written_before_the_task_section_groups_with_a_supervised_one(
+    tmp_path: Path,
+) -> None:
+    old = _write_run(tmp_path / "old", ["seed=0"], [0.1, 0.2, 0.3], 1.0)
+    config = json.loads((old / "config.json").read_text())
+    del config["task"]
+    (old / "config.json").write_text(json.dumps(config))
+    new = _write_run(tmp_path / "new", ["seed=1"], [0.1, 0.2, 0.3], 1.0)
+    ssl = _write_run(tmp_path / "ssl", ["seed=1", "task.name='simclr'"], [0.1, 0.2, 0.3], 1.0)
+    grouping = report.group_runs([load_run(d) for d in (old, new, ssl)])
+    assert grouping.keys == ["task.name"]
+    assert [len(g.runs) for g in grouping.groups] == [2, 1]
+    assert [g.values["task.name"] for g in grouping.groups] == [None, "simclr"]
