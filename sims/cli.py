@@ -131,6 +131,14 @@ def _simulate_locked(scenario: RunConfig, run_dir: Path) -> int:
          f"{summary['wall_time'] - summary['train_time']:.1f} s)"),
     ]:  # fmt: skip
         table.add_row(key, value)
+    if scenario.task.self_supervised:  # accuracy is the k-NN monitor; the probe is the measure
+        probe = summary.get("final_linear_probe_accuracy")
+        table.add_row("task", f"{scenario.task.name} (accuracy: k-NN, k = {scenario.task.knn_k})")
+        if probe is not None:
+            table.add_row(
+                "linear probe",
+                f"{probe:.4f} (initial {summary['initial_linear_probe_accuracy']:.4f})",
+            )
     console.print(table)
     return 0
 

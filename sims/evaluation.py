@@ -15,6 +15,7 @@ from fedmerge.atomic import atomic_write_text
 from fedmerge.training import evaluate
 from sims.runs import RunRecord, read_json
 from strategies.config import run_config_from_dict
+from strategies.encoder_eval import EncoderEvaluation
 from strategies.federation import federation
 
 #: Per-run cache of the final model's accuracy on every client's local data.
@@ -31,7 +32,9 @@ def client_accuracy(run: RunRecord) -> list[float]:
     strategies, one model per peer) is used as is. Otherwise the final global
     model (``model.safetensors``) is evaluated on each client's local training
     data; the result is cached in ``client_accuracy.json``, keyed by the
-    model file's hash.
+    model file's hash. A self-supervised run's network has no classifier: its
+    encoder is scored by k-NN on each client's data instead (the bank of its
+    rows' k-NN, :mod:`strategies.encoder_eval`).
 
     Raises
     ------
@@ -54,11 +57,19 @@ def client_accuracy(run: RunRecord) -> list[float]:
 
     fed = federation(run_config_from_dict(run.config))
     model = fed.initial_model()
-    model.load_state_dict(load_file(str(model_path)))
+    state = load_file(str(model_path))
+    model.load_state_dict(state)
     accuracy = []
+    encoder = (
+        EncoderEvaluation(fed.config, fed.data, model) if fed.config.task.self_supervised else None
+    )
     for pid in range(fed.config.num_clients):
         x, y = fed.client_data(pid)
-        accuracy.append(evaluate(model, x, y)[1])
-    record = {"model_sha256": model_hash, "data": "local training data", "accuracy": accuracy}
+        # a self-supervised run's network has no classifier: k-NN of its encoder, as its rows
+        accuracy.append(
+            evaluate(model, x, y)[1] if encoder is None else encoder.knn_on(state, x, y)
+        )
+    data = "local training data" + ("" if encoder is None else " (k-NN of the encoder)")
+    record = {"model_sha256": model_hash, "data": data, "accuracy": accuracy}
     atomic_write_text(cache_path, json.dumps(record, indent=2) + "\n")
     return accuracy

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmerge.atomic import atomic_write_text
+from fedmerge.tasks import TaskConfig
 from sims.evaluation import client_accuracy
 from sims.plots import plot_client_accuracy, plot_curves, plot_fusion, write_tensorboard
 from sims.runs import RunRecord, expand_run_dirs, load_run
@@ -115,6 +116,10 @@ def _group_key(config: dict[str, Any]) -> dict[str, Any]:
     }
     if adversaries:
         kept["simulation"] = adversaries
+    task_defaults = dataclasses.asdict(TaskConfig())
+    task = {k: v for k, v in kept.pop("task", {}).items() if v != task_defaults.get(k)}
+    if task:  # likewise: a supervised run groups with runs written before [task] existed
+        kept["task"] = task
     return flatten(kept)
 
 
@@ -170,6 +175,15 @@ FUSION_COLUMNS = {
 }
 
 
+#: Extra columns for self-supervised runs (linear probe of the global encoder), and their headers.
+SSL_COLUMNS: dict[str, str] = {
+    "final_linear_probe_accuracy": "linear probe (final)",
+    "best_linear_probe_accuracy": "linear probe (best)",
+}
+#: Every extra column, in table order.
+EXTRA_COLUMNS: dict[str, str] = {**PEER_COLUMNS, **SSL_COLUMNS}
+
+
 def rounds_to_target(rows: list[dict[str, Any]], target: float) -> int | None:
     """First round whose test accuracy is >= ``target`` (None if none is)."""
     return next((int(r["round"]) for r in rows if r["accuracy"] >= target), None)
@@ -207,6 +221,12 @@ def run_numbers(run: RunRecord, target: float) -> dict[str, Any]:
                 sum(r["bytes_down_per_peer"][p] + r["bytes_up_per_peer"][p] for r in run.rows[1:])
                 for p in range(len(last["peer_accuracy"]))
             )
+    probes = [
+        r["linear_probe_accuracy"] for r in run.rows if r.get("linear_probe_accuracy") is not None
+    ]
+    if probes:  # self-supervised runs: accuracy is the k-NN monitor, the probe the measure
+        numbers["final_linear_probe_accuracy"] = probes[-1]
+        numbers["best_linear_probe_accuracy"] = max(probes)
     return numbers
 
 
@@ -234,7 +254,7 @@ def summarize(groups: list[Group], target: float) -> list[dict[str, Any]]:
         row["seed_list"] = " ".join(str(r.seed) for r in group.runs)
         for key in ("final_accuracy", "best_accuracy", "bytes_total", "wall_time"):
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([n[key] for n in numbers])
-        for key in (*PEER_COLUMNS, *FUSION_COLUMNS):
+        for key in (*EXTRA_COLUMNS, *FUSION_COLUMNS):
             if all(key in n for n in numbers):
                 row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([n[key] for n in numbers])
         reached = [n["rounds_to_target"] for n in numbers if n["rounds_to_target"] is not None]
@@ -255,8 +275,8 @@ def markdown_table(rows: list[dict[str, Any]], keys: list[str], target: float) -
     """The summary as a Markdown table plus a line that says how to read it."""
     head = [*(keys or ["scenario"]), "seeds", "final accuracy", "best accuracy",
             f"rounds to {target:.0%}", "communicated", "wall time"]  # fmt: skip
-    peer = [k for k in PEER_COLUMNS if any(f"{k}_mean" in row for row in rows)]
-    head += [PEER_COLUMNS[k] for k in peer]
+    peer = [k for k in EXTRA_COLUMNS if any(f"{k}_mean" in row for row in rows)]
+    head += [EXTRA_COLUMNS[k] for k in peer]
     fusion = [k for k in FUSION_COLUMNS if any(f"{k}_mean" in row for row in rows)]
     head += [FUSION_COLUMNS[k] for k in fusion]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -298,7 +318,12 @@ def markdown_table(rows: list[dict[str, Any]], keys: list[str], target: float) -
         f"{target:.0%}: first round whose global test accuracy is >= {target}, over the seeds "
         f"that reached it. Communicated: bytes sent down plus up over the whole run."
     )
-    if peer:
+    if any(k in SSL_COLUMNS for k in peer):
+        note += (
+            " Self-supervised runs: accuracy is the k-NN accuracy of the global encoder; "
+            "the linear probe is a logistic regression on its frozen features."
+        )
+    if any(k in PEER_COLUMNS for k in peer):
         note += (
             " Peer-side runs: final/best accuracy is the mean over peers of each peer's test "
             "accuracy after its local training; the peer columns are of the last round "

@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from torch import nn
 
+from fedmerge.tasks import get_task
 from fedmerge.training import evaluate, local_epochs, train_local
 from strategies import protocol
 from strategies.adversary import adversary_for
@@ -33,6 +34,8 @@ app = ClientApp()
 
 #: Where a client keeps its own model between rounds (``ClientStart.keep``), + partition id.
 KEPT_MODEL_KEY = "fedmerge-kept-model"
+#: Where a client keeps its task's local state (BYOL's target and predictor), + partition id.
+KEPT_TASK_KEY = "fedmerge-kept-task-state"
 
 
 @lru_cache(maxsize=4)
@@ -137,16 +140,23 @@ def train(msg: Message, context: Context) -> Message:
     mu = float(msg.content[protocol.CONFIG].get(protocol.PROXIMAL_MU, 0.0))  # type: ignore[arg-type]
     adversary = adversary_for(c.config, c.partition_id)  # simulation.adversary_*
     y = c.y if adversary is None else adversary.labels(c.y, c.fed.data.num_classes)
-    result = train_local(
+    task_key = f"{KEPT_TASK_KEY}-{c.partition_id}"
+    task_record = context.state.array_records.get(task_key)
+    local = get_task(c.config.task.name).train(
         model,
         c.x,
         y,
         c.config.train,
+        c.config.task,
         generator=torch.Generator().manual_seed(c.fed.client_seed(server_round, c.partition_id)),
         global_state=global_state,
         prox_mu=mu,
         epochs=local_epochs(c.config.train, server_round, peer=False),
+        kept=dict(task_record.to_torch_state_dict()) if task_record is not None else None,
     )
+    result = local.result
+    if local.kept is not None:  # stays on this node; never part of the reply
+        context.state[task_key] = ArrayRecord(local.kept)
     if start.keep:
         context.state[kept_key] = ArrayRecord(model.state_dict())
     sent, count = model.state_dict(), result.num_examples

@@ -3,9 +3,9 @@
 One :class:`RunConfig` describes one run. Its sections are the kernel's
 frozen dataclasses (:class:`~fedmerge.data.DatasetConfig`,
 :class:`~fedmerge.data.PartitionConfig`, :class:`~fedmerge.models.ModelConfig`,
-:class:`~fedmerge.training.TrainConfig`, :class:`~fedmerge.topology.TopologyConfig`)
-plus :class:`SimulationConfig`; ``[strategy]`` is a name from the plugin
-registry and that plugin's own ``Options``. Validation happens once, here:
+:class:`~fedmerge.training.TrainConfig`, :class:`~fedmerge.topology.TopologyConfig`,
+:class:`~fedmerge.tasks.TaskConfig`) plus :class:`SimulationConfig`; ``[strategy]``
+is a name from the plugin registry and that plugin's own ``Options``. Validation happens once, here:
 pydantic checks the types strictly (no ``"1"`` for ``1``, no ``true`` for
 ``1``, no ``inf`` or ``nan`` anywhere) and each dataclass checks its ranges in
 ``__post_init__``. Every error becomes one :class:`ConfigError` line naming
@@ -37,6 +37,7 @@ from pydantic_core import ErrorDetails
 from fedmerge.data import DatasetConfig, PartitionConfig
 from fedmerge.errors import ConfigError
 from fedmerge.models import ModelConfig
+from fedmerge.tasks import TaskConfig
 from fedmerge.topology import TopologyConfig
 from fedmerge.training import TrainConfig
 from strategies.adversary import ADVERSARY_BEHAVIOURS
@@ -257,6 +258,7 @@ class RunConfig(BaseModel):
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     topology: TopologyConfig = Field(default_factory=TopologyConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
@@ -310,6 +312,7 @@ class RunConfig(BaseModel):
                 f"simulation.adversary_behaviour: got adversaries with peer strategy "
                 f"{self.strategy.name!r}; allowed: adversaries with server-side strategies only"
             )
+        self._task_checks()
         try:
             self.strategy.plugin.check(self.strategy.options, self)
         except ValueError as exc:  # the plugin names its own option, or a key of the run
@@ -318,6 +321,29 @@ class RunConfig(BaseModel):
                 raise
             raise ValueError(f"strategy.{exc}") from None
         return self
+
+    def _task_checks(self) -> None:
+        """Self-supervised tasks: only server-side strategies that never read labels."""
+        task = self.task
+        if not task.self_supervised:
+            return
+        name, options = self.strategy.name, self.strategy.options
+        if self.strategy.plugin.peer or name in _LABELLED_STRATEGIES:
+            raise ValueError(
+                f"task.name: got {task.name!r} with strategy {name!r}; allowed: "
+                f"'supervised' with {name!r} (self-supervised tasks run with the server-side "
+                f"strategies that need neither labels nor a classifier)"
+            )
+        if getattr(options, "fraction_evaluate", 0.0) > 0:
+            raise ValueError(
+                f"strategy.fraction_evaluate: got {options.fraction_evaluate!r} with task "
+                f"{task.name!r}; allowed: 0 (the server evaluates the encoder)"
+            )
+        if self.simulation.has_adversaries and self.simulation.adversary_behaviour == "label-flip":
+            raise ValueError(
+                f"simulation.adversary_behaviour: got 'label-flip' with task {task.name!r}; "
+                "allowed: a behaviour that does not act on labels"
+            )
 
     @property
     def nodes(self) -> int:
@@ -570,8 +596,13 @@ def declared_defaults() -> dict[str, Any]:
     return out
 
 
+#: Server-side strategies that read labels or score a classifier: Fisher information on the
+#: clients, one-shot fusion's measures (test loss and accuracy of the fused and client models).
+_LABELLED_STRATEGIES: frozenset[str] = frozenset({"fisher", "oneshot"})
+
 #: Section name -> type, for messages about nested keys.
 _SECTION_TYPES: dict[str, type] = {
+    "task": TaskConfig,
     "dataset": DatasetConfig,
     "partition": PartitionConfig,
     "model": ModelConfig,

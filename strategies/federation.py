@@ -16,12 +16,15 @@ from torch import nn
 from fedmerge.cache import cache_key, cached_arrays
 from fedmerge.data import DatasetBundle, load_dataset_config, partition_indices
 from fedmerge.models import build_model_from_config, example_input
+from fedmerge.tasks import fixed_subset, get_task
 from strategies.config import RunConfig
 
 #: Independent random streams derived from the run seed (``SeedSequence([seed, stream, ...])``).
 SAMPLING_STREAM = 1  # the server's client sampler
 PEER_INIT_STREAM = 2  # per-peer initial weights (decentralized strategies)
 PROXY_STREAM = 3  # the server's proxy data
+TASK_STREAM = 4  # what a task adds to the model (projection head), clients' fixed subsets
+
 #: Offset of a peer's training seed from its merge seed in the same round.
 PEER_TRAIN_SEED_OFFSET = 1
 
@@ -94,6 +97,13 @@ class Federation:
                 f"partition-id: got {partition_id}; allowed: 0 to {self.config.num_clients - 1}"
             )
         idx = torch.from_numpy(self.partitions[partition_id])
+        keep = self.config.task.client_samples
+        if keep:  # self-supervised runs scaled down: a fixed seeded subset of the partition
+            idx = idx[
+                fixed_subset(
+                    len(idx), keep, derived_seed(self.config.seed, TASK_STREAM, partition_id)
+                )
+            ]
         return self.data.train_x[idx], self.data.train_y[idx]
 
     @cached_property
@@ -102,14 +112,28 @@ class Federation:
         return example_input(self.data.input_shape)
 
     def build_model(self, seed: int, width: int | None = None) -> nn.Module:
-        """A model of the run's architecture (at ``width``), initialised with ``seed``."""
-        return build_model_from_config(
+        """The network of the run's task and architecture (at ``width``), initialised with ``seed``.
+
+        The task decides what is trained and sent: the model itself
+        (``supervised``) or its encoder plus a projection head (self-supervised
+        tasks, whose head is seeded from ``seed`` as well).
+        """
+        model = build_model_from_config(
             self.config.model,
             input_shape=self.data.input_shape,
             num_classes=self.data.num_classes,
             seed=seed,
             width=width,
         )
+        task = self.config.task
+        shape = self.data.input_shape
+        if task.self_supervised and len(shape) != 3:  # the augmentations act on images
+            raise ValueError(
+                f"task.name: got {task.name!r} for inputs of shape {shape} "
+                f"(dataset {self.config.dataset.name!r}); allowed: image data sets "
+                f"(channels, height, width) with a self-supervised task"
+            )
+        return get_task(task.name).network(model, task, seed=derived_seed(seed, TASK_STREAM))
 
     def initial_model(self) -> nn.Module:
         """The model every run starts from: same configuration and seed, same weights."""

@@ -25,6 +25,7 @@ from strategies.checkpoint import (
 )
 from strategies.config import RunConfig
 from strategies.deployment import lost_partitions
+from strategies.encoder_eval import EncoderEvaluation, encoder_summary
 from strategies.metering import Traffic
 from strategies.run_log import RunLog
 
@@ -88,6 +89,9 @@ class RoundRecorder:
         self.model = model
         self.data = data
         self.rows: list[dict[str, Any]] = []
+        self.encoder_evaluation = (
+            EncoderEvaluation(config, data, model) if config.task.self_supervised else None
+        )
         self.t_ready = time.perf_counter()
         self._last = self.t_ready
 
@@ -149,6 +153,18 @@ class RoundRecorder:
         """Test loss and accuracy of ``state``."""
         self.model.load_state_dict(state)
         return evaluate(self.model, self.data.test_x, self.data.test_y)
+
+    def evaluate_round(self, server_round: int, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The evaluation fields of a row: ``accuracy`` and ``loss``, and a task's own.
+
+        Supervised runs: test accuracy and loss. Self-supervised runs: see
+        :mod:`strategies.encoder_eval` (k-NN accuracy as ``accuracy``, linear
+        probe every ``task.eval_every`` rounds).
+        """
+        if self.encoder_evaluation is not None:
+            return self.encoder_evaluation(server_round, state)
+        loss, acc = self.evaluate(state)
+        return {"accuracy": acc, "loss": loss}
 
     def record(
         self,
@@ -216,6 +232,7 @@ class RoundRecorder:
             **lost,
             **lost_partitions(rows),
             **{k: r[k] for r in rows for k in _ONCE if k in r},  # one-shot fusion's measures
+            **(encoder_summary(rows) if self.encoder_evaluation is not None else {}),
             "adversaries": sorted(adversarial_partitions(c)),
             "startup_time": self.t_ready - t_start,
             "train_time": t_end - self.t_ready,

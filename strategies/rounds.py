@@ -134,6 +134,5 @@ def _record(
     extras: dict[str, Any] | None = None,
     **metrics: Any,
 ) -> None:
-    loss, acc = recorder.evaluate(state)
-    fields = {"accuracy": acc, "loss": loss, **(extras or {})}
+    fields = {**recorder.evaluate_round(server_round, state), **(extras or {})}
     recorder.record(server_round, fields, traffic=grid.take(), **metrics)

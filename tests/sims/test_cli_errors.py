@@ -171,7 +171,7 @@ CASES = [
     (
         "client-widths-without-ot",
         ["--set", "strategy.client_widths=[1, 2]"],
-        ["strategy.client_widths: got [1, 2]", "only with strategy 'ot'"],
+        ["strategy.client_widths: got [1, 2]", "only with strategy 'oneshot' or 'ot'"],
     ),
     ("deeply-nested-toml", ["@DEEP_TOML@"], ["deep.toml", "nested too deeply"]),
     ("set-key-with-line-break", ["--set", "a\nb=1"], ["--set: got 'a\\nb=1'", "dotted key"]),

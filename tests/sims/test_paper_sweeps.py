@@ -95,3 +95,24 @@ def test_width_sweep_fuses_a_wider_client_by_ot() -> None:
     runs = _runs("otfusion_widths")
     assert {sc.strategy.options.client_widths for sc in runs} == {(), (1, 2)}
     assert {sc.strategy.options.method for sc in runs} == {"ot-weight"}
+
+
+def test_ldawa_ssl_sweep_loads_and_covers_its_regime() -> None:
+    sweep = PAPERS.parent / "ldawa_ssl.toml"
+    assert "Paper scale" in sweep.read_text()
+    runs = [sc for _, sc in compare.expand(compare.load_sweep(sweep))]
+    assert len(runs) == 2 * 2 * 2 * 4 * 3
+    assert {sc.task.name for sc in runs} == {"simclr", "byol"}
+    assert {sc.train.epochs for sc in runs} == {1, 5}
+    assert {sc.partition.scheme for sc in runs} == {"dirichlet", "iid"}
+    assert {sc.seed for sc in runs} == {0, 1, 2}
+    kinds = {(sc.strategy.name, getattr(sc.strategy.options, "normalize", None)) for sc in runs}
+    assert kinds == {("fedavg", None), ("fedprox", None), ("ldawa", "clients"),
+                     ("ldawa", "weights")}  # fmt: skip
+    for sc in runs:
+        assert sc.num_clients == sc.clients_per_round == 10
+        assert sc.dataset.name == "fashion-mnist" and sc.task.client_samples == 1000
+        if sc.partition.scheme == "dirichlet":
+            assert sc.partition.alpha == 0.1
+        if sc.strategy.name == "ldawa" and sc.strategy.options.normalize == "clients":
+            assert sc.strategy.options == type(sc.strategy.options)()  # the paper's defaults

@@ -377,3 +377,62 @@ def test_first_merge_accuracy_is_read_from_the_first_round_that_merged(tmp_path:
     assert rep.merged_png is not None and rep.merged_png.stat().st_size > 5000
     assert rep.fusion_png is None
     assert float(row["merged_accuracy_mean"]) == pytest.approx(0.58)
+
+
+def test_self_supervised_runs_report_the_linear_probe_and_score_clients_by_knn(
+    tmp_path: Path,
+) -> None:
+    overrides = ["dataset.name='digits'", "model.name='mlp'", "task.name='simclr'",
+                 "task.knn_k=1", "task.eval_samples=100000"]  # fmt: skip
+    dirs = []
+    for seed, probes in ((0, [0.30, None, 0.50]), (1, [0.20, None, 0.70])):
+        run_dir = _write_run(tmp_path / f"ssl-{seed}", [*overrides, f"seed={seed}"],
+                             [0.1, 0.2, 0.3], 1.0)  # fmt: skip
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        for row, probe in zip(rows, probes, strict=True):
+            row["linear_probe_accuracy"] = probe
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        scenario = load_scenario(None, ["rounds=2", "num_clients=4", "clients_per_round=2",
+                                        *overrides, f"seed={seed}"])  # fmt: skip
+        state = Federation(scenario).initial_model().state_dict()
+        save_file({k: v.contiguous() for k, v in state.items()}, str(run_dir / "model.safetensors"))
+        dirs.append(run_dir)
+    rep = report.build_report(dirs, tmp_path / "report", target=0.25)
+    (row,) = rep.rows
+    assert row["final_linear_probe_accuracy_mean"] == pytest.approx(0.6)
+    assert row["best_linear_probe_accuracy_mean"] == pytest.approx(0.6)
+    assert row["final_linear_probe_accuracy_std"] == pytest.approx(math.sqrt(0.02))
+    assert "linear probe (final)" in rep.summary_md.read_text()
+    # the encoder has no classifier: each client is scored by 1-NN against the whole
+    # training set (eval_samples exceeds it), which holds the client's own samples
+    scenario = load_scenario(None, ["rounds=2", "num_clients=4", "clients_per_round=2",
+                                    *overrides, "seed=0"])  # fmt: skip
+    fed = Federation(scenario)
+    model = fed.initial_model()
+    got = evaluation.client_accuracy(load_run(dirs[0]))
+    model.eval()
+    with torch.no_grad():
+        bank = torch.nn.functional.normalize(model.features(fed.data.train_x), dim=1)
+        expected = []
+        for pid in range(4):
+            x, y = fed.client_data(pid)
+            q = torch.nn.functional.normalize(model.features(x), dim=1)
+            nearest = (q @ bank.T).argmax(1)
+            expected.append(float((fed.data.train_y[nearest] == y).float().mean()))
+    assert got == pytest.approx(expected, abs=1e-6)
+    assert min(got) > 0.9  # 1-NN finds the sample itself
+
+
+def test_a_run_written_before_the_task_section_groups_with_a_supervised_one(
+    tmp_path: Path,
+) -> None:
+    old = _write_run(tmp_path / "old", ["seed=0"], [0.1, 0.2, 0.3], 1.0)
+    config = json.loads((old / "config.json").read_text())
+    del config["task"]
+    (old / "config.json").write_text(json.dumps(config))
+    new = _write_run(tmp_path / "new", ["seed=1"], [0.1, 0.2, 0.3], 1.0)
+    ssl = _write_run(tmp_path / "ssl", ["seed=1", "task.name='simclr'"], [0.1, 0.2, 0.3], 1.0)
+    grouping = report.group_runs([load_run(d) for d in (old, new, ssl)])
+    assert grouping.keys == ["task.name"]
+    assert [len(g.runs) for g in grouping.groups] == [2, 1]
+    assert [g.values["task.name"] for g in grouping.groups] == [None, "simclr"]
