@@ -172,6 +172,8 @@ FUSION_COLUMNS = {
     "ensemble_accuracy": "ensemble accuracy",
     "accuracy_barrier": "accuracy barrier",
     "loss_barrier": "loss barrier",
+    "vanilla_accuracy": "vanilla accuracy",
+    "vanilla_loss_barrier": "vanilla loss barrier",
 }
 
 
@@ -337,7 +339,8 @@ def markdown_table(rows: list[dict[str, Any]], keys: list[str], target: float) -
             " One-shot fusion runs: the fused model, the clients' own models and their "
             "ensemble (mean softmax) on the test set in the fused round; accuracy barrier: "
             "the clients' mean accuracy minus the fused model's; loss barrier: the fused "
-            "model's test loss minus the clients' mean (Git Re-Basin's barrier)."
+            "model's test loss minus the clients' mean (Git Re-Basin's barrier); vanilla: "
+            "the plain average of the same clients, recorded beside an aligned fusion."
         )
     note += "\n"
     return "\n".join(lines) + "\n" + note

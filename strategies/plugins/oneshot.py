@@ -118,7 +118,19 @@ class OneShotMerge:
             self.server.model, states, counts, method=self.method, batches=self.server.proxy,
             rng=np.random.default_rng([self.seed, server_round]), reset_bn=self.server.reset_bn,
         )  # fmt: skip
-        return fused, {"fusion": self.measure(fused, states, [u.partition for u in updates])}
+        fusion = self.measure(fused, states, [u.partition for u in updates])
+        shapes = {k: v.shape for k, v in self.server.model.state_dict().items()}
+        one_width = all(s[k].shape == shape for s in states for k, shape in shapes.items())
+        if self.method != "average" and one_width:  # the naive point, same clients
+            vanilla = fuse_to_anchor(
+                None, self.server.model, states, counts, method="average",
+                batches=self.server.proxy, reset_bn=self.server.reset_bn,
+            )  # fmt: skip
+            loss, accuracy = evaluate(self.server.holding(vanilla), *self.test)
+            fusion["vanilla_accuracy"] = accuracy
+            fusion["vanilla_loss"] = loss
+            fusion["vanilla_loss_barrier"] = loss - float(np.mean(fusion["client_loss"]))
+        return fused, {"fusion": fusion}
 
     def measure(
         self, fused: StateDict, states: Sequence[StateDict], partitions: list[int]
@@ -129,7 +141,11 @@ class OneShotMerge:
         model's test loss minus the clients' mean test loss (with two clients
         of equal sample counts, the midpoint of the linear path between them);
         ``accuracy_barrier`` is the clients' mean accuracy minus the fused
-        model's. Both are 0 or below when fusing costs nothing.
+        model's. Both are 0 or below when fusing costs nothing. An aligned
+        fusion of clients of one width also records the vanilla average of
+        the same clients (``vanilla_accuracy``, ``vanilla_loss``,
+        ``vanilla_loss_barrier``; see :meth:`__call__`), the naive point the
+        alignment is measured against.
         """
         x, y = self.test
         hold = self.holding or (lambda _, s: self.server.holding(s))

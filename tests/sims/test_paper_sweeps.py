@@ -18,6 +18,7 @@ def test_every_paper_sweep_names_its_paper_scale_command() -> None:
     assert [f.stem for f in files] == [
         "dimat_regime", "fedma_regime", "merge_ops_halves", "merge_ops_peers",
         "otfusion_dirichlet", "otfusion_halves", "otfusion_widths", "rebasin_barrier",
+        "rebasin_width",
     ]  # fmt: skip
     for f in files:
         assert "Paper scale" in f.read_text(), f.name
@@ -116,3 +117,14 @@ def test_ldawa_ssl_sweep_loads_and_covers_its_regime() -> None:
             assert sc.partition.alpha == 0.1
         if sc.strategy.name == "ldawa" and sc.strategy.options.normalize == "clients":
             assert sc.strategy.options == type(sc.strategy.options)()  # the paper's defaults
+
+
+def test_rebasin_width_sweep_fuses_resnets_of_three_widths_by_weight_matching() -> None:
+    runs = _runs("rebasin_width")
+    assert sorted({sc.model.width for sc in runs}) == [1, 2, 4]
+    assert {sc.model.name for sc in runs} == {"resnet20"}
+    assert {sc.seed for sc in runs} == {0, 1, 2}
+    for sc in runs:
+        assert sc.strategy.name == "oneshot" and sc.strategy.options.method == "weight"
+        assert sc.strategy.options.proxy_samples > 0  # BatchNorm re-estimated at the midpoint
+        assert sc.train.independent_init and sc.num_clients == 2

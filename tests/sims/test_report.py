@@ -356,9 +356,9 @@ def test_one_shot_fusion_columns_hand_worked(tmp_path: Path) -> None:
     md = rep.summary_md.read_text().splitlines()
     assert md[0].endswith(
         "| fused accuracy | clients' mean accuracy | ensemble accuracy | accuracy barrier "
-        "| loss barrier |"
+        "| loss barrier | vanilla accuracy | vanilla loss barrier |"
     )
-    assert md[2].endswith("| 0.7500 ± 0.0707 | 0.0000 ± 0.0000 | 0.3000 ± 0.1414 |")
+    assert md[2].endswith("| 0.7500 ± 0.0707 | 0.0000 ± 0.0000 | 0.3000 ± 0.1414 | — | — |")
     assert "loss barrier: the fused model's test loss minus the clients' mean" in md[-1]
     assert rep.fusion_png is not None and rep.fusion_png.read_bytes()[:8] == PNG_MAGIC
     assert rep.merged_png is None  # no peer merged
