@@ -37,6 +37,8 @@ from sims.launch import FLOWER_ENV
 from sims.processes import alive, stop_tree
 from strategies.node_data import DATA_SPECS
 
+#: The directory that holds the ``sims`` package that runs this command.
+_ROOT = Path(__file__).resolve().parents[1]
 #: The state file in a federation's directory.
 STATE_FILE = "federation.json"
 #: The connection name ``up`` writes into ``DIR/flwr/config.toml``.
@@ -190,11 +192,35 @@ def _register(key: Path, env: dict[str, str], link: subprocess.Popen[bytes]) -> 
         time.sleep(1.0)
 
 
+def _wait_online(nodes: int, env: dict[str, str], procs: list[subprocess.Popen[bytes]]) -> None:
+    """Wait until ``flwr supernode list`` shows ``nodes`` nodes online."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    flwr = str(Path(sys.executable).parent / "flwr")
+    online = 0
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"process {proc.pid} exited with code {proc.returncode}")
+        out = subprocess.run(
+            [flwr, "supernode", "list", CONNECTION, "--format", "json"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        try:
+            listed = json.loads(out.stdout).get("nodes", [])
+        except ValueError:
+            listed = []
+        online = sum(1 for n in listed if n.get("status") == "online")
+        if online >= nodes:
+            return
+        time.sleep(1.0)
+    raise RuntimeError(f"{online} of {nodes} SuperNodes online after {READY_TIMEOUT:.0f} s")
+
+
 def up(options: FederationOptions) -> dict[str, Any]:
     """Start the federation of ``options`` and write its state file; the state.
 
-    If anything fails, every process started so far is stopped (by PID)
-    before the error is raised.
+    Returns once every SuperNode is online. If anything fails, every process
+    started so far is stopped (by PID) before the error is raised.
     """
     directory = options.directory.resolve()
     if (directory / STATE_FILE).exists():
@@ -218,6 +244,8 @@ def up(options: FederationOptions) -> dict[str, Any]:
     )
     env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home)}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # the processes run the fedmerge that runs this command, from whatever directory
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
     starter = _Starter(directory, env)
     fedmerge = [sys.executable, "-m", "sims.cli"]
     state: dict[str, Any] = {
@@ -239,9 +267,10 @@ def up(options: FederationOptions) -> dict[str, Any]:
         atomic_write_text(directory / STATE_FILE, json.dumps(state, indent=2) + "\n")
         for i in range(options.nodes):
             _register(certs / f"node-{i}.pub", env, link)
+        nodes = []
         for i, d in enumerate(dirs):
             runtime = _free_port()
-            starter.start(
+            node = starter.start(
                 f"supernode-{i}",
                 [*fedmerge, "supernode", "--superlink", f"127.0.0.1:{port}",
                  "--certs", str(certs), "--key", str(certs / f"node-{i}"),
@@ -250,7 +279,9 @@ def up(options: FederationOptions) -> dict[str, Any]:
                  f"data-dir='{d}'"],
                 partition=i, data_dir=str(d), runtime_port=runtime,
             )  # fmt: skip
+            nodes.append(node)
             atomic_write_text(directory / STATE_FILE, json.dumps(state, indent=2) + "\n")
+        _wait_online(options.nodes, env, [link, *nodes])
     except BaseException:
         stop_tree([int(p["pid"]) for p in reversed(starter.records)], STOP_GRACE)
         (directory / STATE_FILE).unlink(missing_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -84,3 +85,15 @@ def test_down_leaves_a_reused_pid_alone(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_up_refuses_a_directory_where_a_federation_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    me = os.getpid()  # a live process recorded with its own start time
+    state = {"processes": [{"role": "superlink", "pid": me, "start_time": start_time(me)}]}
+    (tmp_path / STATE_FILE).write_text(json.dumps(state))
+    assert main(["federation", "up", str(tmp_path), "--nodes", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"where a federation runs (PIDs [{me}])" in err
+    assert not (tmp_path / "certs").exists()
