@@ -170,3 +170,48 @@ def test_bad_image_folders_are_refused_in_one_line(
         )
     with pytest.raises(ValueError, match=r"^data-dir: .*" + message):
         load_node_data(tmp_path, data_spec(kind))
+
+
+def test_saved_datasets_dict_with_array_column(tmp_path: Path) -> None:
+    import datasets
+
+    x, y = _arrays(5, seed=3)
+    tx, ty = _arrays(2, seed=4)
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"x": x.tolist(), "label": y.tolist()}),
+            "test": datasets.Dataset.from_dict({"x": tx.tolist(), "label": ty.tolist()}),
+        }
+    ).save_to_disk(str(tmp_path / "d"))
+    data = load_node_data(tmp_path / "d", DIGITS)
+    torch.testing.assert_close(data.train_x, torch.tensor(x))
+    torch.testing.assert_close(data.test_x, torch.tensor(tx))
+    assert data.train_y.tolist() == y.tolist() and data.test_y.tolist() == ty.tolist()
+
+
+def test_saved_dataset_of_images_is_the_train_split(tmp_path: Path) -> None:
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 256, size=(4, 8, 8), dtype=np.uint8)
+    ds = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(p) for p in pixels], "label": [1, 2, 3, 4]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
+    )
+    ds.save_to_disk(str(tmp_path / "d"))
+    data = load_node_data(tmp_path / "d", DIGITS)
+    scaled = pixels.astype(np.float64) / 255.0
+    expected = ((scaled - scaled.mean()) / scaled.std(ddof=1))[:, None].astype(np.float32)
+    torch.testing.assert_close(data.train_x, torch.from_numpy(expected))
+    assert data.train_y.tolist() == [1, 2, 3, 4] and len(data.test_y) == 0
+
+
+def test_saved_dataset_without_a_known_column_is_refused(tmp_path: Path) -> None:
+    import datasets
+
+    datasets.Dataset.from_dict({"pixels": [[0.0] * 64], "label": [0]}).save_to_disk(
+        str(tmp_path / "d")
+    )
+    with pytest.raises(ValueError, match=r"split train has columns \['pixels', 'label'\]; "):
+        load_node_data(tmp_path / "d", DIGITS)
