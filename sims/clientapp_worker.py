@@ -34,7 +34,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from flwr.app import Context, Message
 from flwr.app.error import Error
@@ -85,7 +85,6 @@ class Loaded:
     fab_hash: str | None = None
     app: ClientApp | None = None
     served: int = 0
-    times: list[float] = field(default_factory=list)
 
 
 def _client(
@@ -186,7 +185,6 @@ def serve_task(
             client.close()
     loaded.served += 1
     seconds = time.perf_counter() - t0
-    loaded.times.append(seconds)
     logger.info(
         "pid %d served task %d in %.3f s (%s): pull %.3f s, load %.3f s, run %.3f s, push %.3f s",
         os.getpid(),
@@ -229,7 +227,7 @@ def serve(args: argparse.Namespace, argv: list[str]) -> int:
         while True:
             res = acquirer.AcquireTask(request)
             if res.HasField("task") and res.token:
-                fab = res.task.fab_hash
+                fab = res.task.fab_hash  # the SuperNode names every task's FAB
                 if loaded.fab_hash is not None and fab and fab != loaded.fab_hash:
                     acquirer.close()
                     _replace_self(base, res.token, fab)
