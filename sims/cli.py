@@ -25,6 +25,7 @@ from rich.progress import (
 from rich.table import Table
 
 from fedmerge.atomic import atomic_write_text
+from sims import local_federation
 from sims.certs import write_certs
 from sims.checks import (
     check_run_dir,
@@ -35,6 +36,7 @@ from sims.checks import (
 from sims.compare import PlannedRun, Sweep, load_sweep, plan_sweep, run_sweep, write_manifest
 from sims.deploy import run_status, superlink_command, supernode_command
 from sims.launch import FLOWER_ENV, SimulationError, preflight, run_config_toml, simulate
+from sims.node import supernode_with_worker, supervise
 from sims.plots import plot_accuracy, plot_partition
 from sims.report import DEFAULT_TARGET, Report, build_report
 from sims.runs import expand_run_dirs
@@ -358,15 +360,33 @@ def cmd_superlink(args: argparse.Namespace) -> int:
 
 
 def cmd_supernode(args: argparse.Namespace) -> int:
-    """Start flower-supernode with TLS and its authentication key."""
-    return _exec_flower(
-        supernode_command(
-            superlink=args.superlink, node_config=args.node_config,
-            certs=Path(args.certs) if args.certs else None,
-            key=Path(args.key) if args.key else None, insecure=args.insecure,
-            force=args.force_insecure, port=args.port, extra=args.extra,
-        )
+    """Start flower-supernode with TLS and its key, and its long-lived ClientApp process."""
+    cmd = supernode_command(
+        superlink=args.superlink, node_config=args.node_config,
+        certs=Path(args.certs) if args.certs else None,
+        key=Path(args.key) if args.key else None, insecure=args.insecure,
+        force=args.force_insecure, port=args.port, extra=args.extra,
     )  # fmt: skip
+    if args.isolation == "subprocess":  # Flower's default: a new process per message
+        return _exec_flower(cmd)
+    return supervise(supernode_with_worker(cmd, args.port), {**os.environ, **FLOWER_ENV})
+
+
+def cmd_federation(args: argparse.Namespace) -> int:
+    """Start (up) or stop (down) a TLS federation on this machine."""
+    if args.action == "down":
+        pids = local_federation.down(Path(args.dir))
+        console.print(
+            f"federation down: stopped {len(pids)} processes {pids}", highlight=False, markup=False
+        )
+        return 0
+    options = local_federation.FederationOptions(
+        Path(args.dir), nodes=args.nodes, dataset=args.dataset,
+        dataset_root=args.dataset_root, port=args.port, seed=args.seed,
+    )  # fmt: skip
+    for line in local_federation.usage_lines(local_federation.up(options)):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -517,8 +537,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sn.add_argument("--key", help="this node's private key (node-I of fedmerge certs)")
     sn.add_argument("--port", type=int, help="local ClientApp API port (default: 9094)")
+    sn.add_argument(
+        "--isolation",
+        choices=["process", "subprocess"],
+        default="process",
+        help="process: one long-lived ClientApp process serves every message (default); "
+        "subprocess: Flower's default, a new ClientApp process per message",
+    )
     flower_args(sn)
     sn.set_defaults(func=cmd_supernode)
+
+    fed = sub.add_parser(
+        "federation", help="up: a TLS federation on this machine (SuperLink, nodes); down: stop it"
+    )
+    fed.add_argument("action", choices=["up", "down"])
+    fed.add_argument("dir", metavar="DIR", help="its certificates, data, logs and state file")
+    fed.add_argument("--nodes", type=int, default=2, help="SuperNodes (default: 2)")
+    fed.add_argument(
+        "--dataset", default="digits", help="data set split among the nodes (default: digits)"
+    )
+    fed.add_argument("--dataset-root", help="its files, if it is not generated")
+    fed.add_argument("--port", type=int, default=0, help="SuperLink port (default: a free one)")
+    fed.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")
+    fed.set_defaults(func=cmd_federation)
 
     st = sub.add_parser("status", help="how a run ended (exit 0 completed, 3 degraded, 1 failed)")
     st.add_argument("run_dir", metavar="RUN_DIR")

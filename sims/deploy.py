@@ -157,7 +157,7 @@ def supernode_command(
         Directory holding ``ca.crt`` (required unless ``insecure``).
     key : Path, optional
         This node's private key (``fedmerge certs``' ``node-I``; its
-        ``.pub`` beside it); ``None``: no authentication.
+        ``.pub`` is registered on the SuperLink); ``None``: no authentication.
     insecure : bool (default: False)
         Plain HTTP; refused for a non-loopback SuperLink unless ``force``.
     port : int, optional
@@ -176,11 +176,9 @@ def supernode_command(
             raise ValueError("--certs: got none; allowed: a directory written by fedmerge certs")
         _need([certs / "ca.crt"], "--certs")
         cmd += ["--root-certificates", str(certs / "ca.crt")]
-    if key is not None:
-        public = key.with_name(key.name + ".pub")
-        _need([key, public], "--key")
+    if key is not None:  # Flower 1.42 derives the public key (its flag is deprecated)
+        _need([key], "--key")
         cmd += ["--auth-supernode-private-key", str(key)]
-        cmd += ["--auth-supernode-public-key", str(public)]
     if port is not None:
         cmd += ["--port", str(port)]
     return cmd + list(extra)

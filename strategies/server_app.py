@@ -20,6 +20,7 @@ from strategies.deployment import (
     log_through_flower,
     query_message,
     read_status,
+    send_and_receive,
 )
 from strategies.federation import SAMPLING_STREAM, Federation, federation
 from strategies.metering import MeteredGrid
@@ -74,7 +75,7 @@ def discover_nodes(grid: Grid, expected: int, timeout: float) -> dict[int, int]:
     node_ids = _wait_for_nodes(grid, expected, timeout)
     messages = [query_message(n) for n in node_ids]
     mapping: dict[int, int] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+    for reply in send_and_receive(grid, messages, timeout=timeout):
         if reply.has_error():
             raise NodeDiscoveryError(
                 f"node {reply.metadata.src_node_id} failed to answer: {reply.error.reason}"

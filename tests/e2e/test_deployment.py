@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from fedmerge.data import load_dataset
-from sims.launch import APP_DIR, FLOWER_ENV, _free_port, _stop, _wait_healthy
+from sims.launch import APP_DIR, FLOWER_ENV, _free_port, _stop, _wait_healthy, stage_app
 
 
 @pytest.fixture
@@ -265,3 +266,88 @@ def test_tls_and_node_authentication(tmp_path: Path) -> None:
     finally:
         for proc in reversed(procs):
             _stop(proc)
+
+
+def test_supernode_serves_every_message_from_one_clientapp_process(
+    deployment, tmp_path: Path
+) -> None:
+    """fedmerge supernode (process isolation): one ClientApp process per node, all messages.
+
+    Every message a node gets (the discovery query, then one training message per round)
+    is served, and logged, by the same worker process; the run learns as usual.
+    """
+    env, procs = deployment
+    logs = [tmp_path / f"node{p}.log" for p in range(2)]
+    for p, log in enumerate(logs):
+        with log.open("w") as sink:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "sims.cli", "supernode", "--insecure",
+                     "--superlink", f"127.0.0.1:{env['SUPERLINK_PORT']}",
+                     "--port", str(_free_port()),
+                     "--node-config", f"partition-id={p} num-partitions=2"],
+                    cwd=APP_DIR, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )  # fmt: skip
+    run_dir = tmp_path / "run"
+    out = _flwr_run(
+        env,
+        "rounds=3 num_clients=2 clients_per_round=2 strategy.name='fedavg' "
+        "dataset.name='digits' model.name='mlp' simulation.assign_partitions=false "
+        f"output.run-dir='{run_dir}'",
+    )
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed", out.stdout[-3000:]
+    rows = _rows(run_dir)
+    assert [r["clients"] for r in rows[1:]] == [2, 2, 2]
+    assert rows[-1]["accuracy"] > rows[0]["accuracy"] + 0.3
+    for log in logs:
+        served = re.findall(r"pid (\d+) served task (\d+) in [\d.]+ s \((\w+)\)", log.read_text())
+        assert len(served) == 4, log.read_text()[-3000:]  # query + 3 training messages
+        assert len({pid for pid, _, _ in served}) == 1
+        assert [int(n) for _, n, _ in served] == [1, 2, 3, 4]
+        assert {status for _, _, status in served} == {"completed"}
+
+
+def test_a_changed_app_gets_fresh_modules_in_the_same_clientapp_process(
+    deployment, tmp_path: Path
+) -> None:
+    """Two runs of two app versions (FAB hashes) on one node: the second one restarts the
+    node's ClientApp process in place (exec, same PID) and runs the changed code."""
+    env, procs = deployment
+    log = tmp_path / "node.log"
+    with log.open("w") as sink:
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "sims.cli", "supernode", "--insecure",
+                 "--superlink", f"127.0.0.1:{env['SUPERLINK_PORT']}",
+                 "--port", str(_free_port()), "--node-config", "partition-id=0 num-partitions=1"],
+                cwd=APP_DIR, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )  # fmt: skip
+    apps = [stage_app(tmp_path / "app-a"), stage_app(tmp_path / "app-b")]
+    client = apps[1] / "strategies" / "client_app.py"
+    client.write_text(  # version b says so in the node's log when it is imported
+        client.read_text() + "\nimport logging as _logging\n"
+        "_logging.getLogger('fedmerge').warning('client app version b')\n"
+    )
+    for name, app in zip("ab", apps, strict=True):
+        run_dir = tmp_path / f"run-{name}"
+        out = subprocess.run(
+            ["flwr", "run", str(app), "--stream", "--run-config",
+             "rounds=1 num_clients=1 clients_per_round=1 strategy.name='fedavg' "
+             "dataset.name='digits' model.name='mlp' simulation.assign_partitions=false "
+             f"output.run-dir='{run_dir}'"],
+            env=env, capture_output=True, text=True, timeout=400,
+        )  # fmt: skip
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "completed", out.stdout[-3000:]
+    text = log.read_text()
+    served = re.findall(r"pid (\d+) served task (\d+)", text)
+    assert len(served) == 4 and len({pid for pid, _ in served}) == 1, text[-3000:]
+    # run a: tasks 1-2 in the first interpreter; run b: the exec'd one counts afresh
+    assert [int(n) for _, n in served] == [1, 2, 1, 2]
+    assert text.count("restarts afresh") == 1
+    assert text.index("restarts afresh") < text.index("client app version b")

@@ -84,7 +84,6 @@ def test_supernode_command_with_key(tmp_path: Path) -> None:
         "--superlink", "link:9091", "--node-config", "partition-id=0 data-dir='/d'",
         "--root-certificates", str(tmp_path / "ca.crt"),
         "--auth-supernode-private-key", str(tmp_path / "node-0"),
-        "--auth-supernode-public-key", str(tmp_path / "node-0.pub"),
         "--port", "9100",
     ]  # fmt: skip
     with pytest.raises(ValueError, match=r"^--superlink: got 'link'; allowed: HOST:PORT"):

@@ -16,6 +16,7 @@ from strategies.deployment import (
     failed_summary,
     lost_partitions,
     read_status,
+    send_and_receive,
 )
 from strategies.server_app import FinishedRunDirError, NodeDiscoveryError, discover_nodes
 from strategies.server_app import main as server_main
@@ -28,25 +29,41 @@ class _FakeGrid:
         self.holds = dict(holds)
         self.live = set(holds)
         self.sent: list[tuple[str, int]] = []
+        self.silent: set[int] = set()
+        self.pending: list[Message] = []
+        self.per_pull = 1_000
+        self.pulls = 0
         self._n = 0
 
     def get_node_ids(self) -> Iterable[int]:
         return sorted(self.live)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
-        out = []
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Queue each message's reply; replies come back ``per_pull`` at a time."""
+        ids = []
         for m in messages:
             self._n += 1
             m.metadata.__dict__["_message_id"] = f"m{self._n}"
             dst = m.metadata.dst_node_id
             self.sent.append((m.metadata.message_type, dst))
-            if dst not in self.live:
+            if dst in self.silent:
+                pass  # never answers
+            elif dst not in self.live:
                 reply = Message(Error(code=1, reason="node offline"), reply_to=m)
                 reply.metadata.__dict__["_src_node_id"] = 0  # made by the SuperLink
+                self.pending.append(reply)
             else:
                 config = ConfigRecord({protocol.PARTITION_ID: self.holds[dst]})
-                reply = Message(RecordDict({protocol.CONFIG: config}), reply_to=m)
-            out.append(reply)
+                self.pending.append(Message(RecordDict({protocol.CONFIG: config}), reply_to=m))
+            ids.append(m.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        self.pulls += 1
+        wanted = set(message_ids)
+        ready = [r for r in self.pending if r.metadata.reply_to_message_id in wanted]
+        out = ready[: self.per_pull]
+        self.pending = [r for r in self.pending if r not in out]
         return out
 
 
@@ -132,16 +149,21 @@ def test_failed_summary_and_finished_status(tmp_path: Path) -> None:
 
 def test_a_message_without_reply_becomes_an_error_of_its_partition() -> None:
     fake = _FakeGrid({11: 0, 22: 1})
-    real_send = fake.send_and_receive
-
-    def drop_22(messages, *, timeout=None):
-        return [r for r in real_send(messages, timeout=timeout) if r.metadata.src_node_id != 22]
-
-    fake.send_and_receive = drop_22  # type: ignore[method-assign]
+    fake.silent.add(22)
     grid = RejoiningGrid(fake, {0: 11, 1: 22}, timeout=5)  # type: ignore[arg-type]
-    replies = grid.send_and_receive([_train(11), _train(22)], timeout=7)
+    replies = grid.send_and_receive([_train(11), _train(22)], timeout=0.3)
     assert [r.metadata.src_node_id for r in replies] == [11, 22]
-    assert replies[1].has_error() and replies[1].error.reason == "no reply within 7 s"
+    assert replies[1].has_error() and replies[1].error.reason == "no reply within 0.3 s"
+
+
+def test_replies_that_come_one_by_one_are_all_collected() -> None:
+    fake = _FakeGrid({11: 0, 22: 1, 33: 2})
+    fake.per_pull = 1
+    replies = send_and_receive(fake, [_train(11), _train(22), _train(33)], timeout=None)  # type: ignore[arg-type]
+    assert sorted(int(r.content[protocol.CONFIG][protocol.PARTITION_ID]) for r in replies) == [
+        0, 1, 2,
+    ]  # fmt: skip
+    assert fake.pulls == 3  # it stops pulling once every message is answered
 
 
 def test_discovery_refuses_bad_and_duplicate_partition_ids() -> None:

@@ -108,3 +108,110 @@ def test_node_federation_builds_the_scenarios_model_from_node_data(tmp_path: Pat
     assert fed.data.train_y.tolist() == y.tolist()
     model = fed.initial_model()
     assert model(torch.tensor(x)).shape == (6, 10)
+
+
+def _write_pngs(root: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    from PIL import Image
+
+    for i, (pixels, label) in enumerate(zip(images, labels, strict=True)):
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(root / str(label) / f"img{i:03d}.png")
+
+
+def test_image_folders_load_as_standardised_arrays(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    train = rng.integers(0, 256, size=(6, 8, 8), dtype=np.uint8)
+    train_y = np.array([0, 3, 3, 9, 0, 3])
+    test = rng.integers(0, 256, size=(2, 8, 8), dtype=np.uint8)
+    _write_pngs(tmp_path / "train", train, train_y)
+    _write_pngs(tmp_path / "test", test, np.array([9, 1]))
+    data = load_node_data(tmp_path, DIGITS)
+    # independent reading: folders in name order, files in name order within each
+    order = sorted(range(6), key=lambda i: (str(train_y[i]), f"img{i:03d}"))
+    pixels = train[order].astype(np.float64) / 255.0
+    mean, std = pixels.mean(), pixels.std(ddof=1)
+    expected = ((pixels - mean) / std)[:, None].astype(np.float32)
+    torch.testing.assert_close(data.train_x, torch.from_numpy(expected))
+    assert data.train_y.tolist() == train_y[order].tolist()
+    test_expected = ((test[[1, 0]].astype(np.float64) / 255.0 - mean) / std)[:, None]
+    torch.testing.assert_close(data.test_x, torch.from_numpy(test_expected.astype(np.float32)))
+    assert data.test_y.tolist() == [1, 9]
+
+
+def test_rgb_images_keep_their_channels(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+    _write_pngs(tmp_path / "train", images, np.array([0, 1, 2]))
+    data = load_node_data(tmp_path, data_spec("cifar10"))
+    assert data.train_x.shape == (3, 3, 32, 32)
+    pixels = images.astype(np.float64) / 255.0  # standardised: undo with the node's statistics
+    back = data.train_x[0].numpy() * pixels.std(ddof=1) + pixels.mean()
+    np.testing.assert_allclose(back, pixels[0].transpose(2, 0, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("folder", "size", "kind", "message"),
+    [
+        ("12", 8, "digits", r"has a folder '12'; allowed: labels 0 to 9 as folder names"),
+        ("cat", 8, "digits", r"has a folder 'cat'; allowed: labels 0 to 9"),
+        ("1", 7, "digits", r"is 7x7 pixels; allowed: 8x8 \(dataset.name 'digits'\)"),
+        ("1", 8, "mnist1d", r"holds images; allowed: arrays for dataset.name 'mnist1d'"),
+    ],
+)
+def test_bad_image_folders_are_refused_in_one_line(
+    tmp_path: Path, folder: str, size: int, kind: str, message: str
+) -> None:
+    from PIL import Image
+
+    (tmp_path / "train" / folder).mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.zeros((size, size), np.uint8)).save(
+            tmp_path / "train" / folder / f"{i}.png"
+        )
+    with pytest.raises(ValueError, match=r"^data-dir: .*" + message):
+        load_node_data(tmp_path, data_spec(kind))
+
+
+def test_saved_datasets_dict_with_array_column(tmp_path: Path) -> None:
+    import datasets
+
+    x, y = _arrays(5, seed=3)
+    tx, ty = _arrays(2, seed=4)
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"x": x.tolist(), "label": y.tolist()}),
+            "test": datasets.Dataset.from_dict({"x": tx.tolist(), "label": ty.tolist()}),
+        }
+    ).save_to_disk(str(tmp_path / "d"))
+    data = load_node_data(tmp_path / "d", DIGITS)
+    torch.testing.assert_close(data.train_x, torch.tensor(x))
+    torch.testing.assert_close(data.test_x, torch.tensor(tx))
+    assert data.train_y.tolist() == y.tolist() and data.test_y.tolist() == ty.tolist()
+
+
+def test_saved_dataset_of_images_is_the_train_split(tmp_path: Path) -> None:
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 256, size=(4, 8, 8), dtype=np.uint8)
+    ds = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(p) for p in pixels], "label": [1, 2, 3, 4]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
+    )
+    ds.save_to_disk(str(tmp_path / "d"))
+    data = load_node_data(tmp_path / "d", DIGITS)
+    scaled = pixels.astype(np.float64) / 255.0
+    expected = ((scaled - scaled.mean()) / scaled.std(ddof=1))[:, None].astype(np.float32)
+    torch.testing.assert_close(data.train_x, torch.from_numpy(expected))
+    assert data.train_y.tolist() == [1, 2, 3, 4] and len(data.test_y) == 0
+
+
+def test_saved_dataset_without_a_known_column_is_refused(tmp_path: Path) -> None:
+    import datasets
+
+    datasets.Dataset.from_dict({"pixels": [[0.0] * 64], "label": [0]}).save_to_disk(
+        str(tmp_path / "d")
+    )
+    with pytest.raises(ValueError, match=r"split train has columns \['pixels', 'label'\]; "):
+        load_node_data(tmp_path / "d", DIGITS)

@@ -1,0 +1,320 @@
+"""``fedmerge federation up|down``: a whole TLS federation on this machine, to try deployment.
+
+``up DIR --nodes N`` writes, under ``DIR``::
+
+    certs/                 # fedmerge certs: CA, SuperLink certificate, N node key pairs
+    node-I/data.npz        # node I's own data: a shard of the data set's train and test splits
+    flwr/config.toml       # FLWR_HOME with the connection "federation" (TLS, ca.crt)
+    logs/*.log             # every process's output
+    federation.json        # the state file: PIDs (with their start times), ports, paths
+
+and starts a SuperLink with TLS and SuperNode authentication on 127.0.0.1,
+registers the N node keys, and starts N ``fedmerge supernode`` processes
+(each with its long-lived ClientApp process), each on its own data
+directory. ``down DIR`` stops exactly the processes ``up`` recorded, with
+everything below them, by PID; a PID whose start time differs from the
+recorded one is another process that reused it, and is left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedmerge.atomic import atomic_write_text
+from fedmerge.data import load_dataset
+from sims.certs import write_certs
+from sims.launch import FLOWER_ENV
+from sims.processes import alive, stop_tree
+from strategies.node_data import DATA_SPECS
+
+#: The directory that holds the ``sims`` package that runs this command.
+_ROOT = Path(__file__).resolve().parents[1]
+#: The state file in a federation's directory.
+STATE_FILE = "federation.json"
+#: The connection name ``up`` writes into ``DIR/flwr/config.toml``.
+CONNECTION = "federation"
+#: Seconds ``up`` waits for the SuperLink to accept the node keys.
+READY_TIMEOUT = 120.0
+#: Seconds from SIGTERM to SIGKILL when ``down`` stops a process tree.
+STOP_GRACE = 10.0
+
+
+@dataclass(frozen=True)
+class FederationOptions:
+    """What ``fedmerge federation up`` starts.
+
+    Attributes
+    ----------
+    directory : Path
+        Where certificates, data, logs and the state file go.
+    nodes : int
+        Number of SuperNodes, 1 to 64.
+    dataset : str
+        Data set split into the nodes' data directories (one of
+        :data:`strategies.node_data.DATA_SPECS`).
+    dataset_root : str, optional
+        Its files, for data sets that are not generated (``load_dataset``'s
+        ``root``).
+    port : int
+        The SuperLink's port on 127.0.0.1; 0 picks a free one.
+    seed : int
+        Seed of the shuffle before the split.
+    """
+
+    directory: Path
+    nodes: int = 2
+    dataset: str = "digits"
+    dataset_root: str | None = None
+    port: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Refuse a node count, port or data set that cannot work."""
+        if not 1 <= self.nodes <= 64:
+            raise ValueError(f"--nodes: got {self.nodes}; allowed: 1 to 64")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port: got {self.port}; allowed: 1 to 65535, or 0 for a free one")
+        if self.dataset not in DATA_SPECS:
+            raise ValueError(
+                f"--dataset: got {self.dataset!r}; allowed: {', '.join(sorted(DATA_SPECS))}"
+            )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_time(pid: int) -> int | None:
+    """The start time of ``pid`` in clock ticks since boot (``/proc``), or ``None``."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def read_state(directory: Path) -> dict[str, Any]:
+    """The state file of ``directory``; one-line ``ValueError`` when there is none."""
+    path = directory / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise ValueError(
+            f"DIR: got {str(directory)!r}, which has no readable {STATE_FILE}; allowed: a "
+            f"directory written by fedmerge federation up"
+        ) from None
+    if not isinstance(state, dict) or not isinstance(state.get("processes"), list):
+        raise ValueError(f"DIR: {str(path)!r} is not a federation state file")
+    return state
+
+
+def running(state: dict[str, Any]) -> list[int]:
+    """The recorded PIDs that still run the recorded process (same start time)."""
+    return [
+        int(p["pid"])
+        for p in state["processes"]
+        if alive(int(p["pid"])) and start_time(int(p["pid"])) == p.get("start_time")
+    ]
+
+
+def split_data(options: FederationOptions) -> list[Path]:
+    """Shuffle the data set's splits with ``seed`` and write one shard per node."""
+    data = load_dataset(options.dataset, options.dataset_root)
+    rng = np.random.default_rng(options.seed)
+    train = np.array_split(rng.permutation(len(data.train_y)), options.nodes)
+    test = np.array_split(rng.permutation(len(data.test_y)), options.nodes)
+    dirs = []
+    for i in range(options.nodes):
+        d = options.directory / f"node-{i}"
+        d.mkdir(parents=True, exist_ok=True)
+        np.savez(
+            d / "data.npz",
+            train_x=data.train_x.numpy()[train[i]],
+            train_y=data.train_y.numpy()[train[i]],
+            test_x=data.test_x.numpy()[test[i]],
+            test_y=data.test_y.numpy()[test[i]],
+        )
+        dirs.append(d)
+    return dirs
+
+
+class _Starter:
+    """Starts processes detached (own session, output to a log), remembering each."""
+
+    def __init__(self, directory: Path, env: dict[str, str]) -> None:
+        self.logs = directory / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.cwd = directory
+        self.env = env
+        self.records: list[dict[str, Any]] = []
+
+    def start(self, role: str, cmd: list[str], **extra: Any) -> subprocess.Popen[bytes]:
+        log = self.logs / f"{role}.log"
+        with log.open("wb") as sink:
+            proc = subprocess.Popen(
+                cmd, cwd=self.cwd, env=self.env, stdout=sink, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+        self.records.append(
+            {"role": role, "pid": proc.pid, "start_time": start_time(proc.pid), "log": str(log),
+             **extra}
+        )  # fmt: skip
+        return proc
+
+
+def _register(key: Path, env: dict[str, str], link: subprocess.Popen[bytes]) -> None:
+    """``flwr supernode register``, retried until the SuperLink answers."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    flwr = str(Path(sys.executable).parent / "flwr")
+    while True:
+        if link.poll() is not None:
+            raise RuntimeError(f"the SuperLink exited with code {link.returncode}")
+        out = subprocess.run(
+            [flwr, "supernode", "register", str(key), CONNECTION],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        if out.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"flwr supernode register {key.name} failed: {out.stdout[-500:]}")
+        time.sleep(1.0)
+
+
+def _wait_online(nodes: int, env: dict[str, str], procs: list[subprocess.Popen[bytes]]) -> None:
+    """Wait until ``flwr supernode list`` shows ``nodes`` nodes online."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    flwr = str(Path(sys.executable).parent / "flwr")
+    online = 0
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"process {proc.pid} exited with code {proc.returncode}")
+        out = subprocess.run(
+            [flwr, "supernode", "list", CONNECTION, "--format", "json"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        try:
+            listed = json.loads(out.stdout).get("nodes", [])
+        except ValueError:
+            listed = []
+        online = sum(1 for n in listed if n.get("status") == "online")
+        if online >= nodes:
+            return
+        time.sleep(1.0)
+    raise RuntimeError(f"{online} of {nodes} SuperNodes online after {READY_TIMEOUT:.0f} s")
+
+
+def up(options: FederationOptions) -> dict[str, Any]:
+    """Start the federation of ``options`` and write its state file; the state.
+
+    Returns once every SuperNode is online. If anything fails, every process
+    started so far is stopped (by PID) before the error is raised.
+    """
+    directory = options.directory.resolve()
+    if (directory / STATE_FILE).exists():
+        pids = running(read_state(directory))
+        if pids:
+            raise ValueError(
+                f"DIR: got {str(directory)!r}, where a federation runs (PIDs {pids}); allowed: "
+                f"another directory, or fedmerge federation down {directory} first"
+            )
+    directory.mkdir(parents=True, exist_ok=True)
+    port = options.port or _free_port()
+    certs = directory / "certs"
+    write_certs(certs, ["127.0.0.1"], options.nodes)
+    dirs = split_data(options)
+    home = directory / "flwr"
+    home.mkdir(exist_ok=True)
+    atomic_write_text(
+        home / "config.toml",
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "127.0.0.1:{port}"\nroot-certificates = "{certs / "ca.crt"}"\n',
+    )
+    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home)}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # the processes run the fedmerge that runs this command, from whatever directory
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
+    starter = _Starter(directory, env)
+    fedmerge = [sys.executable, "-m", "sims.cli"]
+    state: dict[str, Any] = {
+        "directory": str(directory),
+        "superlink": f"127.0.0.1:{port}",
+        "flwr_home": str(home),
+        "connection": CONNECTION,
+        "dataset": options.dataset,
+        "nodes": options.nodes,
+        "processes": starter.records,
+    }
+    try:
+        link = starter.start(
+            "superlink",
+            [*fedmerge, "superlink", "--certs", str(certs), "--host", "127.0.0.1",
+             "--port", str(port)],
+            port=port,
+        )  # fmt: skip
+        atomic_write_text(directory / STATE_FILE, json.dumps(state, indent=2) + "\n")
+        for i in range(options.nodes):
+            _register(certs / f"node-{i}.pub", env, link)
+        nodes = []
+        for i, d in enumerate(dirs):
+            runtime = _free_port()
+            node = starter.start(
+                f"supernode-{i}",
+                [*fedmerge, "supernode", "--superlink", f"127.0.0.1:{port}",
+                 "--certs", str(certs), "--key", str(certs / f"node-{i}"),
+                 "--port", str(runtime),
+                 "--node-config", f"partition-id={i} num-partitions={options.nodes} "
+                 f"data-dir='{d}'"],
+                partition=i, data_dir=str(d), runtime_port=runtime,
+            )  # fmt: skip
+            nodes.append(node)
+            atomic_write_text(directory / STATE_FILE, json.dumps(state, indent=2) + "\n")
+        _wait_online(options.nodes, env, [link, *nodes])
+    except BaseException:
+        stop_tree([int(p["pid"]) for p in reversed(starter.records)], STOP_GRACE)
+        (directory / STATE_FILE).unlink(missing_ok=True)
+        raise
+    return state
+
+
+def down(directory: Path) -> list[int]:
+    """Stop every process that ``up`` recorded in ``directory`` (and their children).
+
+    Returns the recorded PIDs that were still running. The state file is
+    removed once they are all gone.
+    """
+    state = read_state(directory)
+    pids = running(state)
+    if pids:  # recorded in start order: the nodes stop before the SuperLink
+        stop_tree(pids[::-1], STOP_GRACE)
+    if any(alive(pid) for pid in pids):
+        raise RuntimeError(f"processes {[p for p in pids if alive(p)]} did not stop")
+    (directory / STATE_FILE).unlink()
+    return pids
+
+
+def usage_lines(state: dict[str, Any]) -> list[str]:
+    """What to type next, after ``up``."""
+    n = state["nodes"]
+    return [
+        f"federation up: SuperLink {state['superlink']} (TLS, node authentication), "
+        f"{n} SuperNodes with their own {state['dataset']} shards",
+        f"state: {Path(state['directory']) / STATE_FILE}; logs: {state['directory']}/logs/",
+        "run:",
+        f"  FLWR_HOME={state['flwr_home']} flwr run . {CONNECTION} --stream --run-config "
+        f"\"num_clients={n} clients_per_round={n} dataset.name='{state['dataset']}' "
+        f"model.name='mlp' simulation.assign_partitions=false\"",
+        f"stop: fedmerge federation down {state['directory']}",
+    ]

@@ -1,0 +1,99 @@
+"""``fedmerge federation up|down``: bad input, the split, and PIDs reused by other processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedmerge.data import load_dataset
+from sims.cli import main
+from sims.local_federation import (
+    STATE_FILE,
+    FederationOptions,
+    down,
+    running,
+    split_data,
+    start_time,
+)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--nodes", "0"], "--nodes: got 0; allowed: 1 to 64"),
+        (["--port", "70000"], "--port: got 70000; allowed: 1 to 65535"),
+        (["--dataset", "imagenet"], "--dataset: got 'imagenet'; allowed: cifar10"),
+    ],
+)
+def test_up_refuses_bad_input_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    assert main(["federation", "up", str(tmp_path / "f"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not (tmp_path / "f").exists()  # refused before anything was written
+
+
+def test_down_without_a_state_file_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["federation", "down", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"DIR: got '{tmp_path}', which has no readable {STATE_FILE}" in err
+    assert "\n" not in err
+
+
+def test_split_covers_every_sample_once(tmp_path: Path) -> None:
+    split_data(FederationOptions(tmp_path, nodes=3, dataset="digits"))
+    data = load_dataset("digits")
+    shards = [np.load(tmp_path / f"node-{i}" / "data.npz") for i in range(3)]
+    for split in ("train", "test"):
+        x = np.concatenate([s[f"{split}_x"] for s in shards])
+        y = np.concatenate([s[f"{split}_y"] for s in shards])
+        ref_x = getattr(data, f"{split}_x").numpy()
+        assert len(x) == len(ref_x)
+        order_x, order_ref = (
+            np.lexsort(x.reshape(len(x), -1).T),
+            np.lexsort(ref_x.reshape(len(ref_x), -1).T),
+        )
+        np.testing.assert_array_equal(x[order_x], ref_x[order_ref])
+        assert sorted(y.tolist()) == sorted(getattr(data, f"{split}_y").numpy().tolist())
+    sizes = [len(s["train_y"]) for s in shards]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_down_leaves_a_reused_pid_alone(tmp_path: Path) -> None:
+    """A recorded PID whose start time differs is another process: not signalled."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        state = {
+            "processes": [{"role": "superlink", "pid": proc.pid, "start_time": -1}],
+        }
+        (tmp_path / STATE_FILE).write_text(json.dumps(state))
+        assert running(state) == []
+        assert down(tmp_path) == []
+        assert proc.poll() is None  # still running
+        assert not (tmp_path / STATE_FILE).exists()
+        state["processes"][0]["start_time"] = start_time(proc.pid)
+        assert running(state) == [proc.pid]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_up_refuses_a_directory_where_a_federation_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    me = os.getpid()  # a live process recorded with its own start time
+    state = {"processes": [{"role": "superlink", "pid": me, "start_time": start_time(me)}]}
+    (tmp_path / STATE_FILE).write_text(json.dumps(state))
+    assert main(["federation", "up", str(tmp_path), "--nodes", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"where a federation runs (PIDs [{me}])" in err
+    assert not (tmp_path / "certs").exists()
