@@ -124,6 +124,11 @@ def deployed(
             if time.monotonic() > deadline:
                 raise RuntimeError(f"deployed run ({isolation}) did not finish in 900 s")
             time.sleep(0.5)
+        if not (run_dir / "summary.json").exists():
+            raise RuntimeError(
+                f"deployed run ({isolation}): flwr run exited {flwr.returncode} without a "
+                f"summary.json; see flwr-run-{isolation}.log"
+            )
         summary = json.loads((run_dir / "summary.json").read_text())
         if summary.get("status") != "completed":
             raise RuntimeError(f"deployed run ({isolation}): {summary}")
@@ -162,7 +167,7 @@ def main() -> int:
     p.add_argument("--keep", metavar="DIR", help="work (logs, runs) in DIR and keep it")
     args = p.parse_args()
     if args.rounds < 2:
-        p.error("--rounds: got {args.rounds}; allowed: >= 2")
+        p.error(f"--rounds: got {args.rounds}; allowed: >= 2")
     env = {**os.environ, **FLOWER_ENV}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     with tempfile.TemporaryDirectory(prefix="deploy-round-") as name:

@@ -587,6 +587,9 @@ def main(argv: list[str] | None = None) -> int:
             f"fedmerge: simulation failed: {exc}", highlight=False, markup=False, soft_wrap=True
         )
         return 1
+    except local_federation.FederationError as exc:
+        _error_line(f"federation failed: {exc}")
+        return 1
     except Exception as exc:  # one line for bad input; a traceback for bugs
         message = input_error(exc)
         if message is None:

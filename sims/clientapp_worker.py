@@ -228,7 +228,9 @@ def serve(args: argparse.Namespace, argv: list[str]) -> int:
             res = acquirer.AcquireTask(request)
             if res.HasField("task") and res.token:
                 fab = res.task.fab_hash  # the SuperNode names every task's FAB
-                if loaded.fab_hash is not None and fab and fab != loaded.fab_hash:
+                # another FAB, or one the task does not name: start afresh, never load a
+                # second app into modules the first one imported
+                if loaded.fab_hash is not None and fab != loaded.fab_hash:
                     acquirer.close()
                     _replace_self(base, res.token, fab)
                 serve_task(address, res.token, args.insecure, certificates, loaded)

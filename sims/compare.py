@@ -502,6 +502,8 @@ def run_sweep(
                 futures[first] = pool.submit(one, first, runs[first])
                 while not installed.wait(0.2) and not futures[first].done():
                     pass
+                if futures[first].done() and futures[first].exception() is not None:
+                    futures[first].result()  # failed before its first row: start nothing new
             for i, run in enumerate(runs):
                 if i not in futures:
                     futures[i] = pool.submit(one, i, run)

@@ -66,8 +66,10 @@ def client_accuracy(run: RunRecord) -> list[float]:
     for pid in range(fed.config.num_clients):
         x, y = fed.client_data(pid)
         # a self-supervised run's network has no classifier: k-NN of its encoder, as its rows
-        accuracy.append(
-            evaluate(model, x, y)[1] if encoder is None else encoder.knn_on(state, x, y)
+        accuracy.append(  # the client's own samples are left out of the k-NN bank
+            evaluate(model, x, y)[1]
+            if encoder is None
+            else encoder.knn_on(state, x, y, exclude=fed.partitions[pid])
         )
     data = "local training data" + ("" if encoder is None else " (k-NN of the encoder)")
     record = {"model_sha256": model_hash, "data": data, "accuracy": accuracy}

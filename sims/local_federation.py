@@ -88,6 +88,11 @@ class FederationOptions:
             raise ValueError(
                 f"--dataset: got {self.dataset!r}; allowed: {', '.join(sorted(DATA_SPECS))}"
             )
+        if any(c in str(self.directory.resolve()) for c in "'\"\\"):
+            raise ValueError(
+                f"DIR: got {str(self.directory)!r}; allowed: a path without quotes or "
+                "backslashes (it goes into each SuperNode's --node-config)"
+            )
 
 
 def _free_port() -> int:
@@ -174,21 +179,30 @@ class _Starter:
         return proc
 
 
+class FederationError(RuntimeError):
+    """A process of the federation failed or did not answer; the message says which."""
+
+
+def _flwr(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run one ``flwr`` command against the SuperLink (a minute at most)."""
+    try:
+        return subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise FederationError(f"{' '.join(args[1:3])} did not answer in 60 s") from None
+
+
 def _register(key: Path, env: dict[str, str], link: subprocess.Popen[bytes]) -> None:
     """``flwr supernode register``, retried until the SuperLink answers."""
     deadline = time.monotonic() + READY_TIMEOUT
     flwr = str(Path(sys.executable).parent / "flwr")
     while True:
         if link.poll() is not None:
-            raise RuntimeError(f"the SuperLink exited with code {link.returncode}")
-        out = subprocess.run(
-            [flwr, "supernode", "register", str(key), CONNECTION],
-            env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            raise FederationError(f"the SuperLink exited with code {link.returncode}")
+        out = _flwr([flwr, "supernode", "register", str(key), CONNECTION], env)
         if out.returncode == 0:
             return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"flwr supernode register {key.name} failed: {out.stdout[-500:]}")
+            raise FederationError(f"flwr supernode register {key.name} failed: {out.stdout[-500:]}")
         time.sleep(1.0)
 
 
@@ -200,11 +214,8 @@ def _wait_online(nodes: int, env: dict[str, str], procs: list[subprocess.Popen[b
     while time.monotonic() < deadline:
         for proc in procs:
             if proc.poll() is not None:
-                raise RuntimeError(f"process {proc.pid} exited with code {proc.returncode}")
-        out = subprocess.run(
-            [flwr, "supernode", "list", CONNECTION, "--format", "json"],
-            env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+                raise FederationError(f"process {proc.pid} exited with code {proc.returncode}")
+        out = _flwr([flwr, "supernode", "list", CONNECTION, "--format", "json"], env)
         try:
             listed = json.loads(out.stdout).get("nodes", [])
         except ValueError:
@@ -213,7 +224,7 @@ def _wait_online(nodes: int, env: dict[str, str], procs: list[subprocess.Popen[b
         if online >= nodes:
             return
         time.sleep(1.0)
-    raise RuntimeError(f"{online} of {nodes} SuperNodes online after {READY_TIMEOUT:.0f} s")
+    raise FederationError(f"{online} of {nodes} SuperNodes online after {READY_TIMEOUT:.0f} s")
 
 
 def up(options: FederationOptions) -> dict[str, Any]:
@@ -300,7 +311,7 @@ def down(directory: Path) -> list[int]:
     if pids:  # recorded in start order: the nodes stop before the SuperLink
         stop_tree(pids[::-1], STOP_GRACE)
     if any(alive(pid) for pid in pids):
-        raise RuntimeError(f"processes {[p for p in pids if alive(p)]} did not stop")
+        raise FederationError(f"processes {[p for p in pids if alive(p)]} did not stop")
     (directory / STATE_FILE).unlink()
     return pids
 

@@ -49,10 +49,15 @@ class EncoderEvaluation:
         self.model = model
 
     @cached_property
-    def _bank(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _bank_index(self) -> np.ndarray:
+        """Training-set indices of the labelled bank (k-NN) and probe samples, seeded."""
         n, k = len(self.data.train_y), self.config.task.eval_samples
         rng = np.random.default_rng([self.config.seed, EVAL_STREAM, 0])
-        idx = torch.from_numpy(np.sort(rng.choice(n, size=min(k, n), replace=False)))
+        return np.sort(rng.choice(n, size=min(k, n), replace=False))
+
+    @cached_property
+    def _bank(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.from_numpy(self._bank_index)
         return self.data.train_x[idx], self.data.train_y[idx]
 
     @cached_property
@@ -84,10 +89,23 @@ class EncoderEvaluation:
         z2 = self.model(augment(x, aug, generator=g))
         return float(nt_xent(z1, z2, self.config.task.temperature))
 
-    def knn_on(self, state: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
-        """k-NN accuracy of ``state``'s encoder on ``(x, y)`` (e.g. a client's local data)."""
+    def knn_on(
+        self,
+        state: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        exclude: np.ndarray | None = None,
+    ) -> float:
+        """k-NN accuracy of ``state``'s encoder on ``(x, y)`` (e.g. a client's local data).
+
+        ``exclude``: training-set indices left out of the bank, those of the
+        queries themselves (else every query finds itself at similarity 1).
+        """
         self.model.load_state_dict(state)
         bank_x, bank_y = self._bank
+        if exclude is not None:
+            keep = torch.from_numpy(~np.isin(self._bank_index, exclude))
+            bank_x, bank_y = bank_x[keep], bank_y[keep]
         return knn_accuracy(
             encode(self.model, bank_x), bank_y, encode(self.model, x), y,
             k=self.config.task.knn_k, num_classes=self.data.num_classes,

@@ -36,9 +36,10 @@ def knn_accuracy(
     r"""Accuracy of a k-nearest-neighbour classifier with cosine similarity.
 
     Each query takes the :math:`k` bank features of highest cosine similarity;
-    class :math:`c` scores :math:`\sum_{j \in \text{top-}k,\, y_j = c} s_j`
-    (votes weighted by similarity) and the highest score wins (the lowest
-    class index on a tie).
+    class :math:`c` scores :math:`\sum_{j \in \text{top-}k,\, y_j = c} \max(s_j, 0)`
+    (votes weighted by similarity; a neighbour of negative similarity does
+    not vote, so that it cannot rank its class below a class without votes)
+    and the highest score wins (the lowest class index on a tie).
 
     Parameters
     ----------
@@ -62,7 +63,7 @@ def knn_accuracy(
         q = F.normalize(query[s : s + batch_size].float(), dim=1)
         sim, idx = (q @ bank_n.T).topk(k, dim=1)
         scores = q.new_zeros(len(q), num_classes)
-        scores.scatter_add_(1, bank_y[idx], sim)
+        scores.scatter_add_(1, bank_y[idx], sim.clamp_min(0))  # a negative vote is no vote
         correct += int((scores.argmax(1) == query_y[s : s + batch_size]).sum())
     return correct / max(len(query), 1)
 

@@ -63,7 +63,7 @@ def test_the_first_run_to_start_goes_alone_until_its_first_row(
     assert [k for k, _ in events[2:4]] == ["start", "start"]
 
 
-def test_a_first_run_that_fails_before_any_row_releases_the_others(
+def test_a_first_run_that_fails_before_any_row_stops_the_sweep(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[int] = []
@@ -75,4 +75,4 @@ def test_a_first_run_that_fails_before_any_row_releases_the_others(
     monkeypatch.setattr(compare, "simulate", failing)
     with pytest.raises(RuntimeError, match="simulation failed"):
         compare.run_sweep(_runs(tmp_path, 3), parallel=2)
-    assert calls[0] == 0
+    assert calls == [0]  # nothing else started after the first run failed

@@ -97,3 +97,34 @@ def test_up_refuses_a_directory_where_a_federation_runs(
     err = capsys.readouterr().err
     assert f"where a federation runs (PIDs [{me}])" in err
     assert not (tmp_path / "certs").exists()
+
+
+def test_up_when_the_superlink_cannot_start_is_one_line_and_stops_everything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real SuperLink on a port that another socket holds exits at once: ``up`` says so in
+    one line, exits 1, and leaves no process of its own running."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        code = main(["federation", "up", str(tmp_path / "f"), "--nodes", "1",
+                     "--port", str(port)])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-1].startswith("fedmerge: federation failed: the SuperLink exited with code")
+    assert not any("Traceback" in line for line in err)
+    state = tmp_path / "f" / STATE_FILE
+    if state.exists():  # whatever it recorded is gone
+        assert running(json.loads(state.read_text())) == []
+
+
+def test_up_refuses_a_directory_with_a_quote(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["federation", "up", str(tmp_path / "it's")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "DIR: got" in err and "allowed: a path without quotes" in err and "\n" not in err
+    assert not (tmp_path / "it's").exists()

@@ -40,7 +40,7 @@ def _knn_by_hand(bank, bank_y, query, k, num_classes):  # type: ignore[no-untype
         top = sorted(range(len(bank)), key=lambda j: -sims[j])[:k]
         votes = [0.0] * num_classes
         for j in top:
-            votes[int(bank_y[j])] += sims[j]
+            votes[int(bank_y[j])] += max(sims[j], 0.0)  # a neighbour of negative cosine: no vote
         preds.append(max(range(num_classes), key=lambda c: (votes[c], -c)))
     return preds
 
