@@ -9,13 +9,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from fedmerge.tasks.augment import augment
-from fedmerge.tasks.common import augment_config, proximal_anchors, proximal_term
+from fedmerge.tasks.common import proximal_anchors, two_view_epochs
 from fedmerge.tasks.config import SSL_OPTIONS
 from fedmerge.tasks.losses import byol_loss
 from fedmerge.tasks.network import mlp_head, ssl_network
 from fedmerge.tasks.registry import LocalRound, StateDict, Task
-from fedmerge.training import TrainResult, make_optimizer
+from fedmerge.training import make_optimizer
 
 if TYPE_CHECKING:
     from fedmerge.tasks.config import TaskConfig
@@ -103,44 +102,23 @@ class BYOLTask(Task):
     ) -> LocalRound:
         """Train the online ``net`` in place; return the target and predictor to keep."""
         anchors = proximal_anchors(net, prox_mu, global_state)
-        device = next(net.parameters()).device
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         target, predictor = self.local_networks(net, config, kept, seed)
-        n = len(x)
-        steps, epoch_loss = 0, float("nan")
         online = nn.ModuleList([net, predictor])
-        optimizer = make_optimizer(online, train)
-        aug = augment_config(config)
         online.train()
         target.train()
-        for _ in range(train.epochs if epochs is None else epochs):
-            if n == 0:
-                break
-            order = torch.randperm(n, generator=generator)
-            total, seen = torch.zeros((), device=device), 0
-            for start in range(0, n, train.batch_size):
-                idx = order[start : start + train.batch_size]
-                b = len(idx)
-                if b < 2:
-                    continue  # BatchNorm cannot train on one sample
-                xb = x[idx].to(device, non_blocking=True)
-                views = torch.cat(
-                    [augment(xb, aug, generator=generator), augment(xb, aug, generator=generator)]
-                )
-                p = predictor(net(views))
-                with torch.no_grad():
-                    z = target(views)
-                loss = byol_loss(p[:b], z[b:]) + byol_loss(p[b:], z[:b])
-                total += loss.detach() * b
-                seen += b
-                if anchors:
-                    loss = loss + 0.5 * prox_mu * proximal_term(anchors)
-                optimizer.zero_grad(set_to_none=True)
-                torch.autograd.backward(loss)
-                optimizer.step()
-                ema_update(target, net, config.ema_decay)
-                steps += 1
-            epoch_loss = float(total) / seen if seen else float("nan")
+
+        def loss_of(views: torch.Tensor, b: int) -> torch.Tensor:
+            p = predictor(net(views))
+            with torch.no_grad():
+                z = target(views)
+            return byol_loss(p[:b], z[b:]) + byol_loss(p[b:], z[:b])
+
+        result = two_view_epochs(
+            x, train, config, make_optimizer(online, train), loss_of, generator=generator,
+            epochs=train.epochs if epochs is None else epochs, anchors=anchors, prox_mu=prox_mu,
+            after_step=lambda: ema_update(target, net, config.ema_decay),
+        )  # fmt: skip
         kept_state = {
             **{f"{TARGET_PREFIX}{k}": v.detach().clone() for k, v in target.state_dict().items()},
             **{
@@ -148,4 +126,4 @@ class BYOLTask(Task):
                 for k, v in predictor.state_dict().items()
             },
         }
-        return LocalRound(TrainResult(loss=epoch_loss, num_examples=n, num_steps=steps), kept_state)
+        return LocalRound(result, kept_state)

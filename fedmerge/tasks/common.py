@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedmerge.tasks.augment import AugmentConfig
+from fedmerge.tasks.augment import AugmentConfig, augment
 from fedmerge.tasks.config import TaskConfig
+from fedmerge.training import TrainConfig, TrainResult
 
 
 def augment_config(config: TaskConfig) -> AugmentConfig:
@@ -60,3 +61,59 @@ def proximal_term(anchors: list[tuple[nn.Parameter, torch.Tensor]]) -> torch.Ten
     for p, g in anchors:
         total = total + ((p - g) ** 2).sum()
     return total
+
+
+def two_view_epochs(
+    x: torch.Tensor,
+    train: TrainConfig,
+    config: TaskConfig,
+    optimizer: torch.optim.Optimizer,
+    loss_of: Callable[[torch.Tensor, int], torch.Tensor],
+    *,
+    generator: torch.Generator,
+    epochs: int,
+    anchors: list[tuple[nn.Parameter, torch.Tensor]],
+    prox_mu: float,
+    after_step: Callable[[], None] | None = None,
+) -> TrainResult:
+    """The self-supervised tasks' local loop: shuffled batches, two augmented views each.
+
+    Every batch of ``b >= 2`` samples becomes ``views`` (the two views
+    stacked, shape ``(2b, ...)``); ``loss_of(views, b)`` is the task's loss,
+    to which FedProx's term is added when ``anchors`` is not empty;
+    ``after_step`` runs after each optimiser step (BYOL's EMA). The reported
+    loss is the last epoch's sample-weighted mean of the task loss.
+    """
+    n = len(x)
+    if n == 0:
+        return TrainResult(loss=float("nan"), num_examples=0, num_steps=0)
+    device = (
+        x.device if not optimizer.param_groups else optimizer.param_groups[0]["params"][0].device
+    )
+    aug = augment_config(config)
+    steps, epoch_loss = 0, float("nan")
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        total, seen = torch.zeros((), device=device), 0
+        for start in range(0, n, train.batch_size):
+            idx = order[start : start + train.batch_size]
+            b = len(idx)
+            if b < 2:
+                continue  # BatchNorm cannot train on one sample
+            xb = x[idx].to(device, non_blocking=True)
+            views = torch.cat(
+                [augment(xb, aug, generator=generator), augment(xb, aug, generator=generator)]
+            )
+            loss = loss_of(views, b)
+            total += loss.detach() * b
+            seen += b
+            if anchors:
+                loss = loss + 0.5 * prox_mu * proximal_term(anchors)
+            optimizer.zero_grad(set_to_none=True)
+            torch.autograd.backward(loss)
+            optimizer.step()
+            if after_step is not None:
+                after_step()
+            steps += 1
+        epoch_loss = float(total) / seen if seen else float("nan")
+    return TrainResult(loss=epoch_loss, num_examples=n, num_steps=steps)

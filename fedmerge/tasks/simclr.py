@@ -8,13 +8,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from fedmerge.tasks.augment import augment
-from fedmerge.tasks.common import augment_config, proximal_anchors, proximal_term
+from fedmerge.tasks.common import proximal_anchors, two_view_epochs
 from fedmerge.tasks.config import SSL_OPTIONS
 from fedmerge.tasks.losses import nt_xent
 from fedmerge.tasks.network import ssl_network
 from fedmerge.tasks.registry import LocalRound, StateDict, Task
-from fedmerge.training import TrainResult, make_optimizer
+from fedmerge.training import make_optimizer
 
 if TYPE_CHECKING:
     from fedmerge.tasks.config import TaskConfig
@@ -61,35 +60,14 @@ class SimCLRTask(Task):
     ) -> LocalRound:
         """Train ``net`` in place; the labels ``y`` are not read; nothing is kept."""
         anchors = proximal_anchors(net, prox_mu, global_state)
-        device = next(net.parameters()).device
-        n = len(x)
-        if n == 0:
-            return LocalRound(TrainResult(loss=float("nan"), num_examples=0, num_steps=0))
-        optimizer = make_optimizer(net, train)
-        aug = augment_config(config)
         net.train()
-        steps, epoch_loss = 0, float("nan")
-        for _ in range(train.epochs if epochs is None else epochs):
-            order = torch.randperm(n, generator=generator)
-            total, seen = torch.zeros((), device=device), 0
-            for start in range(0, n, train.batch_size):
-                idx = order[start : start + train.batch_size]
-                b = len(idx)
-                if b < 2:
-                    continue
-                xb = x[idx].to(device, non_blocking=True)
-                views = torch.cat(
-                    [augment(xb, aug, generator=generator), augment(xb, aug, generator=generator)]
-                )
-                z = net(views)
-                loss = nt_xent(z[:b], z[b:], config.temperature)
-                total += loss.detach() * b
-                seen += b
-                if anchors:
-                    loss = loss + 0.5 * prox_mu * proximal_term(anchors)
-                optimizer.zero_grad(set_to_none=True)
-                torch.autograd.backward(loss)
-                optimizer.step()
-                steps += 1
-            epoch_loss = float(total) / seen if seen else float("nan")
-        return LocalRound(TrainResult(loss=epoch_loss, num_examples=n, num_steps=steps))
+
+        def loss_of(views: torch.Tensor, b: int) -> torch.Tensor:
+            z = net(views)
+            return nt_xent(z[:b], z[b:], config.temperature)
+
+        result = two_view_epochs(
+            x, train, config, make_optimizer(net, train), loss_of, generator=generator,
+            epochs=train.epochs if epochs is None else epochs, anchors=anchors, prox_mu=prox_mu,
+        )  # fmt: skip
+        return LocalRound(result)
