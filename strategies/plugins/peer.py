@@ -131,11 +131,12 @@ def alignment_batches(
     return list(torch.split(x[sample], 128))
 
 
-class _MixingPlugin(PeerPlugin):
-    """Peers that mix their neighbours' models; :attr:`align` says how they align them."""
+class GossipSchedule(PeerPlugin):
+    """Peers with :class:`GossipOptions`: their initialisation, merge rounds and samples.
 
-    #: How neighbours are aligned before mixing (see :func:`fedmerge.merge.peer_merge`).
-    align: ClassVar[str]
+    The base of every peer strategy that merges (mixing here, task vectors in
+    :mod:`strategies.plugins.task_arithmetic`); subclasses give the merge.
+    """
 
     def independent_init(self, options: Any) -> bool:
         """``peer_init == "independent"``."""
@@ -146,8 +147,15 @@ class _MixingPlugin(PeerPlugin):
         return bool(server_round % options.merge_every == 0)
 
     def align_samples(self, options: Any) -> int:
-        """``align_samples``."""
+        """``align_samples`` (alignment and BatchNorm re-estimation)."""
         return int(options.align_samples)
+
+
+class _MixingPlugin(GossipSchedule):
+    """Peers that mix their neighbours' models; :attr:`align` says how they align them."""
+
+    #: How neighbours are aligned before mixing (see :func:`fedmerge.merge.peer_merge`).
+    align: ClassVar[str]
 
     def merge(
         self,

@@ -25,13 +25,12 @@ from fedmerge.merge import (
 )
 from strategies.plugins.base import (
     ClientContext,
-    PeerPlugin,
     ServerContext,
     ServerPlugin,
     StateDict,
 )
 from strategies.plugins.fedavg import ServerOptions
-from strategies.plugins.peer import GossipOptions
+from strategies.plugins.peer import GossipOptions, GossipSchedule
 
 if TYPE_CHECKING:
     from flwr.serverapp.strategy import Strategy
@@ -195,20 +194,8 @@ def peer_task_vector_merge(
     return merged, PeerMergeInfo(weights, own_w, dict.fromkeys(weights, 0), did_reset)
 
 
-class PeerTaskVectorPlugin(PeerPlugin):
+class PeerTaskVectorPlugin(GossipSchedule):
     """Peers that merge their neighbours' task vectors relative to their own model."""
-
-    def independent_init(self, options: Any) -> bool:
-        """``peer_init == "independent"``."""
-        return bool(options.peer_init == "independent")
-
-    def merges(self, options: Any, server_round: int) -> bool:
-        """Every ``merge_every``-th round."""
-        return bool(server_round % options.merge_every == 0)
-
-    def align_samples(self, options: Any) -> int:
-        """``align_samples`` (BatchNorm re-estimation)."""
-        return int(options.align_samples)
 
     def operator(self, options: Any) -> PeerOperator:
         """The merge of task vectors (own model first)."""
