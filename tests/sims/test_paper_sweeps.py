@@ -112,7 +112,7 @@ def test_ldawa_ssl_sweep_loads_and_covers_its_regime() -> None:
                      ("ldawa", "weights")}  # fmt: skip
     for sc in runs:
         assert sc.num_clients == sc.clients_per_round == 10
-        assert sc.dataset.name == "fashion-mnist" and sc.task.client_samples == 1000
+        assert sc.dataset.name == "fashion-mnist" and sc.task.client_samples == 500
         if sc.partition.scheme == "dirichlet":
             assert sc.partition.alpha == 0.1
         if sc.strategy.name == "ldawa" and sc.strategy.options.normalize == "clients":
