@@ -58,9 +58,14 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
+def _f4(value: float | None) -> str:
+    """``value`` to 4 decimals; ``-`` for a measure nobody took (no client evaluated)."""
+    return "-" if value is None else f"{value:.4f}"
+
+
 def format_round(row: dict[str, Any]) -> str:
     """One progress line for a ``metrics.jsonl`` row."""
-    head = f"  round {row['round']:3d}  acc {row['accuracy']:.4f}  loss {row['loss']:.4f}"
+    head = f"  round {row['round']:3d}  acc {_f4(row['accuracy'])}  loss {_f4(row['loss'])}"
     if row["round"] == 0:
         return f"{head}  (initial model)"
     tl = row.get("train_loss") or {}
@@ -121,10 +126,10 @@ def _simulate_locked(scenario: RunConfig, run_dir: Path) -> int:
     plot_accuracy(run_dir)
     table = Table(title=f"summary ({run_dir})", show_header=False)
     for key, value in [
-        ("final accuracy", f"{summary['final_accuracy']:.4f}"),
-        ("final loss", f"{summary['final_loss']:.4f}"),
-        ("best accuracy", f"{summary['best_accuracy']:.4f}"),
-        ("initial accuracy", f"{summary['initial_accuracy']:.4f}"),
+        ("final accuracy", _f4(summary["final_accuracy"])),
+        ("final loss", _f4(summary["final_loss"])),
+        ("best accuracy", _f4(summary["best_accuracy"])),
+        ("initial accuracy", _f4(summary["initial_accuracy"])),
         ("rounds", str(summary["rounds"])),
         ("bytes communicated", f"{_mb(summary['bytes_total'])} (up {_mb(summary['bytes_up'])}, "
          f"down {_mb(summary['bytes_down'])})"),
@@ -133,6 +138,11 @@ def _simulate_locked(scenario: RunConfig, run_dir: Path) -> int:
          f"{summary['wall_time'] - summary['train_time']:.1f} s)"),
     ]:  # fmt: skip
         table.add_row(key, value)
+    if scenario.evaluation.server == "clients":
+        fraction = scenario.strategy.options.fraction_evaluate
+        table.add_row(
+            "evaluation", f"by the clients, on their own data (fraction_evaluate {fraction})"
+        )
     if scenario.task.self_supervised:  # accuracy is the k-NN monitor; the probe is the measure
         probe = summary.get("final_linear_probe_accuracy")
         table.add_row("task", f"{scenario.task.name} (accuracy: k-NN, k = {scenario.task.knn_k})")
@@ -209,7 +219,7 @@ def _run_line(i: int, n: int, run: PlannedRun, summary: dict[str, Any], how: str
     wall = summary.get("wall_time")
     return (
         f"[{i + 1:{len(str(n))}d}/{n}] {how:<7} {run.label}  "
-        f"final {summary['final_accuracy']:.4f}  best {summary['best_accuracy']:.4f}  "
+        f"final {_f4(summary['final_accuracy'])}  best {_f4(summary['best_accuracy'])}  "
         f"{_mb(summary['bytes_total'])}  "
         f"{'' if wall is None else f'{wall:.1f} s  '}-> {run.run_dir}"
     )

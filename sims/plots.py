@@ -25,7 +25,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from fedmerge.atomic import atomic_write
-from sims.runs import CONFIG_FILE, read_rows
+from sims.runs import CONFIG_FILE, SUMMARY_FILE, read_rows
 
 if TYPE_CHECKING:
     from sims.report import Group, Grouping
@@ -41,7 +41,9 @@ def plot_accuracy(run_dir: Path, out: Path | None = None) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     ax.plot([r["round"] for r in rows], [r["accuracy"] for r in rows], marker="o")
     ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy")
+    summary = Path(run_dir) / SUMMARY_FILE
+    by_clients = summary.exists() and json.loads(summary.read_text()).get("evaluation") == "clients"
+    ax.set_ylabel("clients' accuracy (own data)" if by_clients else "test accuracy")
     ax.set_title(Path(run_dir).name)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -282,8 +284,9 @@ def write_tensorboard(run_dir: str | Path) -> Path:
         for row in rows:
             step = int(row["round"])
             total += row["bytes_down"] + row["bytes_up"]
-            writer.add_scalar("accuracy", row["accuracy"], step)
-            writer.add_scalar("loss", row["loss"], step)
+            if row["accuracy"] is not None:  # None: no client evaluated (evaluation.server)
+                writer.add_scalar("accuracy", row["accuracy"], step)
+                writer.add_scalar("loss", row["loss"], step)
             writer.add_scalar("bytes/cumulative_mb", total / 1e6, step)
             writer.add_scalar("round_time", row["round_time"], step)
             if row.get("train_loss"):

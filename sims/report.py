@@ -188,15 +188,19 @@ EXTRA_COLUMNS: dict[str, str] = {**PEER_COLUMNS, **SSL_COLUMNS}
 
 def rounds_to_target(rows: list[dict[str, Any]], target: float) -> int | None:
     """First round whose test accuracy is >= ``target`` (None if none is)."""
-    return next((int(r["round"]) for r in rows if r["accuracy"] >= target), None)
+    return next(
+        (int(r["round"]) for r in rows if r["accuracy"] is not None and r["accuracy"] >= target),
+        None,
+    )
 
 
 def run_numbers(run: RunRecord, target: float) -> dict[str, Any]:
     """A run's numbers, from its ``metrics.jsonl``."""
-    acc = [r["accuracy"] for r in run.rows]
+    # None: nobody evaluated that round (evaluation.server = "clients" and no valid reply)
+    acc = [math.nan if r["accuracy"] is None else r["accuracy"] for r in run.rows]
     numbers = {
         "final_accuracy": acc[-1],
-        "best_accuracy": max(acc),
+        "best_accuracy": max((a for a in acc if not math.isnan(a)), default=math.nan),
         "rounds_to_target": rounds_to_target(run.rows, target),
         "bytes_total": sum(r["bytes_down"] + r["bytes_up"] for r in run.rows),
         "wall_time": run.wall_time,

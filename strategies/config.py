@@ -4,7 +4,8 @@ One :class:`RunConfig` describes one run. Its sections are the kernel's
 frozen dataclasses (:class:`~fedmerge.data.DatasetConfig`,
 :class:`~fedmerge.data.PartitionConfig`, :class:`~fedmerge.models.ModelConfig`,
 :class:`~fedmerge.training.TrainConfig`, :class:`~fedmerge.topology.TopologyConfig`,
-:class:`~fedmerge.tasks.TaskConfig`) plus :class:`SimulationConfig`; ``[strategy]``
+:class:`~fedmerge.tasks.TaskConfig`) plus :class:`SimulationConfig` and
+:class:`EvaluationConfig`; ``[strategy]``
 is a name from the plugin registry and that plugin's own ``Options``. Validation happens once, here:
 pydantic checks the types strictly (no ``"1"`` for ``1``, no ``true`` for
 ``1``, no ``inf`` or ``nan`` anywhere) and each dataclass checks its ranges in
@@ -48,6 +49,7 @@ __all__ = [
     "OUTPUT_KEY_PREFIX",
     "RUN_DIR_KEY",
     "ConfigError",
+    "EvaluationConfig",
     "RunConfig",
     "SimulationConfig",
     "StrategyConfig",
@@ -185,6 +187,51 @@ class SimulationConfig:
         return frozenset(out)
 
 
+#: ``evaluation.server`` values.
+SERVER_EVALUATIONS: tuple[str, ...] = ("test-set", "clients")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """``[evaluation]``: how the server measures the global model of every round.
+
+    Attributes
+    ----------
+    server : str (default: "test-set")
+        ``"test-set"``: the server evaluates the global model on a held-out
+        test set of its own: the test split of the scenario's data set, or the
+        one in ``test_dir``. ``"clients"``: the server holds no data at all;
+        a row's ``accuracy`` and ``loss`` are the sample-weighted means of
+        the clients' own evaluation (``strategy.fraction_evaluate`` > 0 of
+        them, each on its held-out set or, without one, its training data),
+        round 0 included. Federated learning on private data, where nobody
+        holds a shared test set.
+    test_dir : str (default: "")
+        With ``server = "test-set"``: a directory in a node's data layout
+        (:mod:`strategies.node_data`) whose test split (or, without one, its
+        training split) is the server's test set, instead of the scenario's
+        data set.
+    """
+
+    server: str = "test-set"
+    test_dir: str = ""
+
+    def __post_init__(self) -> None:
+        if self.server not in SERVER_EVALUATIONS:
+            allowed = ", ".join(repr(v) for v in SERVER_EVALUATIONS)
+            raise ValueError(f"server: got {self.server!r}; allowed: {allowed}")
+        if self.test_dir and self.server != "test-set":
+            raise ValueError(
+                f"test_dir: got {self.test_dir!r} with server {self.server!r}; "
+                "allowed: '' (the clients evaluate on their own data)"
+            )
+
+    @property
+    def uses_dataset(self) -> bool:
+        """Whether the server evaluates on the scenario's data set (the default)."""
+        return self.server == "test-set" and not self.test_dir
+
+
 @dataclass(frozen=True)
 class StrategyConfig:
     """``[strategy]``: a registered strategy and its plugin's options.
@@ -262,6 +309,7 @@ class RunConfig(BaseModel):
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     topology: TopologyConfig = Field(default_factory=TopologyConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
     @_field_validator("device")
     @classmethod
@@ -313,6 +361,7 @@ class RunConfig(BaseModel):
                 f"{self.strategy.name!r}; allowed: adversaries with server-side strategies only"
             )
         self._task_checks()
+        self._evaluation_checks()
         try:
             self.strategy.plugin.check(self.strategy.options, self)
         except ValueError as exc:  # the plugin names its own option, or a key of the run
@@ -343,6 +392,36 @@ class RunConfig(BaseModel):
             raise ValueError(
                 f"simulation.adversary_behaviour: got 'label-flip' with task {task.name!r}; "
                 "allowed: a behaviour that does not act on labels"
+            )
+
+    def _evaluation_checks(self) -> None:
+        """A server without the scenario's data set: only what needs no data at the server."""
+        ev = self.evaluation
+        if ev.uses_dataset:
+            return
+        key, value = (
+            ("evaluation.server", ev.server)
+            if ev.server != "test-set"
+            else ("evaluation.test_dir", ev.test_dir)
+        )
+        name, options = self.strategy.name, self.strategy.options
+        needs = (
+            "peer strategies (the server evaluates every peer)" if self.strategy.plugin.peer
+            else "one-shot fusion (its measures score the fused model)" if name == "oneshot"
+            else f"task {self.task.name!r} (the server scores the encoder with labels)"
+            if self.task.self_supervised
+            else None
+        )  # fmt: skip
+        proxy = [k for k in _PROXY_OPTIONS if getattr(options, k, 0)]
+        if proxy:
+            needs = f"strategy.{proxy[0]} > 0 (proxy data held by the server)"
+        if needs is not None:
+            allowed = "'test-set'" if ev.server != "test-set" else "'' (the scenario's data set)"
+            raise ValueError(f"{key}: got {value!r} with {needs}; allowed: {allowed}")
+        if ev.server == "clients" and getattr(options, "fraction_evaluate", 0.0) == 0:
+            raise ValueError(
+                "evaluation.server: got 'clients' with strategy.fraction_evaluate 0; "
+                "allowed: with fraction_evaluate > 0 (the clients that evaluate each round)"
             )
 
     @property
@@ -600,6 +679,9 @@ def declared_defaults() -> dict[str, Any]:
 #: clients, one-shot fusion's measures (test loss and accuracy of the fused and client models).
 _LABELLED_STRATEGIES: frozenset[str] = frozenset({"fisher", "oneshot"})
 
+#: Strategy options that make the server draw proxy data from the scenario's data set.
+_PROXY_OPTIONS: tuple[str, ...] = ("proxy_samples", "zip_samples")
+
 #: Section name -> type, for messages about nested keys.
 _SECTION_TYPES: dict[str, type] = {
     "task": TaskConfig,
@@ -609,4 +691,5 @@ _SECTION_TYPES: dict[str, type] = {
     "train": TrainConfig,
     "topology": TopologyConfig,
     "simulation": SimulationConfig,
+    "evaluation": EvaluationConfig,
 }

@@ -74,7 +74,12 @@ class RoundRecorder:
     model : nn.Module
         Scratch model used for evaluation.
     data : DatasetBundle
-        Test set.
+        The scenario's data set: its test split is the server's test set,
+        unless ``test_set`` says otherwise.
+    test_set : tuple of Tensor, optional
+        The server's own test inputs and labels (``evaluation.test_dir``).
+        With ``evaluation.server = "clients"`` the server has none and a
+        row's ``accuracy`` and ``loss`` are the clients' (sample-weighted).
     """
 
     def __init__(
@@ -83,11 +88,14 @@ class RoundRecorder:
         log: RunLog,
         model: nn.Module,
         data: DatasetBundle,
+        test_set: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         self.config = config
         self.log = log
         self.model = model
         self.data = data
+        self.by_clients = config.evaluation.server == "clients"
+        self.test_set = test_set
         self.rows: list[dict[str, Any]] = []
         self.encoder_evaluation = (
             EncoderEvaluation(config, data, model) if config.task.self_supervised else None
@@ -150,17 +158,29 @@ class RoundRecorder:
 
     # -- per round ----------------------------------------------------------
     def evaluate(self, state: dict[str, torch.Tensor]) -> tuple[float, float]:
-        """Test loss and accuracy of ``state``."""
+        """Test loss and accuracy of ``state`` on the server's test set."""
+        if self.by_clients:
+            raise RuntimeError("evaluation.server: 'clients'; the server holds no test set")
+        x, y = self.test_set or (self.data.test_x, self.data.test_y)
         self.model.load_state_dict(state)
-        return evaluate(self.model, self.data.test_x, self.data.test_y)
+        return evaluate(self.model, x, y)
 
-    def evaluate_round(self, server_round: int, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def evaluate_round(
+        self,
+        server_round: int,
+        state: dict[str, torch.Tensor],
+        eval_metrics: MetricRecord | None = None,
+    ) -> dict[str, Any]:
         """The evaluation fields of a row: ``accuracy`` and ``loss``, and a task's own.
 
         Supervised runs: test accuracy and loss. Self-supervised runs: see
         :mod:`strategies.encoder_eval` (k-NN accuracy as ``accuracy``, linear
-        probe every ``task.eval_every`` rounds).
+        probe every ``task.eval_every`` rounds). ``evaluation.server =
+        "clients"``: the sample-weighted means of the clients' evaluation
+        (``eval_metrics``; ``None`` when no client replied).
         """
+        if self.by_clients:
+            return clients_evaluation(eval_metrics)
         if self.encoder_evaluation is not None:
             return self.encoder_evaluation(server_round, state)
         loss, acc = self.evaluate(state)
@@ -200,10 +220,13 @@ class RoundRecorder:
         self._last = now
         self.rows.append(row)
         self.log.append_metrics(row)
-        logger.info("round %d: accuracy %.4f", server_round, row["accuracy"])
+        if row["accuracy"] is not None:
+            logger.info("round %d: accuracy %.4f", server_round, row["accuracy"])
+        else:
+            logger.info("round %d: no client evaluated the model", server_round)
         return row
 
-    def summary(self, t_start: float, hashes: dict[str, str]) -> dict[str, Any]:
+    def summary(self, t_start: float, hashes: dict[str, str | None]) -> dict[str, Any]:
         """Write and return ``summary.json``.
 
         ``status`` is ``"completed"``, or ``"degraded"`` when the run lost
@@ -215,6 +238,7 @@ class RoundRecorder:
         rows, c = self.rows, self.config
         t_end = time.perf_counter()
         lost = {key: sum(int(r.get(key, 0)) for r in rows) for key in _DEGRADING}
+        scored = [r["accuracy"] for r in rows if r["accuracy"] is not None]
         summary = {
             "status": "degraded" if any(lost.values()) else "completed",
             "scenario": c.name,
@@ -222,10 +246,11 @@ class RoundRecorder:
             "strategy": c.strategy.name,
             "seed": c.seed,
             "rounds": c.rounds,
+            **({"evaluation": "clients"} if self.by_clients else {}),
             "initial_accuracy": rows[0]["accuracy"],
             "final_accuracy": rows[-1]["accuracy"],
             "final_loss": rows[-1]["loss"],
-            "best_accuracy": max(r["accuracy"] for r in rows),
+            "best_accuracy": max(scored) if scored else None,
             "bytes_down": sum(r["bytes_down"] for r in rows),
             "bytes_up": sum(r["bytes_up"] for r in rows),
             "bytes_total": sum(r["bytes_down"] + r["bytes_up"] for r in rows),
@@ -241,3 +266,19 @@ class RoundRecorder:
         }
         self.log.write_json("summary.json", summary)
         return summary
+
+
+def clients_evaluation(eval_metrics: MetricRecord | None) -> dict[str, Any]:
+    """``accuracy`` and ``loss`` of a row from the clients' aggregated evaluation.
+
+    The sample-weighted means (Flower's convention for federated evaluation)
+    that :func:`strategies.sampling.metric_statistics` adds as
+    ``eval_accuracy.weighted`` and ``eval_loss.weighted``; ``None`` for both
+    when no client's evaluation was valid.
+    """
+    if eval_metrics is None or "eval_accuracy.weighted" not in eval_metrics:
+        return {"accuracy": None, "loss": None}
+    return {
+        "accuracy": float(eval_metrics["eval_accuracy.weighted"]),  # type: ignore[arg-type]
+        "loss": float(eval_metrics["eval_loss.weighted"]),  # type: ignore[arg-type]
+    }

@@ -91,6 +91,10 @@ def run_server_rounds(
         strategy.sampler_state = resume.sampler_state
         state, first = resume.state, resume.round + 1
         logger.info("resuming after round %d", resume.round)
+    elif recorder.by_clients:  # the initial model's accuracy is the clients' too
+        screening, eval_metrics = _evaluate_on_clients(strategy, grid, 0, state, timeout)
+        extras = {"refused": screening.refused, "eval_skipped_reasons": screening.skipped}
+        _record(recorder, grid, 0, state, extras, eval_metrics=eval_metrics)
     else:
         _record(recorder, grid, 0, state)
     strategy.summary()
@@ -100,15 +104,8 @@ def run_server_rounds(
         outcome = strategy.aggregate_round(server_round, state, replies)
         if outcome.state is not None:
             state = outcome.state
-        messages = strategy.configure_evaluate(
-            server_round, ArrayRecord(state), ConfigRecord(), grid
-        )
-        replies = grid.send_and_receive(messages, timeout=timeout)
-        evaluation = strategy.screen_evaluation(replies)
-        eval_metrics = (
-            strategy.aggregate_evaluate(server_round, evaluation.replies)
-            if evaluation.replies
-            else None
+        evaluation, eval_metrics = _evaluate_on_clients(
+            strategy, grid, server_round, state, timeout
         )
         extras = {
             "skipped": len(outcome.skipped),
@@ -126,6 +123,21 @@ def run_server_rounds(
     return state
 
 
+def _evaluate_on_clients(
+    strategy: RoundStrategy, grid: MeteredGrid, server_round: int, state: StateDict, timeout: float
+) -> tuple[EvaluationScreening, MetricRecord | None]:
+    """Client-side evaluation of ``state``: the screened replies and their aggregate."""
+    messages = strategy.configure_evaluate(server_round, ArrayRecord(state), ConfigRecord(), grid)
+    replies = grid.send_and_receive(messages, timeout=timeout)
+    evaluation = strategy.screen_evaluation(replies)
+    eval_metrics = (
+        strategy.aggregate_evaluate(server_round, evaluation.replies)
+        if evaluation.replies
+        else None
+    )
+    return evaluation, eval_metrics
+
+
 def _record(
     recorder: RoundRecorder,
     grid: MeteredGrid,
@@ -134,5 +146,6 @@ def _record(
     extras: dict[str, Any] | None = None,
     **metrics: Any,
 ) -> None:
-    fields = {**recorder.evaluate_round(server_round, state), **(extras or {})}
+    evaluated = recorder.evaluate_round(server_round, state, metrics.get("eval_metrics"))
+    fields = {**evaluated, **(extras or {})}
     recorder.record(server_round, fields, traffic=grid.take(), **metrics)

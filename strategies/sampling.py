@@ -67,7 +67,24 @@ def _train_loss_stats(records: list[RecordDict], weight_key: str) -> MetricRecor
 
 
 def _eval_accuracy_stats(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    return metric_statistics(records, protocol.EVAL_ACCURACY)
+    """Statistics of ``eval_accuracy``, plus the sample-weighted accuracy and loss.
+
+    ``eval_accuracy.weighted`` and ``eval_loss.weighted`` weigh every reply
+    by its ``weight_key`` count (Flower's federated evaluation); they are the
+    row's accuracy and loss with ``evaluation.server = "clients"``.
+    """
+    stats = metric_statistics(records, protocol.EVAL_ACCURACY)
+    rows = [
+        (float(r[weight_key]), float(r[protocol.EVAL_ACCURACY]), float(r[protocol.EVAL_LOSS]))  # type: ignore[arg-type]
+        for record in records
+        for r in record.metric_records.values()
+        if {weight_key, protocol.EVAL_ACCURACY, protocol.EVAL_LOSS} <= set(r)
+    ]
+    total = sum(n for n, _, _ in rows)
+    if total > 0:
+        stats["eval_accuracy.weighted"] = sum(n * a for n, a, _ in rows) / total
+        stats["eval_loss.weighted"] = sum(n * loss for n, _, loss in rows) / total
+    return stats
 
 
 @dataclass

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import cast
 
 import numpy as np
+import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedmerge.data import DatasetBundle
 from strategies import protocol
 from strategies.config import RUN_DIR_KEY, RunConfig, from_run_config
 from strategies.deployment import (
@@ -24,6 +26,7 @@ from strategies.deployment import (
 )
 from strategies.federation import SAMPLING_STREAM, Federation, federation
 from strategies.metering import MeteredGrid
+from strategies.node_data import data_spec, load_node_data, local_evaluation_set
 from strategies.peer_relay import run_peers
 from strategies.plugins import ServerContext, ServerPlugin
 from strategies.recorder import RoundRecorder, state_hash
@@ -93,6 +96,38 @@ def discover_nodes(grid: Grid, expected: int, timeout: float) -> dict[int, int]:
     if missing:
         raise NodeDiscoveryError(f"partition-id: no node answered for {missing}")
     return dict(sorted(mapping.items()))
+
+
+def server_federation(config: RunConfig) -> Federation:
+    """The server's :class:`Federation`: the scenario's data set, unless the server needs none.
+
+    A deployed server (nodes declare their partitions) that evaluates on
+    ``evaluation.test_dir`` or on the clients (``evaluation.server``) never
+    loads the scenario's data set: it builds the model from the data set's
+    known input shape and number of classes
+    (:data:`strategies.node_data.DATA_SPECS`). In simulation the server
+    derives every partition, so it loads the data set whatever it evaluates on.
+    """
+    if config.evaluation.uses_dataset or config.simulation.assign_partitions:
+        return federation(config)
+    spec = data_spec(config.dataset.name)
+    empty_x = torch.zeros((0, *spec.input_shape))
+    empty_y = torch.zeros(0, dtype=torch.int64)
+    no_data = DatasetBundle(spec.kind, empty_x, empty_y, empty_x, empty_y, spec.num_classes)
+    return Federation(config, data=no_data)
+
+
+def server_test_set(config: RunConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The server's own test set from ``evaluation.test_dir``: its test split, else its train split.
+
+    ``None``: the server evaluates on the scenario's data set, or not at all
+    (``evaluation.server = "clients"``).
+    """
+    if not config.evaluation.test_dir:
+        return None
+    return local_evaluation_set(
+        load_node_data(config.evaluation.test_dir, data_spec(config.dataset.name))
+    )
 
 
 def server_context(config: RunConfig, fed: Federation) -> ServerContext:
@@ -168,14 +203,15 @@ def _run(grid: Grid, context: Context, run_dir: str, stage: list[str]) -> None:
     nodes = len(set(mapping.values()))
     logger.info("%d nodes ready after %.1f s", nodes, time.perf_counter() - t_start)
 
-    fed = federation(config)
+    fed = server_federation(config)
     model = fed.initial_model().to(config.device)
     hashes = {
         "initial_hash": state_hash(model.state_dict()),
-        "partition_hash": fed.partition_digest,
+        # a server without the data set derives no partitions (the nodes hold their data)
+        "partition_hash": fed.partition_digest if len(fed.data.train_y) else None,
     }
     metered = MeteredGrid(grid)
-    recorder = RoundRecorder(config, log, model, fed.data)
+    recorder = RoundRecorder(config, log, model, fed.data, server_test_set(config))
     plugin = config.strategy.plugin
     if isinstance(plugin, ServerPlugin):
         strategy = plugin.strategy(config.strategy.options, server_context(config, fed))

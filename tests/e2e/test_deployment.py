@@ -9,23 +9,31 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from fedmerge.data import load_dataset
 from sims.launch import APP_DIR, FLOWER_ENV, _free_port, _stop, _wait_healthy, stage_app
+from strategies.config import run_config_from_dict
+from strategies.federation import federation
 
 
-@pytest.fixture
-def deployment(tmp_path: Path) -> Iterator[tuple[dict[str, str], list[subprocess.Popen]]]:
+@contextmanager
+def _deployment(
+    tmp_path: Path, extra_env: dict[str, str] | None = None
+) -> Iterator[tuple[dict[str, str], list[subprocess.Popen]]]:
     """A SuperLink (no simulation) and a way to add SuperNodes; all stopped by PID."""
     env = {
         **os.environ,
         **FLOWER_ENV,
         "FLWR_HOME": str(tmp_path / "home"),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        **(extra_env or {}),
     }
     (tmp_path / "home").mkdir()
     port = _free_port()
@@ -46,6 +54,13 @@ def deployment(tmp_path: Path) -> Iterator[tuple[dict[str, str], list[subprocess
     finally:
         for proc in reversed(procs):
             _stop(proc)
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Iterator[tuple[dict[str, str], list[subprocess.Popen]]]:
+    """A SuperLink on loopback; see :func:`_deployment`."""
+    with _deployment(tmp_path) as running:
+        yield running
 
 
 def _supernode(
@@ -182,6 +197,65 @@ def test_nodes_with_their_own_data_and_a_lost_node(deployment, tmp_path: Path) -
     assert rows[2]["skipped"] >= 1
     assert rows[4]["skipped"] == 0 and rows[4]["clients"] == 3  # it rejoined
     assert rows[-1]["accuracy"] > rows[0]["accuracy"] + 0.3
+
+
+def test_a_server_without_data_reports_its_clients_evaluation(tmp_path: Path) -> None:
+    """``evaluation.server = 'clients'``: nobody holds Fashion-MNIST but the nodes' own arrays.
+
+    The SuperLink (and so the ServerApp) runs with the Fashion-MNIST path
+    pointing at nothing: the run completes only if the server never loads the
+    data set. Every row's accuracy must be the sample-weighted accuracy of the
+    round's global model on the nodes' own test arrays, recomputed here.
+    """
+    data = load_dataset("fashion-mnist")
+    x, y = data.train_x.numpy(), data.train_y.numpy()
+    tests = []
+    dirs = []
+    for p, n_test in enumerate((40, 70, 100)):  # unequal sizes: weighting matters
+        d = tmp_path / f"node{p}"
+        d.mkdir()
+        own = slice(p * 400, p * 400 + 300)
+        held = slice(p * 400 + 300, p * 400 + 300 + n_test)
+        np.savez(d / "data.npz", train_x=x[own], train_y=y[own], test_x=x[held], test_y=y[held])
+        tests.append((torch.from_numpy(x[held]), torch.from_numpy(y[held])))
+        dirs.append(d)
+    nowhere = {"FEDMERGE_FASHION_MNIST": str(tmp_path / "no-fashion-mnist")}
+    run_dir = tmp_path / "run"
+    with _deployment(tmp_path, nowhere) as (env, procs):
+        for p, d in enumerate(dirs):
+            _supernode(env, procs, f"partition-id={p} data-dir='{d}'")
+        out = _flwr_run(
+            env,
+            "num_clients=3 clients_per_round=3 strategy.name='fedavg' "
+            "dataset.name='fashion-mnist' model.name='mlp' simulation.assign_partitions=false "
+            "simulation.timeout=60 evaluation.server='clients' strategy.fraction_evaluate=1.0 "
+            f"rounds=2 output.run-dir='{run_dir}'",
+        )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["evaluation"] == "clients"
+    assert summary["partition_hash"] is None
+    rows = _rows(run_dir)
+    assert [r["client_eval_accuracy"]["n"] for r in rows] == [3, 3, 3]
+    # the final model, scored on each node's own test arrays by hand
+    config = run_config_from_dict(
+        {"dataset": {"name": "fashion-mnist"}, "model": {"name": "mlp"}, "num_clients": 3,
+         "clients_per_round": 3}
+    )  # fmt: skip
+    model = federation(config).build_model(0)
+    model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+    model.eval()
+    hits = total = 0
+    loss_sum = 0.0
+    with torch.no_grad():
+        for tx, ty in tests:
+            logits = model(tx)
+            hits += int((logits.argmax(1) == ty).sum())
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, ty, reduction="sum"))
+            total += len(ty)
+    assert rows[-1]["accuracy"] == pytest.approx(hits / total, abs=1e-9)
+    assert rows[-1]["loss"] == pytest.approx(loss_sum / total, rel=1e-5)
+    assert rows[-1]["accuracy"] > rows[0]["accuracy"] + 0.2
 
 
 def test_bad_partition_id_fails_with_a_summary(deployment, tmp_path: Path) -> None:
