@@ -42,7 +42,8 @@ def test_one_shot_sweeps_fuse_independent_pretrained_clients_once() -> None:
 
 def test_dimat_regime_compares_local_and_proxy_alignment_with_gossip() -> None:
     runs = _runs("dimat_regime")
-    assert len(runs) == 36  # 2 partitions x 2 graphs x 3 variants x 3 seeds
+    assert len(runs) == 54  # 3 partitions x 2 graphs x 3 variants x 3 seeds
+    assert {sc.partition.scheme for sc in runs} == {"iid", "dirichlet", "shards"}
     seen = {(sc.strategy.name, getattr(sc.strategy.options, "align_data", None)) for sc in runs}
     assert seen == {("dimat", "local"), ("dimat", "proxy"), ("gossip", "local")}
     for sc in runs:
