@@ -27,7 +27,7 @@ from fedmerge.tasks import TaskConfig
 from sims.evaluation import client_accuracy
 from sims.plots import plot_client_accuracy, plot_curves, plot_fusion, write_tensorboard
 from sims.runs import RunRecord, expand_run_dirs, load_run
-from strategies.config import SimulationConfig, flatten
+from strategies.config import EvaluationConfig, SimulationConfig, flatten
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,10 @@ class Grouping:
 GROUPED_SIMULATION_PREFIX = "adversary_"
 
 
+#: Config sections that runs written by earlier versions lack; grouped by their non-defaults.
+LATER_SECTIONS: dict[str, type] = {"task": TaskConfig, "evaluation": EvaluationConfig}
+
+
 def _simulation_defaults() -> dict[str, Any]:
     defaults = dataclasses.asdict(SimulationConfig())
     return {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
@@ -116,10 +120,13 @@ def _group_key(config: dict[str, Any]) -> dict[str, Any]:
     }
     if adversaries:
         kept["simulation"] = adversaries
-    task_defaults = dataclasses.asdict(TaskConfig())
-    task = {k: v for k, v in kept.pop("task", {}).items() if v != task_defaults.get(k)}
-    if task:  # likewise: a supervised run groups with runs written before [task] existed
-        kept["task"] = task
+    # likewise for sections added later: a supervised run evaluated on the server's test
+    # set groups with runs written before [task] or [evaluation] existed
+    for section, cls in LATER_SECTIONS.items():
+        defaults = dataclasses.asdict(cls())
+        changed = {k: v for k, v in kept.pop(section, {}).items() if v != defaults.get(k)}
+        if changed:
+            kept[section] = changed
     return flatten(kept)
 
 

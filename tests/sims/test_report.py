@@ -441,3 +441,24 @@ def test_a_run_written_before_the_task_section_groups_with_a_supervised_one(
     assert grouping.keys == ["task.name"]
     assert [len(g.runs) for g in grouping.groups] == [2, 1]
     assert [g.values["task.name"] for g in grouping.groups] == [None, "simclr"]
+
+
+def test_a_run_written_before_the_evaluation_section_groups_with_a_default_one(
+    tmp_path: Path,
+) -> None:
+    old = _write_run(tmp_path / "old", ["seed=0"], [0.1, 0.2, 0.3], 1.0)
+    config = json.loads((old / "config.json").read_text())
+    del config["evaluation"]
+    (old / "config.json").write_text(json.dumps(config))
+    new = _write_run(tmp_path / "new", ["seed=1"], [0.1, 0.2, 0.3], 1.0)
+    by_clients = _write_run(
+        tmp_path / "clients",
+        ["seed=1", "evaluation.server='clients'", "strategy.fraction_evaluate=0.5"],
+        [0.1, 0.2, 0.3],
+        1.0,
+    )
+    grouping = report.group_runs([load_run(d) for d in (old, new, by_clients)])
+    assert "evaluation.server" in grouping.keys and "evaluation.test_dir" not in grouping.keys
+    assert sorted(len(g.runs) for g in grouping.groups) == [1, 2]
+    together = next(g for g in grouping.groups if len(g.runs) == 2)
+    assert together.values["evaluation.server"] is None
