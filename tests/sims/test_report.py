@@ -428,13 +428,19 @@ def test_self_supervised_runs_report_the_linear_probe_and_score_clients_by_knn(
     assert max(got) < 0.99  # no query is its own neighbour any more
 
 
+def _run_written_before(run_dir: Path, section: str) -> Path:
+    """A seed-0 run whose ``config.json`` lacks ``section``, as versions before it wrote."""
+    _write_run(run_dir, ["seed=0"], [0.1, 0.2, 0.3], 1.0)
+    config = json.loads((run_dir / "config.json").read_text())
+    del config[section]
+    (run_dir / "config.json").write_text(json.dumps(config))
+    return run_dir
+
+
 def test_a_run_written_before_the_task_section_groups_with_a_supervised_one(
     tmp_path: Path,
 ) -> None:
-    old = _write_run(tmp_path / "old", ["seed=0"], [0.1, 0.2, 0.3], 1.0)
-    config = json.loads((old / "config.json").read_text())
-    del config["task"]
-    (old / "config.json").write_text(json.dumps(config))
+    old = _run_written_before(tmp_path / "old", "task")
     new = _write_run(tmp_path / "new", ["seed=1"], [0.1, 0.2, 0.3], 1.0)
     ssl = _write_run(tmp_path / "ssl", ["seed=1", "task.name='simclr'"], [0.1, 0.2, 0.3], 1.0)
     grouping = report.group_runs([load_run(d) for d in (old, new, ssl)])
@@ -446,10 +452,7 @@ def test_a_run_written_before_the_task_section_groups_with_a_supervised_one(
 def test_a_run_written_before_the_evaluation_section_groups_with_a_default_one(
     tmp_path: Path,
 ) -> None:
-    old = _write_run(tmp_path / "old", ["seed=0"], [0.1, 0.2, 0.3], 1.0)
-    config = json.loads((old / "config.json").read_text())
-    del config["evaluation"]
-    (old / "config.json").write_text(json.dumps(config))
+    old = _run_written_before(tmp_path / "old", "evaluation")
     new = _write_run(tmp_path / "new", ["seed=1"], [0.1, 0.2, 0.3], 1.0)
     by_clients = _write_run(
         tmp_path / "clients",
