@@ -84,6 +84,10 @@ class DataSpec:
     input_shape: tuple[int, ...]
     num_classes: int
 
+    def empty_arrays(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero samples of this kind: ``(x, y)`` of shapes ``(0, *input_shape)`` and ``(0,)``."""
+        return torch.zeros((0, *self.input_shape)), torch.zeros(0, dtype=torch.int64)
+
     def __post_init__(self) -> None:
         """Refuse empty shapes and fewer than two classes."""
         if not self.input_shape or min(self.input_shape) < 1:
@@ -335,7 +339,7 @@ def load_node_data(data_dir: str | Path, spec: DataSpec) -> DatasetBundle:
     if "test_x" in arrays:
         test_x, test_y = _checked(arrays["test_x"], arrays["test_y"], "test", spec, where)
     else:
-        test_x, test_y = torch.zeros((0, *spec.input_shape)), torch.zeros(0, dtype=torch.int64)
+        test_x, test_y = spec.empty_arrays()
     return DatasetBundle(spec.kind, train_x, train_y, test_x, test_y, spec.num_classes)
 
 

@@ -111,9 +111,8 @@ def server_federation(config: RunConfig) -> Federation:
     if config.evaluation.uses_dataset or config.simulation.assign_partitions:
         return federation(config)
     spec = data_spec(config.dataset.name)
-    empty_x = torch.zeros((0, *spec.input_shape))
-    empty_y = torch.zeros(0, dtype=torch.int64)
-    no_data = DatasetBundle(spec.kind, empty_x, empty_y, empty_x, empty_y, spec.num_classes)
+    x, y = spec.empty_arrays()
+    no_data = DatasetBundle(spec.kind, x, y, x, y, spec.num_classes)
     return Federation(config, data=no_data)
 
 
