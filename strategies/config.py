@@ -405,13 +405,13 @@ class RunConfig(BaseModel):
             else ("evaluation.test_dir", ev.test_dir)
         )
         name, options = self.strategy.name, self.strategy.options
-        needs = (
-            "peer strategies (the server evaluates every peer)" if self.strategy.plugin.peer
-            else "one-shot fusion (its measures score the fused model)" if name == "oneshot"
-            else f"task {self.task.name!r} (the server scores the encoder with labels)"
-            if self.task.self_supervised
-            else None
-        )  # fmt: skip
+        needs = None
+        if self.strategy.plugin.peer:
+            needs = "peer strategies (the server evaluates every peer)"
+        elif name == "oneshot":
+            needs = "one-shot fusion (its measures score the fused model)"
+        elif self.task.self_supervised:
+            needs = f"task {self.task.name!r} (the server scores the encoder with labels)"
         proxy = [k for k in _PROXY_OPTIONS if getattr(options, k, 0)]
         if proxy:
             needs = f"strategy.{proxy[0]} > 0 (proxy data held by the server)"
