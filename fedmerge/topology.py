@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import numpy as np
+
+if TYPE_CHECKING:  # networkx is imported where a graph is built, not by every client
+    import networkx as nx
 
 TOPOLOGY_NAMES: tuple[str, ...] = (
     "ring",
@@ -147,6 +150,8 @@ def build_graph(config: TopologyConfig, n: int, *, seed: int, round: int = 0) ->
         If the graph is not connected and ``allow_disconnected`` is false, or
         a parameter does not fit ``n``.
     """
+    import networkx as nx
+
     if n < 1:
         raise ValueError(f"n: got {n!r}; allowed: an integer >= 1")
     name = config.name

@@ -27,6 +27,7 @@ from sims.checks import check_scenario, model_allocation_error
 from sims.processes import stop_tree
 from sims.runs import parse_row
 from sims.scenario_files import load_scenario
+from sims.warm_simulation import SOCKET_ENV, write_shim
 from strategies.config import (
     RUN_DIR_KEY,
     ConfigError,
@@ -214,8 +215,10 @@ class Runtime:
     a cluster to join, ``ray start --head`` starts one on this machine
     (``ray_num_cpus`` CPUs, 0 for all cores) that every run's simulation
     process joins, so Ray starts once per runtime rather than once per run.
-    A watchdog process stops both, and every ``flwr run`` still going, if the
-    process that started them dies without stopping them (SIGKILL, OOM).
+    Each run's simulation process is forked from a warm process that has
+    imported Flower, Ray and PyTorch once (:mod:`sims.warm_simulation`).
+    A watchdog process stops them all, and every ``flwr run`` still going, if
+    the process that started them dies without stopping them (SIGKILL, OOM).
 
     Parameters
     ----------
@@ -231,7 +234,10 @@ class Runtime:
         self.key = (ray_address, ray_num_cpus)
         self.tmp = Path(tempfile.mkdtemp(prefix="fm-"))  # short: Ray's socket paths are limited
         self.env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.tmp / "flwr")}
-        self.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{self.env.get('PATH', '')}"
+        # Flower's SuperExec finds the warm simulation process's shim first on PATH.
+        path = [str(write_shim(self.tmp / "bin").parent), str(Path(sys.executable).parent)]
+        self.env["PATH"] = os.pathsep.join([*path, self.env.get("PATH", "")])
+        self.env[SOCKET_ENV] = str(self.tmp / "sim.sock")
         self.port = _free_port()
         self.log = log
         self.app = stage_app(self.tmp / "app")  # once: every run of this runtime submits it
@@ -239,6 +245,7 @@ class Runtime:
         self._lock = threading.Lock()
         self.ray: subprocess.Popen[bytes] | None = None
         self.superlink: subprocess.Popen[bytes] | None = None
+        self.warm: subprocess.Popen[bytes] | None = None
         (self.tmp / "flwr").mkdir()
         (self.tmp / "flwr" / "config.toml").write_text(
             f'[superlink]\ndefault = "fedmerge"\n\n[superlink.fedmerge]\n'
@@ -250,8 +257,14 @@ class Runtime:
         )  # fmt: skip
         try:
             with log.open("ab") as out:
-                # Ray and the SuperLink start side by side: the SuperLink needs
-                # Ray only when the first run's simulation process starts.
+                # The warm simulation process, Ray and the SuperLink start side by
+                # side: the SuperLink needs the other two only when the first
+                # run's simulation process starts.
+                self.warm = self.spawn(
+                    [sys.executable, "-m", "sims.warm_simulation", "serve", self.env[SOCKET_ENV]],
+                    out,
+                    cwd=APP_DIR,
+                )
                 if ray_address:
                     self.env["RAY_ADDRESS"] = ray_address
                 else:
@@ -275,24 +288,19 @@ class Runtime:
                     ],
                     out,
                 )  # fmt: skip
-            if self.ray is not None:
-                self._wait_ray()
+            # The first run is submitted as soon as the SuperLink answers, while
+            # the Ray head may still be starting: its simulation process imports
+            # Flower, PyTorch and the app first, and Ray's driver waits for the
+            # head's raylet when it connects (see :meth:`run` for a head that dies).
             _wait_healthy(self.port, self.superlink, timeout=60)
         except BaseException:
             self.close()
             raise
 
-    def _wait_ray(self, timeout: float = 90) -> None:
-        """Wait for the Ray head's raylet (its socket file) to be up."""
-        assert self.ray is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.ray.poll() is not None:
-                raise SimulationError(f"ray start exited with code {self.ray.returncode}")
-            if any((self.tmp / "r").glob("session_*/sockets/raylet")):
-                return
-            time.sleep(0.1)
-        raise SimulationError(f"the Ray head did not start within {timeout:.0f} s")
+    def _check_ray(self) -> None:
+        """Raise if the Ray head this runtime started has exited."""
+        if self.ray is not None and self.ray.poll() is not None:
+            raise SimulationError(f"ray start exited with code {self.ray.returncode}")
 
     def spawn(
         self, argv: list[str], out: IO[bytes], cwd: Path | None = None
@@ -336,6 +344,7 @@ class Runtime:
                 )  # fmt: skip
                 seen = 0
                 while True:
+                    self._check_ray()
                     done = client.poll() is not None or summary_path.exists()
                     if metrics.exists():
                         rows = metrics.read_text().splitlines()
@@ -360,9 +369,16 @@ class Runtime:
         return summary_path.exists()
 
     def close(self, grace: float = 1.0) -> None:
-        """Stop the SuperLink, the Ray head this runtime started, and the watchdog."""
-        _stop(self.superlink, grace=grace)
-        _stop(self.ray, grace=grace)
+        """Stop the SuperLink, the Ray head this runtime started, and the watchdog.
+
+        The trees of the SuperLink, Ray and the warm simulation process (with
+        any simulation process still finishing) are signalled together, so
+        that their grace periods overlap.
+        """
+        procs = [p for p in (self.superlink, self.ray, self.warm) if p is not None]
+        stop_tree([p.pid for p in procs], grace)
+        for proc in procs:
+            proc.wait()
         _stop(self.watchdog, grace=1.0)
         shutil.rmtree(self.tmp, ignore_errors=True)
 

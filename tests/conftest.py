@@ -26,9 +26,21 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def ray_head_cpus() -> int:
+    """CPUs of this test process's Ray head: the machine's cores shared among pytest's workers.
+
+    ``make test`` runs the suite in two pytest-xdist workers, each with its
+    own Ray head and SuperLink; on two cores every head has one CPU, so a
+    run's clients train on one Ray actor while the other worker's run uses the
+    other core. Without xdist the head has two CPUs (two actors per run).
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, min(2, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture(scope="session")
 def ray_head() -> Iterator[tuple[str, int]]:
-    """Start a local Ray head (2 CPUs) once; stop it by its PID at the end.
+    """Start a local Ray head (:func:`ray_head_cpus` CPUs) once; stop it by its PID at the end.
 
     Yields its address and the PID of ``ray start`` (Ray's daemons, and the
     workers of every simulation that joins it, run below that process).
@@ -41,7 +53,7 @@ def ray_head() -> Iterator[tuple[str, int]]:
         [
             str(ray_bin), "start", "--head", "--block",
             "--node-ip-address", "127.0.0.1", "--port", str(port),
-            "--num-cpus", "2", "--num-gpus", "0",
+            "--num-cpus", str(ray_head_cpus()), "--num-gpus", "0",
             "--include-dashboard", "false", "--disable-usage-stats",
             "--temp-dir", str(tmp),
         ],

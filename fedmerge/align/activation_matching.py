@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.nn import functional as F
 
 from fedmerge.align.activations import collect_activation_stats
+from fedmerge.align.permute import _assignment
 from fedmerge.align.spec import PermutationSpec, check_finite, check_same_shapes
 from fedmerge.errors import ShapeMismatchError
 
@@ -168,7 +168,7 @@ def activation_matching(
             ties = dead_a[:, None] | dead_b[None, :]
             cos = unit_weight_similarity(spec, name, state_a, state_b).to(sim)
             solve = torch.where(ties, DEAD_TIE_SCALE * cos, sim)
-        rows, cols = linear_sum_assignment(solve.cpu().numpy(), maximize=True)
+        rows, cols = _assignment(solve.cpu().numpy())
         perm[name] = torch.as_tensor(cols, dtype=torch.int64, device=device)
         similarity[name] = float(sim[rows, cols].mean())
     logger.debug("activation matching similarities: %s", similarity)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
 from fedmerge.align.spec import PermutationSpec, StateDict
@@ -25,6 +26,18 @@ def _block_index(perm: torch.Tensor, block: int) -> torch.Tensor:
         return perm
     offsets = torch.arange(block, device=perm.device, dtype=perm.dtype)
     return (perm[:, None] * block + offsets).reshape(-1)
+
+
+def _assignment(score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and columns of the assignment that maximises ``score``'s sum (Hungarian).
+
+    SciPy is imported here, not with the module: processes that never solve
+    an assignment (every simulated client) do not pay for importing it.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(score, maximize=True)
+    return rows, cols
 
 
 def _check_perm(name: str, perm: torch.Tensor, size: int) -> None:

@@ -9,9 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
-from fedmerge.align.permute import _block_index, _check_perm
+from fedmerge.align.permute import _assignment, _block_index, _check_perm
 from fedmerge.align.spec import PermutationSpec, StateDict, check_finite, check_same_shapes
 
 __all__ = ["WeightMatchingInfo", "weight_matching"]
@@ -239,7 +238,7 @@ def weight_matching(
             n = sizes[name]
             cost = _cost(n, terms[name], constant.get(name), perm, version)
             c = cost.detach().to("cpu", torch.float64).numpy()
-            _, cols = linear_sum_assignment(c, maximize=True)
+            _, cols = _assignment(c)
             solves += 1
             rows = np.arange(n)
             old = float(c[rows, perm[name].cpu().numpy()].sum())

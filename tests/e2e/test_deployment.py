@@ -64,11 +64,15 @@ def deployment(tmp_path: Path) -> Iterator[tuple[dict[str, str], list[subprocess
 
 
 def _supernode(
-    env: dict[str, str], procs: list[subprocess.Popen], node_config: str
+    env: dict[str, str], procs: list[subprocess.Popen], node_config: str, *, flower: bool = False
 ) -> subprocess.Popen:
+    """A SuperNode: ``fedmerge supernode`` (Flower's SuperNode with one ClientApp process
+    for all its messages), or with ``flower`` Flower's ``flower-supernode`` as it comes
+    (a new ClientApp process for every message)."""
+    command = ["flower-supernode"] if flower else [sys.executable, "-m", "sims.cli", "supernode"]
     proc = subprocess.Popen(
         [
-            "flower-supernode",
+            *command,
             "--insecure",
             "--superlink",
             f"127.0.0.1:{env['SUPERLINK_PORT']}",
@@ -77,6 +81,7 @@ def _supernode(
             "--node-config",
             node_config,
         ],
+        cwd=APP_DIR,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -86,9 +91,11 @@ def _supernode(
     return proc
 
 
-def _supernodes(env: dict[str, str], procs: list[subprocess.Popen], n: int) -> None:
+def _supernodes(
+    env: dict[str, str], procs: list[subprocess.Popen], n: int, *, flower: bool = False
+) -> None:
     for pid in range(n):
-        _supernode(env, procs, f"partition-id={pid} num-partitions={n}")
+        _supernode(env, procs, f"partition-id={pid} num-partitions={n}", flower=flower)
 
 
 def _flwr_run(env: dict[str, str], run_config: str) -> subprocess.CompletedProcess:
@@ -99,8 +106,9 @@ def _flwr_run(env: dict[str, str], run_config: str) -> subprocess.CompletedProce
 
 
 def test_server_side_strategy_on_supernodes(deployment, tmp_path: Path) -> None:
+    """The apps unchanged on Flower's own SuperNodes, a ClientApp process per message."""
     env, procs = deployment
-    _supernodes(env, procs, 2)
+    _supernodes(env, procs, 2, flower=True)
     run_dir = tmp_path / "run"
     out = _flwr_run(
         env,
@@ -161,7 +169,10 @@ def test_nodes_with_their_own_data_and_a_lost_node(deployment, tmp_path: Path) -
     """3 nodes bring their own arrays; node 2 dies after round 1 and comes back later."""
     env, procs = deployment
     dirs = _node_dirs(tmp_path, 3)
-    nodes = [_supernode(env, procs, f"partition-id={p} data-dir='{d}'") for p, d in enumerate(dirs)]
+    nodes = [
+        _supernode(env, procs, f"partition-id={p} data-dir='{d}'", flower=True)
+        for p, d in enumerate(dirs)
+    ]
     run_dir, log = tmp_path / "run", tmp_path / "flwr-run.log"
     sink = log.open("w")
     client = subprocess.Popen(
@@ -185,7 +196,7 @@ def test_nodes_with_their_own_data_and_a_lost_node(deployment, tmp_path: Path) -
     wait_rows(2)  # round 1 done: stop node 2
     _stop(nodes[2], grace=0.0)
     wait_rows(3)  # round 2 done without it: start it again, with a new node id
-    _supernode(env, procs, f"partition-id=2 data-dir='{dirs[2]}'")
+    _supernode(env, procs, f"partition-id=2 data-dir='{dirs[2]}'", flower=True)
     client.wait(timeout=400)
     out = log.read_text()
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -262,7 +273,7 @@ def test_bad_partition_id_fails_with_a_summary(deployment, tmp_path: Path) -> No
     env, procs = deployment
     dirs = _node_dirs(tmp_path, 3)
     for p, d in zip((0, 1, 7), dirs, strict=True):
-        _supernode(env, procs, f"partition-id={p} data-dir='{d}'")
+        _supernode(env, procs, f"partition-id={p} data-dir='{d}'", flower=True)
     run_dir = tmp_path / "run"
     out = _flwr_run(env, f"{_OWN_DATA} rounds=1 output.run-dir='{run_dir}'")
     summary = json.loads((run_dir / "summary.json").read_text())

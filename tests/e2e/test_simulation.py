@@ -144,7 +144,9 @@ def test_flwr_run_dot_uses_the_embedded_default(ray_address: str, tmp_path: Path
         out = subprocess.run(
             ["flwr", "run", ".", "--stream",
              "--run-config", f"rounds=1 output.run-dir='{run_dir}'",
-             "--federation-config", "num-supernodes=10"],
+             # one CPU per actor: Flower's default of two needs a Ray head of two CPUs,
+             # and under `make test` each pytest worker's head has one
+             "--federation-config", "num-supernodes=10 client-resources-num-cpus=1"],
             cwd=APP_DIR, env=env, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
     finally:

@@ -1,0 +1,65 @@
+"""Runs on one runtime get their simulation process forked from the warm process.
+
+A real SuperLink, Ray and Flower's SuperExec: the SuperExec starts the
+``flwr-simulation`` shim, whose request the warm process serves with a fork
+running Flower's own entry point. Once the warm process is gone, the shim runs
+Flower's ``flwr-simulation`` itself, and the run's numbers are the same bit
+for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from sims.launch import Runtime
+from sims.processes import alive, descendants
+from sims.scenario_files import load_scenario
+from tests.references import REFERENCE_RUNS
+
+
+def _digest(run_dir: Path) -> str:
+    return hashlib.sha256((run_dir / "model.safetensors").read_bytes()).hexdigest()
+
+
+def _accuracies(run_dir: Path) -> list[float]:
+    return [json.loads(x)["accuracy"] for x in (run_dir / "metrics.jsonl").read_text().split("\n")
+            if x]  # fmt: skip
+
+
+def test_runs_are_forked_from_the_warm_process_and_equal_a_cold_one(
+    ray_address: str, tmp_path: Path
+) -> None:
+    scenario = load_scenario(
+        None, [*REFERENCE_RUNS["fedavg"], f"simulation.ray_address='{ray_address}'"]
+    )
+    for name in ("a", "b", "cold"):
+        (tmp_path / name).mkdir()
+    runtime = Runtime(ray_address, 0, tmp_path / "runtime.log")
+    try:
+        assert runtime.warm is not None
+        warm = runtime.warm.pid
+        children: list[list[int]] = []
+
+        def look(_row: dict[str, Any]) -> None:
+            children.append([p for p in descendants(warm) if alive(p)])
+
+        assert runtime.run(scenario, tmp_path / "a", on_round=look)
+        assert runtime.run(scenario, tmp_path / "b", on_round=look)
+        # Every round of both runs found a simulation process below the warm one.
+        assert children and all(children), children
+        forks = {pid for found in children for pid in found}
+        assert len(forks) >= 2, forks  # one per run
+        assert alive(warm)
+
+        os.kill(warm, signal.SIGTERM)  # the shim falls back to Flower's own flwr-simulation
+        runtime.warm.wait(timeout=30)
+        assert runtime.run(scenario, tmp_path / "cold")
+    finally:
+        runtime.close()
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b") == _digest(tmp_path / "cold")
+    assert _accuracies(tmp_path / "a") == _accuracies(tmp_path / "cold")
