@@ -62,7 +62,7 @@ def stop_tree(roots: list[int], grace: float) -> list[int]:
     _signal(pids, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and any(alive(p) for p in pids):
-        _reap()
+        reap_children()
         time.sleep(0.05)
     _signal([p for p in pids if alive(p)], signal.SIGKILL)
     return pids
@@ -76,8 +76,8 @@ def _signal(pids: list[int], sig: signal.Signals) -> None:
             pass
 
 
-def _reap() -> None:
-    """Collect exited children of this process (the watchdog's own, if any)."""
+def reap_children() -> None:
+    """Collect exited children of this process (the watchdog's or the warm process's own)."""
     try:
         while os.waitpid(-1, os.WNOHANG)[0]:
             pass

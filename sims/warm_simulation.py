@@ -18,8 +18,8 @@ pays those imports once:
   SIGTERM and SIGINT to the child, and exits with the child's exit code. If no
   warm process answers, it runs Flower's own ``flwr-simulation`` in its place.
 
-This module imports only the standard library at module level: the shim
-starts in milliseconds.
+This module and :mod:`sims.processes` import only the standard library at
+module level: the shim starts in milliseconds.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from sims.processes import reap_children
+
 #: The environment variable that names the warm process's socket for the shim.
 SOCKET_ENV = "FEDMERGE_WARM_SIMULATION"
 
@@ -42,7 +44,6 @@ PRELOAD = (
     "torch",
     "ray",
     "flwr.simulation.app",
-    "flwr.simulation.run_simulation",
     "flwr.server.superlink.fleet.vce.backend.raybackend",
     "flwr.serverapp",
     "flwr.clientapp",
@@ -121,7 +122,7 @@ def serve(path: str) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     listener.settimeout(0.5)
     while True:
-        _reap()
+        reap_children()
         try:
             conn, _ = listener.accept()
         except TimeoutError:
@@ -140,15 +141,6 @@ def serve(path: str) -> int:
         for fd in fds:
             os.close(fd)
         conn.close()
-
-
-def _reap() -> None:
-    """Collect the warm process's children that have exited."""
-    try:
-        while os.waitpid(-1, os.WNOHANG)[0]:
-            pass
-    except ChildProcessError:
-        pass
 
 
 def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:

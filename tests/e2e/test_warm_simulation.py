@@ -27,8 +27,7 @@ def _digest(run_dir: Path) -> str:
 
 
 def _accuracies(run_dir: Path) -> list[float]:
-    return [json.loads(x)["accuracy"] for x in (run_dir / "metrics.jsonl").read_text().split("\n")
-            if x]  # fmt: skip
+    return [json.loads(x)["accuracy"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_runs_are_forked_from_the_warm_process_and_equal_a_cold_one(
