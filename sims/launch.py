@@ -27,7 +27,7 @@ from sims.checks import check_scenario, model_allocation_error
 from sims.processes import stop_tree
 from sims.runs import parse_row
 from sims.scenario_files import load_scenario
-from sims.warm_simulation import SOCKET_ENV, write_shim
+from sims.warm import SOCKET_ENV, write_shims
 from strategies.config import (
     RUN_DIR_KEY,
     ConfigError,
@@ -207,6 +207,16 @@ def federation_config(scenario: RunConfig) -> str:
     return " ".join(items)
 
 
+def _on_this_machine(ray_address: str) -> bool:
+    """Whether a Ray cluster at ``ray_address`` (``""``: one the runtime starts) is local.
+
+    Only then can Ray start workers through the warm process's shim, a file
+    on this machine; a cluster at another address may have nodes elsewhere.
+    """
+    host = ray_address.rsplit(":", 1)[0].strip("[]")
+    return not ray_address or host in ("localhost", "::1") or host.startswith("127.")
+
+
 class Runtime:
     """A SuperLink and a Ray cluster that serve one run or many, and a watchdog for both.
 
@@ -215,8 +225,9 @@ class Runtime:
     a cluster to join, ``ray start --head`` starts one on this machine
     (``ray_num_cpus`` CPUs, 0 for all cores) that every run's simulation
     process joins, so Ray starts once per runtime rather than once per run.
-    Each run's simulation process is forked from a warm process that has
-    imported Flower, Ray and PyTorch once (:mod:`sims.warm_simulation`).
+    Each run's ``flwr run``, its simulation process and, when the Ray cluster
+    is on this machine, its Ray workers are forked from a warm process that
+    has imported Flower, Ray and PyTorch once (:mod:`sims.warm`).
     A watchdog process stops them all, and every ``flwr run`` still going, if
     the process that started them dies without stopping them (SIGKILL, OOM).
 
@@ -234,10 +245,14 @@ class Runtime:
         self.key = (ray_address, ray_num_cpus)
         self.tmp = Path(tempfile.mkdtemp(prefix="fm-"))  # short: Ray's socket paths are limited
         self.env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.tmp / "flwr")}
-        # Flower's SuperExec finds the warm simulation process's shim first on PATH.
-        path = [str(write_shim(self.tmp / "bin").parent), str(Path(sys.executable).parent)]
+        # `flwr` and Flower's SuperExec find the warm process's shims first on PATH.
+        bin_dir, sock = write_shims(self.tmp)
+        path = [str(bin_dir), str(Path(sys.executable).parent)]
         self.env["PATH"] = os.pathsep.join([*path, self.env.get("PATH", "")])
-        self.env[SOCKET_ENV] = str(self.tmp / "sim.sock")
+        self.env[SOCKET_ENV] = str(sock)
+        if _on_this_machine(ray_address) and "RAY_RUNTIME_ENV_HOOK" not in self.env:
+            # Ray starts the runs' workers through the warm process too.
+            self.env["RAY_RUNTIME_ENV_HOOK"] = "sims.warm.ray_runtime_env"
         self.port = _free_port()
         self.log = log
         self.app = stage_app(self.tmp / "app")  # once: every run of this runtime submits it
@@ -257,11 +272,11 @@ class Runtime:
         )  # fmt: skip
         try:
             with log.open("ab") as out:
-                # The warm simulation process, Ray and the SuperLink start side by
+                # The warm process, Ray and the SuperLink start side by
                 # side: the SuperLink needs the other two only when the first
                 # run's simulation process starts.
                 self.warm = self.spawn(
-                    [sys.executable, "-m", "sims.warm_simulation", "serve", self.env[SOCKET_ENV]],
+                    [sys.executable, "-m", "sims.warm", "serve", self.env[SOCKET_ENV]],
                     out,
                     cwd=APP_DIR,
                 )
@@ -371,8 +386,8 @@ class Runtime:
     def close(self, grace: float = 1.0) -> None:
         """Stop the SuperLink, the Ray head this runtime started, and the watchdog.
 
-        The trees of the SuperLink, Ray and the warm simulation process (with
-        any simulation process still finishing) are signalled together, so
+        The trees of the SuperLink, Ray and the warm process (with any
+        simulation process or Ray worker still finishing) are signalled together, so
         that their grace periods overlap.
         """
         procs = [p for p in (self.superlink, self.ray, self.warm) if p is not None]

@@ -1,10 +1,10 @@
-"""Runs on one runtime get their simulation process forked from the warm process.
+"""Runs on one runtime get their Flower and Ray processes forked from the warm process.
 
-A real SuperLink, Ray and Flower's SuperExec: the SuperExec starts the
-``flwr-simulation`` shim, whose request the warm process serves with a fork
-running Flower's own entry point. Once the warm process is gone, the shim runs
-Flower's ``flwr-simulation`` itself, and the run's numbers are the same bit
-for bit.
+A real SuperLink, Ray and Flower's SuperExec: ``flwr run``, the SuperExec's
+``flwr-simulation`` and Ray's workers are shims whose requests the warm
+process serves with a fork running the real program. Once the warm process is
+gone, each shim runs the real program itself, and the run's numbers are the
+same bit for bit.
 """
 
 from __future__ import annotations
@@ -30,6 +30,13 @@ def _accuracies(run_dir: Path) -> list[float]:
     return [json.loads(x)["accuracy"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def test_runs_are_forked_from_the_warm_process_and_equal_a_cold_one(
     ray_address: str, tmp_path: Path
 ) -> None:
@@ -43,19 +50,25 @@ def test_runs_are_forked_from_the_warm_process_and_equal_a_cold_one(
         assert runtime.warm is not None
         warm = runtime.warm.pid
         children: list[list[int]] = []
+        workers: list[list[int]] = []
 
-        def look(_row: dict[str, Any]) -> None:
-            children.append([p for p in descendants(warm) if alive(p)])
+        def look(row: dict[str, Any]) -> None:
+            found = [p for p in descendants(warm) if alive(p)]
+            children.append(found)
+            if row["round"] >= 1:  # the actors have trained: their workers run
+                workers.append([p for p in found if _comm(p) == "ray-worker"])
 
         assert runtime.run(scenario, tmp_path / "a", on_round=look)
         assert runtime.run(scenario, tmp_path / "b", on_round=look)
-        # Every round of both runs found a simulation process below the warm one.
-        assert children and all(children), children
+        # Every round of both runs found `flwr run` and the simulation process
+        # below the warm process; every trained round, the actors' Ray workers.
+        assert children and all(len(found) >= 2 for found in children), children
+        assert all(workers), workers
         forks = {pid for found in children for pid in found}
-        assert len(forks) >= 2, forks  # one per run
+        assert len(forks) >= 6, forks  # three or more per run
         assert alive(warm)
 
-        os.kill(warm, signal.SIGTERM)  # the shim falls back to Flower's own flwr-simulation
+        os.kill(warm, signal.SIGTERM)  # each shim falls back to the real program
         runtime.warm.wait(timeout=30)
         assert runtime.run(scenario, tmp_path / "cold")
     finally:

@@ -1,0 +1,275 @@
+"""The warm process: Flower's and Ray's Python processes, forked from one that imported them.
+
+A run starts several Python processes, each of which imports Flower, Ray and
+PyTorch (about 3 s of CPU each here) before it does anything: ``flwr run``,
+which submits the run; the ``flwr-simulation`` process that Flower's
+SuperExec starts for it; and every Ray worker that hosts a ClientApp actor.
+A :class:`sims.launch.Runtime` serves many runs, so it pays those imports once:
+
+- :func:`serve` (``python -m sims.warm serve SOCKET``) is started with the
+  runtime. It binds a Unix socket, imports Flower, Ray, PyTorch and NumPy
+  (:data:`PRELOAD`; never fedmerge's own packages: every run loads the Flower
+  App from its FAB, so a changed app is always fresh), and then forks one
+  child per request. The child takes the requester's standard streams,
+  environment, working directory and arguments, and runs the program the
+  requester stands for, unchanged: Flower's own entry point
+  (:data:`ENTRY_POINTS`) or Ray's ``default_worker.py``.
+- :func:`shim_main` is what the runtime starts in their place
+  (:func:`write_shims`): ``flwr`` and ``flwr-simulation`` first on the
+  runtime's ``PATH``, and :data:`RAY_WORKER` as the Python executable of the
+  run's Ray workers (Ray's ``py_executable``, set by :func:`ray_runtime_env`).
+  A shim hands its request to the warm process, relays SIGTERM and SIGINT to
+  the child, and exits with the child's exit code; the child exits when its
+  shim does. If no warm process answers, the shim runs the real program in
+  its place.
+
+This module and :mod:`sims.processes` import only the standard library at
+module level: a shim starts in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import traceback
+from pathlib import Path
+from typing import Any
+
+from sims.processes import reap_children
+
+#: The environment variable that names the warm process's socket for the shims.
+SOCKET_ENV = "FEDMERGE_WARM"
+
+#: Flower's console scripts that the warm process serves: shim name -> (module, function).
+ENTRY_POINTS = {
+    "flwr": ("flwr.cli.app", "app"),
+    "flwr-simulation": ("flwr.simulation.app", "flwr_simulation"),
+}
+
+#: The shim that Ray starts as a worker's Python: ``fedmerge-ray-worker default_worker.py ARGS``.
+RAY_WORKER = "fedmerge-ray-worker"
+
+#: The process name (``/proc/PID/comm``) of a child, by program, where it is not the shim's name.
+COMM = {RAY_WORKER: "ray-worker"}
+
+#: What the warm process imports before it serves: its children's own imports.
+PRELOAD = (
+    "numpy",
+    "torch",
+    "flwr.cli.app",
+    "flwr.simulation.app",
+    "flwr.serverapp",
+    "flwr.clientapp",
+)
+
+_HEADER = 8  # bytes of the request's length
+
+
+def write_shims(root: Path) -> tuple[Path, Path]:
+    """Write the shims into ``root/bin``; return that directory and the warm process's socket.
+
+    Each shim runs this interpreter without ``site`` (standard library only)
+    and imports this module from the directory that holds :mod:`sims`.
+    """
+    bin_dir = root / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    source = Path(__file__).resolve().parent.parent
+    for name in (*ENTRY_POINTS, RAY_WORKER):
+        shim = bin_dir / name
+        shim.write_text(
+            f"#!{sys.executable} -S\n"
+            "import sys\n"
+            f"sys.path.insert(0, {str(source)!r})\n"
+            "from sims.warm import shim_main\n"
+            "sys.exit(shim_main())\n"
+        )
+        shim.chmod(0o755)
+    return bin_dir, root / "warm.sock"
+
+
+def ray_runtime_env(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
+    """Ray's ``RAY_RUNTIME_ENV_HOOK``: start this job's workers through the warm process.
+
+    A :class:`sims.launch.Runtime` whose Ray cluster is on this machine names
+    this function in ``RAY_RUNTIME_ENV_HOOK`` for its processes. It adds the :data:`RAY_WORKER` shim
+    as the workers' ``py_executable`` and the socket to their environment;
+    whatever else the job asked for (Flower sets ``PYTHONPATH``) stays.
+    """
+    env = dict(runtime_env or {})
+    path = os.environ.get(SOCKET_ENV, "")
+    if not path or "py_executable" in env:
+        return env
+    env["py_executable"] = str(Path(path).with_name("bin") / RAY_WORKER)
+    env["env_vars"] = {**env.get("env_vars", {}), SOCKET_ENV: path}
+    return env
+
+
+# -- the shims: what Flower and Ray start --------------------------------------------
+
+
+def shim_main() -> int:
+    """Hand this invocation to the warm process; return the child's exit code."""
+    name = Path(sys.argv[0]).name
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(os.environ.get(SOCKET_ENV, ""))
+        request = json.dumps(
+            {"name": name, "argv": sys.argv, "env": dict(os.environ), "cwd": os.getcwd()}
+        ).encode()
+        socket.send_fds(conn, [len(request).to_bytes(_HEADER, "big") + request], [0, 1, 2])
+        replies = conn.makefile("rb")
+        first = replies.readline()
+    except OSError:
+        first = b""
+    if not first:  # no warm process: run the real program in this process
+        conn.close()
+        if name == RAY_WORKER:  # `python default_worker.py ARGS`
+            os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+        real = Path(sys.executable).parent / name
+        os.execv(str(real), [str(real), *sys.argv[1:]])
+    pid = int(json.loads(first)["pid"])
+
+    def relay(signum: int, _frame: object) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGTERM, relay)
+    signal.signal(signal.SIGINT, relay)
+    last = replies.readline()  # the child's exit code; empty if it was killed
+    return int(json.loads(last)["exit"]) if last else 1
+
+
+# -- the warm process ----------------------------------------------------------------
+
+
+def serve(path: str) -> int:
+    """Listen on ``path``, import :data:`PRELOAD`, then fork a child per request."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)  # before the imports: requests wait in the backlog meanwhile
+    listener.listen(64)
+    import importlib
+
+    # What a fresh interpreter has on sys.path after its script's directory and
+    # PYTHONPATH: every child puts its own in front (see _child).
+    own = set(os.environ.get("PYTHONPATH", "").split(os.pathsep))
+    base = [p for p in sys.path[1:] if p not in own]
+    for module in PRELOAD:
+        importlib.import_module(module)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    listener.settimeout(0.5)
+    while True:
+        reap_children()
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            continue
+        conn.settimeout(None)
+        try:
+            request, fds = _receive(conn)
+        except (OSError, ValueError):
+            conn.close()
+            continue
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if os.fork() == 0:
+            listener.close()
+            _child(conn, request, fds, base)  # never returns
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+
+
+def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    """Read one request: its length, the JSON, and the requester's three standard streams."""
+    data, fds, _flags, _addr = socket.recv_fds(conn, 1 << 16, 3)
+    if len(fds) != 3:
+        for fd in fds:
+            os.close(fd)
+        raise ValueError("a request carries three file descriptors")
+    while len(data) < _HEADER:
+        data += conn.recv(1 << 16)
+    size = int.from_bytes(data[:_HEADER], "big")
+    body = data[_HEADER:]
+    while len(body) < size:
+        chunk = conn.recv(1 << 16)
+        if not chunk:
+            raise ValueError("truncated request")
+        body += chunk
+    request: dict[str, Any] = json.loads(body)
+    if request.get("name") not in (*ENTRY_POINTS, RAY_WORKER):
+        raise ValueError(f"no such program: {request.get('name')!r}")
+    return request, fds
+
+
+def _child(conn: socket.socket, request: dict[str, Any], fds: list[int], base: list[str]) -> None:
+    """Become the requester's program: its streams, environment, arguments and ``sys.path``."""
+    code = 1
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for target, fd in zip((0, 1, 2), fds, strict=True):
+            os.dup2(fd, target)
+            os.close(fd)
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.chdir(request["cwd"])
+        name, argv = request["name"], list(request["argv"])
+        if name == RAY_WORKER:
+            argv = argv[1:]  # `python default_worker.py ARGS`: the script is argv[0]
+            script_dir = str(Path(argv[0]).parent)
+        else:  # Flower's console script, beside this interpreter
+            argv[0] = str(Path(sys.executable).parent / name)
+            script_dir = str(Path(sys.executable).parent)
+        pythonpath = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        sys.path[:] = [script_dir, *pythonpath, *base]
+        sys.argv = argv
+        # `ps -o comm` and `top` name the child after its program (its command
+        # line stays the warm process's: Ray's setproctitle cannot find it).
+        Path("/proc/self/comm").write_text(COMM.get(name, name)[:15])
+        conn.sendall(json.dumps({"pid": os.getpid()}).encode() + b"\n")
+        # The shim holds the other end: once it is gone (killed), so is this process.
+        threading.Thread(target=_exit_with, args=(conn,), daemon=True).start()
+        if name == RAY_WORKER:
+            import runpy
+
+            runpy.run_path(argv[0], run_name="__main__")
+        else:
+            import importlib
+
+            module, function = ENTRY_POINTS[name]
+            getattr(importlib.import_module(module), function)()
+        code = 0
+    except SystemExit as exc:  # Flower and Ray end their processes with sys.exit
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
+        except (OSError, ValueError):
+            pass
+        os._exit(code)
+
+
+def _exit_with(conn: socket.socket) -> None:
+    """Block until the shim closes its end of ``conn``; then end this process."""
+    try:
+        while conn.recv(1 << 10):
+            pass
+    except OSError:
+        pass
+    os._exit(1)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "serve":
+        sys.exit("usage: python -m sims.warm serve SOCKET")
+    sys.exit(serve(sys.argv[2]))
