@@ -53,9 +53,6 @@ ENTRY_POINTS = {
 #: The shim that Ray starts as a worker's Python: ``fedmerge-ray-worker default_worker.py ARGS``.
 RAY_WORKER = "fedmerge-ray-worker"
 
-#: The process name (``/proc/PID/comm``) of a child, by program, where it is not the shim's name.
-COMM = {RAY_WORKER: "ray-worker"}
-
 #: What the warm process imports before it serves: its children's own imports.
 PRELOAD = (
     "numpy",
@@ -229,15 +226,18 @@ def _child(conn: socket.socket, request: dict[str, Any], fds: list[int], base: l
         pythonpath = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         sys.path[:] = [script_dir, *pythonpath, *base]
         sys.argv = argv
-        # `ps -o comm` and `top` name the child after its program (its command
-        # line stays the warm process's: Ray's setproctitle cannot find it).
-        Path("/proc/self/comm").write_text(COMM.get(name, name)[:15])
+        set_title(" ".join(argv))  # what `ps` shows: the program's command line
         conn.sendall(json.dumps({"pid": os.getpid()}).encode() + b"\n")
         # The shim holds the other end: once it is gone (killed), so is this process.
         threading.Thread(target=_exit_with, args=(conn,), daemon=True).start()
         if name == RAY_WORKER:
+            import importlib
             import runpy
 
+            # Ray's own setproctitle looks for the command line beside the
+            # environment, which this process has replaced: titles such as
+            # `ray::ClientAppActor` go through set_title instead.
+            vars(importlib.import_module("ray._raylet"))["setproctitle"] = set_title
             runpy.run_path(argv[0], run_name="__main__")
         else:
             import importlib
@@ -257,6 +257,20 @@ def _child(conn: socket.socket, request: dict[str, Any], fds: list[int], base: l
         except (OSError, ValueError):
             pass
         os._exit(code)
+
+
+def set_title(title: str) -> None:
+    """Write ``title`` over this process's command line (``/proc/self/cmdline``, what ``ps`` shows).
+
+    A forked child keeps the warm process's command line; this puts its own
+    program's there, cut to the length of the warm process's (Linux only).
+    """
+    import ctypes
+
+    stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    start, end = int(stat[45]), int(stat[46])  # arg_start, arg_end: fields 48 and 49
+    data = title.encode()[: end - start - 1]
+    ctypes.memmove(start, data + bytes(end - start - len(data)), end - start)
 
 
 def _exit_with(conn: socket.socket) -> None:

@@ -84,7 +84,7 @@ def test_a_dead_ray_worker_stops_the_run_which_then_resumes(
     ray_head: tuple[str, int], tmp_path: Path
 ) -> None:
     """Flower never replaces a dead actor: the run stops after that round and resumes whole."""
-    address, head_pid = ray_head
+    address, _head_pid = ray_head
     scenario = load_scenario(
         None,
         ["rounds=4", "num_clients=4", "clients_per_round=4", "dataset.name='digits'",
@@ -98,7 +98,9 @@ def test_a_dead_ray_worker_stops_the_run_which_then_resumes(
         while time.monotonic() < deadline and not killed:
             metrics = run_dir / "metrics.jsonl"
             if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-                actors = [p for p in descendants(head_pid) if "ClientAppActor" in _cmdline(p)]
+                # Below this process: the Ray head's workers, or the warm
+                # process's (sims.warm) when Ray starts them through it.
+                actors = [p for p in descendants(os.getpid()) if "ClientAppActor" in _cmdline(p)]
                 if actors:
                     os.kill(actors[0], signal.SIGKILL)
                     killed.append(actors[0])

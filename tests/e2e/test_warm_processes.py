@@ -30,9 +30,9 @@ def _accuracies(run_dir: Path) -> list[float]:
     return [json.loads(x)["accuracy"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _comm(pid: int) -> str:
+def _cmdline(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
 
@@ -51,18 +51,22 @@ def test_runs_are_forked_from_the_warm_process_and_equal_a_cold_one(
         warm = runtime.warm.pid
         children: list[list[int]] = []
         workers: list[list[int]] = []
+        titles: set[str] = set()  # the programs the forked children run
 
         def look(row: dict[str, Any]) -> None:
             found = [p for p in descendants(warm) if alive(p)]
             children.append(found)
+            titles.update(Path(_cmdline(p).split(" ")[0]).name for p in found)
             if row["round"] >= 1:  # the actors have trained: their workers run
-                workers.append([p for p in found if _comm(p) == "ray-worker"])
+                # A Ray worker names itself after its actor (setproctitle).
+                workers.append([p for p in found if "ray::ClientAppActor" in _cmdline(p)])
 
         assert runtime.run(scenario, tmp_path / "a", on_round=look)
         assert runtime.run(scenario, tmp_path / "b", on_round=look)
         # Every round of both runs found `flwr run` and the simulation process
         # below the warm process; every trained round, the actors' Ray workers.
         assert children and all(len(found) >= 2 for found in children), children
+        assert {"flwr", "flwr-simulation", "ray::ClientAppActor"} <= titles, titles
         assert all(workers), workers
         forks = {pid for found in children for pid in found}
         assert len(forks) >= 6, forks  # three or more per run
