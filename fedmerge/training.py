@@ -45,6 +45,10 @@ class TrainConfig:
         seeded initialisation (as peers with ``peer_init = "independent"``)
         instead of the global model; with ``pretrain_epochs`` the server's
         first merge fuses independently trained models (one-shot fusion).
+    max_steps : int (default: 0)
+        Mini-batches per epoch at most, the first ones of the epoch's shuffled
+        order; >= 0, 0 for every mini-batch. A client's weight in averaging is
+        still its number of examples.
 
     Raises
     ------
@@ -61,6 +65,7 @@ class TrainConfig:
     optimizer: str = "sgd"
     pretrain_epochs: int = 0
     independent_init: bool = False
+    max_steps: int = 0
 
     def __post_init__(self) -> None:
         lr, momentum, decay = self.lr, self.momentum, self.weight_decay
@@ -72,6 +77,7 @@ class TrainConfig:
             "weight_decay": (math.isfinite(decay) and decay >= 0, "a finite number >= 0"),
             "optimizer": (self.optimizer in OPTIMIZERS, ", ".join(OPTIMIZERS)),
             "pretrain_epochs": (self.pretrain_epochs >= 0, "an integer >= 0"),
+            "max_steps": (self.max_steps >= 0, "an integer >= 0"),
         }
         for key, (ok, allowed) in checks.items():
             if not ok:
@@ -164,7 +170,7 @@ def train_local(
         order = torch.randperm(n, generator=generator)
         total = torch.zeros((), device=device)
         seen = 0
-        for start in range(0, n, config.batch_size):
+        for start in batch_starts(n, config):
             idx = order[start : start + config.batch_size]
             if len(idx) < 2 and has_bn:
                 continue  # BatchNorm cannot train on a single sample
@@ -181,6 +187,12 @@ def train_local(
             steps += 1
         epoch_loss = float(total) / seen if seen else float("nan")
     return TrainResult(loss=epoch_loss, num_examples=n, num_steps=steps)
+
+
+def batch_starts(n: int, config: TrainConfig) -> range:
+    """Where an epoch's mini-batches start in its shuffled order: at most ``max_steps`` of them."""
+    starts = range(0, n, config.batch_size)
+    return starts[: config.max_steps] if config.max_steps else starts
 
 
 def local_epochs(config: TrainConfig, server_round: int, *, peer: bool) -> int:

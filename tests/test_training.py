@@ -281,3 +281,35 @@ def test_train_config_has_no_prox_mu() -> None:
 def test_train_config_accepts_boundaries() -> None:
     cfg = TrainConfig(epochs=1, batch_size=1, lr=1e-6, momentum=0.0, weight_decay=0.0)
     assert (cfg.epochs, cfg.batch_size, cfg.momentum, cfg.weight_decay) == (1, 1, 0.0, 0.0)
+
+
+@pytest.mark.parametrize(("max_steps", "expected_batches"), [(0, 13), (5, 5), (13, 13), (50, 13)])
+def test_max_steps_trains_the_first_batches_of_each_epochs_order(
+    max_steps: int, expected_batches: int
+) -> None:
+    # 100 samples, batches of 8: 13 per epoch (the last one of 4).
+    n, epochs, seed = 100, 2, 7
+    x = torch.arange(n, dtype=torch.float32).unsqueeze(1)  # each sample is its own index
+    y = torch.zeros(n, dtype=torch.long)
+    seen: list[list[int]] = []
+    model = nn.Linear(1, 2)
+    model.register_forward_hook(
+        lambda _m, inputs, _out: seen.append(inputs[0][:, 0].long().tolist())
+    )
+    config = TrainConfig(epochs=epochs, batch_size=8, lr=0.01, max_steps=max_steps)
+    result = train_local(model, x, y, config, generator=torch.Generator().manual_seed(seed))
+
+    # The same orders, drawn independently: epoch e's batches are its first slices of 8.
+    gen = torch.Generator().manual_seed(seed)
+    expected: list[list[int]] = []
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen).tolist()
+        expected += [order[8 * b : 8 * b + 8] for b in range(expected_batches)]
+    assert seen == expected
+    assert result.num_steps == epochs * expected_batches
+    assert result.num_examples == n  # the averaging weight stays the data set's size
+
+
+def test_negative_max_steps_is_refused_with_its_key() -> None:
+    with pytest.raises(ValueError, match=r"max_steps: got -1; allowed: an integer >= 0"):
+        TrainConfig(max_steps=-1)

@@ -11,7 +11,7 @@ from torch import nn
 
 from fedmerge.tasks.augment import AugmentConfig, augment
 from fedmerge.tasks.config import TaskConfig
-from fedmerge.training import TrainConfig, TrainResult
+from fedmerge.training import TrainConfig, TrainResult, batch_starts
 
 
 def augment_config(config: TaskConfig) -> AugmentConfig:
@@ -95,7 +95,7 @@ def two_view_epochs(
     for _ in range(epochs):
         order = torch.randperm(n, generator=generator)
         total, seen = torch.zeros((), device=device), 0
-        for start in range(0, n, train.batch_size):
+        for start in batch_starts(n, train):
             idx = order[start : start + train.batch_size]
             b = len(idx)
             if b < 2:

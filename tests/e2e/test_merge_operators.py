@@ -13,6 +13,7 @@ from sims.scenario_files import load_scenario
 
 NON_IID = [
     "rounds=2",
+    "train.max_steps=40",  # the first 40 mini-batches of each local epoch
     "num_clients=4",
     "clients_per_round=4",
     "partition.scheme='dirichlet'",

@@ -92,7 +92,13 @@ class CopyMinPlugin(PeerPlugin):
 register(FreezePlugin())
 register(CopyMinPlugin())
 
-SMALL = ["rounds=2", "num_clients=4", "partition.scheme='dirichlet'", f"plugins=['{__file__}']"]
+SMALL = [
+    "rounds=2",
+    "train.max_steps=40",  # the first 40 mini-batches of each local epoch
+    "num_clients=4",
+    "partition.scheme='dirichlet'",
+    f"plugins=['{__file__}']",
+]
 
 
 def _rows(run_dir: Path) -> list[dict[str, Any]]:

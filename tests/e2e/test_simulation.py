@@ -21,6 +21,7 @@ from strategies.federation import Federation
 
 SMALL = [
     "rounds=2",
+    "train.max_steps=40",  # the first 40 mini-batches of each local epoch
     "num_clients=4",
     "clients_per_round=2",
     "partition.scheme='dirichlet'",
@@ -106,6 +107,7 @@ def test_fedprox_runs_and_differs(fedavg_run: Path, ray_address: str, tmp_path: 
         _scenario(
             ray_address, "strategy.name='fedprox'", "strategy.prox_mu=1.0",
             "strategy.fraction_evaluate=0.5",
+            "train.max_steps=0",  # every mini-batch: the proximal term slows learning
         ),
         tmp_path,
     )  # fmt: skip

@@ -10,6 +10,7 @@ from sims.scenario_files import load_scenario
 
 SMALL_SSL = [
     "rounds=2",
+    "train.max_steps=40",  # the first 40 mini-batches of each local epoch
     "num_clients=3",
     "clients_per_round=3",
     "partition.scheme='iid'",
