@@ -7,12 +7,15 @@ SuperExec starts for it; and every Ray worker that hosts a ClientApp actor.
 A :class:`sims.launch.Runtime` serves many runs, so it pays those imports once:
 
 - :func:`serve` (``python -m sims.warm serve SOCKET``) is started with the
-  runtime. It binds a Unix socket, imports Flower, Ray, PyTorch and NumPy
+  runtime. It binds a Unix socket, imports Flower, PyTorch and NumPy
   (:data:`PRELOAD`; never fedmerge's own packages: every run loads the Flower
   App from its FAB, so a changed app is always fresh), and then forks one
-  child per request. The child takes the requester's standard streams,
-  environment, working directory and arguments, and runs the program the
-  requester stands for, unchanged: Flower's own entry point
+  child per request. It does not import Ray: Ray's C++ core reads a worker's
+  job (``RAY_JOB_ID``) from the environment once, when Ray is imported, so a
+  worker forked from a process that had imported Ray would have none. The
+  child takes the requester's standard streams, environment, working
+  directory and arguments, and runs the program the requester stands for,
+  unchanged: Flower's own entry point
   (:data:`ENTRY_POINTS`) or Ray's ``default_worker.py``.
 - :func:`shim_main` is what the runtime starts in their place
   (:func:`write_shims`): ``flwr`` and ``flwr-simulation`` first on the
@@ -53,7 +56,7 @@ ENTRY_POINTS = {
 #: The shim that Ray starts as a worker's Python: ``fedmerge-ray-worker default_worker.py ARGS``.
 RAY_WORKER = "fedmerge-ray-worker"
 
-#: What the warm process imports before it serves: its children's own imports.
+#: What the warm process imports before it serves: its children's own imports, Ray's aside.
 PRELOAD = (
     "numpy",
     "torch",
