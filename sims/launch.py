@@ -227,7 +227,7 @@ class Runtime:
     process joins, so Ray starts once per runtime rather than once per run.
     Each run's ``flwr run``, its simulation process and, when the Ray cluster
     is on this machine, its Ray workers are forked from a warm process that
-    has imported Flower, Ray and PyTorch once (:mod:`sims.warm`).
+    has imported Flower and PyTorch once (:mod:`sims.warm`).
     A watchdog process stops them all, and every ``flwr run`` still going, if
     the process that started them dies without stopping them (SIGKILL, OOM).
 
