@@ -32,6 +32,7 @@ module level: a shim starts in milliseconds.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -75,7 +76,8 @@ def write_shims(root: Path) -> tuple[Path, Path]:
     Each shim runs this interpreter without ``site`` (standard library only)
     and imports this module from the directory that holds :mod:`sims`.
     """
-    bin_dir = root / "bin"
+    sock = root / "warm.sock"
+    bin_dir = _bin_dir(sock)
     bin_dir.mkdir(parents=True, exist_ok=True)
     source = Path(__file__).resolve().parent.parent
     for name in (*ENTRY_POINTS, RAY_WORKER):
@@ -88,7 +90,23 @@ def write_shims(root: Path) -> tuple[Path, Path]:
             "sys.exit(shim_main())\n"
         )
         shim.chmod(0o755)
-    return bin_dir, root / "warm.sock"
+    return bin_dir, sock
+
+
+def _bin_dir(sock: Path) -> Path:
+    """Where the shims of the warm process listening on ``sock`` are: beside it."""
+    return sock.with_name("bin")
+
+
+def _real_argv(name: str, argv: list[str]) -> list[str]:
+    """What the shim ``name`` invoked with ``argv`` stands for, as a cold start would exec it.
+
+    Ray's worker shim stands for ``python default_worker.py ARGS``; Flower's
+    shims for the console script of the same name beside this interpreter.
+    """
+    if name == RAY_WORKER:
+        return [sys.executable, *argv[1:]]
+    return [str(Path(sys.executable).parent / name), *argv[1:]]
 
 
 def ray_runtime_env(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
@@ -103,7 +121,7 @@ def ray_runtime_env(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
     path = os.environ.get(SOCKET_ENV, "")
     if not path or "py_executable" in env:
         return env
-    env["py_executable"] = str(Path(path).with_name("bin") / RAY_WORKER)
+    env["py_executable"] = str(_bin_dir(Path(path)) / RAY_WORKER)
     env["env_vars"] = {**env.get("env_vars", {}), SOCKET_ENV: path}
     return env
 
@@ -127,10 +145,8 @@ def shim_main() -> int:
         first = b""
     if not first:  # no warm process: run the real program in this process
         conn.close()
-        if name == RAY_WORKER:  # `python default_worker.py ARGS`
-            os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
-        real = Path(sys.executable).parent / name
-        os.execv(str(real), [str(real), *sys.argv[1:]])
+        real = _real_argv(name, sys.argv)
+        os.execv(real[0], real)
     pid = int(json.loads(first)["pid"])
 
     def relay(signum: int, _frame: object) -> None:
@@ -153,8 +169,6 @@ def serve(path: str) -> int:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)  # before the imports: requests wait in the backlog meanwhile
     listener.listen(64)
-    import importlib
-
     # What a fresh interpreter has on sys.path after its script's directory and
     # PYTHONPATH: every child puts its own in front (see _child).
     own = set(os.environ.get("PYTHONPATH", "").split(os.pathsep))
@@ -219,13 +233,11 @@ def _child(conn: socket.socket, request: dict[str, Any], fds: list[int], base: l
         os.environ.clear()
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
-        name, argv = request["name"], list(request["argv"])
+        name = request["name"]
+        argv = _real_argv(name, request["argv"])
         if name == RAY_WORKER:
             argv = argv[1:]  # `python default_worker.py ARGS`: the script is argv[0]
-            script_dir = str(Path(argv[0]).parent)
-        else:  # Flower's console script, beside this interpreter
-            argv[0] = str(Path(sys.executable).parent / name)
-            script_dir = str(Path(sys.executable).parent)
+        script_dir = str(Path(argv[0]).parent)
         pythonpath = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         sys.path[:] = [script_dir, *pythonpath, *base]
         sys.argv = argv
@@ -234,7 +246,6 @@ def _child(conn: socket.socket, request: dict[str, Any], fds: list[int], base: l
         # The shim holds the other end: once it is gone (killed), so is this process.
         threading.Thread(target=_exit_with, args=(conn,), daemon=True).start()
         if name == RAY_WORKER:
-            import importlib
             import runpy
 
             # Ray's own setproctitle looks for the command line beside the
@@ -243,8 +254,6 @@ def _child(conn: socket.socket, request: dict[str, Any], fds: list[int], base: l
             vars(importlib.import_module("ray._raylet"))["setproctitle"] = set_title
             runpy.run_path(argv[0], run_name="__main__")
         else:
-            import importlib
-
             module, function = ENTRY_POINTS[name]
             getattr(importlib.import_module(module), function)()
         code = 0

@@ -42,8 +42,9 @@ def ray_head_cpus() -> int:
 def ray_head() -> Iterator[tuple[str, int]]:
     """Start a local Ray head (:func:`ray_head_cpus` CPUs) once; stop it by its PID at the end.
 
-    Yields its address and the PID of ``ray start`` (Ray's daemons, and the
-    workers of every simulation that joins it, run below that process).
+    Yields its address and the PID of ``ray start`` (Ray's daemons run below
+    that process; a run's workers run below its runtime's warm process,
+    :mod:`sims.warm`, or below the head when they are started cold).
     """
     tmp = Path(tempfile.mkdtemp(prefix="fmray-"))
     port = _free_port()
