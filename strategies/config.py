@@ -211,10 +211,16 @@ class EvaluationConfig:
         (:mod:`strategies.node_data`) whose test split (or, without one, its
         training split) is the server's test set, instead of the scenario's
         data set.
+    test_samples : int (default: 0)
+        With ``server = "test-set"``: the server scores every model on this
+        many samples of its test set, a draw seeded by ``seed`` alone (the
+        same subset for every strategy of a seed, and every round); 0: the
+        whole test set. Self-supervised tasks have ``task.test_samples``.
     """
 
     server: str = "test-set"
     test_dir: str = ""
+    test_samples: int = 0
 
     def __post_init__(self) -> None:
         if self.server not in SERVER_EVALUATIONS:
@@ -224,6 +230,15 @@ class EvaluationConfig:
             raise ValueError(
                 f"test_dir: got {self.test_dir!r} with server {self.server!r}; "
                 "allowed: '' (the clients evaluate on their own data)"
+            )
+        if self.test_samples < 0:
+            raise ValueError(
+                f"test_samples: got {self.test_samples!r}; allowed: an integer >= 0 (0: all)"
+            )
+        if self.test_samples and self.server != "test-set":
+            raise ValueError(
+                f"test_samples: got {self.test_samples!r} with server {self.server!r}; "
+                "allowed: 0 (the clients evaluate on their own data)"
             )
 
     @property
@@ -397,6 +412,11 @@ class RunConfig(BaseModel):
     def _evaluation_checks(self) -> None:
         """A server without the scenario's data set: only what needs no data at the server."""
         ev = self.evaluation
+        if ev.test_samples and self.task.self_supervised:
+            raise ValueError(
+                f"evaluation.test_samples: got {ev.test_samples!r} with task "
+                f"{self.task.name!r}; allowed: 0 (set task.test_samples)"
+            )
         if ev.uses_dataset:
             return
         key, value = (

@@ -30,6 +30,23 @@ EVAL_STREAM = 5
 LOSS_SAMPLES = 512
 
 
+def seeded_test_subset(
+    x: torch.Tensor, y: torch.Tensor, k: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k`` samples of a test set, drawn without replacement by ``seed`` (in their order).
+
+    The draw depends on the run's seed and the test set's size alone, so
+    every strategy and round of a seed is scored on the same samples. ``k``
+    0 or at least the test set's size: the whole set.
+    """
+    n = len(y)
+    if k == 0 or k >= n:
+        return x, y
+    rng = np.random.default_rng([seed, EVAL_STREAM, 1])
+    idx = torch.from_numpy(np.sort(rng.choice(n, size=k, replace=False)))
+    return x[idx], y[idx]
+
+
 class EncoderEvaluation:
     """k-NN every round, linear probe every ``eval_every`` rounds, for one run.
 
@@ -62,12 +79,9 @@ class EncoderEvaluation:
 
     @cached_property
     def _test(self) -> tuple[torch.Tensor, torch.Tensor]:
-        n, k = len(self.data.test_y), self.config.task.test_samples
-        if k == 0 or k >= n:
-            return self.data.test_x, self.data.test_y
-        rng = np.random.default_rng([self.config.seed, EVAL_STREAM, 1])
-        idx = torch.from_numpy(np.sort(rng.choice(n, size=k, replace=False)))
-        return self.data.test_x[idx], self.data.test_y[idx]
+        return seeded_test_subset(
+            self.data.test_x, self.data.test_y, self.config.task.test_samples, self.config.seed
+        )
 
     def probes(self, server_round: int) -> bool:
         """Whether the linear probe runs after ``server_round``."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from strategies.checkpoint import (
 )
 from strategies.config import RunConfig
 from strategies.deployment import lost_partitions
-from strategies.encoder_eval import EncoderEvaluation, encoder_summary
+from strategies.encoder_eval import EncoderEvaluation, encoder_summary, seeded_test_subset
 from strategies.metering import Traffic
 from strategies.run_log import RunLog
 
@@ -161,9 +162,15 @@ class RoundRecorder:
         """Test loss and accuracy of ``state`` on the server's test set."""
         if self.by_clients:
             raise RuntimeError("evaluation.server: 'clients'; the server holds no test set")
-        x, y = self.test_set or (self.data.test_x, self.data.test_y)
+        x, y = self._test
         self.model.load_state_dict(state)
         return evaluate(self.model, x, y)
+
+    @cached_property
+    def _test(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The server's test set: ``evaluation.test_dir``'s or the data set's, maybe a subset."""
+        x, y = self.test_set or (self.data.test_x, self.data.test_y)
+        return seeded_test_subset(x, y, self.config.evaluation.test_samples, self.config.seed)
 
     def evaluate_round(
         self,

@@ -231,6 +231,7 @@ class OneShotPlugin(ServerPlugin):
 
     def strategy(self, options: Any, ctx: ServerContext) -> Strategy:
         """A merging strategy whose aggregation is :class:`OneShotMerge`."""
+        from strategies.encoder_eval import seeded_test_subset
         from strategies.federation import federation
         from strategies.merging import MergingStrategy
 
@@ -247,9 +248,10 @@ class OneShotPlugin(ServerPlugin):
             model.load_state_dict(state)
             return model
 
-        merge = OneShotMerge(
-            server, options.method, ctx.config.seed, (data.test_x, data.test_y), holding
+        test = seeded_test_subset(
+            data.test_x, data.test_y, ctx.config.evaluation.test_samples, ctx.config.seed
         )
+        merge = OneShotMerge(server, options.method, ctx.config.seed, test, holding)
         return MergingStrategy(
             merge=merge,
             accepts_other_widths=bool(options.client_widths),

@@ -58,7 +58,16 @@ def test_the_default_keeps_every_digest() -> None:
         ({"evaluation": {"test_dir": "/srv/test"}, "task": {"name": "simclr"}},
          "evaluation.test_dir: got '/srv/test' with task 'simclr' (the server scores the "
          "encoder with labels); allowed: '' (the scenario's data set)"),
-        ({"evaluation": {"where": 1}}, "evaluation.where: unknown key; allowed: server, test_dir"),
+        ({"evaluation": {"test_samples": -1}},
+         "evaluation.test_samples: got -1; allowed: an integer >= 0 (0: all)"),
+        ({**_CLIENTS, "evaluation": {"server": "clients", "test_samples": 100}},
+         "evaluation.test_samples: got 100 with server 'clients'; allowed: 0 (the clients "
+         "evaluate on their own data)"),
+        ({"evaluation": {"test_samples": 100}, "task": {"name": "byol"}},
+         "evaluation.test_samples: got 100 with task 'byol'; allowed: 0 (set "
+         "task.test_samples)"),
+        ({"evaluation": {"where": 1}},
+         "evaluation.where: unknown key; allowed: server, test_dir, test_samples"),
     ],
 )  # fmt: skip
 def test_what_a_server_without_the_data_set_cannot_do_is_refused_in_one_line(
@@ -155,3 +164,49 @@ def test_a_test_dir_is_the_servers_test_set(tmp_path: Path) -> None:
     expected_loss = float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(y[30:])))
     assert acc == pytest.approx(expected_acc, abs=1e-9)
     assert loss == pytest.approx(expected_loss, rel=1e-5)
+
+
+def _scored_by_hand(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x))
+    acc = float((logits.argmax(1).numpy() == y).mean())
+    return float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(y))), acc
+
+
+def test_test_samples_scores_a_seeded_subset_of_the_test_set(tmp_path: Path) -> None:
+    """``evaluation.test_samples = k``: k distinct test samples, drawn by the seed alone."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 1, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 10, size=200)
+    held = tmp_path / "held"
+    held.mkdir()
+    np.savez(held / "data.npz", train_x=x[:10], train_y=y[:10], test_x=x, test_y=y)
+
+    def scored(seed: int, k: int) -> tuple[float, float, torch.nn.Module]:
+        table = {"dataset": {"name": "digits"}, "model": {"name": "mlp"}, "seed": seed,
+                 "evaluation": {"test_dir": str(held), "test_samples": k}}  # fmt: skip
+        config = run_config_from_dict(table)
+        model = Federation(config).initial_model()
+        recorder = RoundRecorder(
+            config, RunLog(tmp_path / f"run{seed}-{k}"), model, None,  # type: ignore[arg-type]
+            server_test_set(config),
+        )  # fmt: skip
+        state = {n: v.clone() for n, v in model.state_dict().items()}
+        loss, acc = recorder.evaluate(state)
+        return loss, acc, model
+
+    # the subset the documentation names: k of the 200, drawn by SeedSequence([seed, 5, 1])
+    for seed in (0, 3):
+        draw = np.sort(np.random.default_rng([seed, 5, 1]).choice(200, size=37, replace=False))
+        loss, acc, model = scored(seed, 37)
+        exp_loss, exp_acc = _scored_by_hand(model, x[draw], y[draw])
+        assert acc == pytest.approx(exp_acc, abs=1e-9)
+        assert loss == pytest.approx(exp_loss, rel=1e-5)
+        assert abs(acc * 37 - round(acc * 37)) < 1e-9  # a share of 37 samples
+        # not the whole set, and not the first 37 samples
+        whole = _scored_by_hand(model, x, y)
+        first = _scored_by_hand(model, x[:37], y[:37])
+        assert (loss, acc) != pytest.approx(whole) and (loss, acc) != pytest.approx(first)
+    # k at least the test set's size: the whole set
+    loss, acc, model = scored(0, 500)
+    assert (loss, acc) == pytest.approx(_scored_by_hand(model, x, y), rel=1e-5)
