@@ -24,7 +24,8 @@ from fedmerge.align import permutation_spec_for
 from fedmerge.atomic import atomic_write_text
 from fedmerge.topology import build_graph, mixing_matrix
 from sims.checks import check_scenario, model_allocation_error
-from sims.processes import stop_tree
+from sims.errors import SimulationError
+from sims.processes import FLOWER_ENV, stop_tree
 from sims.runs import parse_row
 from sims.scenario_files import load_scenario
 from sims.warm import SOCKET_ENV, write_shims
@@ -43,22 +44,6 @@ APP_DIR = Path(__file__).resolve().parent.parent
 
 #: The packages the ServerApp and ClientApp import (see :func:`stage_app`).
 APP_PACKAGES = ("fedmerge", "strategies")
-
-#: Environment every Flower process of a run gets (see README, "Environment").
-FLOWER_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    # Ray >= 2.50 warns that it will stop overriding CUDA_VISIBLE_DEVICES for
-    # actors with num_gpus=0; opt in to that future behaviour now.
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    # The SuperExec looks for a submitted run every second by default.
-    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
-}
-
-
-class SimulationError(RuntimeError):
-    """The Flower run did not complete; the message says where its log is."""
 
 
 def preflight(config: RunConfig) -> None:
@@ -245,7 +230,8 @@ class Runtime:
         self.key = (ray_address, ray_num_cpus)
         self.tmp = Path(tempfile.mkdtemp(prefix="fm-"))  # short: Ray's socket paths are limited
         self.env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.tmp / "flwr")}
-        # `flwr` and Flower's SuperExec find the warm process's shims first on PATH.
+        # `flwr`, the SuperLink's SuperExec and the simulation process it starts
+        # are found first on PATH as the warm process's shims.
         bin_dir, sock = write_shims(self.tmp)
         path = [str(bin_dir), str(Path(sys.executable).parent)]
         self.env["PATH"] = os.pathsep.join([*path, self.env.get("PATH", "")])
@@ -295,9 +281,11 @@ class Runtime:
                         ],
                         out,
                     )  # fmt: skip
+                # The SuperLink itself starts cold, beside the warm process's imports.
                 self.superlink = self.spawn(
                     [
-                        "flower-superlink", "--insecure", "--simulation",
+                        str(Path(sys.executable).parent / "flower-superlink"),
+                        "--insecure", "--simulation",
                         "--isolation", "subprocess",
                         "--host", "127.0.0.1", "--port", str(self.port),
                     ],

@@ -2,9 +2,13 @@
 
 A run starts several Python processes, each of which imports Flower, Ray and
 PyTorch (about 3 s of CPU each here) before it does anything: ``flwr run``,
-which submits the run; the ``flwr-simulation`` process that Flower's
-SuperExec starts for it; and every Ray worker that hosts a ClientApp actor.
-A :class:`sims.launch.Runtime` serves many runs, so it pays those imports once:
+which submits the run; Flower's SuperExec and the ``flwr-simulation`` process
+that it starts for the run; and every Ray worker that hosts a ClientApp
+actor. A :class:`sims.launch.Runtime` serves many runs, so it pays those
+imports once. A deployment on one machine can do the same for its SuperLink,
+SuperNodes and their ServerApp and ClientApp processes (the deployment tests
+do, see ``tests/e2e/deployment_support.py``): every program of
+:data:`ENTRY_POINTS` found first on ``PATH`` as a shim is forked.
 
 - :func:`serve` (``python -m sims.warm serve SOCKET``) is started with the
   runtime. It binds a Unix socket, imports Flower, PyTorch and NumPy
@@ -18,8 +22,8 @@ A :class:`sims.launch.Runtime` serves many runs, so it pays those imports once:
   unchanged: Flower's own entry point
   (:data:`ENTRY_POINTS`) or Ray's ``default_worker.py``.
 - :func:`shim_main` is what the runtime starts in their place
-  (:func:`write_shims`): ``flwr`` and ``flwr-simulation`` first on the
-  runtime's ``PATH``, and :data:`RAY_WORKER` as the Python executable of the
+  (:func:`write_shims`): Flower's console scripts first on the runtime's
+  ``PATH``, and :data:`RAY_WORKER` as the Python executable of the
   run's Ray workers (Ray's ``py_executable``, set by :func:`ray_runtime_env`).
   A shim hands its request to the warm process, relays SIGTERM and SIGINT to
   the child, and exits with the child's exit code; the child exits when its
@@ -52,6 +56,11 @@ SOCKET_ENV = "FEDMERGE_WARM"
 ENTRY_POINTS = {
     "flwr": ("flwr.cli.app", "app"),
     "flwr-simulation": ("flwr.simulation.app", "flwr_simulation"),
+    "flower-superexec": ("flwr.supercore.cli", "flower_superexec"),
+    "flower-superlink": ("flwr.superlink.cli", "flower_superlink"),
+    "flower-supernode": ("flwr.supernode.cli", "flower_supernode"),
+    "flwr-serverapp": ("flwr.superlink.cli", "flwr_serverapp"),
+    "flwr-clientapp": ("flwr.supernode.cli", "flwr_clientapp"),
 }
 
 #: The shim that Ray starts as a worker's Python: ``fedmerge-ray-worker default_worker.py ARGS``.
@@ -65,6 +74,9 @@ PRELOAD = (
     "flwr.simulation.app",
     "flwr.serverapp",
     "flwr.clientapp",
+    "flwr.supercore.cli",
+    "flwr.superlink.cli",
+    "flwr.supernode.cli",
 )
 
 _HEADER = 8  # bytes of the request's length

@@ -1,118 +1,41 @@
-"""The same apps on a real deployment: one SuperLink and real SuperNode processes on loopback."""
+"""The same apps on a real deployment: one SuperLink and real SuperNode processes on loopback.
+
+Flower's own SuperNodes, peer strategies on SuperNodes, nodes with their own
+data (one lost and back) and a bad partition id; see also
+``test_deployment_nodes.py``.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-from safetensors.torch import load_file
+from sims.launch import _stop
+from tests.e2e.deployment_support import (
+    OWN_DATA,
+    flwr_run,
+    node_dirs,
+    rows_of,
+    supernode,
+    supernodes,
+)
 
-from fedmerge.data import load_dataset
-from sims.launch import APP_DIR, FLOWER_ENV, _free_port, _stop, _wait_healthy, stage_app
-from strategies.config import run_config_from_dict
-from strategies.federation import federation
-
-
-@contextmanager
-def _deployment(
-    tmp_path: Path, extra_env: dict[str, str] | None = None
-) -> Iterator[tuple[dict[str, str], list[subprocess.Popen]]]:
-    """A SuperLink (no simulation) and a way to add SuperNodes; all stopped by PID."""
-    env = {
-        **os.environ,
-        **FLOWER_ENV,
-        "FLWR_HOME": str(tmp_path / "home"),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        **(extra_env or {}),
-    }
-    (tmp_path / "home").mkdir()
-    port = _free_port()
-    (tmp_path / "home" / "config.toml").write_text(
-        f'[superlink]\ndefault = "deployment"\n[superlink.deployment]\n'
-        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
-    )
-    procs: list[subprocess.Popen] = []
-    superlink = subprocess.Popen(
-        ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    procs.append(superlink)
-    env["SUPERLINK_PORT"] = str(port)
-    try:
-        _wait_healthy(port, superlink, timeout=60)
-        yield env, procs
-    finally:
-        for proc in reversed(procs):
-            _stop(proc)
+#: Short local training and a 2,000-sample test set: what the tests check does not need more.
+SHORT = "train.max_steps=40 evaluation.test_samples=2000 "
 
 
-@pytest.fixture
-def deployment(tmp_path: Path) -> Iterator[tuple[dict[str, str], list[subprocess.Popen]]]:
-    """A SuperLink on loopback; see :func:`_deployment`."""
-    with _deployment(tmp_path) as running:
-        yield running
-
-
-def _supernode(
-    env: dict[str, str], procs: list[subprocess.Popen], node_config: str, *, flower: bool = False
-) -> subprocess.Popen:
-    """A SuperNode: ``fedmerge supernode`` (Flower's SuperNode with one ClientApp process
-    for all its messages), or with ``flower`` Flower's ``flower-supernode`` as it comes
-    (a new ClientApp process for every message)."""
-    command = ["flower-supernode"] if flower else [sys.executable, "-m", "sims.cli", "supernode"]
-    proc = subprocess.Popen(
-        [
-            *command,
-            "--insecure",
-            "--superlink",
-            f"127.0.0.1:{env['SUPERLINK_PORT']}",
-            "--port",
-            str(_free_port()),
-            "--node-config",
-            node_config,
-        ],
-        cwd=APP_DIR,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    procs.append(proc)
-    return proc
-
-
-def _supernodes(
-    env: dict[str, str], procs: list[subprocess.Popen], n: int, *, flower: bool = False
-) -> None:
-    for pid in range(n):
-        _supernode(env, procs, f"partition-id={pid} num-partitions={n}", flower=flower)
-
-
-def _flwr_run(env: dict[str, str], run_config: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["flwr", "run", ".", "--stream", "--run-config", run_config],
-        cwd=APP_DIR, env=env, capture_output=True, text=True, timeout=400,
-    )  # fmt: skip
-
-
-def test_server_side_strategy_on_supernodes(deployment, tmp_path: Path) -> None:
+def test_server_side_strategy_on_supernodes(deployment, app: Path, tmp_path: Path) -> None:
     """The apps unchanged on Flower's own SuperNodes, a ClientApp process per message."""
     env, procs = deployment
-    _supernodes(env, procs, 2, flower=True)
+    supernodes(env, procs, 2, flower=True)
     run_dir = tmp_path / "run"
-    out = _flwr_run(
+    out = flwr_run(
         env,
-        f"rounds=2 num_clients=2 clients_per_round=2 strategy.name='ldawa' "
+        app,
+        f"{SHORT}rounds=2 num_clients=2 clients_per_round=2 strategy.name='ldawa' "
         f"simulation.assign_partitions=false "
         f"output.run-dir='{run_dir}'",
     )
@@ -124,13 +47,16 @@ def test_server_side_strategy_on_supernodes(deployment, tmp_path: Path) -> None:
     assert rows[-1]["accuracy"] > rows[0]["accuracy"] + 0.2
 
 
-def test_peer_relay_on_supernodes(deployment, tmp_path: Path) -> None:
+def test_peer_relay_on_supernodes(deployment, app: Path, tmp_path: Path) -> None:
     env, procs = deployment
-    _supernodes(env, procs, 3)
+    supernodes(env, procs, 3)
     run_dir = tmp_path / "run"
-    out = _flwr_run(
+    out = flwr_run(
         env,
-        f"rounds=1 num_clients=3 clients_per_round=3 strategy.name='dimat' "
+        app,
+        # whole local epochs: after 40 steps, merging 3 such models scored below the start
+        f"evaluation.test_samples=2000 rounds=1 num_clients=3 clients_per_round=3 "
+        f"strategy.name='dimat' "
         f"simulation.assign_partitions=false "
         f"topology.name='full' output.run-dir='{run_dir}'",
     )
@@ -142,44 +68,22 @@ def test_peer_relay_on_supernodes(deployment, tmp_path: Path) -> None:
     assert rows[1]["accuracy"] > rows[0]["accuracy"]
 
 
-def _node_dirs(tmp_path: Path, n: int) -> list[Path]:
-    """``n`` data directories cut from the digits training set, round-robin by sample."""
-    data = load_dataset("digits")
-    x, y = data.train_x.numpy(), data.train_y.numpy()
-    dirs = []
-    for p in range(n):
-        d = tmp_path / f"node{p}"
-        d.mkdir()
-        np.savez(d / "data.npz", train_x=x[p::n], train_y=y[p::n])
-        dirs.append(d)
-    return dirs
+def test_nodes_with_their_own_data_and_a_lost_node(deployment, app: Path, tmp_path: Path) -> None:
+    """3 nodes bring their own arrays; node 2 dies after round 1 and comes back later.
 
-
-def _rows(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-_OWN_DATA = (
-    "num_clients=3 clients_per_round=3 strategy.name='fedavg' dataset.name='digits' "
-    "model.name='mlp' simulation.assign_partitions=false simulation.timeout=60 "
-)
-
-
-def test_nodes_with_their_own_data_and_a_lost_node(deployment, tmp_path: Path) -> None:
-    """3 nodes bring their own arrays; node 2 dies after round 1 and comes back later."""
+    ``fedmerge supernode``s: their ClientApp processes live as long as the node, so a
+    round of the nodes alive takes far less than the 30 s the server waits for the
+    dead one (Flower marks a node offline only after 60 s without a heartbeat).
+    """
     env, procs = deployment
-    dirs = _node_dirs(tmp_path, 3)
-    nodes = [
-        _supernode(env, procs, f"partition-id={p} data-dir='{d}'", flower=True)
-        for p, d in enumerate(dirs)
-    ]
+    dirs = node_dirs(tmp_path, 3)
+    nodes = [supernode(env, procs, f"partition-id={p} data-dir='{d}'") for p, d in enumerate(dirs)]
     run_dir, log = tmp_path / "run", tmp_path / "flwr-run.log"
     sink = log.open("w")
     client = subprocess.Popen(
-        ["flwr", "run", ".", "--stream", "--run-config",
-         f"{_OWN_DATA} rounds=4 output.run-dir='{run_dir}'"],
-        cwd=APP_DIR, env=env, stdout=sink, stderr=subprocess.STDOUT,
-        start_new_session=True,
+        ["flwr", "run", str(app), "--stream", "--run-config",
+         f"{OWN_DATA} simulation.timeout=30 rounds=4 output.run-dir='{run_dir}'"],
+        env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     sink.close()  # the child has its own copy
     procs.append(client)
@@ -196,11 +100,11 @@ def test_nodes_with_their_own_data_and_a_lost_node(deployment, tmp_path: Path) -
     wait_rows(2)  # round 1 done: stop node 2
     _stop(nodes[2], grace=0.0)
     wait_rows(3)  # round 2 done without it: start it again, with a new node id
-    _supernode(env, procs, f"partition-id=2 data-dir='{dirs[2]}'", flower=True)
+    supernode(env, procs, f"partition-id=2 data-dir='{dirs[2]}'")
     client.wait(timeout=400)
     out = log.read_text()
     summary = json.loads((run_dir / "summary.json").read_text())
-    rows = _rows(run_dir)
+    rows = rows_of(run_dir)
     assert summary["status"] == "degraded", out[-3000:]
     assert summary["lost_partitions"] == [2]
     assert all(e["reason"].startswith("partition 2 ") for e in summary["lost"])
@@ -210,72 +114,15 @@ def test_nodes_with_their_own_data_and_a_lost_node(deployment, tmp_path: Path) -
     assert rows[-1]["accuracy"] > rows[0]["accuracy"] + 0.3
 
 
-def test_a_server_without_data_reports_its_clients_evaluation(tmp_path: Path) -> None:
-    """``evaluation.server = 'clients'``: nobody holds Fashion-MNIST but the nodes' own arrays.
-
-    The SuperLink (and so the ServerApp) runs with the Fashion-MNIST path
-    pointing at nothing: the run completes only if the server never loads the
-    data set. Every row's accuracy must be the sample-weighted accuracy of the
-    round's global model on the nodes' own test arrays, recomputed here.
-    """
-    data = load_dataset("fashion-mnist")
-    x, y = data.train_x.numpy(), data.train_y.numpy()
-    tests = []
-    dirs = []
-    for p, n_test in enumerate((40, 70, 100)):  # unequal sizes: weighting matters
-        d = tmp_path / f"node{p}"
-        d.mkdir()
-        own = slice(p * 400, p * 400 + 300)
-        held = slice(p * 400 + 300, p * 400 + 300 + n_test)
-        np.savez(d / "data.npz", train_x=x[own], train_y=y[own], test_x=x[held], test_y=y[held])
-        tests.append((torch.from_numpy(x[held]), torch.from_numpy(y[held])))
-        dirs.append(d)
-    nowhere = {"FEDMERGE_FASHION_MNIST": str(tmp_path / "no-fashion-mnist")}
-    run_dir = tmp_path / "run"
-    with _deployment(tmp_path, nowhere) as (env, procs):
-        for p, d in enumerate(dirs):
-            _supernode(env, procs, f"partition-id={p} data-dir='{d}'")
-        out = _flwr_run(
-            env,
-            "num_clients=3 clients_per_round=3 strategy.name='fedavg' "
-            "dataset.name='fashion-mnist' model.name='mlp' simulation.assign_partitions=false "
-            "simulation.timeout=60 evaluation.server='clients' strategy.fraction_evaluate=1.0 "
-            f"rounds=2 output.run-dir='{run_dir}'",
-        )
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["evaluation"] == "clients"
-    assert summary["partition_hash"] is None
-    rows = _rows(run_dir)
-    assert [r["client_eval_accuracy"]["n"] for r in rows] == [3, 3, 3]
-    # the final model, scored on each node's own test arrays by hand
-    config = run_config_from_dict(
-        {"dataset": {"name": "fashion-mnist"}, "model": {"name": "mlp"}, "num_clients": 3,
-         "clients_per_round": 3}
-    )  # fmt: skip
-    model = federation(config).build_model(0)
-    model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
-    model.eval()
-    hits = total = 0
-    loss_sum = 0.0
-    with torch.no_grad():
-        for tx, ty in tests:
-            logits = model(tx)
-            hits += int((logits.argmax(1) == ty).sum())
-            loss_sum += float(torch.nn.functional.cross_entropy(logits, ty, reduction="sum"))
-            total += len(ty)
-    assert rows[-1]["accuracy"] == pytest.approx(hits / total, abs=1e-9)
-    assert rows[-1]["loss"] == pytest.approx(loss_sum / total, rel=1e-5)
-    assert rows[-1]["accuracy"] > rows[0]["accuracy"] + 0.2
-
-
-def test_bad_partition_id_fails_with_a_summary(deployment, tmp_path: Path) -> None:
+def test_bad_partition_id_fails_with_a_summary(deployment, app: Path, tmp_path: Path) -> None:
     env, procs = deployment
-    dirs = _node_dirs(tmp_path, 3)
+    dirs = node_dirs(tmp_path, 3)
     for p, d in zip((0, 1, 7), dirs, strict=True):
-        _supernode(env, procs, f"partition-id={p} data-dir='{d}'", flower=True)
+        supernode(env, procs, f"partition-id={p} data-dir='{d}'", flower=True)
     run_dir = tmp_path / "run"
-    out = _flwr_run(env, f"{_OWN_DATA} rounds=1 output.run-dir='{run_dir}'")
+    out = flwr_run(
+        env, app, f"{OWN_DATA} simulation.timeout=60 rounds=1 output.run-dir='{run_dir}'"
+    )
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["stage"] == "discovery", summary
     assert (
@@ -288,151 +135,3 @@ def test_bad_partition_id_fails_with_a_summary(deployment, tmp_path: Path) -> No
     )  # fmt: skip
     assert status.returncode == 1, status.stdout + status.stderr
     assert status.stdout.startswith("failed (discovery): NodeDiscoveryError: partition-id"), out
-
-
-def test_tls_and_node_authentication(tmp_path: Path) -> None:
-    """fedmerge certs/superlink/supernode: TLS, registered keys only; others stay out.
-
-    The unregistered node claims partition 1 as well: had it joined, discovery would
-    fail on a duplicate partition id, or, joining later, it would take partition 1 over.
-    """
-    repo = Path(__file__).resolve().parents[2]
-    fedmerge = [sys.executable, "-m", "sims.cli"]
-    certs, home, port = tmp_path / "certs", tmp_path / "home", _free_port()
-    subprocess.run([*fedmerge, "certs", str(certs), "--host", "127.0.0.1", "--nodes", "3"],
-                   cwd=repo, check=True, capture_output=True, timeout=120)  # fmt: skip
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "tls"\n[superlink.tls]\naddress = "127.0.0.1:{port}"\n'
-        f'root-certificates = "{certs / "ca.crt"}"\n'
-    )
-    env = {
-        **os.environ, **FLOWER_ENV, "FLWR_HOME": str(home),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }  # fmt: skip
-    procs: list[subprocess.Popen] = []
-
-    def start(*args: str) -> None:
-        procs.append(
-            subprocess.Popen([*fedmerge, *args], cwd=repo, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
-        )  # fmt: skip
-
-    try:
-        start("superlink", "--certs", str(certs), "--host", "127.0.0.1", "--port", str(port))
-        for i in range(2):  # register nodes 0 and 1 (retried until the SuperLink is up)
-            deadline = time.monotonic() + 90
-            while True:
-                reg = subprocess.run(
-                    ["flwr", "supernode", "register", str(certs / f"node-{i}.pub"), "tls"],
-                    env=env, capture_output=True, text=True, timeout=60,
-                )  # fmt: skip
-                if reg.returncode == 0 or time.monotonic() > deadline:
-                    break
-                time.sleep(1)
-            assert reg.returncode == 0, reg.stdout + reg.stderr
-        dirs = _node_dirs(tmp_path, 2)
-        for key, pid in ((0, 0), (1, 1), (2, 1)):
-            start(
-                "supernode", "--superlink", f"127.0.0.1:{port}", "--certs", str(certs),
-                "--key", str(certs / f"node-{key}"), "--port", str(_free_port()),
-                "--node-config", f"partition-id={pid} data-dir='{dirs[pid]}'",
-            )  # fmt: skip
-        run_dir = tmp_path / "run"
-        own = _OWN_DATA.replace(
-            "num_clients=3 clients_per_round=3", "num_clients=2 clients_per_round=2"
-        )
-        out = _flwr_run(env, f"{own} rounds=1 output.run-dir='{run_dir}'")
-        summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["status"] == "completed", out.stdout[-3000:]
-        assert _rows(run_dir)[1]["sampled"] == [0, 1]
-        assert "round 1: accuracy" in out.stdout + out.stderr
-        assert "rejoined" not in out.stdout + out.stderr
-    finally:
-        for proc in reversed(procs):
-            _stop(proc)
-
-
-def test_supernode_serves_every_message_from_one_clientapp_process(
-    deployment, tmp_path: Path
-) -> None:
-    """fedmerge supernode (process isolation): one ClientApp process per node, all messages.
-
-    Every message a node gets (the discovery query, then one training message per round)
-    is served, and logged, by the same worker process; the run learns as usual.
-    """
-    env, procs = deployment
-    logs = [tmp_path / f"node{p}.log" for p in range(2)]
-    for p, log in enumerate(logs):
-        with log.open("w") as sink:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "sims.cli", "supernode", "--insecure",
-                     "--superlink", f"127.0.0.1:{env['SUPERLINK_PORT']}",
-                     "--port", str(_free_port()),
-                     "--node-config", f"partition-id={p} num-partitions=2"],
-                    cwd=APP_DIR, env=env, stdout=sink, stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )  # fmt: skip
-    run_dir = tmp_path / "run"
-    out = _flwr_run(
-        env,
-        "rounds=3 num_clients=2 clients_per_round=2 strategy.name='fedavg' "
-        "dataset.name='digits' model.name='mlp' simulation.assign_partitions=false "
-        f"output.run-dir='{run_dir}'",
-    )
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "completed", out.stdout[-3000:]
-    rows = _rows(run_dir)
-    assert [r["clients"] for r in rows[1:]] == [2, 2, 2]
-    assert rows[-1]["accuracy"] > rows[0]["accuracy"] + 0.3
-    for log in logs:
-        served = re.findall(r"pid (\d+) served task (\d+) in [\d.]+ s \((\w+)\)", log.read_text())
-        assert len(served) == 4, log.read_text()[-3000:]  # query + 3 training messages
-        assert len({pid for pid, _, _ in served}) == 1
-        assert [int(n) for _, n, _ in served] == [1, 2, 3, 4]
-        assert {status for _, _, status in served} == {"completed"}
-
-
-def test_a_changed_app_gets_fresh_modules_in_the_same_clientapp_process(
-    deployment, tmp_path: Path
-) -> None:
-    """Two runs of two app versions (FAB hashes) on one node: the second one restarts the
-    node's ClientApp process in place (exec, same PID) and runs the changed code."""
-    env, procs = deployment
-    log = tmp_path / "node.log"
-    with log.open("w") as sink:
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "sims.cli", "supernode", "--insecure",
-                 "--superlink", f"127.0.0.1:{env['SUPERLINK_PORT']}",
-                 "--port", str(_free_port()), "--node-config", "partition-id=0 num-partitions=1"],
-                cwd=APP_DIR, env=env, stdout=sink, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        )  # fmt: skip
-    apps = [stage_app(tmp_path / "app-a"), stage_app(tmp_path / "app-b")]
-    client = apps[1] / "strategies" / "client_app.py"
-    client.write_text(  # version b says so in the node's log when it is imported
-        client.read_text() + "\nimport logging as _logging\n"
-        "_logging.getLogger('fedmerge').warning('client app version b')\n"
-    )
-    for name, app in zip("ab", apps, strict=True):
-        run_dir = tmp_path / f"run-{name}"
-        out = subprocess.run(
-            ["flwr", "run", str(app), "--stream", "--run-config",
-             "rounds=1 num_clients=1 clients_per_round=1 strategy.name='fedavg' "
-             "dataset.name='digits' model.name='mlp' simulation.assign_partitions=false "
-             f"output.run-dir='{run_dir}'"],
-            env=env, capture_output=True, text=True, timeout=400,
-        )  # fmt: skip
-        summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["status"] == "completed", out.stdout[-3000:]
-    text = log.read_text()
-    served = re.findall(r"pid (\d+) served task (\d+)", text)
-    assert len(served) == 4 and len({pid for pid, _ in served}) == 1, text[-3000:]
-    # run a: tasks 1-2 in the first interpreter; run b: the exec'd one counts afresh
-    assert [int(n) for _, n in served] == [1, 2, 1, 2]
-    assert text.count("restarts afresh") == 1
-    assert text.index("restarts afresh") < text.index("client app version b")

@@ -14,6 +14,7 @@ from sims.scenario_files import load_scenario
 NON_IID = [
     "rounds=2",
     "train.max_steps=40",  # the first 40 mini-batches of each local epoch
+    "evaluation.test_samples=2000",  # the server scores 2,000 test samples (a seeded draw)
     "num_clients=4",
     "clients_per_round=4",
     "partition.scheme='dirichlet'",

@@ -41,6 +41,7 @@ def test_sigkill_of_simulate_leaves_no_process_behind(tmp_path: Path) -> None:
         sys.executable, "-m", "sims.cli", "simulate", "default", "--run-dir", str(run_dir),
         "--set", "rounds=20", "--set", "num_clients=4", "--set", "clients_per_round=2",
         "--set", "simulation.ray_num_cpus=2",
+        "--set", "train.max_steps=40", "--set", "evaluation.test_samples=2000",
     ]  # fmt: skip
     proc = subprocess.Popen(
         argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

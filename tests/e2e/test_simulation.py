@@ -22,6 +22,7 @@ from strategies.federation import Federation
 SMALL = [
     "rounds=2",
     "train.max_steps=40",  # the first 40 mini-batches of each local epoch
+    "evaluation.test_samples=2000",  # the server scores 2,000 test samples (a seeded draw)
     "num_clients=4",
     "clients_per_round=2",
     "partition.scheme='dirichlet'",
@@ -59,14 +60,22 @@ def test_fedavg_improves_on_initial_model(fedavg_run: Path) -> None:
 
 
 def test_initial_round_is_the_seeded_initial_model(fedavg_run: Path) -> None:
-    """Round 0 is the model built from the scenario's seed, evaluated independently."""
+    """Round 0 is the model built from the scenario's seed, evaluated independently.
+
+    On the 2,000 test samples ``evaluation.test_samples`` names: drawn without
+    replacement by ``SeedSequence([seed, 5, 1])``, in their order.
+    """
     scenario = load_scenario(None, SMALL)
     fed = Federation(scenario)
     model = fed.initial_model()
     data = fed.data
+    n, k = len(data.test_y), scenario.evaluation.test_samples
+    idx = np.sort(np.random.default_rng([scenario.seed, 5, 1]).choice(n, size=k, replace=False))
+    x, y = data.test_x[torch.from_numpy(idx)], data.test_y[torch.from_numpy(idx)]
     model.eval()
     with torch.no_grad():
-        acc = (model(data.test_x).argmax(1) == data.test_y).float().mean().item()
+        acc = (model(x).argmax(1) == y).float().mean().item()
+    assert k == 2000
     assert abs(_rows(fedavg_run)[0]["accuracy"] - acc) < 1e-6
 
 

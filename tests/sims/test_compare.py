@@ -43,6 +43,8 @@ TARGET = 0.5
 # the interrupted run by hand) and once as the sweep file's [set] table.
 FIXED = [
     "rounds=2",
+    "train.max_steps=40",
+    "evaluation.test_samples=2000",
     "num_clients=4",
     "clients_per_round=2",
     "partition.scheme='dirichlet'",
@@ -61,6 +63,8 @@ target_accuracy = {TARGET}
 
 [set]
 rounds = 2
+train.max_steps = 40
+evaluation.test_samples = 2000
 num_clients = 4
 clients_per_round = 2
 partition.scheme = "dirichlet"
@@ -121,7 +125,10 @@ def _kill_after_round_1(scenario: RunConfig, overrides: list[str], run_dir: Path
     argv = [sys.executable, "-m", "sims.cli", "simulate", "default", "--run-dir", str(run_dir)]
     for item in overrides:
         argv += ["--set", item]
-    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = run_dir.parents[1] / "killed.log"  # beside the sweep's directory, not in it
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as sink:
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
@@ -131,7 +138,9 @@ def _kill_after_round_1(scenario: RunConfig, overrides: list[str], run_dir: Path
             )
             if 1 in rounds and ckpt.get("round", -1) >= 1:
                 break
-            assert proc.poll() is None, f"simulate exited early with {proc.returncode}"
+            assert proc.poll() is None, (
+                f"simulate exited early with {proc.returncode}: {log.read_text()[-3000:]}"
+            )
             time.sleep(0.05)
         else:
             raise AssertionError("round 1 was never checkpointed")
