@@ -54,8 +54,7 @@ from fedmerge.atomic import atomic_write_text
 from sims.checks import check_run_dir, check_scenario, clear_run_dir, run_dir_lock
 from sims.launch import preflight, shared_runtimes, simulate
 from sims.plots import write_tensorboard
-from sims.report import DEFAULT_TARGET
-from sims.runs import FINISHED_STATUSES, TIMING_FILE
+from sims.runs import DEFAULT_TARGET, FINISHED_STATUSES, TIMING_FILE
 from sims.runs import read_json as _read_json
 from sims.scenario_files import apply_overrides, read_toml, resolve_scenario_path
 from strategies.config import ConfigError, RunConfig, flatten, run_config_from_dict, set_dotted

@@ -33,8 +33,8 @@ import numpy as np
 from fedmerge.atomic import atomic_write_text
 from fedmerge.data import load_dataset
 from sims.certs import write_certs
-from sims.launch import FLOWER_ENV
-from sims.processes import alive, stop_tree
+from sims.errors import FederationError
+from sims.processes import FLOWER_ENV, alive, stop_tree
 from strategies.node_data import DATA_SPECS
 
 #: The directory that holds the ``sims`` package that runs this command.
@@ -177,10 +177,6 @@ class _Starter:
              **extra}
         )  # fmt: skip
         return proc
-
-
-class FederationError(RuntimeError):
-    """A process of the federation failed or did not answer; the message says which."""
 
 
 def _flwr(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:

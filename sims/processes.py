@@ -19,6 +19,18 @@ import sys
 import time
 from pathlib import Path
 
+#: Environment every Flower process of a run gets (see README, "Environment").
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    # Ray >= 2.50 warns that it will stop overriding CUDA_VISIBLE_DEVICES for
+    # actors with num_gpus=0; opt in to that future behaviour now.
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    # The SuperExec looks for a submitted run every second by default.
+    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
+}
+
 #: Seconds between two looks at the parent.
 POLL = 0.25
 

@@ -26,14 +26,10 @@ from fedmerge.atomic import atomic_write_text
 from fedmerge.tasks import TaskConfig
 from sims.evaluation import client_accuracy
 from sims.plots import plot_client_accuracy, plot_curves, plot_fusion, write_tensorboard
-from sims.runs import RunRecord, expand_run_dirs, load_run
+from sims.runs import DEFAULT_TARGET, RunRecord, expand_run_dirs, load_run
 from strategies.config import EvaluationConfig, SimulationConfig, flatten
 
 logger = logging.getLogger(__name__)
-
-#: Accuracy that "rounds to target" refers to when neither a sweep nor the
-#: command line sets one.
-DEFAULT_TARGET = 0.7
 
 #: Top-level scenario entries that do not change a run's numbers: runs that
 #: differ only in these are one group.

@@ -18,6 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+#: Accuracy that "rounds to target" refers to when neither a sweep nor the
+#: command line sets one.
+DEFAULT_TARGET = 0.7
+
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"

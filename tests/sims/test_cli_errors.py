@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from sims import checks, cli
+from sims import checks, cli, commands
 
 REPO = Path(__file__).resolve().parents[2]
 EXIT_BAD_INPUT = 2
@@ -39,7 +39,7 @@ def no_simulation(monkeypatch: pytest.MonkeyPatch) -> list[object]:
         calls.append(args)
         raise AssertionError("the simulation started despite bad input")
 
-    monkeypatch.setattr(cli, "simulate", fake_simulate)
+    monkeypatch.setattr(commands, "simulate", fake_simulate)
     return calls
 
 
@@ -556,7 +556,6 @@ def test_ctrl_c_in_a_subprocess_exits_130(tmp_path: Path) -> None:
         "    print('ready', flush=True)\n"
         "    time.sleep(60)\n"
         "    return 0\n"
-        "cli.cmd_strategies = wait\n"
         "p = cli.build_parser\n"
         "def patched():\n"
         "    parser = p()\n"

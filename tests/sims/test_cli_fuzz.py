@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sims import checks, cli
+from sims import checks, cli, commands
 from sims.launch import SimulationError
 from sims.scenario_files import load_scenario
 from strategies.config import RunConfig, declared_defaults, flatten
@@ -95,8 +95,8 @@ def stubbed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     def fake_simulate(*args: object, **kwargs: object) -> dict:
         raise SimulationError("launched")
 
-    monkeypatch.setattr(cli, "simulate", fake_simulate)
-    monkeypatch.setattr(cli, "preflight", checks.check_scenario)
+    monkeypatch.setattr(commands, "simulate", fake_simulate)
+    monkeypatch.setattr(commands, "preflight", checks.check_scenario)
     monkeypatch.setattr(checks, "_answers_grpc", lambda endpoint, timeout: None)
     return tmp_path
 

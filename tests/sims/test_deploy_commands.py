@@ -97,3 +97,31 @@ def test_supernode_command_with_key(tmp_path: Path) -> None:
 def test_cli_refuses_insecure_off_loopback_with_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["superlink", "--insecure"]) == 2
     assert "--insecure: got --host 0.0.0.0" in capsys.readouterr().err
+
+
+def test_the_deployment_commands_import_neither_pytorch_nor_flower(tmp_path: Path) -> None:
+    """``fedmerge supernode``, ``superlink``, ``certs`` and ``status`` run in a process that
+    never imports PyTorch, Flower, NumPy or the scenario configs (they start in a blink)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from sims.cli import main\n"
+        f"main(['certs', {str(tmp_path)!r}, '--host', '127.0.0.1', '--nodes', '1'])\n"
+        f"main(['status', {str(tmp_path)!r}])\n"
+        "for argv in (['supernode', '--help'], ['superlink', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = ('torch', 'flwr', 'numpy', 'ray', 'strategies.config', 'sims.commands')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+    assert (tmp_path / "node-0.pub").is_file()  # the commands did run

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sims import checks, cli
+from sims import checks, cli, commands
 from sims.compare import load_sweep, plan_sweep
 from sims.launch import SimulationError
 from sims.scenario_files import load_scenario
@@ -82,7 +82,7 @@ def launches(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
         calls.append({"digest": scenario.digest(), "files": sorted(os.listdir(run_dir))})
         raise _Launched("stopped by the test")
 
-    monkeypatch.setattr(cli, "simulate", fake_simulate)
+    monkeypatch.setattr(commands, "simulate", fake_simulate)
     return calls
 
 
