@@ -157,9 +157,12 @@ def _kill_after_round_1(scenario: RunConfig, overrides: list[str], run_dir: Path
 
 
 @pytest.fixture(scope="module")
-def compared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Compared]:
+def compared(tmp_path_factory: pytest.TempPathFactory, ray_address: str) -> Iterator[Compared]:
     # The sweep starts its own runtime and Ray head with every core, as `fedmerge compare`
     # does: two runs at a time need two CPUs, more than a pytest worker's Ray head has.
+    # The killed run and the reference run join the session's Ray head (where a run
+    # executes is not part of its digest).
+    session_head = ray_address
     ray_address = ""
     tmp = tmp_path_factory.mktemp("compare")
     sweep = tmp / "pair.toml"
@@ -174,7 +177,7 @@ def compared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Compared]:
 
     killed = ("fedavg", 0)
     checkpoint = _kill_after_round_1(
-        scenarios[killed], _overrides(ray_address, *killed), run_dirs[killed]
+        scenarios[killed], _overrides(session_head, *killed), run_dirs[killed]
     )
 
     calls: list[str] = []
@@ -191,7 +194,7 @@ def compared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Compared]:
     assert code == 0, out.getvalue()
 
     reference = tmp / "reference"
-    simulate(scenarios[killed], reference)
+    simulate(load_scenario(None, _overrides(session_head, *killed)), reference)
     yield Compared(
         sweep, runs_root, run_dirs, scenarios, calls, checkpoint, reference, out.getvalue()
     )
