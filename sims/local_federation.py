@@ -179,12 +179,43 @@ class _Starter:
         return proc
 
 
-def _flwr(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """Run one ``flwr`` command against the SuperLink (a minute at most)."""
+def _flwr(
+    args: list[str], env: dict[str, str], procs: list[subprocess.Popen[bytes]]
+) -> subprocess.CompletedProcess[str]:
+    """Run one ``flwr`` command against the SuperLink (a minute at most).
+
+    While it runs, ``procs`` (the SuperLink first) are watched: if one exits,
+    the command is stopped and the error says which. A SuperLink that could
+    not start leaves its port to whoever holds it, and ``flwr`` would wait
+    on that port for its own timeout.
+    """
+    command = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 60
     try:
-        return subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        raise FederationError(f"{' '.join(args[1:3])} did not answer in 60 s") from None
+        while True:
+            try:
+                out, err = command.communicate(timeout=0.2)
+                return subprocess.CompletedProcess(args, command.returncode, out, err)
+            except subprocess.TimeoutExpired:
+                pass
+            for proc in procs:
+                if proc.poll() is not None:
+                    raise _exited(proc, procs[0])
+            if time.monotonic() > deadline:
+                raise FederationError(f"{' '.join(args[1:3])} did not answer in 60 s")
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.communicate()
+
+
+def _exited(proc: subprocess.Popen[bytes], link: subprocess.Popen[bytes]) -> FederationError:
+    """The error for a process of the federation that exited (the SuperLink by name)."""
+    if proc is link:
+        return FederationError(f"the SuperLink exited with code {proc.returncode}")
+    return FederationError(f"process {proc.pid} exited with code {proc.returncode}")
 
 
 def _register(key: Path, env: dict[str, str], link: subprocess.Popen[bytes]) -> None:
@@ -193,8 +224,8 @@ def _register(key: Path, env: dict[str, str], link: subprocess.Popen[bytes]) -> 
     flwr = str(Path(sys.executable).parent / "flwr")
     while True:
         if link.poll() is not None:
-            raise FederationError(f"the SuperLink exited with code {link.returncode}")
-        out = _flwr([flwr, "supernode", "register", str(key), CONNECTION], env)
+            raise _exited(link, link)
+        out = _flwr([flwr, "supernode", "register", str(key), CONNECTION], env, [link])
         if out.returncode == 0:
             return
         if time.monotonic() > deadline:
@@ -210,8 +241,8 @@ def _wait_online(nodes: int, env: dict[str, str], procs: list[subprocess.Popen[b
     while time.monotonic() < deadline:
         for proc in procs:
             if proc.poll() is not None:
-                raise FederationError(f"process {proc.pid} exited with code {proc.returncode}")
-        out = _flwr([flwr, "supernode", "list", CONNECTION, "--format", "json"], env)
+                raise _exited(proc, procs[0])
+        out = _flwr([flwr, "supernode", "list", CONNECTION, "--format", "json"], env, procs)
         try:
             listed = json.loads(out.stdout).get("nodes", [])
         except ValueError:
