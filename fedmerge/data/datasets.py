@@ -169,18 +169,32 @@ def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> tup
 
 
 def _digits() -> DatasetBundle:
-    from sklearn.datasets import load_digits
+    def split() -> dict[str, np.ndarray]:
+        from sklearn.datasets import load_digits
 
-    bunch = load_digits()
-    x = (bunch.images.astype(np.float32) / 16.0)[:, None]
-    tr_x, tr_y, te_x, te_y, _ = _split(x, bunch.target.astype(np.int64), 0.2, seed=0)
-    mean, std = tr_x.mean(), tr_x.std()
+        bunch = load_digits()
+        x = (bunch.images.astype(np.float32) / 16.0)[:, None]
+        tr_x, tr_y, te_x, te_y, _ = _split(x, bunch.target.astype(np.int64), 0.2, seed=0)
+        mean, std = tr_x.mean(), tr_x.std()
+        return {
+            "train_x": (tr_x - mean) / std,
+            "train_y": tr_y,
+            "test_x": (te_x - mean) / std,
+            "test_y": te_y,
+        }
+
+    # Importing scikit-learn costs about 1 s of CPU, in every process that
+    # loads the set (each Ray actor of each run): cache the split, keyed by
+    # scikit-learn's version, which ships the data.
+    from importlib.metadata import version
+
+    arrays = cached_arrays("digits-normalised", cache_key(version("scikit-learn")), split)
     return DatasetBundle(
         name="digits",
-        train_x=torch.from_numpy((tr_x - mean) / std),
-        train_y=torch.from_numpy(tr_y),
-        test_x=torch.from_numpy((te_x - mean) / std),
-        test_y=torch.from_numpy(te_y),
+        train_x=torch.from_numpy(arrays["train_x"]),
+        train_y=torch.from_numpy(arrays["train_y"]),
+        test_x=torch.from_numpy(arrays["test_x"]),
+        test_y=torch.from_numpy(arrays["test_y"]),
         num_classes=10,
     )
 

@@ -247,6 +247,36 @@ def test_digits_shapes_split_and_normalisation() -> None:
     np.testing.assert_array_equal(got, ref)
 
 
+def test_digits_come_from_the_cache_without_scikit_learn(tmp_path: Path) -> None:
+    """A second process reads the cached split: the same bytes, and scikit-learn not imported."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import hashlib, sys\n"
+        "from fedmerge.data import load_dataset\n"
+        "b = load_dataset('digits')\n"
+        "h = hashlib.sha256()\n"
+        "for t in (b.train_x, b.train_y, b.test_x, b.test_y):\n"
+        "    h.update(t.numpy().tobytes())\n"
+        "print(h.hexdigest(), 'sklearn' in sys.modules)\n"
+    )
+
+    def load(cache: str) -> list[str]:
+        env = {**os.environ, "FEDMERGE_CACHE_DIR": cache}
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                             text=True, timeout=120, check=True)  # fmt: skip
+        return out.stdout.split()
+
+    uncached = load("off")
+    first, second = load(str(tmp_path)), load(str(tmp_path))
+    assert uncached[1] == "True" and first[1] == "True"  # computed from scikit-learn's data
+    assert second[1] == "False"  # read from the cache
+    assert uncached[0] == first[0] == second[0]
+    assert [p.name.split("-")[:2] for p in tmp_path.iterdir()] == [["digits", "normalised"]]
+
+
 def test_mnist1d_shapes_and_scale() -> None:
     b = load_dataset("mnist1d")
     assert_bundle_basics(b, (1, 40), 10)
