@@ -28,7 +28,7 @@ from sims.errors import SimulationError
 from sims.processes import FLOWER_ENV, stop_tree
 from sims.runs import parse_row
 from sims.scenario_files import load_scenario
-from sims.warm import SOCKET_ENV, write_shims
+from sims.warm import warm_environment
 from strategies.config import (
     RUN_DIR_KEY,
     ConfigError,
@@ -229,13 +229,11 @@ class Runtime:
     def __init__(self, ray_address: str, ray_num_cpus: int, log: Path) -> None:
         self.key = (ray_address, ray_num_cpus)
         self.tmp = Path(tempfile.mkdtemp(prefix="fm-"))  # short: Ray's socket paths are limited
-        self.env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.tmp / "flwr")}
         # `flwr`, the SuperLink's SuperExec and the simulation process it starts
         # are found first on PATH as the warm process's shims.
-        bin_dir, sock = write_shims(self.tmp)
-        path = [str(bin_dir), str(Path(sys.executable).parent)]
-        self.env["PATH"] = os.pathsep.join([*path, self.env.get("PATH", "")])
-        self.env[SOCKET_ENV] = str(sock)
+        self.env, warm_command = warm_environment(
+            self.tmp, {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.tmp / "flwr")}
+        )
         if _on_this_machine(ray_address) and "RAY_RUNTIME_ENV_HOOK" not in self.env:
             # Ray starts the runs' workers through the warm process too.
             self.env["RAY_RUNTIME_ENV_HOOK"] = "sims.warm.ray_runtime_env"
@@ -261,11 +259,7 @@ class Runtime:
                 # The warm process, Ray and the SuperLink start side by
                 # side: the SuperLink needs the other two only when the first
                 # run's simulation process starts.
-                self.warm = self.spawn(
-                    [sys.executable, "-m", "sims.warm", "serve", self.env[SOCKET_ENV]],
-                    out,
-                    cwd=APP_DIR,
-                )
+                self.warm = self.spawn(warm_command, out, cwd=APP_DIR)
                 if ray_address:
                     self.env["RAY_ADDRESS"] = ray_address
                 else:

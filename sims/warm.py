@@ -22,7 +22,7 @@ do, see ``tests/e2e/deployment_support.py``): every program of
   unchanged: Flower's own entry point
   (:data:`ENTRY_POINTS`) or Ray's ``default_worker.py``.
 - :func:`shim_main` is what the runtime starts in their place
-  (:func:`write_shims`): Flower's console scripts first on the runtime's
+  (:func:`warm_environment`): Flower's console scripts first on the runtime's
   ``PATH``, and :data:`RAY_WORKER` as the Python executable of the
   run's Ray workers (Ray's ``py_executable``, set by :func:`ray_runtime_env`).
   A shim hands its request to the warm process, relays SIGTERM and SIGINT to
@@ -44,6 +44,7 @@ import socket
 import sys
 import threading
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,20 @@ def write_shims(root: Path) -> tuple[Path, Path]:
         )
         shim.chmod(0o755)
     return bin_dir, sock
+
+
+def warm_environment(root: Path, env: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
+    """Write the shims into ``root``; ``env`` set up for them, and the warm process's command.
+
+    The environment has the shims (then this interpreter's scripts) first on
+    ``PATH`` and the socket in :data:`SOCKET_ENV`; the command
+    (``python -m sims.warm serve SOCKET``) starts the warm process that serves
+    the processes given that environment.
+    """
+    bin_dir, sock = write_shims(root)
+    path = [str(bin_dir), str(Path(sys.executable).parent), env.get("PATH", "")]
+    shimmed = {**env, "PATH": os.pathsep.join(path), SOCKET_ENV: str(sock)}
+    return shimmed, [sys.executable, "-m", "sims.warm", "serve", str(sock)]
 
 
 def _bin_dir(sock: Path) -> Path:

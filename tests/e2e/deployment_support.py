@@ -16,7 +16,7 @@ import numpy as np
 
 from fedmerge.data import load_dataset
 from sims.launch import APP_DIR, FLOWER_ENV, _free_port, _stop, _wait_healthy
-from sims.warm import SOCKET_ENV, write_shims
+from sims.warm import warm_environment
 
 
 @contextmanager
@@ -33,16 +33,10 @@ def deployment_of(
     federation up`` start theirs cold.
     """
     shims = Path(tempfile.mkdtemp(prefix="fmd-"))  # short: a socket path is limited
-    bin_dir, sock = write_shims(shims)
-    path = [str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]]
-    env = {
-        **os.environ,
-        **FLOWER_ENV,
-        "FLWR_HOME": str(tmp_path / "home"),
-        "PATH": os.pathsep.join(path),
-        SOCKET_ENV: str(sock),
-        **(extra_env or {}),
-    }
+    env, warm_command = warm_environment(
+        shims,
+        {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(tmp_path / "home"), **(extra_env or {})},
+    )
     (tmp_path / "home").mkdir()
     port = _free_port()
     env["SUPERLINK_PORT"] = str(port)
@@ -52,8 +46,8 @@ def deployment_of(
     )
     procs: list[subprocess.Popen] = []
     warm = subprocess.Popen(
-        [sys.executable, "-m", "sims.warm", "serve", str(sock)], cwd=APP_DIR, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        warm_command, cwd=APP_DIR, env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
         superlink = subprocess.Popen(

@@ -22,9 +22,7 @@ from tests.e2e.deployment_support import (
     supernode,
     supernodes,
 )
-
-#: Short local training and a 2,000-sample test set: what the tests check does not need more.
-SHORT = "train.max_steps=40 evaluation.test_samples=2000 "
+from tests.e2e.short_runs import SHORT, TEST_SAMPLES
 
 
 def test_server_side_strategy_on_supernodes(deployment, app: Path, tmp_path: Path) -> None:
@@ -35,7 +33,7 @@ def test_server_side_strategy_on_supernodes(deployment, app: Path, tmp_path: Pat
     out = flwr_run(
         env,
         app,
-        f"{SHORT}rounds=2 num_clients=2 clients_per_round=2 strategy.name='ldawa' "
+        f"{' '.join(SHORT)} rounds=2 num_clients=2 clients_per_round=2 strategy.name='ldawa' "
         f"simulation.assign_partitions=false "
         f"output.run-dir='{run_dir}'",
     )
@@ -55,7 +53,7 @@ def test_peer_relay_on_supernodes(deployment, app: Path, tmp_path: Path) -> None
         env,
         app,
         # whole local epochs: after 40 steps, merging 3 such models scored below the start
-        f"evaluation.test_samples=2000 rounds=1 num_clients=3 clients_per_round=3 "
+        f"{TEST_SAMPLES} rounds=1 num_clients=3 clients_per_round=3 "
         f"strategy.name='dimat' "
         f"simulation.assign_partitions=false "
         f"topology.name='full' output.run-dir='{run_dir}'",

@@ -10,11 +10,11 @@ import pytest
 
 from sims.launch import simulate
 from sims.scenario_files import load_scenario
+from tests.e2e.short_runs import SHORT
 
 NON_IID = [
     "rounds=2",
-    "train.max_steps=40",  # the first 40 mini-batches of each local epoch
-    "evaluation.test_samples=2000",  # the server scores 2,000 test samples (a seeded draw)
+    *SHORT,
     "num_clients=4",
     "clients_per_round=4",
     "partition.scheme='dirichlet'",

@@ -22,6 +22,7 @@ from sims.launch import simulate
 from sims.scenario_files import load_scenario
 from strategies.federation import Federation
 from strategies.plugins import ClientContext, PeerPlugin, ServerContext, ServerPlugin, register
+from tests.e2e.short_runs import SHORT
 
 StateDict = dict[str, torch.Tensor]
 
@@ -94,8 +95,7 @@ register(CopyMinPlugin())
 
 SMALL = [
     "rounds=2",
-    "train.max_steps=40",  # the first 40 mini-batches of each local epoch
-    "evaluation.test_samples=2000",  # the server scores 2,000 test samples (a seeded draw)
+    *SHORT,
     "num_clients=4",
     "partition.scheme='dirichlet'",
     f"plugins=['{__file__}']",

@@ -23,6 +23,7 @@ import pytest
 from sims.launch import SimulationError, simulate
 from sims.processes import alive, descendants, stop_tree
 from sims.scenario_files import load_scenario
+from tests.e2e.short_runs import TEST_SAMPLES
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
@@ -41,7 +42,9 @@ def test_sigkill_of_simulate_leaves_no_process_behind(tmp_path: Path) -> None:
         sys.executable, "-m", "sims.cli", "simulate", "default", "--run-dir", str(run_dir),
         "--set", "rounds=20", "--set", "num_clients=4", "--set", "clients_per_round=2",
         "--set", "simulation.ray_num_cpus=2",
-        "--set", "train.max_steps=40", "--set", "evaluation.test_samples=2000",
+        # whole local epochs: rounds of 40 steps end so fast that one more can be
+        # written while the watchdog is still stopping the tree
+        "--set", TEST_SAMPLES,
     ]  # fmt: skip
     proc = subprocess.Popen(
         argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

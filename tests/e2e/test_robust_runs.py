@@ -12,12 +12,12 @@ from pathlib import Path
 
 from sims.launch import simulate
 from sims.scenario_files import load_scenario
+from tests.e2e.short_runs import SHORT
 
 # four clients, all trained every round; partition 0 sends its model multiplied by -10
 ATTACKED = [
     "rounds=2",
-    "train.max_steps=40",  # the first 40 mini-batches of each local epoch
-    "evaluation.test_samples=2000",  # the server scores 2,000 test samples (a seeded draw)
+    *SHORT,
     "num_clients=4",
     "clients_per_round=4",
     "partition.scheme='dirichlet'",

@@ -18,11 +18,11 @@ from safetensors.torch import load_file
 from sims.launch import APP_DIR, FLOWER_ENV, _free_port, _wait_healthy, simulate
 from sims.scenario_files import load_scenario
 from strategies.federation import Federation
+from tests.e2e.short_runs import SHORT
 
 SMALL = [
     "rounds=2",
-    "train.max_steps=40",  # the first 40 mini-batches of each local epoch
-    "evaluation.test_samples=2000",  # the server scores 2,000 test samples (a seeded draw)
+    *SHORT,
     "num_clients=4",
     "clients_per_round=2",
     "partition.scheme='dirichlet'",

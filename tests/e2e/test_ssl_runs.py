@@ -7,10 +7,11 @@ from pathlib import Path
 
 from sims.launch import simulate
 from sims.scenario_files import load_scenario
+from tests.e2e.short_runs import MAX_STEPS
 
 SMALL_SSL = [
     "rounds=2",
-    "train.max_steps=40",  # the first 40 mini-batches of each local epoch
+    MAX_STEPS,  # SSL runs score with task.test_samples
     "num_clients=3",
     "clients_per_round=3",
     "partition.scheme='iid'",

@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 from sims.launch import simulate
 from sims.scenario_files import load_scenario
 from strategies.federation import Federation
+from tests.e2e.short_runs import SHORT
 
 NON_IID = [
     "rounds=2",
-    "train.max_steps=40",  # the first 40 mini-batches of each local epoch
-    "evaluation.test_samples=2000",  # the server scores 2,000 test samples (a seeded draw)
+    *SHORT,
     "num_clients=4",
     "clients_per_round=4",
     "partition.scheme='dirichlet'",
@@ -110,8 +110,7 @@ def test_failed_peer_is_left_out_then_rejoins(ray_address: str, tmp_path: Path) 
     scenario = load_scenario(
         None,
         [
-            "rounds=3", "train.max_steps=40", "evaluation.test_samples=2000",
-            "num_clients=4", "clients_per_round=4",
+            "rounds=3", *SHORT, "num_clients=4", "clients_per_round=4",
             "partition.scheme='pathological'", "strategy.name='gossip'",
             "topology.name='ring'", "simulation.inject_failures='1@2'",
             f"simulation.ray_address='{ray_address}'",

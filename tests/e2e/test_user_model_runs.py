@@ -9,6 +9,7 @@ import pytest
 
 from sims.launch import simulate
 from sims.scenario_files import load_scenario
+from tests.e2e.short_runs import SHORT
 
 USER_MODEL = str(Path(__file__).resolve().parents[1] / "user_models.py") + ":residual_mlp"
 
@@ -28,7 +29,7 @@ def test_user_model_runs_through_aligning_strategies(
         None,
         [
             "rounds=2", "num_clients=3", "clients_per_round=3",
-            "train.max_steps=40", "evaluation.test_samples=2000",
+            *SHORT,
             "partition.scheme='dirichlet'", "partition.alpha=0.5",
             f"model.factory='{USER_MODEL}'", "model.hidden=[64, 32]",
             f"strategy.name='{strategy}'", f"simulation.ray_address='{ray_address}'",
