@@ -45,7 +45,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -361,6 +361,15 @@ def run_state(scenario: RunConfig, run_dir: Path) -> str:
     return "new"
 
 
+def _count_rows(run_dir: Path) -> int:
+    """The rows already in ``run_dir/metrics.jsonl`` (0 if there is none)."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return sum(1 for line in lines if line.strip())
+
+
 def plan_sweep(sweep: Sweep, runs_root: str | Path, *, force: bool = False) -> list[PlannedRun]:
     """Expand ``sweep``, check that every run can start, and find what is cached.
 
@@ -454,10 +463,16 @@ def run_sweep(
     sims.launch.SimulationError
         If a run fails; the runs finished before it stay cached.
     """
-    installed = threading.Event()  # set by the first metrics row of any run
+    # Set by the first metrics row that a run writes in this sweep. A resumed
+    # run's rows from before its interruption are replayed to ``on_round``
+    # first: they say nothing about this sweep's install of the app.
+    installed = threading.Event()
 
-    def row_seen(run: PlannedRun, row: dict[str, Any]) -> None:
-        installed.set()
+    def row_seen(run: PlannedRun, old_rows: list[int], row: dict[str, Any]) -> None:
+        if old_rows[0] > 0:
+            old_rows[0] -= 1
+        else:
+            installed.set()
         if on_round is not None:
             on_round(run, row)
 
@@ -468,11 +483,11 @@ def run_sweep(
         else:
             if on_start is not None:
                 on_start(i, run)
-            callback = functools.partial(row_seen, run)
             t0 = time.perf_counter()
             with run_dir_lock(run.run_dir):
                 if force:
                     clear_run_dir(run.run_dir, everything=True)
+                callback = functools.partial(row_seen, run, [_count_rows(run.run_dir)])
                 summary = simulate(run.scenario, run.run_dir, on_round=callback)
             timing = {
                 "wall_time": summary.get("wall_time", time.perf_counter() - t0),
@@ -506,6 +521,10 @@ def run_sweep(
             for i, run in enumerate(runs):
                 if i not in futures:
                     futures[i] = pool.submit(one, i, run)
+            # The first run to fail is the one reported: a failed run stops the
+            # runtime, which then ends the runs beside it too.
+            for future in as_completed(futures.values()):
+                future.result()
             summaries = [futures[i].result() for i in range(len(runs))]
         except BaseException:
             # A failed run or Ctrl-C: start nothing new. Leaving this block stops

@@ -241,6 +241,7 @@ class Runtime:
         self.log = log
         self.app = stage_app(self.tmp / "app")  # once: every run of this runtime submits it
         self._guarded: list[int] = []
+        self.failed_run: Path | None = None  # set by the first of its runs that fails
         self._lock = threading.Lock()
         self.ray: subprocess.Popen[bytes] | None = None
         self.superlink: subprocess.Popen[bytes] | None = None
@@ -474,9 +475,17 @@ def simulate(
                 with shared.lock:
                     if shared.runtimes.get(key) is runtime:
                         del shared.runtimes[key]
+                        runtime.failed_run = run_dir  # the first of its runs to fail
                 runtime.close(grace=10.0)
     summary_path = run_dir / "summary.json"
     if not ok:
+        first = runtime.failed_run
+        if first is not None and first != run_dir:
+            # Stopping the runtime for the run that failed first ended this one.
+            raise SimulationError(
+                f"run stopped: the run in {first} failed and stopped the runtime that both "
+                f"ran on; see {first / 'flower.log'}"
+            )
         tail = log_path.read_text(errors="replace").splitlines()[-15:]
         raise SimulationError(f"run did not complete; see {log_path}\n" + "\n".join(tail))
     summary: dict[str, Any] = json.loads(summary_path.read_text())

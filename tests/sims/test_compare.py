@@ -108,6 +108,14 @@ def _snapshot(root: Path) -> dict[str, int]:
     }
 
 
+def _logs(sweep_dir: Path) -> str:
+    """The ends of the sweep's Flower and runtime logs, for a failed sweep's message."""
+    return "".join(
+        f"\n--- {log.relative_to(sweep_dir)}\n" + "\n".join(log.read_text().splitlines()[-40:])
+        for log in sorted(sweep_dir.rglob("*.log"))
+    )
+
+
 @dataclass
 class Compared:
     sweep: Path
@@ -191,7 +199,7 @@ def compared(tmp_path_factory: pytest.TempPathFactory, ray_address: str) -> Iter
         mp.setattr(compare, "simulate", recording_simulate)
         # Two at a time on one runtime: the numbers must not depend on it.
         code = cli.main(["compare", str(sweep), "--runs-root", str(runs_root), "--parallel", "2"])
-    assert code == 0, out.getvalue()
+    assert code == 0, out.getvalue() + _logs(runs_root / "pair")
 
     reference = tmp / "reference"
     simulate(load_scenario(None, _overrides(session_head, *killed)), reference)

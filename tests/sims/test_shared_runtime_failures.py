@@ -1,0 +1,68 @@
+"""A run that fails on a shared runtime stops it; the runs beside it say which run that was.
+
+The runtime is a stand-in here (it fails one run and ends the other when it
+is closed, as stopping a real SuperLink does); the real runs of a shared
+runtime are in test_compare.py.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sims import launch
+from sims.errors import SimulationError
+from strategies.config import run_config_from_dict
+
+
+class _Runtime:
+    """Fails the run in ``failing/``; ends every other run when closed."""
+
+    def __init__(self, ray_address: str, ray_num_cpus: int, log: Path) -> None:
+        self.failed_run: Path | None = None
+        self.closed = threading.Event()
+        self.started = threading.Event()
+
+    def run(self, scenario: Any, run_dir: Path, on_round: Any = None) -> bool:
+        (run_dir / "flower.log").write_text(f"log of {run_dir.name}\n")
+        if run_dir.name == "failing":
+            assert self.started.wait(30)  # the other run is going
+            return False
+        self.started.set()
+        assert self.closed.wait(30)
+        return False
+
+    def close(self, grace: float = 1.0) -> None:
+        self.closed.set()
+
+
+def test_the_run_beside_a_failed_one_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(launch, "Runtime", _Runtime)
+    # A Ray address of its own: the session's shared runtimes are never this one.
+    scenario = run_config_from_dict({"simulation": {"ray_address": "127.0.0.1:9"}})
+    errors: dict[str, str] = {}
+
+    def one(name: str) -> None:
+        try:
+            launch.simulate(scenario, tmp_path / name)
+        except SimulationError as e:
+            errors[name] = str(e)
+
+    with launch.shared_runtimes():
+        threads = [threading.Thread(target=one, args=(n,)) for n in ("failing", "beside")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    failing = (tmp_path / "failing").resolve()
+    assert errors["failing"].startswith(f"run did not complete; see {failing / 'flower.log'}")
+    assert "log of failing" in errors["failing"]
+    assert errors["beside"] == (
+        f"run stopped: the run in {failing} failed and stopped the runtime that both ran on; "
+        f"see {failing / 'flower.log'}"
+    )
