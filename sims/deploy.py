@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sims.runs import SUMMARY_FILE, read_json
+from sims.warm import shim
 
 #: Exit codes of ``fedmerge status`` by ``summary.json`` status.
 STATUS_EXIT: dict[str, int] = {"completed": 0, "degraded": 3, "failed": 1}
@@ -66,7 +67,14 @@ def is_loopback(host: str) -> bool:
 
 
 def _flower(name: str) -> str:
-    """Flower's console script ``name``, from this Python's environment when it has one."""
+    """Flower's console script ``name``, from this Python's environment when it has one.
+
+    Where a warm process serves the environment (:func:`sims.warm.shim`), its
+    shim instead: the program is then forked from that process.
+    """
+    warm = shim(name)
+    if warm is not None:
+        return str(warm)
     local = Path(sys.executable).parent / name
     return str(local) if local.exists() else name
 

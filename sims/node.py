@@ -22,6 +22,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 from sims.processes import alive, stop_tree
+from sims.warm import WORKER, shim
 
 #: Seconds from SIGTERM to SIGKILL when the node stops.
 STOP_GRACE = 5.0
@@ -32,11 +33,15 @@ _PR_SET_PDEATHSIG = 1
 
 
 def worker_command(runtime_port: int, parent_pid: int) -> list[str]:
-    """The command line of the ClientApp process that serves the SuperNode at ``runtime_port``."""
+    """The command line of the ClientApp process that serves the SuperNode at ``runtime_port``.
+
+    Where a warm process serves the environment (:func:`sims.warm.shim`), the
+    process is forked from it through its shim.
+    """
+    warm = shim(WORKER)
+    program = [str(warm)] if warm is not None else [sys.executable, "-m", "sims.clientapp_worker"]
     return [
-        sys.executable,
-        "-m",
-        "sims.clientapp_worker",
+        *program,
         "--runtime-api-address",
         f"127.0.0.1:{runtime_port}",
         "--insecure",

@@ -19,8 +19,9 @@ do, see ``tests/e2e/deployment_support.py``): every program of
   worker forked from a process that had imported Ray would have none. The
   child takes the requester's standard streams, environment, working
   directory and arguments, and runs the program the requester stands for,
-  unchanged: Flower's own entry point
-  (:data:`ENTRY_POINTS`) or Ray's ``default_worker.py``.
+  unchanged: Flower's own entry point (:data:`ENTRY_POINTS`), Ray's
+  ``default_worker.py``, or ``fedmerge supernode``'s ClientApp process
+  (:data:`WORKER`).
 - :func:`shim_main` is what the runtime starts in their place
   (:func:`warm_environment`): Flower's console scripts first on the runtime's
   ``PATH``, and :data:`RAY_WORKER` as the Python executable of the
@@ -53,7 +54,11 @@ from sims.processes import reap_children
 #: The environment variable that names the warm process's socket for the shims.
 SOCKET_ENV = "FEDMERGE_WARM"
 
-#: Flower's console scripts that the warm process serves: shim name -> (module, function).
+#: The shim of ``python -m sims.clientapp_worker`` (:func:`sims.node.worker_command`).
+WORKER = "fedmerge-clientapp-worker"
+
+#: The programs that the warm process serves: shim name -> (module, function).
+#: Flower's console scripts, and :data:`WORKER`.
 ENTRY_POINTS = {
     "flwr": ("flwr.cli.app", "app"),
     "flwr-simulation": ("flwr.simulation.app", "flwr_simulation"),
@@ -62,6 +67,8 @@ ENTRY_POINTS = {
     "flower-supernode": ("flwr.supernode.cli", "flower_supernode"),
     "flwr-serverapp": ("flwr.superlink.cli", "flwr_serverapp"),
     "flwr-clientapp": ("flwr.supernode.cli", "flwr_clientapp"),
+    # fedmerge's own: the long-lived ClientApp process of `fedmerge supernode`
+    WORKER: ("sims.clientapp_worker", "main"),
 }
 
 #: The shim that Ray starts as a worker's Python: ``fedmerge-ray-worker default_worker.py ARGS``.
@@ -120,6 +127,20 @@ def warm_environment(root: Path, env: Mapping[str, str]) -> tuple[dict[str, str]
     return shimmed, [sys.executable, "-m", "sims.warm", "serve", str(sock)]
 
 
+def shim(name: str) -> Path | None:
+    """The shim of Flower's program ``name`` when a warm process serves this environment.
+
+    That is when :data:`SOCKET_ENV` names a warm process's socket (a
+    :class:`sims.launch.Runtime`'s processes, the deployment tests'); ``None``
+    otherwise, and for a program the warm process does not serve.
+    """
+    sock = os.environ.get(SOCKET_ENV, "")
+    if not sock or name not in ENTRY_POINTS:
+        return None
+    path = _bin_dir(Path(sock)) / name
+    return path if path.is_file() else None
+
+
 def _bin_dir(sock: Path) -> Path:
     """Where the shims of the warm process listening on ``sock`` are: beside it."""
     return sock.with_name("bin")
@@ -133,6 +154,8 @@ def _real_argv(name: str, argv: list[str]) -> list[str]:
     """
     if name == RAY_WORKER:
         return [sys.executable, *argv[1:]]
+    if name == WORKER:
+        return [sys.executable, "-m", ENTRY_POINTS[WORKER][0], *argv[1:]]
     return [str(Path(sys.executable).parent / name), *argv[1:]]
 
 
@@ -264,14 +287,23 @@ def _child(conn: socket.socket, request: dict[str, Any], fds: list[int], base: l
         argv = _real_argv(name, request["argv"])
         if name == RAY_WORKER:
             argv = argv[1:]  # `python default_worker.py ARGS`: the script is argv[0]
-        script_dir = str(Path(argv[0]).parent)
+        title = " ".join(argv)  # what `ps` shows: the program's command line
+        if name == WORKER:
+            # `python -m MODULE ARGS`: the working directory comes first on sys.path
+            argv, script_dir = argv[2:], os.getcwd()
+        else:
+            script_dir = str(Path(argv[0]).parent)
         pythonpath = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         sys.path[:] = [script_dir, *pythonpath, *base]
         sys.argv = argv
-        set_title(" ".join(argv))  # what `ps` shows: the program's command line
+        set_title(title)
         conn.sendall(json.dumps({"pid": os.getpid()}).encode() + b"\n")
         # The shim holds the other end: once it is gone (killed), so is this process.
         threading.Thread(target=_exit_with, args=(conn,), daemon=True).start()
+        # A program that replaces itself (exec, as sims.clientapp_worker does when
+        # the app changes) keeps the connection open: its shim waits for the new
+        # image to end, and exits with 1 then (nobody is left to send the code).
+        os.set_inheritable(conn.fileno(), True)
         if name == RAY_WORKER:
             import runpy
 
@@ -280,10 +312,11 @@ def _child(conn: socket.socket, request: dict[str, Any], fds: list[int], base: l
             # `ray::ClientAppActor` go through set_title instead.
             vars(importlib.import_module("ray._raylet"))["setproctitle"] = set_title
             runpy.run_path(argv[0], run_name="__main__")
+            code = 0
         else:
             module, function = ENTRY_POINTS[name]
-            getattr(importlib.import_module(module), function)()
-        code = 0
+            result = getattr(importlib.import_module(module), function)()
+            code = result if isinstance(result, int) else 0
     except SystemExit as exc:  # Flower and Ray end their processes with sys.exit
         code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
     except BaseException:

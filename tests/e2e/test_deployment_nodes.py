@@ -239,3 +239,9 @@ def test_a_changed_app_gets_fresh_modules_in_the_same_clientapp_process(
     assert [int(n) for _, n in served] == [1, 2, 1, 2]
     assert text.count("restarts afresh") == 1
     assert text.index("restarts afresh") < text.index("client app version b")
+    # the process was forked from the deployment's warm process, and is still there
+    # after its exec (its shim kept waiting: the node did not stop)
+    pid = served[0][0]
+    ppid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+    assert b"sims.warm\0serve" in Path(f"/proc/{ppid}/cmdline").read_bytes()
+    assert procs[-1].poll() is None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from sims.certs import write_certs
 from sims.cli import main
 from sims.deploy import is_loopback, superlink_command, supernode_command
+from sims.warm import SOCKET_ENV, warm_environment
 
 
 def test_certs_chain_hosts_and_node_keys(tmp_path: Path) -> None:
@@ -54,6 +57,31 @@ def test_superlink_command_tls_and_auth_by_default(tmp_path: Path) -> None:
     ]  # fmt: skip
     with pytest.raises(ValueError, match=r"^--certs: got '.*missing/ca.crt', which is not a file"):
         superlink_command(certs=tmp_path / "missing", host="0.0.0.0", port=9091)
+
+
+def test_flowers_programs_come_through_a_warm_process_only_when_one_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(SOCKET_ENV, raising=False)
+    venv_bin = Path(sys.executable).parent
+    link = superlink_command(certs=None, host="127.0.0.1", port=9091, insecure=True)
+    node = supernode_command(
+        superlink="127.0.0.1:9091", node_config="", certs=None, key=None, insecure=True
+    )
+    assert [link[0], node[0]] == [
+        str(venv_bin / "flower-superlink"), str(venv_bin / "flower-supernode")
+    ]  # fmt: skip
+    env, _ = warm_environment(tmp_path, {})
+    monkeypatch.setenv(SOCKET_ENV, env[SOCKET_ENV])
+    link = superlink_command(certs=None, host="127.0.0.1", port=9091, insecure=True)
+    node = supernode_command(
+        superlink="127.0.0.1:9091", node_config="", certs=None, key=None, insecure=True
+    )
+    shims = Path(env["PATH"].split(os.pathsep)[0])
+    assert [link[0], node[0]] == [
+        str(shims / "flower-superlink"), str(shims / "flower-supernode")
+    ]  # fmt: skip
+    assert (shims / "flower-supernode").read_text().startswith(f"#!{sys.executable} -S\n")
 
 
 def test_insecure_only_on_loopback_unless_forced() -> None:
