@@ -11,7 +11,7 @@ run: bootstrap
 
 test: bootstrap
 	.venv/bin/python -m mypy --strict fedmerge strategies sims
-	.venv/bin/python -m pytest -n 2 --dist loadfile
+	.venv/bin/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 lint: bootstrap
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .

@@ -20,6 +20,35 @@ from sims.launch import FLOWER_ENV, shared_runtimes
 ROOT = Path(__file__).resolve().parent.parent
 
 
+#: The test files that take longest (seconds of one `make test` run). They are collected
+#: first, and `make test` hands files out in collection order (``--no-loadscope-reorder``;
+#: pytest-xdist would otherwise hand out the files with the most tests first, and these
+#: few-test, long files last), so that the two workers finish together instead of one
+#: waiting for the other's last long file. The deployment files mostly wait (a SuperNode
+#: asks for messages every 3 s): each goes first beside one that keeps a core busy.
+SLOW_FILES = (
+    "tests/e2e/test_deployment.py",  # 150 s
+    "tests/sims/test_compare.py",  # 85 s
+    "tests/e2e/test_deployment_nodes.py",  # 120 s
+    "tests/e2e/test_strategies.py",  # 55 s
+    "tests/e2e/test_simulation.py",  # 50 s
+    "tests/e2e/test_references.py",  # 50 s
+    "tests/e2e/test_merge_operators.py",  # 45 s
+    "tests/e2e/test_federation_up_down.py",  # 40 s
+    "tests/e2e/test_process_lifetime.py",  # 30 s
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Collect :data:`SLOW_FILES` first, slowest first; every other file keeps its place."""
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+
+    def key(item: pytest.Item) -> int:
+        return rank.get(item.nodeid.split("::", 1)[0], len(SLOW_FILES))
+
+    items.sort(key=key)  # stable: the order within a file, and of the other files, stays
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
