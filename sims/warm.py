@@ -14,14 +14,15 @@ do, see ``tests/e2e/deployment_support.py``): every program of
   runtime. It binds a Unix socket, imports Flower, PyTorch and NumPy
   (:data:`PRELOAD`; never fedmerge's own packages: every run loads the Flower
   App from its FAB, so a changed app is always fresh), and then forks one
-  child per request. It does not import Ray: Ray's C++ core reads a worker's
-  job (``RAY_JOB_ID``) from the environment once, when Ray is imported, so a
-  worker forked from a process that had imported Ray would have none. The
-  child takes the requester's standard streams, environment, working
-  directory and arguments, and runs the program the requester stands for,
-  unchanged: Flower's own entry point (:data:`ENTRY_POINTS`), Ray's
-  ``default_worker.py``, or ``fedmerge supernode``'s ClientApp process
-  (:data:`WORKER`).
+  child per request; :data:`TRAINING_PRELOAD` follows before the first child
+  that trains, or once it is idle after a simulation process started. It does
+  not import Ray: Ray's C++ core reads a worker's job (``RAY_JOB_ID``) from
+  the environment once, when Ray is imported, so a worker forked from a
+  process that had imported Ray would have none. The child takes the
+  requester's standard streams, environment, working directory and arguments,
+  and runs the program the requester stands for, unchanged: Flower's own entry
+  point (:data:`ENTRY_POINTS`), Ray's ``default_worker.py``, or ``fedmerge
+  supernode``'s ClientApp process (:data:`WORKER`).
 - :func:`shim_main` is what the runtime starts in their place
   (:func:`warm_environment`): Flower's console scripts first on the runtime's
   ``PATH``, and :data:`RAY_WORKER` as the Python executable of the
@@ -85,10 +86,15 @@ PRELOAD = (
     "flwr.supercore.cli",
     "flwr.superlink.cli",
     "flwr.supernode.cli",
-    # torch.optim imports it at an optimizer's first step (its graph-break
-    # markers): about 1.3 s of CPU in every process that trains.
-    "torch._dynamo",
 )
+
+#: Imported later (:func:`serve`), for the children that train: ``torch.optim``
+#: imports it at an optimizer's first step (its graph-break markers), about 1.3 s
+#: of CPU in every process that trains.
+TRAINING_PRELOAD = ("torch._dynamo",)
+
+#: The programs that train (Ray's workers host the ClientApp actors).
+TRAINS = frozenset({RAY_WORKER, "flwr-clientapp", WORKER})
 
 _HEADER = 8  # bytes of the request's length
 
@@ -230,11 +236,19 @@ def serve(path: str) -> int:
         importlib.import_module(module)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     listener.settimeout(0.5)
+    # TRAINING_PRELOAD waits until it is needed, or until the warm process is idle
+    # once a simulation process has started (which then connects to Ray before its
+    # actors' workers are asked for): the first `flwr run`, SuperExec and simulation
+    # process of a runtime are forked without waiting for it.
+    training_ready = False
+    simulating = False
     while True:
         reap_children()
         try:
             conn, _ = listener.accept()
         except TimeoutError:
+            if simulating and not training_ready:
+                training_ready = _import_training_preload()
             continue
         conn.settimeout(None)
         try:
@@ -242,6 +256,9 @@ def serve(path: str) -> int:
         except (OSError, ValueError):
             conn.close()
             continue
+        if request["name"] in TRAINS and not training_ready:
+            training_ready = _import_training_preload()
+        simulating = simulating or request["name"] == "flwr-simulation"
         sys.stdout.flush()
         sys.stderr.flush()
         if os.fork() == 0:
@@ -250,6 +267,16 @@ def serve(path: str) -> int:
         for fd in fds:
             os.close(fd)
         conn.close()
+
+
+def _import_training_preload() -> bool:
+    """Import :data:`TRAINING_PRELOAD`; a failure leaves it to the children (True)."""
+    for module in TRAINING_PRELOAD:
+        try:
+            importlib.import_module(module)
+        except Exception:  # the children import it themselves when they need it
+            traceback.print_exc()
+    return True
 
 
 def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
