@@ -137,7 +137,7 @@ def warm_environment(root: Path, env: Mapping[str, str]) -> tuple[dict[str, str]
 
 
 def shim(name: str) -> Path | None:
-    """The shim of Flower's program ``name`` when a warm process serves this environment.
+    """The shim of program ``name`` (:data:`ENTRY_POINTS`) when a warm process serves here.
 
     That is when :data:`SOCKET_ENV` names a warm process's socket (a
     :class:`sims.launch.Runtime`'s processes, the deployment tests'); ``None``

@@ -40,7 +40,7 @@ SLOW_FILES = (
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Collect :data:`SLOW_FILES` first, slowest first; every other file keeps its place."""
+    """Collect :data:`SLOW_FILES` first, in their order; every other file keeps its place."""
     rank = {name: i for i, name in enumerate(SLOW_FILES)}
 
     def key(item: pytest.Item) -> int:
