@@ -26,11 +26,11 @@ def deployment_of(
     """A SuperLink (no simulation) and a way to add SuperNodes; all stopped by PID.
 
     Flower's programs (``flower-superlink``, ``flower-supernode``, their
-    SuperExecs, ``flwr-serverapp``, ``flwr-clientapp`` and ``flwr``) are
-    forked from a warm process that has imported Flower and PyTorch
-    (:mod:`sims.warm`): each runs Flower's own entry point, as a process of
-    its own, without paying the imports again. The TLS test and ``fedmerge
-    federation up`` start theirs cold.
+    SuperExecs, ``flwr-serverapp``, ``flwr-clientapp`` and ``flwr``) and
+    ``fedmerge supernode``'s ClientApp process are forked from a warm process
+    that has imported Flower and PyTorch (:mod:`sims.warm`): each runs its own
+    entry point, as a process of its own, without paying the imports again.
+    The TLS test and ``fedmerge federation up`` start theirs cold.
     """
     shims = Path(tempfile.mkdtemp(prefix="fmd-"))  # short: a socket path is limited
     env, warm_command = warm_environment(
