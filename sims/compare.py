@@ -37,7 +37,6 @@ sampling order derive from ``seed`` alone, never from the strategy.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import logging
@@ -468,13 +467,19 @@ def run_sweep(
     # first: they say nothing about this sweep's install of the app.
     installed = threading.Event()
 
-    def row_seen(run: PlannedRun, old_rows: list[int], row: dict[str, Any]) -> None:
-        if old_rows[0] > 0:
-            old_rows[0] -= 1
-        else:
-            installed.set()
-        if on_round is not None:
-            on_round(run, row)
+    def row_callback(run: PlannedRun) -> Callable[[dict[str, Any]], None]:
+        old_rows = _count_rows(run.run_dir)
+        seen = 0
+
+        def row_seen(row: dict[str, Any]) -> None:
+            nonlocal seen
+            seen += 1
+            if seen > old_rows:
+                installed.set()
+            if on_round is not None:
+                on_round(run, row)
+
+        return row_seen
 
     def one(i: int, run: PlannedRun) -> dict[str, Any]:
         if run.state == "done" and not force:
@@ -487,8 +492,7 @@ def run_sweep(
             with run_dir_lock(run.run_dir):
                 if force:
                     clear_run_dir(run.run_dir, everything=True)
-                callback = functools.partial(row_seen, run, [_count_rows(run.run_dir)])
-                summary = simulate(run.scenario, run.run_dir, on_round=callback)
+                summary = simulate(run.scenario, run.run_dir, on_round=row_callback(run))
             timing = {
                 "wall_time": summary.get("wall_time", time.perf_counter() - t0),
                 "resumed": run.state == "resume",

@@ -248,7 +248,8 @@ def serve(path: str) -> int:
             conn, _ = listener.accept()
         except TimeoutError:
             if simulating and not training_ready:
-                training_ready = _import_training_preload()
+                _import_training_preload()
+                training_ready = True
             continue
         conn.settimeout(None)
         try:
@@ -257,7 +258,8 @@ def serve(path: str) -> int:
             conn.close()
             continue
         if request["name"] in TRAINS and not training_ready:
-            training_ready = _import_training_preload()
+            _import_training_preload()
+            training_ready = True
         simulating = simulating or request["name"] == "flwr-simulation"
         sys.stdout.flush()
         sys.stderr.flush()
@@ -269,14 +271,13 @@ def serve(path: str) -> int:
         conn.close()
 
 
-def _import_training_preload() -> bool:
-    """Import :data:`TRAINING_PRELOAD`; a failure leaves it to the children (True)."""
+def _import_training_preload() -> None:
+    """Import :data:`TRAINING_PRELOAD`; what fails, the children import themselves."""
     for module in TRAINING_PRELOAD:
         try:
             importlib.import_module(module)
-        except Exception:  # the children import it themselves when they need it
+        except Exception:
             traceback.print_exc()
-    return True
 
 
 def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
