@@ -272,6 +272,8 @@ class Runtime:
                             "--node-ip-address", "127.0.0.1", "--port", str(ray_port),
                             "--num-cpus", str(ray_num_cpus or os.cpu_count() or 1),
                             "--include-dashboard", "false", "--disable-usage-stats",
+                            # the autoscaler's monitor: nothing here autoscales
+                            "--no-monitor",
                             "--temp-dir", str(self.tmp / "r"),
                         ],
                         out,
@@ -353,16 +355,11 @@ class Runtime:
                     if done:
                         break
                     time.sleep(0.1)
-                if client.poll() is None and summary_path.exists():
-                    # The summary is written: the run is over. `flwr run` streams
-                    # the simulation process's shutdown for about 3 s more; give
-                    # it a second, then stop it (the runtime lets the simulation
-                    # process finish on its own while the next run starts).
-                    try:
-                        client.wait(timeout=1)
-                    except subprocess.TimeoutExpired:
-                        pass
         finally:
+            # Once the summary is written the run is over: `flwr run` would only
+            # stream the simulation process's shutdown for about 3 s more. It is
+            # stopped at once; the runtime lets the simulation process finish on
+            # its own while the next run starts.
             _stop(client, grace=2)
         return summary_path.exists()
 
@@ -412,12 +409,14 @@ def shared_runtimes(log: Path | None = None) -> Iterator[None]:
         os.close(fd)
         log = Path(name)
     _shared = _Shared(log)
+    finished = False
     try:
         yield
+        finished = True  # every run of the block has returned
     finally:
         runtimes, _shared = list(_shared.runtimes.values()), None
         for runtime in runtimes:
-            runtime.close()
+            runtime.close(grace=0.0 if finished else 1.0)
         if own_log:
             log.unlink(missing_ok=True)
 
@@ -458,9 +457,10 @@ def simulate(
         try:
             ok = runtime.run(scenario, run_dir, on_round)
         finally:
-            # A finished run has nothing left to save: don't wait for Ray's slow
-            # graceful shutdown. An interrupted one gets time to stop cleanly.
-            runtime.close(grace=1.0 if (run_dir / "summary.json").exists() else 10.0)
+            # A finished run has nothing left to save (its summary is the last file it
+            # writes): its processes are killed at once, without Ray's slow graceful
+            # shutdown. An interrupted one gets time to stop cleanly.
+            runtime.close(grace=0.0 if (run_dir / "summary.json").exists() else 10.0)
     else:
         shared = _shared
         with shared.lock:
