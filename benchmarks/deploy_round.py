@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sims.launch import FLOWER_ENV, _free_port, _wait_healthy
-from sims.processes import stop_tree
+from sims.processes import FLOWER_ENV, stop_tree
+from sims.runtime import _free_port, _wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -36,7 +36,9 @@ import torch
 
 from fedmerge.data.datasets import load_dataset
 from fedmerge.training import evaluate, train_local
-from sims.launch import FLOWER_ENV, _free_port, _stop, _wait_healthy, simulate
+from sims.launch import simulate
+from sims.processes import FLOWER_ENV
+from sims.runtime import _free_port, _stop, _wait_healthy
 from sims.scenario_files import load_scenario
 from strategies.config import RunConfig
 from strategies.federation import SAMPLING_STREAM, Federation

@@ -27,6 +27,7 @@ from sims.errors import FederationError, SimulationError
 from sims.node import supernode_with_worker, supervise
 from sims.processes import FLOWER_ENV
 from sims.runs import DEFAULT_TARGET
+from sims.runtime import prestarted_runtime
 
 #: What ``fedmerge --help`` says the command does.
 DESCRIPTION = (
@@ -40,6 +41,9 @@ err_console = Console(stderr=True)
 EXIT_BAD_INPUT = 2
 #: Exit code after Ctrl-C (128 + SIGINT), as shells report it.
 EXIT_INTERRUPTED = 130
+
+#: The commands that run simulations: their runtime's warm process starts before their imports.
+RUNS_SIMULATIONS = frozenset({"cmd_simulate", "cmd_compare"})
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -281,6 +285,11 @@ def _run(argv: list[str] | None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     args = build_parser().parse_args(argv)
     try:
+        if args.func in RUNS_SIMULATIONS and "sims.commands" not in sys.modules:
+            # The warm process imports Flower and PyTorch while this process
+            # imports the command and checks its input.
+            with prestarted_runtime():
+                return int(_command(args.func)(args))
         return int(_command(args.func)(args))
     except KeyboardInterrupt:
         _error_line(

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from sims.launch import FLOWER_ENV, shared_runtimes
+from sims.launch import shared_runtimes
+from sims.processes import FLOWER_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 

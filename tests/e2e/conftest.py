@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sims.launch import stage_app
+from sims.runtime import stage_app
 from tests.e2e.deployment_support import deployment_of
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from fedmerge.data import load_dataset
-from sims.launch import APP_DIR, FLOWER_ENV, _free_port, _stop, _wait_healthy
+from sims.processes import FLOWER_ENV
+from sims.runtime import APP_DIR, _free_port, _stop, _wait_healthy
 from sims.warm import warm_environment
 
 

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from sims.launch import _stop
+from sims.runtime import _stop
 from tests.e2e.deployment_support import (
     OWN_DATA,
     flwr_run,

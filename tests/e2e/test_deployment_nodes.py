@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from fedmerge.data import load_dataset
-from sims.launch import APP_DIR, FLOWER_ENV, _free_port, _stop, stage_app
+from sims.processes import FLOWER_ENV
+from sims.runtime import APP_DIR, _free_port, _stop, stage_app
 from strategies.config import run_config_from_dict
 from strategies.federation import federation
 from tests.e2e.deployment_support import (

@@ -8,9 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sims.launch import FLOWER_ENV
 from sims.local_federation import STATE_FILE, read_state, running
-from sims.processes import alive, descendants, stop_tree
+from sims.processes import FLOWER_ENV, alive, descendants, stop_tree
 
 REPO = Path(__file__).resolve().parents[2]
 

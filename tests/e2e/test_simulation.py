@@ -15,7 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sims.launch import APP_DIR, FLOWER_ENV, _free_port, _wait_healthy, simulate
+from sims.launch import simulate
+from sims.processes import FLOWER_ENV
+from sims.runtime import APP_DIR, _free_port, _wait_healthy
 from sims.scenario_files import load_scenario
 from strategies.federation import Federation
 from tests.e2e.short_runs import SHORT

@@ -13,11 +13,13 @@ import hashlib
 import json
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sims.launch import Runtime
+from sims.launch import federation_config, run_config_toml
 from sims.processes import alive, descendants
+from sims.runtime import Runtime
 from sims.scenario_files import load_scenario
 from tests.references import REFERENCE_RUNS
 
@@ -45,7 +47,15 @@ def test_runs_are_forked_from_the_warm_process_and_equal_a_cold_one(
     )
     for name in ("a", "b", "cold"):
         (tmp_path / name).mkdir()
-    runtime = Runtime(ray_address, 0, tmp_path / "runtime.log")
+    runtime = Runtime()
+    runtime.start(ray_address, 0, tmp_path / "runtime.log")
+
+    def run(name: str, on_round: Callable[[dict[str, Any]], None] | None = None) -> bool:
+        run_dir = tmp_path / name
+        return runtime.run(
+            run_dir, run_config_toml(scenario, run_dir), federation_config(scenario), on_round
+        )
+
     try:
         assert runtime.warm is not None
         warm = runtime.warm.pid
@@ -61,8 +71,8 @@ def test_runs_are_forked_from_the_warm_process_and_equal_a_cold_one(
                 # A Ray worker names itself after its actor (setproctitle).
                 workers.append([p for p in found if "ray::ClientAppActor" in _cmdline(p)])
 
-        assert runtime.run(scenario, tmp_path / "a", on_round=look)
-        assert runtime.run(scenario, tmp_path / "b", on_round=look)
+        assert run("a", look)
+        assert run("b", look)
         # Every round of both runs found `flwr run` and the simulation process
         # below the warm process; every trained round, the actors' Ray workers.
         assert children and all(len(found) >= 2 for found in children), children
@@ -74,7 +84,7 @@ def test_runs_are_forked_from_the_warm_process_and_equal_a_cold_one(
 
         os.kill(warm, signal.SIGTERM)  # each shim falls back to the real program
         runtime.warm.wait(timeout=30)
-        assert runtime.run(scenario, tmp_path / "cold")
+        assert run("cold")
     finally:
         runtime.close()
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b") == _digest(tmp_path / "cold")

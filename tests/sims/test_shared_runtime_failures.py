@@ -21,12 +21,15 @@ from strategies.config import run_config_from_dict
 class _Runtime:
     """Fails the run in ``failing/``; ends every other run when closed."""
 
-    def __init__(self, ray_address: str, ray_num_cpus: int, log: Path) -> None:
+    def __init__(self) -> None:
         self.failed_run: Path | None = None
         self.closed = threading.Event()
         self.started = threading.Event()
 
-    def run(self, scenario: Any, run_dir: Path, on_round: Any = None) -> bool:
+    def start(self, ray_address: str, ray_num_cpus: int, log: Path) -> None:
+        pass
+
+    def run(self, run_dir: Path, run_config: str, fed_config: str, on_round: Any = None) -> bool:
         (run_dir / "flower.log").write_text(f"log of {run_dir.name}\n")
         if run_dir.name == "failing":
             assert self.started.wait(30)  # the other run is going
@@ -42,7 +45,7 @@ class _Runtime:
 def test_the_run_beside_a_failed_one_names_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(launch, "Runtime", _Runtime)
+    monkeypatch.setattr(launch, "new_runtime", _Runtime)
     # A Ray address of its own: the session's shared runtimes are never this one.
     scenario = run_config_from_dict({"simulation": {"ray_address": "127.0.0.1:9"}})
     errors: dict[str, str] = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sims.launch import _on_this_machine
+from sims.runtime import _on_this_machine
 from sims.warm import RAY_WORKER, SOCKET_ENV, ray_runtime_env
 
 

@@ -1,0 +1,323 @@
+"""The processes a simulation runs on: a SuperLink, a Ray cluster and the warm process.
+
+Standard library and :mod:`sims.warm` only, so that ``fedmerge simulate`` and
+``fedmerge compare`` can start the warm process (:func:`prestarted_runtime`)
+before they import PyTorch, the data sets and the scenario's modules: the
+two import side by side, each on its own core. :mod:`sims.launch` turns a
+scenario into the run that a :class:`Runtime` carries out.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+from fedmerge.atomic import atomic_write_text
+from sims.errors import SimulationError
+from sims.processes import FLOWER_ENV, stop_tree
+from sims.runs import parse_row
+from sims.warm import warm_environment
+
+#: The Flower App: the repository root, whose pyproject.toml names the apps.
+APP_DIR = Path(__file__).resolve().parent.parent
+
+#: The packages the ServerApp and ClientApp import (see :func:`stage_app`).
+APP_PACKAGES = ("fedmerge", "strategies")
+
+
+def stage_app(dest: Path) -> Path:
+    """Copy the Flower App's own files (``pyproject.toml`` and :data:`APP_PACKAGES`) to ``dest``.
+
+    ``flwr run DIR`` walks every file under ``DIR`` (the virtual environment,
+    data caches and run directories included) before it filters them, which
+    takes seconds in the repository root. The staged copy holds the
+    few dozen files the apps need, so the same FAB builds in milliseconds.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(APP_DIR / "pyproject.toml", dest / "pyproject.toml")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for package in APP_PACKAGES:
+        shutil.copytree(APP_DIR / package, dest / package, ignore=ignore, dirs_exist_ok=True)
+    return dest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SimulationError(f"flower-superlink exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SimulationError(f"flower-superlink did not become healthy within {timeout:.0f} s")
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, grace: float = 10.0) -> None:
+    """Stop a process we started and all its descendants, by PID.
+
+    The SuperLink starts a SuperExec in a session of its own, which starts the
+    simulation process; ``ray start`` starts Ray's daemons. The whole tree is
+    collected before the first signal (:func:`sims.processes.stop_tree`):
+    SIGTERM first, then SIGKILL for whatever is alive after ``grace`` seconds.
+    """
+    if proc is None:
+        return
+    stop_tree([proc.pid], grace)
+    proc.wait()
+
+
+def _on_this_machine(ray_address: str) -> bool:
+    """Whether a Ray cluster at ``ray_address`` (``""``: one the runtime starts) is local.
+
+    Only then can Ray start workers through the warm process's shim, a file
+    on this machine; a cluster at another address may have nodes elsewhere.
+    """
+    host = ray_address.rsplit(":", 1)[0].strip("[]")
+    return not ray_address or host in ("localhost", "::1") or host.startswith("127.")
+
+
+class Runtime:
+    """A SuperLink and a Ray cluster that serve one run or many, and a watchdog for both.
+
+    It starts in two steps. Constructing it starts the warm process (every
+    ``flwr run``, the SuperLink, its simulation processes and, when the Ray
+    cluster is on this machine, the runs' Ray workers are forked from it once
+    it has imported Flower and PyTorch; see :mod:`sims.warm`) and a watchdog
+    process: nothing here depends on the scenario. :meth:`start` then starts
+    the rest: ``ray start --head`` (``ray_num_cpus`` CPUs, 0 for all cores)
+    unless ``ray_address`` names a cluster to join, and
+    ``flower-superlink --simulation`` on a free loopback port, with its own
+    ``FLWR_HOME`` in a temporary directory. Every run's simulation process
+    joins that Ray cluster, so Ray starts once per runtime rather than once
+    per run. The watchdog stops them all, and every ``flwr run`` still going,
+    if the process that started them dies without stopping them (SIGKILL, OOM).
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple[str, int] | None = None  # (Ray address, CPUs), set by start()
+        self.tmp = Path(tempfile.mkdtemp(prefix="fm-"))  # short: Ray's socket paths are limited
+        # `flwr`, the SuperLink, its SuperExec and the simulation processes are
+        # found first on PATH as the warm process's shims.
+        self.env, warm_command = warm_environment(
+            self.tmp, {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.tmp / "flwr")}
+        )
+        self.port = _free_port()
+        self.log: Path | None = None
+        self.app = stage_app(self.tmp / "app")  # once: every run of this runtime submits it
+        self._guarded: list[int] = []
+        self.failed_run: Path | None = None  # set by the first of its runs that fails
+        self._lock = threading.Lock()
+        self.ray: subprocess.Popen[bytes] | None = None
+        self.superlink: subprocess.Popen[bytes] | None = None
+        self.warm: subprocess.Popen[bytes] | None = None
+        (self.tmp / "flwr").mkdir()
+        (self.tmp / "flwr" / "config.toml").write_text(
+            f'[superlink]\ndefault = "fedmerge"\n\n[superlink.fedmerge]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
+        self.watchdog = subprocess.Popen(
+            [sys.executable, "-m", "sims.processes", str(os.getpid()), str(self.tmp / "guard")],
+            cwd=APP_DIR, stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        try:
+            # Its own output (nothing, unless an import fails) joins the runtime's
+            # log when the runtime closes.
+            with (self.tmp / "warm.log").open("ab") as out:
+                self.warm = self.spawn(warm_command, out, cwd=APP_DIR)
+        except BaseException:
+            self.close()
+            raise
+
+    def start(self, ray_address: str, ray_num_cpus: int, log: Path) -> None:
+        """Start the Ray head (unless ``ray_address`` names one) and the SuperLink.
+
+        Returns once the SuperLink answers. Their output goes to ``log``
+        (appended).
+        """
+        self.key, self.log = (ray_address, ray_num_cpus), log
+        if _on_this_machine(ray_address) and "RAY_RUNTIME_ENV_HOOK" not in self.env:
+            # Ray starts the runs' workers through the warm process too.
+            self.env["RAY_RUNTIME_ENV_HOOK"] = "sims.warm.ray_runtime_env"
+        try:
+            with log.open("ab") as out:
+                if ray_address:
+                    self.env["RAY_ADDRESS"] = ray_address
+                else:
+                    ray_port = _free_port()
+                    self.env["RAY_ADDRESS"] = f"127.0.0.1:{ray_port}"
+                    self.ray = self.spawn(
+                        [
+                            "ray", "start", "--head", "--block",
+                            "--node-ip-address", "127.0.0.1", "--port", str(ray_port),
+                            "--num-cpus", str(ray_num_cpus or os.cpu_count() or 1),
+                            "--include-dashboard", "false", "--disable-usage-stats",
+                            # the autoscaler's monitor: nothing here autoscales
+                            "--no-monitor",
+                            "--temp-dir", str(self.tmp / "r"),
+                        ],
+                        out,
+                    )  # fmt: skip
+                # The SuperLink is forked from the warm process too (its shim is
+                # first on the runtime's PATH); it inherits RAY_ADDRESS for the
+                # simulation processes that its SuperExec starts.
+                superlink = shutil.which("flower-superlink", path=self.env["PATH"])
+                self.superlink = self.spawn(
+                    [
+                        superlink or "flower-superlink",
+                        "--insecure", "--simulation",
+                        "--isolation", "subprocess",
+                        "--host", "127.0.0.1", "--port", str(self.port),
+                    ],
+                    out,
+                )  # fmt: skip
+            # The first run is submitted as soon as the SuperLink answers, while
+            # the Ray head may still be starting: its simulation process imports
+            # the app first, and Ray's driver waits for the head's raylet when it
+            # connects (see :meth:`run` for a head that dies).
+            _wait_healthy(self.port, self.superlink, timeout=60)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_ray(self) -> None:
+        """Raise if the Ray head this runtime started has exited."""
+        if self.ray is not None and self.ray.poll() is not None:
+            raise SimulationError(f"ray start exited with code {self.ray.returncode}")
+
+    def spawn(
+        self, argv: list[str], out: IO[bytes], cwd: Path | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start ``argv`` in a session of its own, guarded by the watchdog."""
+        proc = subprocess.Popen(
+            argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=cwd, start_new_session=True,
+        )  # fmt: skip
+        with self._lock:
+            self._guarded.append(proc.pid)
+            atomic_write_text(self.tmp / "guard", "\n".join(map(str, self._guarded)) + "\n")
+        return proc
+
+    def run(
+        self,
+        run_dir: Path,
+        run_config: str,
+        federation_config: str,
+        on_round: Callable[[dict[str, Any]], None] | None = None,
+    ) -> bool:
+        """Submit a run with ``flwr run --stream``; follow it until its summary exists.
+
+        ``run_config`` is the run's flat TOML run config (written to
+        ``run_dir/run_config.toml``), ``federation_config`` its
+        ``--federation-config``. Flower's output for the run goes to
+        ``run_dir/flower.log``; ``on_round`` gets every row of
+        ``run_dir/metrics.jsonl``. Returns whether the run wrote ``summary.json``.
+        """
+        (run_dir / "run_config.toml").write_text(run_config)
+        metrics = run_dir / "metrics.jsonl"
+        summary_path = run_dir / "summary.json"
+        summary_path.unlink(missing_ok=True)
+        client = None
+        try:
+            with (run_dir / "flower.log").open("ab") as log:
+                client = self.spawn(
+                    [
+                        "flwr", "run", str(self.app), "fedmerge", "--stream",
+                        "--run-config", str(run_dir / "run_config.toml"),
+                        "--federation-config", federation_config,
+                    ],
+                    log,
+                    cwd=run_dir,
+                )  # fmt: skip
+                seen = 0
+                while True:
+                    self._check_ray()
+                    done = client.poll() is not None or summary_path.exists()
+                    if metrics.exists():
+                        rows = metrics.read_text().splitlines()
+                        for line in rows[seen:]:
+                            if line.strip() and on_round is not None:
+                                on_round(parse_row(line))
+                        seen = len(rows)
+                    if done:
+                        break
+                    time.sleep(0.1)
+        finally:
+            # Once the summary is written the run is over: `flwr run` would only
+            # stream the simulation process's shutdown for about 3 s more. It is
+            # stopped at once; the runtime lets the simulation process finish on
+            # its own while the next run starts.
+            _stop(client, grace=2)
+        return summary_path.exists()
+
+    def close(self, grace: float = 1.0) -> None:
+        """Stop the SuperLink, the Ray head this runtime started, and the watchdog.
+
+        The trees of the SuperLink, Ray and the warm process (with any
+        simulation process or Ray worker still finishing) are signalled together, so
+        that their grace periods overlap.
+        """
+        procs = [p for p in (self.superlink, self.ray, self.warm) if p is not None]
+        stop_tree([p.pid for p in procs], grace)
+        for proc in procs:
+            proc.wait()
+        _stop(self.watchdog, grace=1.0)
+        warm_log = self.tmp / "warm.log"
+        if self.log is not None and warm_log.exists() and warm_log.stat().st_size:
+            with self.log.open("ab") as out:
+                out.write(warm_log.read_bytes())
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+#: The runtime that :func:`prestarted_runtime` started, until a run takes it.
+_prestarted: Runtime | None = None
+_prestarted_lock = threading.Lock()
+
+
+@contextmanager
+def prestarted_runtime() -> Iterator[None]:
+    """Start a :class:`Runtime`'s warm process now; the first run of this block takes it.
+
+    A command wraps in this what it does before its first run (its imports, the
+    checks of its input), so that the warm process imports Flower and PyTorch
+    meanwhile. A runtime that no run took (bad input, nothing to run) is
+    stopped when the block ends.
+    """
+    global _prestarted
+    with _prestarted_lock:
+        _prestarted = Runtime()
+    try:
+        yield
+    finally:
+        with _prestarted_lock:
+            unused, _prestarted = _prestarted, None
+        if unused is not None:
+            unused.close(grace=0.0)
+
+
+def new_runtime() -> Runtime:
+    """The runtime :func:`prestarted_runtime` started, if no run has taken it; else a new one."""
+    global _prestarted
+    with _prestarted_lock:
+        runtime, _prestarted = _prestarted, None
+    return runtime if runtime is not None else Runtime()
