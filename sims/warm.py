@@ -46,9 +46,10 @@ import socket
 import sys
 import threading
 import traceback
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sims.processes import reap_children
 
@@ -232,6 +233,7 @@ def serve(path: str) -> int:
     # PYTHONPATH: every child puts its own in front (see _child).
     own = set(os.environ.get("PYTHONPATH", "").split(os.pathsep))
     base = [p for p in sys.path[1:] if p not in own]
+    fresh = list(warnings.filters)
     for module in PRELOAD:
         importlib.import_module(module)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -265,6 +267,12 @@ def serve(path: str) -> int:
         sys.stderr.flush()
         if os.fork() == 0:
             listener.close()
+            # An import may widen which warnings show, for the whole process:
+            # Flower's Ray transport shows every DeprecationWarning once. A program
+            # started cold shows only those of what it imports itself, so a child
+            # gets a fresh interpreter's filters plus the ignores the imports added.
+            added = [f for f in warnings.filters if f not in fresh and f[0] == "ignore"]
+            cast(list[Any], warnings.filters)[:] = added + fresh  # a list, typed as a Sequence
             _child(conn, request, fds, base)  # never returns
         for fd in fds:
             os.close(fd)

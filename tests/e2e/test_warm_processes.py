@@ -81,6 +81,12 @@ def test_runs_are_forked_from_the_warm_process_and_equal_a_cold_one(
         forks = {pid for found in children for pid in found}
         assert len(forks) >= 6, forks  # three or more per run
         assert alive(warm)
+        # A forked child shows the warnings that the same program started cold
+        # would: Python's defaults hide the DeprecationWarnings of Flower's
+        # dependencies, which Flower's Ray transport shows once the warm process
+        # has imported it.
+        for log in (tmp_path / "runtime.log", tmp_path / "a" / "flower.log"):
+            assert "DeprecationWarning" not in log.read_text(), log.read_text()
 
         os.kill(warm, signal.SIGTERM)  # each shim falls back to the real program
         runtime.warm.wait(timeout=30)
