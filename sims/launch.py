@@ -1,4 +1,10 @@
-"""Run a scenario through Flower's simulation runtime (Ray backend)."""
+"""Run a scenario through Flower's simulation runtime (Ray backend).
+
+The checks before a run (:func:`preflight`), the run config that ``flwr run``
+gets, and :func:`simulate`, which carries a run out on a
+:class:`sims.runtime.Runtime` of its own or on one that a
+:func:`shared_runtimes` block shares.
+"""
 
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ from strategies.federation import federation
 
 
 def preflight(config: RunConfig) -> None:
-    """Load data, partition it and build the model: fail before any process starts.
+    """Load data, partition it and build the model: fail before the SuperLink, Ray or a run starts.
 
     :func:`sims.checks.check_scenario` runs first (this machine's GPUs and
     CPUs, the Ray address, options that could never act).

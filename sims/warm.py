@@ -2,11 +2,11 @@
 
 A run starts several Python processes, each of which imports Flower, Ray and
 PyTorch (about 3 s of CPU each here) before it does anything: ``flwr run``,
-which submits the run; Flower's SuperExec and the ``flwr-simulation`` process
-that it starts for the run; and every Ray worker that hosts a ClientApp
-actor. A :class:`sims.launch.Runtime` serves many runs, so it pays those
-imports once. A deployment on one machine can do the same for its SuperLink,
-SuperNodes and their ServerApp and ClientApp processes (the deployment tests
+which submits the run; Flower's SuperLink, its SuperExec and the
+``flwr-simulation`` process that it starts for the run; and every Ray worker
+that hosts a ClientApp actor. A :class:`sims.runtime.Runtime` serves many
+runs, so it pays those imports once. A deployment on one machine can do the
+same for its SuperLink, SuperNodes and their ServerApp and ClientApp processes (the deployment tests
 do, see ``tests/e2e/deployment_support.py``): every program of
 :data:`ENTRY_POINTS` found first on ``PATH`` as a shim is forked.
 
@@ -141,7 +141,7 @@ def shim(name: str) -> Path | None:
     """The shim of program ``name`` (:data:`ENTRY_POINTS`) when a warm process serves here.
 
     That is when :data:`SOCKET_ENV` names a warm process's socket (a
-    :class:`sims.launch.Runtime`'s processes, the deployment tests'); ``None``
+    :class:`sims.runtime.Runtime`'s processes, the deployment tests'); ``None``
     otherwise, and for a program the warm process does not serve.
     """
     sock = os.environ.get(SOCKET_ENV, "")
@@ -172,7 +172,7 @@ def _real_argv(name: str, argv: list[str]) -> list[str]:
 def ray_runtime_env(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
     """Ray's ``RAY_RUNTIME_ENV_HOOK``: start this job's workers through the warm process.
 
-    A :class:`sims.launch.Runtime` whose Ray cluster is on this machine names
+    A :class:`sims.runtime.Runtime` whose Ray cluster is on this machine names
     this function in ``RAY_RUNTIME_ENV_HOOK`` for its processes. It adds the :data:`RAY_WORKER` shim
     as the workers' ``py_executable`` and the socket to their environment;
     whatever else the job asked for (Flower sets ``PYTHONPATH``) stays.
