@@ -34,7 +34,15 @@ from sims.checks import (
     run_dir_lock,
 )
 from sims.cli import console
-from sims.compare import PlannedRun, Sweep, load_sweep, plan_sweep, run_sweep, write_manifest
+from sims.compare import (
+    PlannedRun,
+    Sweep,
+    load_sweep,
+    plan_sweep,
+    run_sweep,
+    runs_at_a_time,
+    write_manifest,
+)
 from sims.launch import preflight, run_config_toml, simulate
 from sims.plots import plot_accuracy, plot_partition
 from sims.report import Report, build_report
@@ -281,6 +289,15 @@ def _compare_locked(
                 markup=False,
             )
 
+        at_a_time = runs_at_a_time(runs, args.parallel, args.force)
+        if at_a_time < args.parallel:
+            progress.console.print(
+                f"--parallel {args.parallel}: {at_a_time} at a time (runs on a Ray cluster of "
+                f"your own go one at a time; a Ray head the sweep starts is split among the "
+                f"runs that go together, at least one client's CPUs each)",
+                soft_wrap=True,
+                highlight=False,
+            )
         run_sweep(
             runs,
             force=args.force,

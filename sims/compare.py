@@ -40,6 +40,8 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
+import queue
 import re
 import threading
 import time
@@ -412,6 +414,28 @@ def write_manifest(sweep: Sweep, runs: list[PlannedRun], runs_root: str | Path) 
     return path
 
 
+def runs_at_a_time(runs: list[PlannedRun], parallel: int, force: bool = False) -> int:
+    """How many of ``runs`` go at a time for ``--parallel parallel``.
+
+    Runs that go at the same time get a runtime each, with a share of the
+    CPUs of the Ray head that the sweep starts (:func:`sims.launch.runtime_key`):
+    at most as many as the head's CPUs (``simulation.ray_num_cpus``, 0 for all
+    cores) over a client's (``simulation.num_cpus_per_client``), for every run
+    still to go. Runs on a cluster of the user's (``simulation.ray_address``)
+    go one at a time: Flower sizes each run's actor pool to the whole cluster,
+    so two runs there could each hold part of theirs and wait for the rest.
+    """
+    fits = max(1, parallel)
+    for run in runs:
+        sim = run.scenario.simulation
+        if force or run.state != "done":
+            if sim.ray_address:
+                return 1
+            cpus = sim.ray_num_cpus or os.cpu_count() or 1
+            fits = min(fits, max(1, int(cpus // sim.num_cpus_per_client)))
+    return fits
+
+
 def run_sweep(
     runs: list[PlannedRun],
     *,
@@ -447,7 +471,9 @@ def run_sweep(
         finished or found cached. With ``parallel > 1`` they are called from
         worker threads.
     parallel : int (default: 1)
-        How many runs go at a time (each takes its clients' CPUs from Ray).
+        How many runs go at a time, at most (:func:`runs_at_a_time`). Each
+        of them goes on a runtime of its own (a slot), with a share of the
+        CPUs of the Ray head the sweep starts.
     runtime_log : Path, optional
         Where the SuperLink's and Ray's own output goes.
 
@@ -492,7 +518,17 @@ def run_sweep(
             with run_dir_lock(run.run_dir):
                 if force:
                     clear_run_dir(run.run_dir, everything=True)
-                summary = simulate(run.scenario, run.run_dir, on_round=row_callback(run))
+                slot = free_slots.get()
+                try:
+                    summary = simulate(
+                        run.scenario,
+                        run.run_dir,
+                        on_round=row_callback(run),
+                        slot=slot,
+                        slots=parallel,
+                    )
+                finally:
+                    free_slots.put(slot)
             timing = {
                 "wall_time": summary.get("wall_time", time.perf_counter() - t0),
                 "resumed": run.state == "resume",
@@ -504,6 +540,10 @@ def run_sweep(
             on_end(i, run, summary)
         return summary
 
+    parallel = runs_at_a_time(runs, parallel, force)
+    free_slots: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for slot in range(parallel):
+        free_slots.put(slot)
     with shared_runtimes(runtime_log):
         if parallel <= 1:
             return [one(i, run) for i, run in enumerate(runs)]

@@ -134,12 +134,27 @@ def federation_config(scenario: RunConfig) -> str:
     return " ".join(items)
 
 
+def runtime_key(scenario: RunConfig, slot: int = 0, slots: int = 1) -> tuple[str, int, int]:
+    """The runtime a run of ``scenario`` goes on: Ray address, Ray CPUs (0: all cores), slot.
+
+    Runs that go at the same time (``slots`` of them) on a Ray head that this
+    machine starts each get a runtime of their own, whose head has a
+    ``slots``-th of the CPUs: Flower sizes a run's pool of ClientApp actors
+    from the whole cluster, so two runs on one head could each get part of
+    their pool placed and wait for the rest until the round times out.
+    """
+    sim = scenario.simulation
+    if slots > 1 and not sim.ray_address:
+        return ("", max(1, (sim.ray_num_cpus or os.cpu_count() or 1) // slots), slot)
+    return (sim.ray_address, sim.ray_num_cpus, 0)
+
+
 @dataclass
 class _Shared:
-    """The runtimes of a :func:`shared_runtimes` block, by Ray address and CPU count."""
+    """The runtimes of a :func:`shared_runtimes` block, by Ray address, CPU count and slot."""
 
     log: Path
-    runtimes: dict[tuple[str, int], Runtime] = field(default_factory=dict)
+    runtimes: dict[tuple[str, int, int], Runtime] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -182,6 +197,8 @@ def simulate(
     run_dir: Path,
     *,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    slot: int = 0,
+    slots: int = 1,
 ) -> dict[str, Any]:
     """Run ``scenario`` through ``flwr run`` on a :class:`Runtime`.
 
@@ -190,7 +207,7 @@ def simulate(
     stopped with everything it started when the run ends. Inside, it shares
     the block's runtime for its Ray address and CPU count. Follows
     ``metrics.jsonl``, calling ``on_round`` for every new row. Flower's output
-    goes to ``run_dir/flower.log``.
+    goes to ``run_dir/flower.log``. ``slot`` of ``slots``: see :func:`runtime_key`.
 
     Returns
     -------
@@ -207,11 +224,11 @@ def simulate(
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "flower.log"
     log_path.write_bytes(b"")
-    key = (scenario.simulation.ray_address, scenario.simulation.ray_num_cpus)
+    key = runtime_key(scenario, slot, slots)
     run_config, fed_config = run_config_toml(scenario, run_dir), federation_config(scenario)
     if _shared is None:
         runtime = new_runtime()
-        runtime.start(*key, log=log_path)
+        runtime.start(key[0], key[1], log=log_path)
         try:
             ok = runtime.run(run_dir, run_config, fed_config, on_round)
         finally:
@@ -224,7 +241,7 @@ def simulate(
         with shared.lock:
             if key not in shared.runtimes:
                 fresh = new_runtime()
-                fresh.start(*key, log=shared.log)
+                fresh.start(key[0], key[1], log=shared.log)
                 shared.runtimes[key] = fresh
             runtime = shared.runtimes[key]
         ok = False

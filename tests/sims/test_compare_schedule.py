@@ -18,14 +18,15 @@ from typing import Any
 
 import pytest
 
-from sims import compare
+from sims import compare, launch
 from strategies.config import run_config_from_dict
 
 
 def _runs(tmp_path: Path, n: int, done: int = 0) -> list[compare.PlannedRun]:
     runs = []
     for seed in range(n):
-        scenario = run_config_from_dict({"seed": seed})
+        # a Ray head of 8 CPUs: room for every run's clients at once
+        scenario = run_config_from_dict({"seed": seed, "simulation": {"ray_num_cpus": 8}})
         run_dir = tmp_path / scenario.digest()
         run_dir.mkdir()
         state = "done" if seed < done else "new"
@@ -35,10 +36,22 @@ def _runs(tmp_path: Path, n: int, done: int = 0) -> list[compare.PlannedRun]:
     return runs
 
 
-def _fake(events: list[tuple[str, int]], lock: threading.Lock) -> Any:
-    def simulate(scenario: Any, run_dir: Path, *, on_round: Any = None) -> dict[str, Any]:
+def _fake(
+    events: list[tuple[str, int]],
+    lock: threading.Lock,
+    seen_slots: list[tuple[int, int]] | None = None,
+) -> Any:
+    running: set[int] = set()
+
+    def simulate(
+        scenario: Any, run_dir: Path, *, on_round: Any = None, slot: int = 0, slots: int = 1
+    ) -> dict[str, Any]:
         with lock:
             events.append(("start", scenario.seed))
+            assert slot not in running, f"slot {slot} is taken by a run still going"
+            running.add(slot)
+            if seen_slots is not None:
+                seen_slots.append((slot, slots))
         # As sims.launch.simulate does, every row already in metrics.jsonl (a
         # resumed run's rows from before its interruption) goes to on_round first.
         metrics = run_dir / "metrics.jsonl"
@@ -49,6 +62,8 @@ def _fake(events: list[tuple[str, int]], lock: threading.Lock) -> Any:
             events.append(("row", scenario.seed))
         on_round({"round": 0})
         time.sleep(0.3)
+        with lock:
+            running.discard(slot)
         return {"status": "completed", "wall_time": 0.6}
 
     return simulate
@@ -76,7 +91,7 @@ def test_a_first_run_that_fails_before_any_row_stops_the_sweep(
 ) -> None:
     calls: list[int] = []
 
-    def failing(scenario: Any, run_dir: Path, *, on_round: Any = None) -> dict[str, Any]:
+    def failing(scenario: Any, run_dir: Path, **kwargs: Any) -> dict[str, Any]:
         calls.append(scenario.seed)
         raise RuntimeError("simulation failed")
 
@@ -98,3 +113,44 @@ def test_a_resumed_first_run_goes_alone_until_it_writes_a_new_row(
     compare.run_sweep(runs, parallel=2)
     assert events[:2] == [("start", 0), ("row", 0)]
     assert sorted(seed for kind, seed in events if kind == "start") == [0, 1, 2]
+
+
+def test_runs_that_go_together_each_get_a_slot_of_their_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[tuple[str, int]] = []
+    seen: list[tuple[int, int]] = []
+    monkeypatch.setattr(compare, "simulate", _fake(events, threading.Lock(), seen))
+    compare.run_sweep(_runs(tmp_path, 5), parallel=3)
+    # the fake asserts that no two runs going at once share a slot
+    assert len(seen) == 5 and {n for _, n in seen} == {3}
+    assert {slot for slot, _ in seen} == {0, 1, 2}
+
+
+@pytest.mark.parametrize(
+    ("cpus", "per_client", "parallel", "expected"),
+    [(8, 1, 3, 3), (2, 1, 3, 2), (4, 2, 4, 2), (2, 2, 2, 1), (3, 1, 1, 1)],
+)
+def test_runs_at_a_time_are_as_many_as_the_ray_head_holds(
+    tmp_path: Path, cpus: int, per_client: int, parallel: int, expected: int
+) -> None:
+    sim = {"ray_num_cpus": cpus, "num_cpus_per_client": per_client}
+    scenario = run_config_from_dict({"simulation": sim})
+    runs = [compare.PlannedRun(scenario, tmp_path, state="new")]
+    at_a_time = compare.runs_at_a_time(runs, parallel)
+    assert at_a_time == expected
+    # every slot's head holds at least one client, and the slots split the head
+    keys = [launch.runtime_key(scenario, slot, at_a_time) for slot in range(at_a_time)]
+    assert len(set(keys)) == at_a_time
+    assert all(head_cpus >= per_client for _, head_cpus, _ in keys)
+    assert sum(head_cpus for _, head_cpus, _ in keys) <= cpus
+
+
+def test_runs_on_a_cluster_of_the_users_go_one_at_a_time(tmp_path: Path) -> None:
+    """Flower sizes each run's actor pool to the whole cluster: two could each hold part."""
+    sim = {"ray_address": "10.0.0.5:6379"}
+    runs = [compare.PlannedRun(run_config_from_dict({"simulation": sim}), tmp_path, state="new")]
+    assert compare.runs_at_a_time(runs, 4) == 1
+    assert compare.runs_at_a_time(runs, 4, force=False) == 1
+    done = [compare.PlannedRun(runs[0].scenario, tmp_path, state="done")]
+    assert compare.runs_at_a_time(done, 4) == 4  # nothing of it runs
