@@ -8,7 +8,8 @@ seeds) three ways in this process, each into a fresh temporary runs root:
     training, one client after another), summed;
 (b) ``fedmerge compare``'s runner, one run at a time on one runtime (one
     SuperLink and one Ray head for the whole sweep);
-(c) the same with ``--parallel 2``.
+(c) ``--parallel 2``: two runs at a time, each slot on a runtime of its own
+    with half the Ray head's CPUs (runs that go together never share a cluster).
 
 Prints the wall times and the ratios b/a and c/a, and checks that (b) and (c)
 reached the same final accuracy run by run.
@@ -45,7 +46,7 @@ def main() -> None:
         print(f"(a) bare loops, summed      : {a:7.2f} s")
         finals = {}
         ways = [("(b) one runtime, 1 at a time", 1)]
-        ways.append((f"(c) one runtime, {args.parallel} at a time", args.parallel))
+        ways.append((f"(c) {args.parallel} at a time, a runtime each", args.parallel))
         for label, parallel in ways:
             planned = plan_sweep(sweep, Path(tmp) / f"p{parallel}")
             t0 = time.perf_counter()
