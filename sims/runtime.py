@@ -115,7 +115,6 @@ class Runtime:
     """
 
     def __init__(self) -> None:
-        self.key: tuple[str, int] | None = None  # (Ray address, CPUs), set by start()
         self.tmp = Path(tempfile.mkdtemp(prefix="fm-"))  # short: Ray's socket paths are limited
         # `flwr`, the SuperLink, its SuperExec and the simulation processes are
         # found first on PATH as the warm process's shims.
@@ -155,7 +154,7 @@ class Runtime:
         Returns once the SuperLink answers. Their output goes to ``log``
         (appended).
         """
-        self.key, self.log = (ray_address, ray_num_cpus), log
+        self.log = log
         if _on_this_machine(ray_address) and "RAY_RUNTIME_ENV_HOOK" not in self.env:
             # Ray starts the runs' workers through the warm process too.
             self.env["RAY_RUNTIME_ENV_HOOK"] = "sims.warm.ray_runtime_env"
