@@ -27,6 +27,7 @@ from pathlib import Path
 
 from fedmerge.topology import TopologyConfig
 from sims.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, TIMING_FILE, read_json
+from sims.runtime import head_cpus
 from strategies.checkpoint import CHECKPOINT_JSON, CHECKPOINT_WEIGHTS, read_checkpoint, resume_rows
 from strategies.config import ConfigError, RunConfig, run_config_from_dict
 
@@ -155,7 +156,7 @@ def check_scenario(config: RunConfig) -> None:
                 f"simulation.ray_num_cpus: got {sim.ray_num_cpus}; allowed: 0 (all) to {cores}, "
                 f"the cores of this machine"
             )
-        ray_cpus = sim.ray_num_cpus or cores
+        ray_cpus = head_cpus(sim.ray_num_cpus)
         if sim.num_cpus_per_client > ray_cpus:
             raise ConfigError(
                 f"simulation.num_cpus_per_client: got {sim.num_cpus_per_client}; allowed: 1 to "

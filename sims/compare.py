@@ -40,7 +40,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import queue
 import re
 import threading
@@ -57,6 +56,7 @@ from sims.launch import preflight, shared_runtimes, simulate
 from sims.plots import write_tensorboard
 from sims.runs import DEFAULT_TARGET, FINISHED_STATUSES, TIMING_FILE
 from sims.runs import read_json as _read_json
+from sims.runtime import head_cpus
 from sims.scenario_files import apply_overrides, read_toml, resolve_scenario_path
 from strategies.config import ConfigError, RunConfig, flatten, run_config_from_dict, set_dotted
 
@@ -431,8 +431,7 @@ def runs_at_a_time(runs: list[PlannedRun], parallel: int, force: bool = False) -
         if force or run.state != "done":
             if sim.ray_address:
                 return 1
-            cpus = sim.ray_num_cpus or os.cpu_count() or 1
-            fits = min(fits, max(1, int(cpus // sim.num_cpus_per_client)))
+            fits = min(fits, max(1, head_cpus(sim.ray_num_cpus) // sim.num_cpus_per_client))
     return fits
 
 

@@ -26,7 +26,7 @@ from fedmerge.atomic import atomic_write_text
 from fedmerge.topology import build_graph, mixing_matrix
 from sims.checks import check_scenario, model_allocation_error
 from sims.errors import SimulationError
-from sims.runtime import APP_DIR, Runtime, new_runtime
+from sims.runtime import APP_DIR, Runtime, head_cpus, new_runtime
 from sims.scenario_files import load_scenario
 from strategies.config import (
     RUN_DIR_KEY,
@@ -145,7 +145,7 @@ def runtime_key(scenario: RunConfig, slot: int = 0, slots: int = 1) -> tuple[str
     """
     sim = scenario.simulation
     if slots > 1 and not sim.ray_address:
-        return ("", max(1, (sim.ray_num_cpus or os.cpu_count() or 1) // slots), slot)
+        return ("", max(1, head_cpus(sim.ray_num_cpus) // slots), slot)
     return (sim.ray_address, sim.ray_num_cpus, 0)
 
 

@@ -87,6 +87,11 @@ def _stop(proc: subprocess.Popen[bytes] | None, grace: float = 10.0) -> None:
     proc.wait()
 
 
+def head_cpus(ray_num_cpus: int) -> int:
+    """The CPUs of a Ray head started on this machine with ``simulation.ray_num_cpus`` (0: all)."""
+    return ray_num_cpus or os.cpu_count() or 1
+
+
 def _on_this_machine(ray_address: str) -> bool:
     """Whether a Ray cluster at ``ray_address`` (``""``: one the runtime starts) is local.
 
@@ -174,7 +179,7 @@ class Runtime:
                         [
                             "ray", "start", "--head", "--block",
                             "--node-ip-address", "127.0.0.1", "--port", str(ray_port),
-                            "--num-cpus", str(ray_num_cpus or os.cpu_count() or 1),
+                            "--num-cpus", str(head_cpus(ray_num_cpus)),
                             "--include-dashboard", "false", "--disable-usage-stats",
                             # the autoscaler's monitor: nothing here autoscales
                             "--no-monitor",

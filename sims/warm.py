@@ -6,9 +6,10 @@ which submits the run; Flower's SuperLink, its SuperExec and the
 ``flwr-simulation`` process that it starts for the run; and every Ray worker
 that hosts a ClientApp actor. A :class:`sims.runtime.Runtime` serves many
 runs, so it pays those imports once. A deployment on one machine can do the
-same for its SuperLink, SuperNodes and their ServerApp and ClientApp processes (the deployment tests
-do, see ``tests/e2e/deployment_support.py``): every program of
-:data:`ENTRY_POINTS` found first on ``PATH`` as a shim is forked.
+same for its SuperLink, SuperNodes and their ServerApp and ClientApp
+processes (the deployment tests do, see ``tests/e2e/deployment_support.py``):
+every program of :data:`ENTRY_POINTS` found first on ``PATH`` as a shim is
+forked.
 
 - :func:`serve` (``python -m sims.warm serve SOCKET``) is started with the
   runtime. It binds a Unix socket, imports Flower, PyTorch and NumPy
