@@ -27,7 +27,7 @@ from fedmerge.atomic import atomic_write_text
 from sims.errors import SimulationError
 from sims.processes import FLOWER_ENV, stop_tree
 from sims.runs import parse_row
-from sims.warm import warm_environment
+from sims.warm import WAKE_ENV, wake_superexec, warm_environment
 
 #: The Flower App: the repository root, whose pyproject.toml names the apps.
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -126,6 +126,8 @@ class Runtime:
         self.env, warm_command = warm_environment(
             self.tmp, {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.tmp / "flwr")}
         )
+        # Its SuperExec looks for submitted runs often only when run() says one comes.
+        self.env[WAKE_ENV] = str(self.tmp / "superexec.wake")
         self.port = _free_port()
         self.log: Path | None = None
         self.app = stage_app(self.tmp / "app")  # once: every run of this runtime submits it
@@ -258,6 +260,7 @@ class Runtime:
                     log,
                     cwd=run_dir,
                 )  # fmt: skip
+                wake_superexec(self.env[WAKE_ENV])
                 seen = 0
                 while True:
                     self._check_ray()

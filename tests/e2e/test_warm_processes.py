@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import signal
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from sims.launch import federation_config, run_config_toml
 from sims.processes import alive, descendants
 from sims.runtime import Runtime
 from sims.scenario_files import load_scenario
+from sims.warm import WAKE_ENV
 from tests.references import REFERENCE_RUNS
 
 
@@ -76,7 +78,9 @@ def test_runs_are_forked_from_the_warm_process_and_equal_a_cold_one(
         # Every round of both runs found `flwr run` and the simulation process
         # below the warm process; every trained round, the actors' Ray workers.
         assert children and all(len(found) >= 2 for found in children), children
-        assert {"flwr", "flwr-simulation", "ray::ClientAppActor"} <= titles, titles
+        assert {"flwr", "flwr-simulation", "ray::ClientAppActor", "flower-superexec"} <= titles
+        # The forked SuperExec listens for the wake-up that each run sends.
+        assert stat.S_ISSOCK(Path(runtime.env[WAKE_ENV]).stat().st_mode)
         assert all(workers), workers
         forks = {pid for found in children for pid in found}
         assert len(forks) >= 6, forks  # three or more per run

@@ -1,0 +1,53 @@
+"""A runtime's SuperExec looks for submitted runs often only when told that one is coming."""
+
+from __future__ import annotations
+
+import importlib
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sims import warm
+
+
+@pytest.fixture
+def superexec_loop(monkeypatch: pytest.MonkeyPatch) -> object:
+    """Flower's SuperExec loop module; its ``time`` is put back afterwards."""
+    module = importlib.import_module("flwr.supercore.superexec.run_superexec")
+    monkeypatch.setattr(module, "time", time)
+    return module
+
+
+def test_an_idle_superexec_sleeps_until_a_wake_up_then_polls_at_flowers_interval(
+    superexec_loop: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(warm, "IDLE_POLL", 1.0)
+    path = str(tmp_path / "wake")
+    warm._wake_on_request(path)
+    patched = vars(superexec_loop)["time"]
+    assert patched is not time and patched.monotonic is time.monotonic  # the rest is time's
+    t0 = time.monotonic()
+    patched.sleep(0.01)  # nobody said a run comes: the idle interval, not Flower's
+    assert time.monotonic() - t0 >= 1.0
+    monkeypatch.setattr(warm, "IDLE_POLL", 30.0)
+    threading.Timer(0.2, warm.wake_superexec, (path,)).start()
+    t0 = time.monotonic()
+    patched.sleep(0.01)  # cut short by the wake-up
+    assert time.monotonic() - t0 < 30.0
+    t0 = time.monotonic()
+    patched.sleep(0.01)  # awake now: Flower's interval
+    assert time.monotonic() - t0 < 30.0
+
+
+def test_a_wake_up_that_nobody_hears_is_harmless(tmp_path: Path) -> None:
+    warm.wake_superexec(str(tmp_path / "nobody"))
+    plain = tmp_path / "plain"
+    plain.write_text("")  # not a socket
+    warm.wake_superexec(str(plain))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(tmp_path / "listening"))
+        warm.wake_superexec(str(tmp_path / "listening"))
+        assert sock.recv(64) == b"run"
