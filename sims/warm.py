@@ -404,7 +404,9 @@ class _WakeableTime:
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
-        self._awake_until = 0.0
+        # Awake from the start: a runtime submits its first run as soon as the
+        # SuperLink answers, maybe before this SuperExec has bound its socket.
+        self._awake_until = time.monotonic() + AWAKE
 
     def sleep(self, seconds: float) -> None:
         """Sleep ``seconds`` while awake, else :data:`IDLE_POLL`; a wake-up ends it at once."""
@@ -431,8 +433,9 @@ def _wake_on_request(path: str) -> None:
     a tenth of a core busy. Here the SuperExec asks every :data:`IDLE_POLL`
     seconds, at once when :func:`wake_superexec` is called (a runtime does
     that as it submits a run), and at Flower's interval for :data:`AWAKE`
-    seconds after that. Its loop (``run_superexec``, flwr 1.42) sleeps through
-    the module-level ``time``; if that is not there, it polls as it would cold.
+    seconds after that, and after its own start. Its loop (``run_superexec``,
+    flwr 1.42) sleeps through the module-level ``time``; if that is not there,
+    it polls as it would cold.
     """
     module = importlib.import_module("flwr.supercore.superexec.run_superexec")
     if getattr(module, "time", None) is not time:

@@ -24,15 +24,24 @@ def superexec_loop(monkeypatch: pytest.MonkeyPatch) -> object:
 def test_an_idle_superexec_sleeps_until_a_wake_up_then_polls_at_flowers_interval(
     superexec_loop: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(warm, "IDLE_POLL", 1.0)
+    monkeypatch.setattr(warm, "IDLE_POLL", 30.0)
     path = str(tmp_path / "wake")
     warm._wake_on_request(path)
     patched = vars(superexec_loop)["time"]
     assert patched is not time and patched.monotonic is time.monotonic  # the rest is time's
     t0 = time.monotonic()
+    patched.sleep(0.01)  # just started: awake, Flower's interval
+    assert time.monotonic() - t0 < 30.0
+    monkeypatch.setattr(warm, "IDLE_POLL", 1.0)
+    monkeypatch.setattr(warm, "AWAKE", 0.0)
+    monkeypatch.setattr(superexec_loop, "time", time)
+    warm._wake_on_request(path)  # a SuperExec that started long ago, as it were
+    patched = vars(superexec_loop)["time"]
+    t0 = time.monotonic()
     patched.sleep(0.01)  # nobody said a run comes: the idle interval, not Flower's
     assert time.monotonic() - t0 >= 1.0
     monkeypatch.setattr(warm, "IDLE_POLL", 30.0)
+    monkeypatch.setattr(warm, "AWAKE", 30.0)
     threading.Timer(0.2, warm.wake_superexec, (path,)).start()
     t0 = time.monotonic()
     patched.sleep(0.01)  # cut short by the wake-up
