@@ -66,8 +66,9 @@ WAKE_ENV = "FEDMERGE_SUPEREXEC_WAKE"
 #: Seconds between a SuperExec's looks for a submitted run while none is coming.
 IDLE_POLL = 2.0
 
-#: Seconds after a wake-up during which it looks at Flower's own interval
-#: (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, 0.1 s in :data:`sims.processes.FLOWER_ENV`).
+#: Seconds after its start and after each wake-up during which it looks at Flower's
+#: own interval (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, 0.1 s in
+#: :data:`sims.processes.FLOWER_ENV`).
 AWAKE = 20.0
 
 #: The shim of ``python -m sims.clientapp_worker`` (:func:`sims.node.worker_command`).

@@ -151,6 +151,6 @@ def test_runs_on_a_cluster_of_the_users_go_one_at_a_time(tmp_path: Path) -> None
     sim = {"ray_address": "10.0.0.5:6379"}
     runs = [compare.PlannedRun(run_config_from_dict({"simulation": sim}), tmp_path, state="new")]
     assert compare.runs_at_a_time(runs, 4) == 1
-    assert compare.runs_at_a_time(runs, 4, force=False) == 1
     done = [compare.PlannedRun(runs[0].scenario, tmp_path, state="done")]
+    assert compare.runs_at_a_time(done, 4, force=True) == 1  # --force runs it again
     assert compare.runs_at_a_time(done, 4) == 4  # nothing of it runs
