@@ -116,9 +116,8 @@ def test_same_seed_same_numbers(fedavg_run: Path, ray_address: str, tmp_path: Pa
 def test_fedprox_runs_and_differs(fedavg_run: Path, ray_address: str, tmp_path: Path) -> None:
     simulate(
         _scenario(
-            ray_address, "strategy.name='fedprox'", "strategy.prox_mu=1.0",
+            ray_address, "strategy.name='fedprox'", "strategy.prox_mu=0.1",
             "strategy.fraction_evaluate=0.5",
-            "train.max_steps=0",  # every mini-batch: the proximal term slows learning
         ),
         tmp_path,
     )  # fmt: skip
@@ -128,7 +127,10 @@ def test_fedprox_runs_and_differs(fedavg_run: Path, ray_address: str, tmp_path: 
         assert 0.0 <= row["client_eval_accuracy"]["min"] <= row["client_eval_accuracy"]["max"] <= 1
     assert rows[0]["client_eval_accuracy"] is None
     assert rows[-1]["accuracy"] > rows[0]["accuracy"] + 0.2
-    assert rows[-1]["accuracy"] != _rows(fedavg_run)[-1]["accuracy"]
+    # The final model differs from the FedAvg run's (an accuracy on 2,000 samples could tie
+    # after 40 steps with mu = 0.1; the weights cannot).
+    prox, avg = (load_file(str(d / "model.safetensors")) for d in (tmp_path, fedavg_run))
+    assert any(not torch.equal(prox[k], avg[k]) for k in avg)
 
 
 def test_flwr_run_dot_uses_the_embedded_default(ray_address: str, tmp_path: Path) -> None:
