@@ -6,8 +6,9 @@ the watchdog in a process of its own, without importing torch, Flower or Ray.
 The watchdog polls its parent. When the parent is gone (SIGKILL, an
 out-of-memory kill, a crash), it reads the PIDs listed in ``GUARD_FILE`` (the
 SuperLink, the Ray head, ``flwr run``; written by the parent as it starts
-them), collects every process below them and stops them all: SIGTERM, then
-SIGKILL after a grace period. A parent that exits normally stops its
+them), collects every process below them and stops them all: a run's
+ServerApp at once with SIGKILL (:func:`stop_run_tree`), the rest with SIGTERM,
+then SIGKILL after a grace period. A parent that exits normally stops its
 processes itself and then the watchdog.
 """
 
@@ -64,6 +65,40 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+#: The program of a simulated run's ServerApp process (Flower's SuperExec starts it).
+SERVERAPP = "flwr-simulation"
+
+
+def runs_program(pid: int, name: str) -> bool:
+    """Whether ``pid``'s command line starts with program ``name`` (itself, or run by Python).
+
+    The first three words are looked at: ``name ...``, ``python name ...`` and
+    ``python -S name ...`` (a shim of :mod:`sims.warm`); a process forked from
+    the warm process names itself after its program.
+    """
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").split()[:3]
+    except OSError:
+        return False
+    return any(Path(w.decode(errors="replace")).name == name for w in words)
+
+
+def stop_run_tree(roots: list[int], grace: float) -> list[int]:
+    """:func:`stop_tree` for a runtime's processes: any run's ServerApp is SIGKILLed first.
+
+    Signalled with the rest, a ServerApp that is in a round outlives its Ray
+    workers by a moment, finds them dead, and records the round as failed and
+    the run as stopped by a dead worker (``summary.json``), with a checkpoint
+    after the interruption. Killed first, it records nothing more: the run
+    keeps the checkpoint of its last whole round, which every file the
+    ServerApp writes is consistent with (each is replaced atomically), and
+    resumes from there.
+    """
+    below = [d for root in roots for d in descendants(root)]
+    _signal([p for p in below if runs_program(p, SERVERAPP)], signal.SIGKILL)
+    return stop_tree(roots, grace)
+
+
 def stop_tree(roots: list[int], grace: float) -> list[int]:
     """SIGTERM ``roots`` and everything below them; SIGKILL what is left after ``grace`` s.
 
@@ -105,7 +140,7 @@ def watch(parent: int, guard_file: Path) -> int:
         roots = [int(x) for x in guard_file.read_text().split()]
     except (OSError, ValueError):
         return 0
-    stop_tree(roots, ORPHAN_GRACE)
+    stop_run_tree(roots, ORPHAN_GRACE)
     return 0
 
 

@@ -25,7 +25,7 @@ from typing import IO, Any
 
 from fedmerge.atomic import atomic_write_text
 from sims.errors import SimulationError
-from sims.processes import FLOWER_ENV, stop_tree
+from sims.processes import FLOWER_ENV, stop_run_tree, stop_tree
 from sims.runs import parse_row
 from sims.warm import WAKE_ENV, wake_superexec, warm_environment
 
@@ -287,10 +287,11 @@ class Runtime:
 
         The trees of the SuperLink, Ray and the warm process (with any
         simulation process or Ray worker still finishing) are signalled together, so
-        that their grace periods overlap.
+        that their grace periods overlap; a run's ServerApp is killed first
+        (:func:`sims.processes.stop_run_tree`).
         """
         procs = [p for p in (self.superlink, self.ray, self.warm) if p is not None]
-        stop_tree([p.pid for p in procs], grace)
+        stop_run_tree([p.pid for p in procs], grace)
         for proc in procs:
             proc.wait()
         _stop(self.watchdog, grace=1.0)

@@ -158,9 +158,16 @@ def _kill_after_round_1(scenario: RunConfig, overrides: list[str], run_dir: Path
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert not (run_dir / "summary.json").exists(), "the run finished before it was killed"
+    assert not (run_dir / "summary.json").exists(), (
+        "the run finished, or recorded a failure, after it was killed: "
+        + (run_dir / "summary.json").read_text()
+    )
     checkpoint = json.loads((run_dir / "checkpoint.json").read_text())
     assert checkpoint["digest"] == scenario.digest()
+    # Nothing was recorded after the kill (the ServerApp is stopped first): round 2
+    # takes seconds, the kill follows round 1's checkpoint within 0.05 s.
+    assert checkpoint["round"] == 1
+    assert [r["round"] for r in _rows(run_dir)] == [0, 1]
     return checkpoint
 
 
