@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from sims.processes import command_line
+
 #: (kind, patterns): a process is of the first kind one of whose patterns its command
 #: line contains.
 KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -51,11 +53,6 @@ KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
-def _command_line(pid: str) -> str:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-
-
 def sample(seen: dict[tuple[str, str], tuple[float, str]]) -> None:
     """Update ``seen`` ((pid, start time) -> (CPU seconds, command line)) from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -65,12 +62,12 @@ def sample(seen: dict[tuple[str, str], tuple[float, str]]) -> None:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            command = _command_line(pid)
         except OSError:  # gone meanwhile
             continue
         key = (pid, fields[19])  # utime, stime: fields 14 and 15; starttime: 22 of stat(5)
-        known = seen.get(key)
-        seen[key] = ((int(fields[11]) + int(fields[12])) / tick, command or (known or ("", ""))[1])
+        # The last command line read: a Ray worker renames itself after its actor.
+        command = command_line(int(pid)) or seen.get(key, (0.0, ""))[1]
+        seen[key] = ((int(fields[11]) + int(fields[12])) / tick, command)
 
 
 def kind_of(command: str) -> str:

@@ -41,6 +41,11 @@ ORPHAN_GRACE = 2.0
 
 def descendants(pid: int) -> list[int]:
     """PIDs of every process below ``pid`` (read from /proc; empty elsewhere)."""
+    return _below([pid])
+
+
+def _below(roots: list[int]) -> list[int]:
+    """PIDs of every process below any of ``roots``, from one pass over /proc."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -48,7 +53,7 @@ def descendants(pid: int) -> list[int]:
         except OSError:
             continue
         children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
+    out, todo = [], list(roots)
     while todo:
         for child in children.get(todo.pop(), []):
             out.append(child)
@@ -69,6 +74,16 @@ def alive(pid: int) -> bool:
 SERVERAPP = "flwr-simulation"
 
 
+def command_line(pid: int) -> str:
+    """``pid``'s command line, its words joined by spaces ("" once it is gone)."""
+    try:
+        return (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        )
+    except OSError:
+        return ""
+
+
 def runs_program(pid: int, name: str) -> bool:
     """Whether ``pid``'s command line starts with program ``name`` (itself, or run by Python).
 
@@ -76,11 +91,7 @@ def runs_program(pid: int, name: str) -> bool:
     ``python -S name ...`` (a shim of :mod:`sims.warm`); a process forked from
     the warm process names itself after its program.
     """
-    try:
-        words = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").split()[:3]
-    except OSError:
-        return False
-    return any(Path(w.decode(errors="replace")).name == name for w in words)
+    return any(Path(word).name == name for word in command_line(pid).split()[:3])
 
 
 def stop_run_tree(roots: list[int], grace: float) -> list[int]:
@@ -89,14 +100,12 @@ def stop_run_tree(roots: list[int], grace: float) -> list[int]:
     Signalled with the rest, a ServerApp that is in a round outlives its Ray
     workers by a moment, finds them dead, and records the round as failed and
     the run as stopped by a dead worker (``summary.json``), with a checkpoint
-    after the interruption. Killed first, it records nothing more: the run
-    keeps the checkpoint of its last whole round, which every file the
-    ServerApp writes is consistent with (each is replaced atomically), and
-    resumes from there.
+    after the interruption. Killed first, it records nothing more, and the run
+    resumes from the checkpoint of its last whole round, as after ``kill -9``:
+    the resume checks the files and cuts ``metrics.jsonl`` back to that round
+    (:mod:`strategies.checkpoint`).
     """
-    below = [d for root in roots for d in descendants(root)]
-    _signal([p for p in below if runs_program(p, SERVERAPP)], signal.SIGKILL)
-    return stop_tree(roots, grace)
+    return _stop_pids(_below(roots) + list(roots), grace, kill_first=SERVERAPP)
 
 
 def stop_tree(roots: list[int], grace: float) -> list[int]:
@@ -105,7 +114,13 @@ def stop_tree(roots: list[int], grace: float) -> list[int]:
     The whole tree is collected before the first signal, so that nothing
     re-parented to init on the way is missed. Returns the PIDs signalled.
     """
-    pids = [d for root in roots for d in descendants(root)] + list(roots)
+    return _stop_pids(_below(roots) + list(roots), grace)
+
+
+def _stop_pids(pids: list[int], grace: float, kill_first: str | None = None) -> list[int]:
+    """SIGKILL those of ``pids`` that run ``kill_first``; SIGTERM all, SIGKILL after ``grace``."""
+    if kill_first is not None:
+        _signal([p for p in pids if runs_program(p, kill_first)], signal.SIGKILL)
     _signal(pids, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and any(alive(p) for p in pids):

@@ -21,18 +21,11 @@ from pathlib import Path
 import pytest
 
 from sims.launch import SimulationError, simulate
-from sims.processes import alive, descendants, stop_tree
+from sims.processes import alive, command_line, descendants, stop_tree
 from sims.scenario_files import load_scenario
 from tests.e2e.short_runs import TEST_SAMPLES
 
 REPO = Path(__file__).resolve().parent.parent.parent
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
 
 
 def test_sigkill_of_simulate_leaves_no_process_behind(tmp_path: Path) -> None:
@@ -61,17 +54,17 @@ def test_sigkill_of_simulate_leaves_no_process_behind(tmp_path: Path) -> None:
             time.sleep(0.1)
         assert any(r["round"] == 1 for r in rows), "round 1 never finished"
         tree = descendants(proc.pid)
-        commands = " ".join(_cmdline(p) for p in tree)
+        commands = " ".join(command_line(p) for p in tree)
         for part in ("sims.processes", "flower-superlink", "flwr run", "raylet", "gcs_server"):
             assert part in commands, f"{part} is not below the CLI: the test sees too little"
-        assert any("ClientAppActor" in _cmdline(p) for p in tree)
+        assert any("ClientAppActor" in command_line(p) for p in tree)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         rows_at_kill = len((run_dir / "metrics.jsonl").read_text().splitlines())
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and any(alive(p) for p in tree):
             time.sleep(0.1)
-        survivors = {p: _cmdline(p)[:120] for p in tree if alive(p)}
+        survivors = {p: command_line(p)[:120] for p in tree if alive(p)}
         assert not survivors, survivors
     finally:
         if proc.poll() is None:
@@ -104,7 +97,8 @@ def test_a_dead_ray_worker_stops_the_run_which_then_resumes(
             if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
                 # Below this process: the Ray head's workers, or the warm
                 # process's (sims.warm) when Ray starts them through it.
-                actors = [p for p in descendants(os.getpid()) if "ClientAppActor" in _cmdline(p)]
+                below = descendants(os.getpid())
+                actors = [p for p in below if "ClientAppActor" in command_line(p)]
                 if actors:
                     os.kill(actors[0], signal.SIGKILL)
                     killed.append(actors[0])

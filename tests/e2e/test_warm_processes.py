@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sims.launch import federation_config, run_config_toml
-from sims.processes import alive, descendants
+from sims.processes import alive, command_line, descendants
 from sims.runtime import Runtime
 from sims.scenario_files import load_scenario
 from sims.warm import WAKE_ENV
@@ -32,13 +32,6 @@ def _digest(run_dir: Path) -> str:
 
 def _accuracies(run_dir: Path) -> list[float]:
     return [json.loads(x)["accuracy"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
 
 
 def test_runs_are_forked_from_the_warm_process_and_equal_a_cold_one(
@@ -68,10 +61,10 @@ def test_runs_are_forked_from_the_warm_process_and_equal_a_cold_one(
         def look(row: dict[str, Any]) -> None:
             found = [p for p in descendants(warm) if alive(p)]
             children.append(found)
-            titles.update(Path(_cmdline(p).split(" ")[0]).name for p in found)
+            titles.update(Path(command_line(p).split(" ")[0]).name for p in found)
             if row["round"] >= 1:  # the actors have trained: their workers run
                 # A Ray worker names itself after its actor (setproctitle).
-                workers.append([p for p in found if "ray::ClientAppActor" in _cmdline(p)])
+                workers.append([p for p in found if "ray::ClientAppActor" in command_line(p)])
 
         assert run("a", look)
         assert run("b", look)
