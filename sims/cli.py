@@ -24,8 +24,9 @@ from rich.console import Console
 from sims.certs import write_certs
 from sims.deploy import run_status, superlink_command, supernode_command
 from sims.errors import FederationError, SimulationError
+from sims.local_federation import down
 from sims.node import supernode_with_worker, supervise
-from sims.processes import FLOWER_ENV
+from sims.processes import FAST_TASK_POLL, flower_environment
 from sims.runs import DEFAULT_TARGET
 from sims.runtime import prestarted_runtime
 
@@ -53,10 +54,14 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _exec_flower(cmd: list[str]) -> int:
-    """Replace this process by Flower's (same PID), telemetry and update checks off."""
+def _exec_flower(cmd: list[str], defaults: dict[str, str] | None = None) -> int:
+    """Replace this process by Flower's (same PID), telemetry and update checks off.
+
+    ``defaults``: environment variables the user's environment may override
+    (:func:`sims.processes.flower_environment`).
+    """
     sys.stdout.flush()
-    os.execvpe(cmd[0], cmd, {**os.environ, **FLOWER_ENV})
+    os.execvpe(cmd[0], cmd, flower_environment(defaults))
 
 
 def cmd_superlink(args: argparse.Namespace) -> int:
@@ -79,8 +84,23 @@ def cmd_supernode(args: argparse.Namespace) -> int:
         force=args.force_insecure, port=args.port, extra=args.extra,
     )  # fmt: skip
     if args.isolation == "subprocess":  # Flower's default: a new process per message
-        return _exec_flower(cmd)
-    return supervise(supernode_with_worker(cmd, args.port), {**os.environ, **FLOWER_ENV})
+        # that its SuperExec starts: it looks for one every 0.1 s, not every second
+        return _exec_flower(cmd, FAST_TASK_POLL)
+    return supervise(supernode_with_worker(cmd, args.port), flower_environment())
+
+
+def cmd_federation(args: argparse.Namespace) -> int:
+    """Stop (down) a TLS federation on this machine; start one (up) through :mod:`sims.commands`.
+
+    ``down`` imports neither PyTorch nor Flower: it starts in a blink.
+    """
+    if args.action == "up":
+        return _command("cmd_federation_up")(args)
+    pids = down(Path(args.dir))
+    console.print(
+        f"federation down: stopped {len(pids)} processes {pids}", highlight=False, markup=False
+    )
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -253,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     fed.add_argument("--dataset-root", help="its files, if it is not generated")
     fed.add_argument("--port", type=int, default=0, help="SuperLink port (default: a free one)")
     fed.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")
-    fed.set_defaults(func="cmd_federation")
+    fed.set_defaults(func=cmd_federation)
 
     st = sub.add_parser("status", help="how a run ended (exit 0 completed, 3 degraded, 1 failed)")
     st.add_argument("run_dir", metavar="RUN_DIR")

@@ -353,14 +353,8 @@ def cmd_run_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_federation(args: argparse.Namespace) -> int:
-    """Start (up) or stop (down) a TLS federation on this machine."""
-    if args.action == "down":
-        pids = local_federation.down(Path(args.dir))
-        console.print(
-            f"federation down: stopped {len(pids)} processes {pids}", highlight=False, markup=False
-        )
-        return 0
+def cmd_federation_up(args: argparse.Namespace) -> int:
+    """Start a TLS federation on this machine (``down``: :func:`sims.cli.cmd_federation`)."""
     options = local_federation.FederationOptions(
         Path(args.dir), nodes=args.nodes, dataset=args.dataset,
         dataset_root=args.dataset_root, port=args.port, seed=args.seed,

@@ -4,7 +4,7 @@
 lines of ``fedmerge superlink`` / ``fedmerge supernode``: Flower's own
 ``flower-superlink`` / ``flower-supernode`` with TLS (certificates from
 ``fedmerge certs``) and SuperNode authentication on, telemetry and update
-checks off (:data:`sims.launch.FLOWER_ENV`). ``--insecure`` is refused
+checks off (:data:`sims.processes.FLOWER_ENV`). ``--insecure`` is refused
 unless every address involved is loopback, or ``force`` says so.
 
 ``flwr run --stream`` exits 0 whatever the ServerApp did; ``summary.json``

@@ -28,14 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fedmerge.atomic import atomic_write_text
-from fedmerge.data import load_dataset
 from sims.certs import write_certs
 from sims.errors import FederationError
-from sims.processes import FLOWER_ENV, alive, stop_tree
-from strategies.node_data import DATA_SPECS
+from sims.processes import alive, flower_environment, stop_tree
 
 #: The directory that holds the ``sims`` package that runs this command.
 _ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +80,8 @@ class FederationOptions:
             raise ValueError(f"--nodes: got {self.nodes}; allowed: 1 to 64")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port: got {self.port}; allowed: 1 to 65535, or 0 for a free one")
+        from strategies.node_data import DATA_SPECS  # PyTorch: ``down`` never needs it
+
         if self.dataset not in DATA_SPECS:
             raise ValueError(
                 f"--dataset: got {self.dataset!r}; allowed: {', '.join(sorted(DATA_SPECS))}"
@@ -136,6 +134,10 @@ def running(state: dict[str, Any]) -> list[int]:
 
 def split_data(options: FederationOptions) -> list[Path]:
     """Shuffle the data set's splits with ``seed`` and write one shard per node."""
+    import numpy as np
+
+    from fedmerge.data import load_dataset  # PyTorch: ``down`` never needs it
+
     data = load_dataset(options.dataset, options.dataset_root)
     rng = np.random.default_rng(options.seed)
     train = np.array_split(rng.permutation(len(data.train_y)), options.nodes)
@@ -280,8 +282,7 @@ def up(options: FederationOptions) -> dict[str, Any]:
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
         f'address = "127.0.0.1:{port}"\nroot-certificates = "{certs / "ca.crt"}"\n',
     )
-    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home)}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env = {**flower_environment(), "FLWR_HOME": str(home)}
     # the processes run the fedmerge that runs this command, from whatever directory
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
     starter = _Starter(directory, env)

@@ -28,12 +28,38 @@ FLOWER_ENV = {
     # Ray >= 2.50 warns that it will stop overriding CUDA_VISIBLE_DEVICES for
     # actors with num_gpus=0; opt in to that future behaviour now.
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    # The SuperExec looks for a submitted run every second by default.
-    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
 }
+
+#: A SuperExec that looks for a task every 0.1 s instead of Flower's 1 s; for the SuperExecs
+#: that start a process per task, where the wait adds to every task: a simulation runtime's
+#: (which polls that often only when a run comes, see :func:`sims.warm.wake_superexec`) and a
+#: SuperNode's under ``--isolation subprocess`` (a ClientApp process per message). Each look
+#: costs the polled process a request; a deployed SuperLink's SuperExec, which starts a
+#: ServerApp once per run, keeps Flower's interval (``benchmarks/deploy_idle.py``).
+FAST_TASK_POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+
+
+def flower_environment(defaults: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a Flower program that a ``fedmerge`` command starts.
+
+    This process's environment with :data:`FLOWER_ENV` set, ``defaults``
+    where that environment sets nothing, and this interpreter's scripts first
+    on ``PATH``: Flower's SuperLink and SuperNode start ``flower-superexec``
+    and ``flwr-clientapp`` by name, which a virtual environment that was not
+    activated would not have there.
+    """
+    env = {**(defaults or {}), **os.environ, **FLOWER_ENV}
+    env["PATH"] = os.pathsep.join(
+        filter(None, [str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    )
+    return env
+
 
 #: Seconds between two looks at the parent.
 POLL = 0.25
+
+#: Seconds to wait for processes to end after SIGKILL (:func:`stop_tree`).
+KILL_WAIT = 5.0
 
 #: Seconds from SIGTERM to SIGKILL when the watchdog stops an orphaned tree.
 ORPHAN_GRACE = 2.0
@@ -118,16 +144,27 @@ def stop_tree(roots: list[int], grace: float) -> list[int]:
 
 
 def _stop_pids(pids: list[int], grace: float, kill_first: str | None = None) -> list[int]:
-    """SIGKILL those of ``pids`` that run ``kill_first``; SIGTERM all, SIGKILL after ``grace``."""
+    """SIGKILL those of ``pids`` that run ``kill_first``; SIGTERM all, SIGKILL after ``grace``.
+
+    Returns once none of them is alive, or :data:`KILL_WAIT` seconds after the
+    SIGKILL: the kernel ends a killed process a moment after the signal, and
+    a caller that checks right away would find it still running.
+    """
     if kill_first is not None:
         _signal([p for p in pids if runs_program(p, kill_first)], signal.SIGKILL)
     _signal(pids, signal.SIGTERM)
-    deadline = time.monotonic() + grace
+    _wait_gone(pids, grace)
+    _signal([p for p in pids if alive(p)], signal.SIGKILL)
+    _wait_gone(pids, KILL_WAIT)
+    return pids
+
+
+def _wait_gone(pids: list[int], seconds: float) -> None:
+    """Wait up to ``seconds`` until none of ``pids`` is alive, reaping this process's children."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and any(alive(p) for p in pids):
         reap_children()
         time.sleep(0.05)
-    _signal([p for p in pids if alive(p)], signal.SIGKILL)
-    return pids
 
 
 def _signal(pids: list[int], sig: signal.Signals) -> None:

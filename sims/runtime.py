@@ -25,7 +25,7 @@ from typing import IO, Any
 
 from fedmerge.atomic import atomic_write_text
 from sims.errors import SimulationError
-from sims.processes import FLOWER_ENV, stop_run_tree, stop_tree
+from sims.processes import FAST_TASK_POLL, FLOWER_ENV, stop_run_tree, stop_tree
 from sims.runs import parse_row
 from sims.warm import WAKE_ENV, wake_superexec, warm_environment
 
@@ -124,7 +124,8 @@ class Runtime:
         # `flwr`, the SuperLink, its SuperExec and the simulation processes are
         # found first on PATH as the warm process's shims.
         self.env, warm_command = warm_environment(
-            self.tmp, {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.tmp / "flwr")}
+            self.tmp,
+            {**os.environ, **FLOWER_ENV, **FAST_TASK_POLL, "FLWR_HOME": str(self.tmp / "flwr")},
         )
         # Its SuperExec looks for submitted runs often only when run() says one comes.
         self.env[WAKE_ENV] = str(self.tmp / "superexec.wake")

@@ -68,7 +68,7 @@ IDLE_POLL = 2.0
 
 #: Seconds after its start and after each wake-up during which it looks at Flower's
 #: own interval (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, 0.1 s in
-#: :data:`sims.processes.FLOWER_ENV`).
+#: :data:`sims.processes.FAST_TASK_POLL`).
 AWAKE = 20.0
 
 #: The shim of ``python -m sims.clientapp_worker`` (:func:`sims.node.worker_command`).

@@ -128,16 +128,25 @@ def test_cli_refuses_insecure_off_loopback_with_exit_2(capsys: pytest.CaptureFix
 
 
 def test_the_deployment_commands_import_neither_pytorch_nor_flower(tmp_path: Path) -> None:
-    """``fedmerge supernode``, ``superlink``, ``certs`` and ``status`` run in a process that
-    never imports PyTorch, Flower, NumPy or the scenario configs (they start in a blink)."""
+    """``fedmerge supernode``, ``superlink``, ``certs``, ``status`` and ``federation down``
+    run in a process that never imports PyTorch, Flower, NumPy or the scenario configs
+    (they start in a blink)."""
+    import json
     import subprocess
     import sys
+
+    from sims.local_federation import STATE_FILE
+
+    fed = tmp_path / "fed"  # a federation whose processes are all gone
+    fed.mkdir()
+    (fed / STATE_FILE).write_text(json.dumps({"processes": []}))
 
     script = (
         "import sys\n"
         "from sims.cli import main\n"
         f"main(['certs', {str(tmp_path)!r}, '--host', '127.0.0.1', '--nodes', '1'])\n"
         f"main(['status', {str(tmp_path)!r}])\n"
+        f"assert main(['federation', 'down', {str(fed)!r}]) == 0\n"
         "for argv in (['supernode', '--help'], ['superlink', '--help']):\n"
         "    try:\n"
         "        main(argv)\n"
@@ -153,3 +162,4 @@ def test_the_deployment_commands_import_neither_pytorch_nor_flower(tmp_path: Pat
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
     assert (tmp_path / "node-0.pub").is_file()  # the commands did run
+    assert not (fed / STATE_FILE).exists()

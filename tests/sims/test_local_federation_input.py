@@ -1,4 +1,5 @@
-"""``fedmerge federation up|down``: bad input, the split, and PIDs reused by other processes."""
+"""``fedmerge federation up|down``: bad input, the split, PIDs reused by other processes, and
+processes that outlive SIGTERM."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import sims.local_federation
 from fedmerge.data import load_dataset
 from sims.cli import main
 from sims.local_federation import (
@@ -85,6 +88,45 @@ def test_down_leaves_a_reused_pid_alone(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_down_waits_for_processes_it_had_to_kill(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Processes that ignore SIGTERM (a SuperLink that waits for a streaming ``flwr run``
+    does, for longer than the grace period) are SIGKILLed; ``down`` then returns once they
+    are gone. It used to look right after the SIGKILL, find them still running, and exit
+    1 with "did not stop"."""
+    monkeypatch.setattr(sims.local_federation, "STOP_GRACE", 0.3)
+    ignore = (
+        "import pathlib, signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "pathlib.Path(sys.argv[1]).write_text('')\n"
+        "time.sleep(120)\n"
+    )
+    marks = [tmp_path / f"ready-{i}" for i in range(3)]
+    procs = [subprocess.Popen([sys.executable, "-c", ignore, str(m)]) for m in marks]
+    try:
+        deadline = time.monotonic() + 30
+        while not all(m.exists() for m in marks):
+            assert time.monotonic() < deadline, "the processes did not start"
+            time.sleep(0.02)
+        pids = [p.pid for p in procs]
+        state = {
+            "processes": [
+                {"role": f"node-{i}", "pid": pid, "start_time": start_time(pid)}
+                for i, pid in enumerate(pids)
+            ]
+        }
+        (tmp_path / STATE_FILE).write_text(json.dumps(state))
+        assert down(tmp_path) == pids  # no "did not stop"
+        # gone (stop_tree reaps this process's children, so their codes are not kept)
+        assert [p.poll() is None for p in procs] == [False, False, False]
+        assert not (tmp_path / STATE_FILE).exists()
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 def test_up_refuses_a_directory_where_a_federation_runs(
