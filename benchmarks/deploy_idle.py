@@ -32,7 +32,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from sims.processes import _below, command_line, stop_tree
+from sims.processes import command_line, descendants, stop_tree
 from sims.runtime import _free_port, _wait_healthy
 
 POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
@@ -92,7 +92,7 @@ def idle_cpu(args: argparse.Namespace, env: dict[str, str]) -> dict[str, float]:
                 )  # fmt: skip
                 roots.append(node)
             time.sleep(args.settle)
-            pids = _below([p.pid for p in roots]) + [p.pid for p in roots]
+            pids = [q for p in roots for q in (p.pid, *descendants(p.pid))]
             before = cpu_seconds(pids)
             time.sleep(args.window)
             after = cpu_seconds(pids)
