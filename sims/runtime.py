@@ -87,6 +87,14 @@ def _stop(proc: subprocess.Popen[bytes] | None, grace: float = 10.0) -> None:
     proc.wait()
 
 
+#: Ray's single-machine mode (meant for Windows and macOS) for the head a runtime starts and
+#: every process of its runs. Otherwise Ray turns ``--node-ip-address 127.0.0.1`` into the
+#: machine's network address and its GCS, raylet and client server listen on every
+#: interface: anyone who reaches the machine could submit code to a cluster that asks for no
+#: credentials. In this mode the node's address is 127.0.0.1 and they listen there only.
+LOOPBACK_RAY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
 def head_cpus(ray_num_cpus: int) -> int:
     """The CPUs of a Ray head started on this machine with ``simulation.ray_num_cpus`` (0: all)."""
     return ray_num_cpus or os.cpu_count() or 1
@@ -110,8 +118,9 @@ class Runtime:
     cluster is on this machine, the runs' Ray workers are forked from it once
     it has imported Flower and PyTorch; see :mod:`sims.warm`) and a watchdog
     process: nothing here depends on the scenario. :meth:`start` then starts
-    the rest: ``ray start --head`` (``ray_num_cpus`` CPUs, 0 for all cores)
-    unless ``ray_address`` names a cluster to join, and
+    the rest: ``ray start --head`` (``ray_num_cpus`` CPUs, 0 for all cores,
+    on 127.0.0.1 only: :data:`LOOPBACK_RAY`) unless ``ray_address`` names a
+    cluster to join, and
     ``flower-superlink --simulation`` on a free loopback port, with its own
     ``FLWR_HOME`` in a temporary directory. Every run's simulation process
     joins that Ray cluster, so Ray starts once per runtime rather than once
@@ -173,6 +182,7 @@ class Runtime:
                 else:
                     ray_port = _free_port()
                     self.env["RAY_ADDRESS"] = f"127.0.0.1:{ray_port}"
+                    self.env.update(LOOPBACK_RAY)
                     # When the first driver connects, the raylet starts a worker per
                     # CPU for tasks without a runtime environment. The runs' actors
                     # have one (the warm process's shim) and never use them: that

@@ -9,6 +9,7 @@ process, Ray's daemons and the ClientApp actors.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -26,6 +27,45 @@ from sims.scenario_files import load_scenario
 from tests.e2e.short_runs import TEST_SAMPLES
 
 REPO = Path(__file__).resolve().parent.parent.parent
+
+
+_LISTEN = "0A"  # the TCP state LISTEN in /proc/net/tcp*
+
+
+def _listening(pids: list[int]) -> dict[str, list[str]]:
+    """The TCP addresses (``IP:PORT``) that ``pids`` listen on, by command line.
+
+    Read from ``/proc``: each process's socket inodes (``/proc/PID/fd``), then
+    the machine's listening sockets (``/proc/net/tcp``, ``tcp6``) with their
+    local addresses, decoded from hexadecimal.
+    """
+    sockets: dict[str, str] = {}  # inode -> local address
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state != _LISTEN:
+                continue
+            ip_hex, port_hex = local.split(":")
+            raw = bytes.fromhex(ip_hex)
+            # each 32-bit word is in host (little-endian) order
+            words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            ip = ipaddress.ip_address(words)
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            assert len(ip_hex) == width
+            sockets[inode] = f"{ip}:{int(port_hex, 16)}"
+    found: dict[str, list[str]] = {}
+    for pid in pids:
+        try:
+            links = [os.readlink(f) for f in Path(f"/proc/{pid}/fd").iterdir()]
+        except OSError:
+            continue
+        inodes = [x[len("socket:[") : -1] for x in links if x.startswith("socket:[")]
+        addresses = sorted(sockets[i] for i in inodes if i in sockets)
+        if addresses:
+            found[command_line(pid)[:80]] = addresses
+    return found
 
 
 def test_sigkill_of_simulate_leaves_no_process_behind(tmp_path: Path) -> None:
@@ -58,6 +98,12 @@ def test_sigkill_of_simulate_leaves_no_process_behind(tmp_path: Path) -> None:
         for part in ("sims.processes", "flower-superlink", "flwr run", "raylet", "gcs_server"):
             assert part in commands, f"{part} is not below the CLI: the test sees too little"
         assert any("ClientAppActor" in command_line(p) for p in tree)
+        # Every server of the run, Ray's GCS and raylet included, listens on loopback only.
+        listening = _listening(tree)
+        assert any("gcs_server" in k for k in listening), listening  # the check sees Ray's
+        exposed = {k: [a for a in v if not ipaddress.ip_address(a.rsplit(":", 1)[0]).is_loopback]
+                   for k, v in listening.items()}  # fmt: skip
+        assert not any(exposed.values()), exposed
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         rows_at_kill = len((run_dir / "metrics.jsonl").read_text().splitlines())
