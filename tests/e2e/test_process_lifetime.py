@@ -33,7 +33,7 @@ _LISTEN = "0A"  # the TCP state LISTEN in /proc/net/tcp*
 
 
 def _listening(pids: list[int]) -> dict[str, list[str]]:
-    """The TCP addresses (``IP:PORT``) that ``pids`` listen on, by command line.
+    """The TCP addresses (``IP:PORT``) that ``pids`` listen on, by PID and command line.
 
     Read from ``/proc``: each process's socket inodes (``/proc/PID/fd``), then
     the machine's listening sockets (``/proc/net/tcp``, ``tcp6``) with their
@@ -58,13 +58,19 @@ def _listening(pids: list[int]) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for pid in pids:
         try:
-            links = [os.readlink(f) for f in Path(f"/proc/{pid}/fd").iterdir()]
-        except OSError:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:  # the process has ended
             continue
+        links = []
+        for fd in fds:
+            try:
+                links.append(os.readlink(fd))
+            except OSError:  # closed meanwhile
+                pass
         inodes = [x[len("socket:[") : -1] for x in links if x.startswith("socket:[")]
         addresses = sorted(sockets[i] for i in inodes if i in sockets)
         if addresses:
-            found[command_line(pid)[:80]] = addresses
+            found[f"{pid} {command_line(pid)[:80]}"] = addresses
     return found
 
 
