@@ -32,22 +32,19 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from sims.processes import command_line, descendants, stop_tree
+from sims.processes import command_line, cpu_seconds, descendants, stat_fields, stop_tree
 from sims.runtime import _free_port, _wait_healthy
 
 POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
-TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pids: list[int]) -> dict[int, float]:
+def cpu_of(pids: list[int]) -> dict[int, float]:
     """CPU seconds (user + system) of each of ``pids`` still running."""
     out = {}
     for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[pid] = (int(fields[11]) + int(fields[12])) / TICK
+        fields = stat_fields(pid)
+        if fields is not None:
+            out[pid] = cpu_seconds(fields)
     return out
 
 
@@ -93,9 +90,9 @@ def idle_cpu(args: argparse.Namespace, env: dict[str, str]) -> dict[str, float]:
                 roots.append(node)
             time.sleep(args.settle)
             pids = [q for p in roots for q in (p.pid, *descendants(p.pid))]
-            before = cpu_seconds(pids)
+            before = cpu_of(pids)
             time.sleep(args.window)
-            after = cpu_seconds(pids)
+            after = cpu_of(pids)
             spent: defaultdict[str, float] = defaultdict(float)
             for pid, seconds in after.items():
                 spent[kind(pid)] += seconds - before.get(pid, 0.0)

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from sims.processes import command_line
+from sims.processes import command_line, cpu_seconds, stat_fields
 
 #: (kind, patterns): a process is of the first kind one of whose patterns its command
 #: line contains.
@@ -55,19 +55,16 @@ KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 def sample(seen: dict[tuple[str, str], tuple[float, str]]) -> None:
     """Update ``seen`` ((pid, start time) -> (CPU seconds, command line)) from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:  # gone meanwhile
+        fields = stat_fields(int(pid))
+        if fields is None:  # gone meanwhile
             continue
-        key = (pid, fields[19])  # utime, stime: fields 14 and 15; starttime: 22 of stat(5)
+        key = (pid, fields[19])  # its start time
         # The last command line read: a Ray worker renames itself after its actor.
         command = command_line(int(pid)) or seen.get(key, (0.0, ""))[1]
-        seen[key] = ((int(fields[11]) + int(fields[12])) / tick, command)
+        seen[key] = (cpu_seconds(fields), command)
 
 
 def kind_of(command: str) -> str:

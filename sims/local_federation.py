@@ -31,7 +31,7 @@ from typing import Any
 from fedmerge.atomic import atomic_write_text
 from sims.certs import write_certs
 from sims.errors import FederationError
-from sims.processes import alive, flower_environment, stop_tree
+from sims.processes import alive, flower_environment, stat_fields, stop_tree
 
 #: The directory that holds the ``sims`` package that runs this command.
 _ROOT = Path(__file__).resolve().parents[1]
@@ -101,11 +101,8 @@ def _free_port() -> int:
 
 def start_time(pid: int) -> int | None:
     """The start time of ``pid`` in clock ticks since boot (``/proc``), or ``None``."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    fields = stat_fields(pid)
+    return None if fields is None else int(fields[19])
 
 
 def read_state(directory: Path) -> dict[str, Any]:

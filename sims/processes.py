@@ -73,12 +73,10 @@ def descendants(pid: int) -> list[int]:
 def _below(roots: list[int]) -> list[int]:
     """PIDs of every process below any of ``roots``, from one pass over /proc."""
     children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    for entry in Path("/proc").glob("[0-9]*"):
+        fields = stat_fields(int(entry.name))
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
     out, todo = [], list(roots)
     while todo:
         for child in children.get(todo.pop(), []):
@@ -87,13 +85,28 @@ def _below(roots: list[int]) -> list[int]:
     return out
 
 
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, dead but not yet reaped, is not alive)."""
+def stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name, ``None`` once ``pid`` is gone.
+
+    Index 0 is proc(5)'s field 3 (the state): the parent is ``[1]``, the user
+    and system CPU ticks ``[11]`` and ``[12]``, the start time ``[19]``.
+    """
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+        return None
+    return stat.rsplit(")", 1)[1].split()  # the name, in parentheses, may hold spaces
+
+
+def cpu_seconds(fields: list[str]) -> float:
+    """The user plus system CPU time, in seconds, of a process's :func:`stat_fields`."""
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, is not alive)."""
+    fields = stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 #: The program of a simulated run's ServerApp process (Flower's SuperExec starts it).

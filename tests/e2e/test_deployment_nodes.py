@@ -6,7 +6,6 @@ A SuperLink and real SuperNode processes on loopback, as in ``test_deployment.py
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedmerge.data import load_dataset
-from sims.processes import FLOWER_ENV
+from sims.processes import flower_environment
 from sims.runtime import APP_DIR, _free_port, _stop, stage_app
 from strategies.config import run_config_from_dict
 from strategies.federation import federation
@@ -109,10 +108,7 @@ def test_tls_and_node_authentication(app: Path, tmp_path: Path) -> None:
         f'[superlink]\ndefault = "tls"\n[superlink.tls]\naddress = "127.0.0.1:{port}"\n'
         f'root-certificates = "{certs / "ca.crt"}"\n'
     )
-    env = {
-        **os.environ, **FLOWER_ENV, "FLWR_HOME": str(home),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }  # fmt: skip
+    env = {**flower_environment(), "FLWR_HOME": str(home)}
     procs: list[subprocess.Popen] = []
 
     def start(*args: str) -> None:

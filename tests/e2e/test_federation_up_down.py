@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from sims.local_federation import STATE_FILE, read_state, running
-from sims.processes import FLOWER_ENV, alive, descendants, stop_tree
+from sims.processes import alive, descendants, flower_environment, stop_tree
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,8 +32,7 @@ def test_up_runs_a_tls_federation_and_down_stops_exactly_it(tmp_path: Path) -> N
         assert "root-certificates" in config and "insecure" not in config
 
         run_dir = tmp_path / "run"
-        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-        env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": state["flwr_home"], "PATH": path}
+        env = {**flower_environment(), "FLWR_HOME": state["flwr_home"]}
         run = subprocess.run(
             ["flwr", "run", ".", "federation", "--stream", "--run-config",
              "rounds=2 num_clients=2 clients_per_round=2 strategy.name='fedavg' "

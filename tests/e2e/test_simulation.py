@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from sims.launch import simulate
-from sims.processes import FLOWER_ENV
+from sims.processes import flower_environment
 from sims.runtime import APP_DIR, _free_port, _wait_healthy
 from sims.scenario_files import load_scenario
 from strategies.federation import Federation
@@ -135,13 +134,7 @@ def test_fedprox_runs_and_differs(fedavg_run: Path, ray_address: str, tmp_path: 
 
 def test_flwr_run_dot_uses_the_embedded_default(ray_address: str, tmp_path: Path) -> None:
     """`flwr run .` through Flower's own CLI runs pyproject's default scenario."""
-    env = {
-        **os.environ,
-        **FLOWER_ENV,
-        "FLWR_HOME": str(tmp_path / "home"),
-        "RAY_ADDRESS": ray_address,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
+    env = {**flower_environment(), "FLWR_HOME": str(tmp_path / "home"), "RAY_ADDRESS": ray_address}
     (tmp_path / "home").mkdir()
     port = _free_port()
     (tmp_path / "home" / "config.toml").write_text(
