@@ -196,6 +196,10 @@ class Runtime:
                             "--include-dashboard", "false", "--disable-usage-stats",
                             # the autoscaler's monitor: nothing here autoscales
                             "--no-monitor",
+                            # Ray's Client server takes port 10001 otherwise, and shares
+                            # it (SO_REUSEPORT) with any other head on this machine: a
+                            # client of 10001 could reach either cluster
+                            "--ray-client-server-port", str(_free_port()),
                             "--temp-dir", str(self.tmp / "r"),
                         ],
                         out,

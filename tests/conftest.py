@@ -103,14 +103,23 @@ def ray_head() -> Iterator[tuple[str, int]]:
     """
     tmp = Path(tempfile.mkdtemp(prefix="fmray-"))
     port = _free_port()
-    env = {**os.environ, **FLOWER_ENV, "RAY_TMPDIR": str(tmp)}
+    # No workers prestarted for the first driver: the runs' actors, which have a runtime
+    # environment, would never use them (as for the head a Runtime starts).
+    env = {
+        **os.environ,
+        **FLOWER_ENV,
+        "RAY_TMPDIR": str(tmp),
+        "RAY_prestart_worker_first_driver": "0",
+    }
     ray_bin = Path(sys.executable).parent / "ray"
     proc = subprocess.Popen(
         [
             str(ray_bin), "start", "--head", "--block",
             "--node-ip-address", "127.0.0.1", "--port", str(port),
             "--num-cpus", str(ray_head_cpus()), "--num-gpus", "0",
-            "--include-dashboard", "false", "--disable-usage-stats",
+            "--include-dashboard", "false", "--disable-usage-stats", "--no-monitor",
+            # not Ray's default 10001, which the other worker's head would share
+            "--ray-client-server-port", str(_free_port()),
             "--temp-dir", str(tmp),
         ],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,

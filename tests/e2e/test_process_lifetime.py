@@ -9,10 +9,12 @@ process, Ray's daemons and the ClientApp actors.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -30,16 +32,15 @@ REPO = Path(__file__).resolve().parent.parent.parent
 
 
 _LISTEN = "0A"  # the TCP state LISTEN in /proc/net/tcp*
+RAY_CLIENT_PORT = 10001  # where `ray start` puts its Client server unless told otherwise
 
 
-def _listening(pids: list[int]) -> dict[int, list[str]]:
-    """The TCP addresses (``IP:PORT``) that ``pids`` listen on, by PID.
+def _listen_table() -> dict[str, str]:
+    """Every listening TCP socket of the machine: inode -> local address (``IP:PORT``).
 
-    Read from ``/proc``: each process's socket inodes (``/proc/PID/fd``), then
-    the machine's listening sockets (``/proc/net/tcp``, ``tcp6``) with their
-    local addresses, decoded from hexadecimal.
+    Read from ``/proc/net/tcp`` and ``tcp6``, the addresses decoded from hexadecimal.
     """
-    sockets: dict[str, str] = {}  # inode -> local address
+    sockets: dict[str, str] = {}
     for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
@@ -55,20 +56,29 @@ def _listening(pids: list[int]) -> dict[int, list[str]]:
                 ip = ip.ipv4_mapped
             assert len(ip_hex) == width
             sockets[inode] = f"{ip}:{int(port_hex, 16)}"
+    return sockets
+
+
+def _socket_inodes(pid: int) -> list[str]:
+    """The inodes of the sockets ``pid`` holds open (``/proc/PID/fd``); none once it has ended."""
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:  # the process has ended
+        return []
+    links = []
+    for fd in fds:
+        try:
+            links.append(os.readlink(fd))
+        except OSError:  # closed meanwhile
+            pass
+    return [x[len("socket:[") : -1] for x in links if x.startswith("socket:[")]
+
+
+def _listening(pids: list[int], table: dict[str, str]) -> dict[int, list[str]]:
+    """The addresses in ``table`` (:func:`_listen_table`) that ``pids`` listen on, by PID."""
     found: dict[int, list[str]] = {}
     for pid in pids:
-        try:
-            fds = list(Path(f"/proc/{pid}/fd").iterdir())
-        except OSError:  # the process has ended
-            continue
-        links = []
-        for fd in fds:
-            try:
-                links.append(os.readlink(fd))
-            except OSError:  # closed meanwhile
-                pass
-        inodes = [x[len("socket:[") : -1] for x in links if x.startswith("socket:[")]
-        addresses = sorted(sockets[i] for i in inodes if i in sockets)
+        addresses = sorted(table[i] for i in _socket_inodes(pid) if i in table)
         if addresses:
             found[pid] = addresses
     return found
@@ -85,6 +95,13 @@ def test_sigkill_of_simulate_leaves_no_process_behind(tmp_path: Path) -> None:
         # written while the watchdog is still stopping the tree
         "--set", TEST_SAMPLES,
     ]  # fmt: skip
+    # Another program on Ray's default Client port that lets others share it, as a
+    # second Ray head would. Held elsewhere already, it is someone else's socket there.
+    squat = socket.socket()
+    squat.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    with contextlib.suppress(OSError):
+        squat.bind(("127.0.0.1", RAY_CLIENT_PORT))
+        squat.listen()
     proc = subprocess.Popen(
         argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -105,13 +122,22 @@ def test_sigkill_of_simulate_leaves_no_process_behind(tmp_path: Path) -> None:
             assert part in commands, f"{part} is not below the CLI: the test sees too little"
         assert any("ClientAppActor" in command_line(p) for p in tree)
         # Every server of the run, Ray's GCS and raylet included, listens on loopback only.
-        listening = _listening(tree)
+        table = _listen_table()
+        listening = _listening(tree, table)
         named = {f"{p} {command_line(p)[:120]}": a for p, a in listening.items()}
         # the check sees Ray's GCS (a whole command line: a long install path comes first)
         assert any("gcs_server" in command_line(p) for p in listening), named
         exposed = {k: [a for a in v if not ipaddress.ip_address(a.rsplit(":", 1)[0]).is_loopback]
                    for k, v in named.items()}  # fmt: skip
         assert not any(exposed.values()), exposed
+        # ... and on ports of its own: no socket outside the run listens on one of them
+        # (Ray's Client server would share its default port 10001 with `squat`).
+        ports = {a.rsplit(":", 1)[1] for v in listening.values() for a in v}
+        ours = {i for p in tree for i in _socket_inodes(p)}
+        shared = sorted(
+            a for i, a in table.items() if i not in ours and a.rsplit(":", 1)[1] in ports
+        )
+        assert not shared, (shared, named)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         rows_at_kill = len((run_dir / "metrics.jsonl").read_text().splitlines())
@@ -121,6 +147,7 @@ def test_sigkill_of_simulate_leaves_no_process_behind(tmp_path: Path) -> None:
         survivors = {p: command_line(p)[:120] for p in tree if alive(p)}
         assert not survivors, survivors
     finally:
+        squat.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
