@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedmerge.atomic import atomic_write_text
+from sims import ray_head
 from sims.errors import SimulationError
 from sims.processes import FAST_TASK_POLL, FLOWER_ENV, stop_run_tree, stop_tree
 from sims.runs import parse_row
@@ -188,9 +189,11 @@ class Runtime:
                     # have one (the warm process's shim) and never use them: that
                     # was about 0.7 s of CPU each, cold, just as the actors start.
                     self.env["RAY_prestart_worker_first_driver"] = "0"
+                    # Its raylet starts workers without a cold import of Ray (sims.ray_head).
+                    python = ray_head.write_python(self.tmp / "bin")
                     self.ray = self.spawn(
-                        [
-                            "ray", "start", "--head", "--block",
+                        ray_head.command(python, [
+                            "start", "--head", "--block",
                             "--node-ip-address", "127.0.0.1", "--port", str(ray_port),
                             "--num-cpus", str(head_cpus(ray_num_cpus)),
                             "--include-dashboard", "false", "--disable-usage-stats",
@@ -201,8 +204,9 @@ class Runtime:
                             # client of 10001 could reach either cluster
                             "--ray-client-server-port", str(_free_port()),
                             "--temp-dir", str(self.tmp / "r"),
-                        ],
+                        ]),
                         out,
+                        cwd=APP_DIR,
                     )  # fmt: skip
                 # The SuperLink is forked from the warm process too (its shim is
                 # first on the runtime's PATH); it inherits RAY_ADDRESS for the

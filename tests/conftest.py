@@ -7,7 +7,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -18,6 +17,8 @@ import torch
 
 from sims.launch import shared_runtimes
 from sims.processes import FLOWER_ENV
+from sims.ray_head import command as ray_command
+from sims.ray_head import write_python
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,18 +112,20 @@ def ray_head() -> Iterator[tuple[str, int]]:
         "RAY_TMPDIR": str(tmp),
         "RAY_prestart_worker_first_driver": "0",
     }
-    ray_bin = Path(sys.executable).parent / "ray"
+    # as a Runtime starts its head: workers start without a cold import of Ray
+    python = write_python(tmp / "bin")
     proc = subprocess.Popen(
-        [
-            str(ray_bin), "start", "--head", "--block",
+        ray_command(python, [
+            "start", "--head", "--block",
             "--node-ip-address", "127.0.0.1", "--port", str(port),
             "--num-cpus", str(ray_head_cpus()), "--num-gpus", "0",
             "--include-dashboard", "false", "--disable-usage-stats", "--no-monitor",
             # not Ray's default 10001, which the other worker's head would share
             "--ray-client-server-port", str(_free_port()),
             "--temp-dir", str(tmp),
-        ],
+        ]),
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        cwd=ROOT,
     )  # fmt: skip
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 90

@@ -1,0 +1,147 @@
+"""``ray start`` whose raylet starts its Python processes without a cold import of Ray first.
+
+A raylet starts every Python process it owns (each worker, Ray's Client
+server) as ``PYTHON setup_worker.py PROGRAM ARGS --language=PYTHON
+[--serialized-runtime-env-context=JSON]``, where ``PYTHON`` is the
+interpreter of ``ray start``. ``setup_worker.py`` imports Ray (about 0.9 s of
+CPU here) only to apply the runtime environment's variables and ``exec``
+the environment's Python on ``PROGRAM ARGS``. The Ray workers of a run then
+start through the warm process (:data:`sims.warm.RAY_WORKER`), which makes
+that cold import most of a worker's start.
+
+``python -m sims.ray_head PYTHON start ARGS`` runs ``ray start ARGS`` with
+``sys.executable`` set to ``PYTHON``, a script written by
+:func:`write_python`. That script (:func:`python_main`, standard library
+only) does what ``setup_worker.py`` does for a plain runtime environment
+(variables and ``py_executable``) and execs the real interpreter for
+everything else, ``setup_worker.py`` included where the environment asks
+for more (a container, a command prefix, another language).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+#: The name of the interpreter script that a head's raylet starts its processes with.
+PYTHON = "fedmerge-ray-python"
+
+#: Ray's script that sets up a runtime environment, then execs the worker.
+SETUP_WORKER = "setup_worker.py"
+
+#: The keys of Ray's serialized runtime environment context that :func:`worker_argv`
+#: applies itself. With any other key set, Ray's own ``setup_worker.py`` runs.
+_CONTEXT_KEYS = frozenset(
+    {"command_prefix", "env_vars", "py_executable", "override_worker_entrypoint", "java_jars"}
+)
+
+_CONTEXT = "--serialized-runtime-env-context"
+_LANGUAGE = "--language"
+
+
+def write_python(bin_dir: Path) -> Path:
+    """Write the :data:`PYTHON` script into ``bin_dir``; return its path."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    script = bin_dir / PYTHON
+    source = Path(__file__).resolve().parent.parent
+    script.write_text(
+        f"#!{sys.executable} -S\n"
+        "import sys\n"
+        f"sys.path.insert(0, {str(source)!r})\n"
+        "from sims.ray_head import python_main\n"
+        "sys.exit(python_main())\n"
+    )
+    script.chmod(0o755)
+    return script
+
+
+def command(python: Path, args: list[str]) -> list[str]:
+    """The command that runs ``ray ARGS`` with ``python`` (:func:`write_python`) as its interpreter.
+
+    It imports :mod:`sims`: run it with the repository root as the working directory.
+    """
+    return [sys.executable, "-m", "sims.ray_head", str(python), *args]
+
+
+def _options(args: list[str]) -> tuple[dict[str, str], list[str]] | None:
+    """``setup_worker.py``'s two options and the arguments it passes on; ``None`` if malformed."""
+    found: dict[str, str] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name, eq, value = arg.partition("=")
+        if name in (_CONTEXT, _LANGUAGE):
+            if not eq:
+                if i + 1 == len(args):
+                    return None
+                i, value = i + 1, args[i + 1]
+            found[name] = value
+        else:
+            rest.append(arg)
+        i += 1
+    return found, rest
+
+
+def worker_argv(args: list[str]) -> tuple[list[str], dict[str, str]] | None:
+    """What ``setup_worker.py ARGS`` would exec, and the variables it would set first.
+
+    ``None`` where it would do more than that: another language, a
+    container's entry point, a command prefix, a context this does not know.
+    """
+    parsed = _options(args)
+    if parsed is None:
+        return None
+    found, rest = parsed
+    if found.get(_LANGUAGE) != "PYTHON" or not rest:
+        return None
+    try:
+        context = json.loads(found.get(_CONTEXT) or "{}")
+    except ValueError:
+        return None
+    if not isinstance(context, dict) or not set(context) <= _CONTEXT_KEYS:
+        return None
+    if context.get("command_prefix") or context.get("override_worker_entrypoint"):
+        return None
+    variables = context.get("env_vars") or {}
+    if not isinstance(variables, dict):
+        return None
+    return [context.get("py_executable") or sys.executable, *rest], variables
+
+
+def set_variables(variables: dict[str, str]) -> None:
+    """Set ``variables`` in this process's environment, in order, as Ray does.
+
+    ``${X}`` in a value becomes X's value at that point, or nothing where X is unset.
+    """
+    for key, value in variables.items():
+        os.environ[key] = re.sub(r"\$\{[A-Z0-9_]+\}", "", os.path.expandvars(str(value)))
+
+
+def python_main() -> int:
+    """The :data:`PYTHON` script: ``setup_worker.py``'s work where plain, else the real Python."""
+    args = sys.argv[1:]
+    if args and Path(args[0]).name == SETUP_WORKER:
+        plain = worker_argv(args[1:])
+        if plain is not None:
+            argv, variables = plain
+            set_variables(variables)
+            os.execv(argv[0], argv)
+    os.execv(sys.executable, [sys.executable, *args])
+    return 1  # not reached
+
+
+def main() -> None:
+    """``python -m sims.ray_head PYTHON ARGS``: ``ray ARGS`` with ``PYTHON`` as its interpreter."""
+    sys.executable = sys.argv[1]
+    sys.argv = ["ray", *sys.argv[2:]]
+    from ray.scripts.scripts import main as ray_main
+
+    ray_main()  # type: ignore[no-untyped-call]
+
+
+if __name__ == "__main__":
+    main()
