@@ -45,6 +45,7 @@ KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "DashboardAgent",
             "RuntimeEnvAgent",
             "ray start",
+            "sims.ray_head",  # `ray start` as a runtime starts it
             "monitor.py",
         ),
     ),
