@@ -155,6 +155,8 @@ class _Shared:
 
     log: Path
     runtimes: dict[tuple[str, int, int], Runtime] = field(default_factory=dict)
+    #: The keys of the runtimes started for runs that go ``slots > 1`` at a time.
+    slotted: set[tuple[str, int, int]] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -169,10 +171,27 @@ def shared_runtimes(log: Path | None = None) -> Iterator[None]:
     them all. A run that fails closes its runtime (the next run starts a fresh
     one), so that nothing it left behind holds Ray's resources. ``log``
     receives the runtimes' own output (default: a temporary file, deleted).
+    Nested in another block, it shares that block's runtimes; at its end it
+    stops only those that its runs started to go several at a time
+    (``slots > 1``, as ``fedmerge compare --parallel`` does).
     """
     global _shared
-    if _shared is not None:  # nested: the outer block owns the runtimes
-        yield
+    if _shared is not None:  # nested: the outer block owns the runtimes, ...
+        outer = _shared
+        before = set(outer.runtimes)
+        finished = False
+        try:
+            yield
+            finished = True
+        finally:
+            # ... but those started here for runs that went several at a time, each
+            # with a share of the CPUs, end here: no run outside asks for that share.
+            with outer.lock:
+                ours = [k for k in outer.runtimes if k in outer.slotted and k not in before]
+                slot_runtimes = [outer.runtimes.pop(k) for k in ours]
+                outer.slotted.difference_update(ours)
+            for runtime in slot_runtimes:
+                runtime.close(grace=0.0 if finished else 1.0)
         return
     own_log = log is None
     if log is None:
@@ -243,6 +262,8 @@ def simulate(
                 fresh = new_runtime()
                 fresh.start(key[0], key[1], log=shared.log)
                 shared.runtimes[key] = fresh
+                if slots > 1:
+                    shared.slotted.add(key)
             runtime = shared.runtimes[key]
         ok = False
         try:

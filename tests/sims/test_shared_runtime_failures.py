@@ -69,3 +69,50 @@ def test_the_run_beside_a_failed_one_names_it(
         f"run stopped: the run in {failing} failed and stopped the runtime that both ran on; "
         f"see {failing / 'flower.log'}"
     )
+
+
+class _Finishing:
+    """Finishes every run (its summary written); records whether it was closed."""
+
+    def __init__(self) -> None:
+        self.runs: list[str] = []
+        self.closed = False
+        made.append(self)
+
+    def start(self, ray_address: str, ray_num_cpus: int, log: Path) -> None:
+        self.cpus = ray_num_cpus
+
+    def run(self, run_dir: Path, run_config: str, fed_config: str, on_round: Any = None) -> bool:
+        assert not self.closed
+        (run_dir / "summary.json").write_text("{}")
+        self.runs.append(run_dir.name)
+        return True
+
+    def close(self, grace: float = 1.0) -> None:
+        self.closed = True
+
+
+made: list[_Finishing] = []
+
+
+def test_a_nested_block_stops_the_runtimes_of_its_parallel_runs_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(launch, "new_runtime", _Finishing)
+    monkeypatch.setattr(launch, "_shared", None)  # this test's blocks, not the session's
+    made.clear()
+    scenario = run_config_from_dict({"simulation": {"ray_num_cpus": 2}})
+    with launch.shared_runtimes():
+        launch.simulate(scenario, tmp_path / "alone")
+        with launch.shared_runtimes():  # a sweep with two runs at a time, as compare runs it
+            launch.simulate(scenario, tmp_path / "slot0", slot=0, slots=2)
+            launch.simulate(scenario, tmp_path / "slot1", slot=1, slots=2)
+            launch.simulate(scenario, tmp_path / "alone-again")
+        assert [(r.runs, r.cpus, r.closed) for r in made] == [
+            (["alone", "alone-again"], 2, False),  # the outer block's: still there
+            (["slot0"], 1, True),  # a CPU each, stopped with the sweep
+            (["slot1"], 1, True),
+        ]
+        launch.simulate(scenario, tmp_path / "after", slot=0, slots=2)  # a fresh one
+    assert len(made) == 4 and made[3].runs == ["after"]
+    assert all(r.closed for r in made)
