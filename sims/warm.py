@@ -421,6 +421,10 @@ class _WakeableTime:
                     break
             self._awake_until = time.monotonic() + AWAKE
 
+    def rest(self) -> None:
+        """Poll at :data:`IDLE_POLL` until the next wake-up: the run that was coming has started."""
+        self._awake_until = 0.0
+
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
 
@@ -434,9 +438,13 @@ def _wake_on_request(path: str) -> None:
     a tenth of a core busy. Here the SuperExec asks every :data:`IDLE_POLL`
     seconds, at once when :func:`wake_superexec` is called (a runtime does
     that as it submits a run), and at Flower's interval for :data:`AWAKE`
-    seconds after that, and after its own start. Its loop (``run_superexec``,
-    flwr 1.42) sleeps through the module-level ``time``; if that is not there,
-    it polls as it would cold.
+    seconds after that, and after its own start, or until it has launched a
+    run (the one it was told of: a runtime submits its next run, with a
+    wake-up of its own, once that one has ended). Its loop
+    (``run_superexec``, flwr 1.42) sleeps through the module-level ``time``
+    and reports each launch to ``_handle_launch_result``; if ``time`` is not
+    there, it polls as it would cold, and without the latter it stays awake
+    for the whole :data:`AWAKE`.
     """
     module = importlib.import_module("flwr.supercore.superexec.run_superexec")
     if getattr(module, "time", None) is not time:
@@ -448,7 +456,17 @@ def _wake_on_request(path: str) -> None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)
     sock.setblocking(False)
-    vars(module)["time"] = _WakeableTime(sock)
+    clock = _WakeableTime(sock)
+    vars(module)["time"] = clock
+    handle = getattr(module, "_handle_launch_result", None)
+    if callable(handle):
+
+        def handled(result: Any, task: Any) -> None:
+            handle(result, task)
+            if getattr(result, "status", None) == "accepted":  # a StrEnum in flwr 1.42
+                clock.rest()
+
+        vars(module)["_handle_launch_result"] = handled
 
 
 def set_title(title: str) -> None:

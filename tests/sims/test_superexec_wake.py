@@ -60,3 +60,39 @@ def test_a_wake_up_that_nobody_hears_is_harmless(tmp_path: Path) -> None:
         sock.bind(str(tmp_path / "listening"))
         warm.wake_superexec(str(tmp_path / "listening"))
         assert sock.recv(64) == b"run"
+
+
+def test_a_superexec_rests_once_it_has_launched_the_run_it_was_told_of(
+    superexec_loop: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flwr.proto.task_pb2 import Task
+    from flwr.supercore.superexec.executor import LaunchResult
+
+    original = vars(superexec_loop)["_handle_launch_result"]
+    seen: list[object] = []
+    monkeypatch.setattr(
+        superexec_loop, "_handle_launch_result", lambda r, t: (seen.append(r), original(r, t))
+    )
+    monkeypatch.setattr(warm, "IDLE_POLL", 1.0)
+    monkeypatch.setattr(warm, "AWAKE", 30.0)
+    path = str(tmp_path / "wake")
+    warm._wake_on_request(path)
+    patched = vars(superexec_loop)["time"]
+    handle = vars(superexec_loop)["_handle_launch_result"]
+    task = Task(task_id=7, run_id=1)
+    rejected = LaunchResult.capacity_rejected("busy")
+    handle(rejected, task)  # the run is still to launch: awake, Flower's interval
+    t0 = time.monotonic()
+    patched.sleep(0.01)
+    assert time.monotonic() - t0 < 1.0
+    accepted = LaunchResult.accepted()
+    handle(accepted, task)
+    assert seen == [rejected, accepted]  # Flower's own handling still runs
+    t0 = time.monotonic()
+    patched.sleep(0.01)  # the run has started: the idle interval until the next wake-up
+    assert time.monotonic() - t0 >= 1.0
+    threading.Timer(0.2, warm.wake_superexec, (path,)).start()
+    patched.sleep(0.01)  # cut short by the wake-up
+    t0 = time.monotonic()
+    patched.sleep(0.01)  # awake again
+    assert time.monotonic() - t0 < 1.0
