@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedmerge.data import load_dataset
-from sims.processes import flower_environment
+from sims.processes import flower_environment, stat_fields
 from sims.runtime import APP_DIR, _free_port, _stop, stage_app
 from strategies.config import run_config_from_dict
 from strategies.federation import federation
@@ -239,6 +239,8 @@ def test_a_changed_app_gets_fresh_modules_in_the_same_clientapp_process(
     # the process was forked from the deployment's warm process, and is still there
     # after its exec (its shim kept waiting: the node did not stop)
     pid = served[0][0]
-    ppid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+    fields = stat_fields(int(pid))
+    assert fields is not None, f"ClientApp process {pid} has ended"
+    ppid = fields[1]
     assert b"sims.warm\0serve" in Path(f"/proc/{ppid}/cmdline").read_bytes()
     assert procs[-1].poll() is None
