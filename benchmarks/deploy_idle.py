@@ -32,8 +32,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from sims.processes import command_line, cpu_seconds, descendants, stat_fields, stop_tree
-from sims.runtime import _free_port, _wait_healthy
+from sims.processes import command_line, cpu_seconds, descendants, free_port, stat_fields, stop_tree
+from sims.runtime import wait_healthy
 
 POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 
@@ -65,7 +65,7 @@ def kind(pid: int) -> str:
 def idle_cpu(args: argparse.Namespace, env: dict[str, str]) -> dict[str, float]:
     """CPU seconds by process kind of an idle deployment over ``args.window`` seconds."""
     fedmerge = [sys.executable, "-m", "sims.cli"]
-    port = _free_port()
+    port = free_port()
     roots: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="fm-idle-") as home:
         env = {**env, "FLWR_HOME": home}
@@ -77,11 +77,11 @@ def idle_cpu(args: argparse.Namespace, env: dict[str, str]) -> dict[str, float]:
                 start_new_session=True,
             )  # fmt: skip
             roots.append(superlink)
-            _wait_healthy(port, superlink, timeout=60)
+            wait_healthy(port, superlink, timeout=60)
             for i in range(args.nodes):
                 node = subprocess.Popen(
                     [*fedmerge, "supernode", "--insecure",
-                     "--superlink", f"127.0.0.1:{port}", "--port", str(_free_port()),
+                     "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
                      "--isolation", args.isolation,
                      "--node-config", f"partition-id={i} num-partitions={args.nodes}"],
                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sims.processes import FLOWER_ENV, stop_tree
-from sims.runtime import _free_port, _wait_healthy
+from sims.processes import FLOWER_ENV, free_port, stop_tree
+from sims.runtime import wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def deployed(
     """Round rows of the scenario on a loopback SuperLink with one SuperNode per client."""
     home = tmp / f"home-{isolation}"
     home.mkdir()
-    port = _free_port()
+    port = free_port()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "bench"\n[superlink.bench]\n'
         f'address = "127.0.0.1:{port}"\ninsecure = true\n'
@@ -102,11 +102,11 @@ def deployed(
              "--host", "127.0.0.1", "--port", str(port)],
             f"superlink-{isolation}.log",
         )  # fmt: skip
-        _wait_healthy(port, link, timeout=60)
+        wait_healthy(port, link, timeout=60)
         for i in range(args.clients):
             start(
                 [sys.executable, "-m", "sims.cli", "supernode", "--insecure",
-                 "--superlink", f"127.0.0.1:{port}", "--port", str(_free_port()),
+                 "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
                  "--isolation", isolation,
                  "--node-config", f"partition-id={i} num-partitions={args.clients}"],
                 f"supernode-{isolation}-{i}.log",

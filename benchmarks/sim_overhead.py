@@ -37,8 +37,8 @@ import torch
 from fedmerge.data.datasets import load_dataset
 from fedmerge.training import evaluate, train_local
 from sims.launch import simulate
-from sims.processes import FLOWER_ENV
-from sims.runtime import _free_port, _stop, _wait_healthy
+from sims.processes import FLOWER_ENV, free_port
+from sims.runtime import _stop, wait_healthy
 from sims.scenario_files import load_scenario
 from strategies.config import RunConfig
 from strategies.federation import SAMPLING_STREAM, Federation
@@ -93,7 +93,7 @@ def plain_flower(scenario: RunConfig, tmp: Path) -> dict[str, float]:
     """Run the anchor app as a Flower user would: a SuperLink, then ``flwr run --stream``."""
     home, times = tmp / "home", tmp / "times.txt"
     home.mkdir()
-    port = _free_port()
+    port = free_port()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "local"\n[superlink.local]\n'
         f'address = "127.0.0.1:{port}"\ninsecure = true\n'
@@ -112,7 +112,7 @@ def plain_flower(scenario: RunConfig, tmp: Path) -> dict[str, float]:
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         try:
-            _wait_healthy(port, superlink, timeout=60)
+            wait_healthy(port, superlink, timeout=60)
             subprocess.run(
                 ["flwr", "run", str(ANCHOR), "local", "--stream", "--run-config", run_config,
                  "--federation-config",

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from typing import Any
 from fedmerge.atomic import atomic_write_text
 from sims.certs import write_certs
 from sims.errors import FederationError
-from sims.processes import alive, flower_environment, stat_fields, stop_tree
+from sims.processes import alive, flower_environment, free_port, stat_fields, stop_tree
 
 #: The directory that holds the ``sims`` package that runs this command.
 _ROOT = Path(__file__).resolve().parents[1]
@@ -91,12 +90,6 @@ class FederationOptions:
                 f"DIR: got {str(self.directory)!r}; allowed: a path without quotes or "
                 "backslashes (it goes into each SuperNode's --node-config)"
             )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_time(pid: int) -> int | None:
@@ -268,7 +261,7 @@ def up(options: FederationOptions) -> dict[str, Any]:
                 f"another directory, or fedmerge federation down {directory} first"
             )
     directory.mkdir(parents=True, exist_ok=True)
-    port = options.port or _free_port()
+    port = options.port or free_port()
     certs = directory / "certs"
     write_certs(certs, ["127.0.0.1"], options.nodes)
     dirs = split_data(options)
@@ -305,7 +298,7 @@ def up(options: FederationOptions) -> dict[str, Any]:
             _register(certs / f"node-{i}.pub", env, link)
         nodes = []
         for i, d in enumerate(dirs):
-            runtime = _free_port()
+            runtime = free_port()
             node = starter.start(
                 f"supernode-{i}",
                 [*fedmerge, "supernode", "--superlink", f"127.0.0.1:{port}",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -63,6 +64,13 @@ KILL_WAIT = 5.0
 
 #: Seconds from SIGTERM to SIGKILL when the watchdog stops an orphaned tree.
 ORPHAN_GRACE = 2.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (another program may take it before it is used)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def descendants(pid: int) -> list[int]:

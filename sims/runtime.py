@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from typing import IO, Any
 from fedmerge.atomic import atomic_write_text
 from sims import ray_head
 from sims.errors import SimulationError
-from sims.processes import FAST_TASK_POLL, FLOWER_ENV, stop_run_tree, stop_tree
+from sims.processes import FAST_TASK_POLL, FLOWER_ENV, free_port, stop_run_tree, stop_tree
 from sims.runs import parse_row
 from sims.warm import WAKE_ENV, wake_superexec, warm_environment
 
@@ -53,13 +52,14 @@ def stage_app(dest: Path) -> Path:
     return dest
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Return once the SuperLink ``proc`` answers ``/health`` on ``port``; raise if it exits first.
 
-
-def _wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    Raises
+    ------
+    SimulationError
+        If ``proc`` exits, or ``timeout`` seconds pass without an answer.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -139,7 +139,7 @@ class Runtime:
         )
         # Its SuperExec looks for submitted runs often only when run() says one comes.
         self.env[WAKE_ENV] = str(self.tmp / "superexec.wake")
-        self.port = _free_port()
+        self.port = free_port()
         self.log: Path | None = None
         self.app = stage_app(self.tmp / "app")  # once: every run of this runtime submits it
         self._guarded: list[int] = []
@@ -181,7 +181,7 @@ class Runtime:
                 if ray_address:
                     self.env["RAY_ADDRESS"] = ray_address
                 else:
-                    ray_port = _free_port()
+                    ray_port = free_port()
                     self.env["RAY_ADDRESS"] = f"127.0.0.1:{ray_port}"
                     self.env.update(LOOPBACK_RAY)
                     # When the first driver connects, the raylet starts a worker per
@@ -202,7 +202,7 @@ class Runtime:
                             # Ray's Client server takes port 10001 otherwise, and shares
                             # it (SO_REUSEPORT) with any other head on this machine: a
                             # client of 10001 could reach either cluster
-                            "--ray-client-server-port", str(_free_port()),
+                            "--ray-client-server-port", str(free_port()),
                             "--temp-dir", str(self.tmp / "r"),
                         ]),
                         out,
@@ -225,7 +225,7 @@ class Runtime:
             # the Ray head may still be starting: its simulation process imports
             # the app first, and Ray's driver waits for the head's raylet when it
             # connects (see :meth:`run` for a head that dies).
-            _wait_healthy(self.port, self.superlink, timeout=60)
+            wait_healthy(self.port, self.superlink, timeout=60)
         except BaseException:
             self.close()
             raise

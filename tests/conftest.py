@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from sims.launch import shared_runtimes
-from sims.processes import FLOWER_ENV
+from sims.processes import FLOWER_ENV, free_port
 from sims.ray_head import command as ray_command
 from sims.ray_head import write_python
 
@@ -50,12 +50,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return rank.get(item.nodeid.split("::", 1)[0], len(SLOW_FILES))
 
     items.sort(key=key)  # stable: the order within a file, and of the other files, stays
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cores_per_worker() -> int:
@@ -103,7 +97,7 @@ def ray_head() -> Iterator[tuple[str, int]]:
     :mod:`sims.warm`, or below the head when they are started cold).
     """
     tmp = Path(tempfile.mkdtemp(prefix="fmray-"))
-    port = _free_port()
+    port = free_port()
     # No workers prestarted for the first driver: the runs' actors, which have a runtime
     # environment, would never use them (as for the head a Runtime starts).
     env = {
@@ -121,7 +115,7 @@ def ray_head() -> Iterator[tuple[str, int]]:
             "--num-cpus", str(ray_head_cpus()), "--num-gpus", "0",
             "--include-dashboard", "false", "--disable-usage-stats", "--no-monitor",
             # not Ray's default 10001, which the other worker's head would share
-            "--ray-client-server-port", str(_free_port()),
+            "--ray-client-server-port", str(free_port()),
             "--temp-dir", str(tmp),
         ]),
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from fedmerge.data import load_dataset
-from sims.processes import FLOWER_ENV
-from sims.runtime import APP_DIR, _free_port, _stop, _wait_healthy
+from sims.processes import FLOWER_ENV, free_port
+from sims.runtime import APP_DIR, _stop, wait_healthy
 from sims.warm import warm_environment
 
 
@@ -39,7 +39,7 @@ def deployment_of(
         {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(tmp_path / "home"), **(extra_env or {})},
     )
     (tmp_path / "home").mkdir()
-    port = _free_port()
+    port = free_port()
     env["SUPERLINK_PORT"] = str(port)
     (tmp_path / "home" / "config.toml").write_text(
         f'[superlink]\ndefault = "deployment"\n[superlink.deployment]\n'
@@ -57,7 +57,7 @@ def deployment_of(
             start_new_session=True,
         )  # fmt: skip
         procs.append(superlink)
-        _wait_healthy(port, superlink, timeout=60)
+        wait_healthy(port, superlink, timeout=60)
         yield env, procs
     finally:
         for proc in reversed(procs):
@@ -80,7 +80,7 @@ def supernode(
             "--superlink",
             f"127.0.0.1:{env['SUPERLINK_PORT']}",
             "--port",
-            str(_free_port()),
+            str(free_port()),
             "--node-config",
             node_config,
         ],

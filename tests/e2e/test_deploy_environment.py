@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from sims.processes import command_line, descendants, stop_tree
-from sims.runtime import _free_port, _wait_healthy
+from sims.processes import command_line, descendants, free_port, stop_tree
+from sims.runtime import wait_healthy
 
 REPO = Path(__file__).resolve().parents[2]
 POLL = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
@@ -44,7 +44,7 @@ def test_superexecs_start_without_an_activated_venv_and_poll_as_their_role_needs
     env = {k: v for k, v in os.environ.items() if k != POLL}
     env.update(PATH=path, FLWR_HOME=str(tmp_path / "home"))
     fedmerge = [sys.executable, "-m", "sims.cli"]
-    port = _free_port()
+    port = free_port()
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(argv: list[str], extra: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -58,7 +58,7 @@ def test_superexecs_start_without_an_activated_venv_and_poll_as_their_role_needs
     def node(i: int, extra: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         return start(
             ["supernode", "--insecure", "--isolation", "subprocess",
-             "--superlink", f"127.0.0.1:{port}", "--port", str(_free_port()),
+             "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
              "--node-config", f"partition-id={i} num-partitions=2"],
             extra,
         )  # fmt: skip
@@ -67,7 +67,7 @@ def test_superexecs_start_without_an_activated_venv_and_poll_as_their_role_needs
         link = start(["superlink", "--insecure", "--no-auth", "--host", "127.0.0.1",
                       "--port", str(port)])  # fmt: skip
         # Before, its SuperExec was looked up on PATH alone: the SuperLink exited with 3.
-        _wait_healthy(port, link, timeout=90)
+        wait_healthy(port, link, timeout=90)
         fast, chosen = node(0), node(1, {POLL: "0.3"})
         link_exec = _environ(_superexec(link.pid))
         fast_exec, chosen_exec = _environ(_superexec(fast.pid)), _environ(_superexec(chosen.pid))

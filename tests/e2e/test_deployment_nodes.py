@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from fedmerge.data import load_dataset
-from sims.processes import flower_environment, stat_fields
-from sims.runtime import APP_DIR, _free_port, _stop, stage_app
+from sims.processes import flower_environment, free_port, stat_fields
+from sims.runtime import APP_DIR, _stop, stage_app
 from strategies.config import run_config_from_dict
 from strategies.federation import federation
 from tests.e2e.deployment_support import (
@@ -100,7 +100,7 @@ def test_tls_and_node_authentication(app: Path, tmp_path: Path) -> None:
     """
     repo = Path(__file__).resolve().parents[2]
     fedmerge = [sys.executable, "-m", "sims.cli"]
-    certs, home, port = tmp_path / "certs", tmp_path / "home", _free_port()
+    certs, home, port = tmp_path / "certs", tmp_path / "home", free_port()
     subprocess.run([*fedmerge, "certs", str(certs), "--host", "127.0.0.1", "--nodes", "3"],
                    cwd=repo, check=True, capture_output=True, timeout=120)  # fmt: skip
     home.mkdir()
@@ -134,7 +134,7 @@ def test_tls_and_node_authentication(app: Path, tmp_path: Path) -> None:
         for key, pid in ((0, 0), (1, 1), (2, 1)):
             start(
                 "supernode", "--superlink", f"127.0.0.1:{port}", "--certs", str(certs),
-                "--key", str(certs / f"node-{key}"), "--port", str(_free_port()),
+                "--key", str(certs / f"node-{key}"), "--port", str(free_port()),
                 "--node-config", f"partition-id={pid} data-dir='{dirs[pid]}'",
             )  # fmt: skip
         run_dir = tmp_path / "run"
@@ -168,7 +168,7 @@ def test_supernode_serves_every_message_from_one_clientapp_process(
                 subprocess.Popen(
                     [sys.executable, "-m", "sims.cli", "supernode", "--insecure",
                      "--superlink", f"127.0.0.1:{env['SUPERLINK_PORT']}",
-                     "--port", str(_free_port()),
+                     "--port", str(free_port()),
                      "--node-config", f"partition-id={p} num-partitions=2"],
                     cwd=APP_DIR, env=env, stdout=sink, stderr=subprocess.STDOUT,
                     start_new_session=True,
@@ -207,7 +207,7 @@ def test_a_changed_app_gets_fresh_modules_in_the_same_clientapp_process(
             subprocess.Popen(
                 [sys.executable, "-m", "sims.cli", "supernode", "--insecure",
                  "--superlink", f"127.0.0.1:{env['SUPERLINK_PORT']}",
-                 "--port", str(_free_port()), "--node-config", "partition-id=0 num-partitions=1"],
+                 "--port", str(free_port()), "--node-config", "partition-id=0 num-partitions=1"],
                 cwd=APP_DIR, env=env, stdout=sink, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )

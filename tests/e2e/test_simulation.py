@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from sims.launch import simulate
-from sims.processes import flower_environment
-from sims.runtime import APP_DIR, _free_port, _wait_healthy
+from sims.processes import flower_environment, free_port
+from sims.runtime import APP_DIR, wait_healthy
 from sims.scenario_files import load_scenario
 from strategies.federation import Federation
 from tests.e2e.short_runs import SHORT
@@ -136,7 +136,7 @@ def test_flwr_run_dot_uses_the_embedded_default(ray_address: str, tmp_path: Path
     """`flwr run .` through Flower's own CLI runs pyproject's default scenario."""
     env = {**flower_environment(), "FLWR_HOME": str(tmp_path / "home"), "RAY_ADDRESS": ray_address}
     (tmp_path / "home").mkdir()
-    port = _free_port()
+    port = free_port()
     (tmp_path / "home" / "config.toml").write_text(
         f'[superlink]\ndefault = "local"\n[superlink.local]\n'
         f'address = "127.0.0.1:{port}"\ninsecure = true\n'
@@ -148,7 +148,7 @@ def test_flwr_run_dot_uses_the_embedded_default(ray_address: str, tmp_path: Path
     )  # fmt: skip
     run_dir = tmp_path / "run"
     try:
-        _wait_healthy(port, superlink, timeout=60)
+        wait_healthy(port, superlink, timeout=60)
         out = subprocess.run(
             ["flwr", "run", ".", "--stream",
              # one round of the first 40 mini-batches per epoch; every other key as embedded
