@@ -26,6 +26,8 @@ import re
 import sys
 from pathlib import Path
 
+from sims.processes import free_port
+
 #: The name of the interpreter script that a head's raylet starts its processes with.
 PYTHON = "fedmerge-ray-python"
 
@@ -58,12 +60,38 @@ def write_python(bin_dir: Path) -> Path:
     return script
 
 
-def command(python: Path, args: list[str]) -> list[str]:
-    """The command that runs ``ray ARGS`` with ``python`` (:func:`write_python`) as its interpreter.
+#: What a head that fedmerge starts adds to its environment. When the first driver
+#: connects, the raylet starts a worker per CPU for tasks without a runtime environment;
+#: the runs' actors have one (the warm process's shim) and never use them: that was
+#: about 0.7 s of CPU each, cold, just as the actors start.
+HEAD_ENV = {"RAY_prestart_worker_first_driver": "0"}
 
-    It imports :mod:`sims`: run it with the repository root as the working directory.
+
+def head_command(
+    bin_dir: Path, port: int, num_cpus: int, temp_dir: Path, num_gpus: int | None = None
+) -> list[str]:
+    """``ray start --head`` on 127.0.0.1:``port`` as fedmerge starts a Ray head.
+
+    Its interpreter is the :data:`PYTHON` script (written into ``bin_dir``);
+    ``num_gpus`` ``None`` lets Ray count them. Run it with :data:`HEAD_ENV` in
+    its environment and the repository root as its working directory (it
+    imports :mod:`sims`).
     """
-    return [sys.executable, "-m", "sims.ray_head", str(python), *args]
+    python = write_python(bin_dir)
+    gpus = [] if num_gpus is None else ["--num-gpus", str(num_gpus)]
+    return [
+        sys.executable, "-m", "sims.ray_head", str(python),
+        "start", "--head", "--block",
+        "--node-ip-address", "127.0.0.1", "--port", str(port),
+        "--num-cpus", str(num_cpus), *gpus,
+        "--include-dashboard", "false", "--disable-usage-stats",
+        # the autoscaler's monitor: nothing here autoscales
+        "--no-monitor",
+        # Ray's Client server takes port 10001 otherwise, and shares it (SO_REUSEPORT)
+        # with any other head on this machine: a client of 10001 could reach either cluster
+        "--ray-client-server-port", str(free_port()),
+        "--temp-dir", str(temp_dir),
+    ]  # fmt: skip
 
 
 def _options(args: list[str]) -> tuple[dict[str, str], list[str]] | None:

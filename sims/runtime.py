@@ -184,30 +184,14 @@ class Runtime:
                     ray_port = free_port()
                     self.env["RAY_ADDRESS"] = f"127.0.0.1:{ray_port}"
                     self.env.update(LOOPBACK_RAY)
-                    # When the first driver connects, the raylet starts a worker per
-                    # CPU for tasks without a runtime environment. The runs' actors
-                    # have one (the warm process's shim) and never use them: that
-                    # was about 0.7 s of CPU each, cold, just as the actors start.
-                    self.env["RAY_prestart_worker_first_driver"] = "0"
-                    # Its raylet starts workers without a cold import of Ray (sims.ray_head).
-                    python = ray_head.write_python(self.tmp / "bin")
+                    self.env.update(ray_head.HEAD_ENV)
                     self.ray = self.spawn(
-                        ray_head.command(python, [
-                            "start", "--head", "--block",
-                            "--node-ip-address", "127.0.0.1", "--port", str(ray_port),
-                            "--num-cpus", str(head_cpus(ray_num_cpus)),
-                            "--include-dashboard", "false", "--disable-usage-stats",
-                            # the autoscaler's monitor: nothing here autoscales
-                            "--no-monitor",
-                            # Ray's Client server takes port 10001 otherwise, and shares
-                            # it (SO_REUSEPORT) with any other head on this machine: a
-                            # client of 10001 could reach either cluster
-                            "--ray-client-server-port", str(free_port()),
-                            "--temp-dir", str(self.tmp / "r"),
-                        ]),
+                        ray_head.head_command(
+                            self.tmp / "bin", ray_port, head_cpus(ray_num_cpus), self.tmp / "r"
+                        ),
                         out,
                         cwd=APP_DIR,
-                    )  # fmt: skip
+                    )
                 # The SuperLink is forked from the warm process too (its shim is
                 # first on the runtime's PATH); it inherits RAY_ADDRESS for the
                 # simulation processes that its SuperExec starts.

@@ -17,8 +17,7 @@ import torch
 
 from sims.launch import shared_runtimes
 from sims.processes import FLOWER_ENV, free_port
-from sims.ray_head import command as ray_command
-from sims.ray_head import write_python
+from sims.ray_head import HEAD_ENV, head_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,26 +97,10 @@ def ray_head() -> Iterator[tuple[str, int]]:
     """
     tmp = Path(tempfile.mkdtemp(prefix="fmray-"))
     port = free_port()
-    # No workers prestarted for the first driver: the runs' actors, which have a runtime
-    # environment, would never use them (as for the head a Runtime starts).
-    env = {
-        **os.environ,
-        **FLOWER_ENV,
-        "RAY_TMPDIR": str(tmp),
-        "RAY_prestart_worker_first_driver": "0",
-    }
-    # as a Runtime starts its head: workers start without a cold import of Ray
-    python = write_python(tmp / "bin")
+    # as a Runtime starts its head (sims.ray_head), with the GPUs left out
+    env = {**os.environ, **FLOWER_ENV, **HEAD_ENV, "RAY_TMPDIR": str(tmp)}
     proc = subprocess.Popen(
-        ray_command(python, [
-            "start", "--head", "--block",
-            "--node-ip-address", "127.0.0.1", "--port", str(port),
-            "--num-cpus", str(ray_head_cpus()), "--num-gpus", "0",
-            "--include-dashboard", "false", "--disable-usage-stats", "--no-monitor",
-            # not Ray's default 10001, which the other worker's head would share
-            "--ray-client-server-port", str(free_port()),
-            "--temp-dir", str(tmp),
-        ]),
+        head_command(tmp / "bin", port, ray_head_cpus(), tmp, num_gpus=0),
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         cwd=ROOT,
     )  # fmt: skip
