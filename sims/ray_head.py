@@ -26,8 +26,6 @@ import re
 import sys
 from pathlib import Path
 
-from sims.processes import free_port
-
 #: The name of the interpreter script that a head's raylet starts its processes with.
 PYTHON = "fedmerge-ray-python"
 
@@ -87,9 +85,6 @@ def head_command(
         "--include-dashboard", "false", "--disable-usage-stats",
         # the autoscaler's monitor: nothing here autoscales
         "--no-monitor",
-        # Ray's Client server takes port 10001 otherwise, and shares it (SO_REUSEPORT)
-        # with any other head on this machine: a client of 10001 could reach either cluster
-        "--ray-client-server-port", str(free_port()),
         "--temp-dir", str(temp_dir),
     ]  # fmt: skip
 
@@ -162,13 +157,26 @@ def python_main() -> int:
     return 1  # not reached
 
 
+def _no_ray_client() -> ImportError:
+    return ImportError("a head that fedmerge starts runs no Ray Client server")
+
+
 def main() -> None:
-    """``python -m sims.ray_head PYTHON ARGS``: ``ray ARGS`` with ``PYTHON`` as its interpreter."""
+    """``python -m sims.ray_head PYTHON ARGS``: ``ray ARGS`` with ``PYTHON`` as its interpreter.
+
+    ``ray start`` starts no Ray Client server, as where ``ray[client]`` is not
+    installed: nothing of fedmerge's connects through Ray Client (``ray://``),
+    and the server was one more cold Python process per head (about 0.9 s of
+    CPU here) on a port that Ray otherwise shares among all heads (10001, with
+    ``SO_REUSEPORT``) or, when told one, binds seconds after ``ray start`` began,
+    long after any check that it was free.
+    """
     sys.executable = sys.argv[1]
     sys.argv = ["ray", *sys.argv[2:]]
-    from ray.scripts.scripts import main as ray_main
+    from ray.scripts import scripts
 
-    ray_main()  # type: ignore[no-untyped-call]
+    setattr(scripts, "get_ray_client_dependency_error", _no_ray_client)  # noqa: B010
+    scripts.main()  # type: ignore[no-untyped-call]
 
 
 if __name__ == "__main__":

@@ -185,13 +185,16 @@ class Runtime:
                     self.env["RAY_ADDRESS"] = f"127.0.0.1:{ray_port}"
                     self.env.update(LOOPBACK_RAY)
                     self.env.update(ray_head.HEAD_ENV)
-                    self.ray = self.spawn(
-                        ray_head.head_command(
-                            self.tmp / "bin", ray_port, head_cpus(ray_num_cpus), self.tmp / "r"
-                        ),
-                        out,
-                        cwd=APP_DIR,
-                    )
+                    # its output joins the runtime's log when the runtime closes; a
+                    # head that stops early says why in :meth:`_check_ray`'s error
+                    with (self.tmp / "ray.log").open("ab") as ray_out:
+                        self.ray = self.spawn(
+                            ray_head.head_command(
+                                self.tmp / "bin", ray_port, head_cpus(ray_num_cpus), self.tmp / "r"
+                            ),
+                            ray_out,
+                            cwd=APP_DIR,
+                        )
                 # The SuperLink is forked from the warm process too (its shim is
                 # first on the runtime's PATH); it inherits RAY_ADDRESS for the
                 # simulation processes that its SuperExec starts.
@@ -217,7 +220,11 @@ class Runtime:
     def _check_ray(self) -> None:
         """Raise if the Ray head this runtime started has exited."""
         if self.ray is not None and self.ray.poll() is not None:
-            raise SimulationError(f"ray start exited with code {self.ray.returncode}")
+            said = (self.tmp / "ray.log").read_text(errors="replace").splitlines()
+            # what went wrong, without Ray's start-up notes
+            said = [line for line in said if line.strip() and "\tINFO " not in line]
+            tail = "".join(f"\n  {line}" for line in said[-12:])
+            raise SimulationError(f"ray start exited with code {self.ray.returncode}{tail}")
 
     def spawn(
         self, argv: list[str], out: IO[bytes], cwd: Path | None = None
@@ -298,10 +305,11 @@ class Runtime:
         for proc in procs:
             proc.wait()
         _stop(self.watchdog, grace=1.0)
-        warm_log = self.tmp / "warm.log"
-        if self.log is not None and warm_log.exists() and warm_log.stat().st_size:
-            with self.log.open("ab") as out:
-                out.write(warm_log.read_bytes())
+        for own in ("ray.log", "warm.log"):
+            path = self.tmp / own
+            if self.log is not None and path.exists() and path.stat().st_size:
+                with self.log.open("ab") as out:
+                    out.write(path.read_bytes())
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

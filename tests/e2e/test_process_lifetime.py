@@ -25,6 +25,7 @@ import pytest
 
 from sims.launch import SimulationError, simulate
 from sims.processes import alive, command_line, descendants, stop_tree
+from sims.runtime import Runtime
 from sims.scenario_files import load_scenario
 from tests.e2e.short_runs import TEST_SAMPLES
 
@@ -121,6 +122,8 @@ def test_sigkill_of_simulate_leaves_no_process_behind(tmp_path: Path) -> None:
         for part in ("sims.processes", "flower-superlink", "flwr run", "raylet", "gcs_server"):
             assert part in commands, f"{part} is not below the CLI: the test sees too little"
         assert any("ClientAppActor" in command_line(p) for p in tree)
+        # Nothing of a run uses Ray Client: its head starts no server for it.
+        assert not any("ray.util.client.server" in command_line(p) for p in tree), commands
         # Every server of the run, Ray's GCS and raylet included, listens on loopback only.
         table = _listen_table()
         listening = _listening(tree, table)
@@ -203,3 +206,32 @@ def test_a_dead_ray_worker_stops_the_run_which_then_resumes(
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
     assert all(r["clients"] == 4 for r in rows[stopped + 1 :])
     assert resumed["status"] == "degraded"  # round `stopped` did lose clients
+
+
+def test_a_ray_head_that_stops_early_says_why(tmp_path: Path) -> None:
+    """The error of a run whose Ray head stopped quotes what ``ray start`` printed."""
+    runtime = Runtime()
+    try:
+        runtime.start("", 1, tmp_path / "runtime.log")
+        assert runtime.ray is not None
+        # once `ray start` has started every daemon and watches them
+        said = runtime.tmp / "ray.log"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "block forever" not in said.read_text():
+            assert runtime.ray.poll() is None, said.read_text()
+            time.sleep(0.2)
+        raylets = [p for p in descendants(runtime.ray.pid) if "/raylet " in command_line(p)]
+        assert raylets, "the head started no raylet"
+        os.kill(raylets[0], signal.SIGKILL)
+        runtime.ray.wait(timeout=60)  # `ray start --block` stops once a daemon has died
+        (tmp_path / "run").mkdir()
+        with pytest.raises(SimulationError) as stopped:
+            runtime.run(tmp_path / "run", "", "num-supernodes = 1")
+    finally:
+        runtime.close()
+    message = str(stopped.value)
+    assert message.startswith(f"ray start exited with code {runtime.ray.returncode}"), message
+    # Ray's own words, naming the daemon that died
+    assert "exited unexpectedly" in message and "raylet" in message.split("\n", 1)[1], message
+    # and the runtime's log keeps the whole of it
+    assert "exited unexpectedly" in (tmp_path / "runtime.log").read_text()
