@@ -1,7 +1,8 @@
 """``ray start`` whose raylet starts its Python processes without a cold import of Ray first.
 
-A raylet starts every Python process it owns (each worker, Ray's Client
-server) as ``PYTHON setup_worker.py PROGRAM ARGS --language=PYTHON
+A raylet starts every Python process it owns (each worker; Ray's Client
+server too, which a head started here does not have: see :func:`main`) as
+``PYTHON setup_worker.py PROGRAM ARGS --language=PYTHON
 [--serialized-runtime-env-context=JSON]``, where ``PYTHON`` is the
 interpreter of ``ray start``. ``setup_worker.py`` imports Ray (about 0.9 s of
 CPU here) only to apply the runtime environment's variables and ``exec``
@@ -161,21 +162,35 @@ def _no_ray_client() -> ImportError:
     return ImportError("a head that fedmerge starts runs no Ray Client server")
 
 
+def _no_api_server(node: object, **options: object) -> None:
+    """What ``ray start`` calls to start Ray's API server (``dashboard.py``): nothing."""
+
+
 def main() -> None:
     """``python -m sims.ray_head PYTHON ARGS``: ``ray ARGS`` with ``PYTHON`` as its interpreter.
 
-    ``ray start`` starts no Ray Client server, as where ``ray[client]`` is not
-    installed: nothing of fedmerge's connects through Ray Client (``ray://``),
-    and the server was one more cold Python process per head (about 0.9 s of
-    CPU here) on a port that Ray otherwise shares among all heads (10001, with
-    ``SO_REUSEPORT``) or, when told one, binds seconds after ``ray start`` began,
-    long after any check that it was free.
+    A head that it starts has two Python processes fewer than ``ray start``'s own:
+
+    - **no Ray Client server**, as where ``ray[client]`` is not installed:
+      nothing of fedmerge's connects through Ray Client (``ray://``). The
+      server was a cold Python process (about 0.9 s of CPU here) on a port that
+      Ray otherwise shares among all heads (10001, with ``SO_REUSEPORT``) or,
+      when told one, binds seconds after ``ray start`` began, long after any
+      check that the port was free.
+    - **no API server** (``dashboard.py``). With ``--include-dashboard false``
+      it loads Ray's usage-stats module only (usage stats are off), and
+      ``ray start`` waits until it has imported Ray and answers before it
+      starts the raylet: about 1.8 s of CPU, on the way to the first actor.
+      Nothing of a run uses it; Ray's job submission and state API (``ray
+      job``, ``ray list``), which it serves, are not there.
     """
     sys.executable = sys.argv[1]
     sys.argv = ["ray", *sys.argv[2:]]
+    from ray._private.node import Node
     from ray.scripts import scripts
 
     setattr(scripts, "get_ray_client_dependency_error", _no_ray_client)  # noqa: B010
+    setattr(Node, "start_api_server", _no_api_server)  # noqa: B010
     scripts.main()  # type: ignore[no-untyped-call]
 
 

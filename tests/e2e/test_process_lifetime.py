@@ -122,8 +122,9 @@ def test_sigkill_of_simulate_leaves_no_process_behind(tmp_path: Path) -> None:
         for part in ("sims.processes", "flower-superlink", "flwr run", "raylet", "gcs_server"):
             assert part in commands, f"{part} is not below the CLI: the test sees too little"
         assert any("ClientAppActor" in command_line(p) for p in tree)
-        # Nothing of a run uses Ray Client: its head starts no server for it.
-        assert not any("ray.util.client.server" in command_line(p) for p in tree), commands
+        # Nothing of a run uses Ray Client or Ray's API server: its head starts neither.
+        for server in ("ray.util.client.server", "/dashboard/dashboard.py"):
+            assert not any(server in command_line(p) for p in tree), (server, commands)
         # Every server of the run, Ray's GCS and raylet included, listens on loopback only.
         table = _listen_table()
         listening = _listening(tree, table)
