@@ -20,6 +20,7 @@ from ray._private.workers import setup_worker
 from sims.ray_head import PYTHON, worker_argv, write_python
 
 SETUP = setup_worker.__file__
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 #: The program that the cases start: it prints what it was given.
 PROGRAM = """
@@ -118,3 +119,29 @@ def test_any_other_command_runs_in_the_real_interpreter(tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [sys.executable, "['x']"]
+
+
+def test_rays_cli_starts_without_its_serve_job_and_state_commands(tmp_path: Path) -> None:
+    """``python -m sims.ray_head`` has ``ray start`` but imports neither Serve nor pandas."""
+    script = write_python(tmp_path / "bin")
+    probe = (
+        "import json, sys\n"
+        "from sims import ray_head\n"
+        f"sys.argv = ['ray_head', {str(script)!r}, '--help']\n"
+        "try:\n"
+        "    ray_head.main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(json.dumps(sorted(m for m in ('pandas', 'fastapi', 'ray.serve', 'ray') "
+        "if m in sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr
+    help_text, imported = out.stdout.rstrip("\n").rsplit("\n", 1)
+    listed = help_text.split("Commands:")[1].splitlines()
+    commands = {line.split()[0] for line in listed if line.strip()}
+    assert {"start", "stop", "status"} <= commands, commands
+    assert not {"serve", "job", "list"} & commands, commands
+    assert json.loads(imported) == ["ray"]  # Ray, but none of the CLI's extras' imports
