@@ -9,13 +9,23 @@ from pathlib import Path
 import pytest
 
 from sims.runtime import stage_app
-from tests.e2e.deployment_support import deployment_of
+from tests.e2e.deployment_support import Warm, deployment_of, warm_process
+
+
+@pytest.fixture(scope="session")
+def deployment_warm() -> Iterator[Warm]:
+    """One warm process for every deployment of this test process (it imports PyTorch and
+    Flower once: about 10 s of CPU here); see :func:`tests.e2e.deployment_support.warm_process`."""
+    with warm_process() as warm:
+        yield warm
 
 
 @pytest.fixture
-def deployment(tmp_path: Path) -> Iterator[tuple[dict[str, str], list[subprocess.Popen]]]:
+def deployment(
+    tmp_path: Path, deployment_warm: Warm
+) -> Iterator[tuple[dict[str, str], list[subprocess.Popen]]]:
     """A SuperLink on loopback; see :func:`tests.e2e.deployment_support.deployment_of`."""
-    with deployment_of(tmp_path) as running:
+    with deployment_of(tmp_path, deployment_warm) as running:
         yield running
 
 

@@ -10,34 +10,64 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fedmerge.data import load_dataset
-from sims.processes import FLOWER_ENV, free_port
+from sims.processes import FLOWER_ENV, descendants, free_port, stat_fields, stop_tree
 from sims.runtime import APP_DIR, _stop, wait_healthy
 from sims.warm import warm_environment
 
 
+@dataclass
+class Warm:
+    """A warm process (:mod:`sims.warm`) and the environment of the processes it serves."""
+
+    proc: subprocess.Popen
+    env: dict[str, str]
+
+    def stop_children(self) -> None:
+        """Stop, by PID, every process forked from it and whatever those started."""
+        below = descendants(self.proc.pid)
+        children = [p for p in below if (stat_fields(p) or ["", ""])[1] == str(self.proc.pid)]
+        stop_tree(children, 10.0)
+
+
+@contextmanager
+def warm_process() -> Iterator[Warm]:
+    """A warm process that has imported Flower and PyTorch, for the deployment tests of a
+    test process: a deployment's processes take their environment, working directory and
+    arguments from their own request, so that deployments one after another can share it."""
+    shims = Path(tempfile.mkdtemp(prefix="fmd-"))  # short: a socket path is limited
+    env, warm_command = warm_environment(shims, {**os.environ, **FLOWER_ENV})
+    warm = subprocess.Popen(
+        warm_command, cwd=APP_DIR, env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        yield Warm(warm, env)
+    finally:
+        _stop(warm)  # and whatever its children left
+        shutil.rmtree(shims, ignore_errors=True)
+
+
 @contextmanager
 def deployment_of(
-    tmp_path: Path, extra_env: dict[str, str] | None = None
+    tmp_path: Path, warm: Warm, extra_env: dict[str, str] | None = None
 ) -> Iterator[tuple[dict[str, str], list[subprocess.Popen]]]:
     """A SuperLink (no simulation) and a way to add SuperNodes; all stopped by PID.
 
     Flower's programs (``flower-superlink``, ``flower-supernode``, their
     SuperExecs, ``flwr-serverapp``, ``flwr-clientapp`` and ``flwr``) and
-    ``fedmerge supernode``'s ClientApp process are forked from a warm process
-    that has imported Flower and PyTorch (:mod:`sims.warm`): each runs its own
+    ``fedmerge supernode``'s ClientApp process are forked from ``warm``, which
+    has imported Flower and PyTorch (:mod:`sims.warm`): each runs its own
     entry point, as a process of its own, without paying the imports again.
+    At the end, everything forked from ``warm`` is stopped with the rest.
     The TLS test and ``fedmerge federation up`` start theirs cold.
     """
-    shims = Path(tempfile.mkdtemp(prefix="fmd-"))  # short: a socket path is limited
-    env, warm_command = warm_environment(
-        shims,
-        {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(tmp_path / "home"), **(extra_env or {})},
-    )
+    env = {**warm.env, "FLWR_HOME": str(tmp_path / "home"), **(extra_env or {})}
     (tmp_path / "home").mkdir()
     port = free_port()
     env["SUPERLINK_PORT"] = str(port)
@@ -46,10 +76,6 @@ def deployment_of(
         f'address = "127.0.0.1:{port}"\ninsecure = true\n'
     )
     procs: list[subprocess.Popen] = []
-    warm = subprocess.Popen(
-        warm_command, cwd=APP_DIR, env=env, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
     try:
         superlink = subprocess.Popen(
             ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port)],
@@ -62,8 +88,7 @@ def deployment_of(
     finally:
         for proc in reversed(procs):
             _stop(proc)
-        _stop(warm)  # and whatever its children left
-        shutil.rmtree(shims, ignore_errors=True)
+        warm.stop_children()
 
 
 def supernode(

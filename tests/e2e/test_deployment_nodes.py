@@ -24,6 +24,7 @@ from strategies.config import run_config_from_dict
 from strategies.federation import federation
 from tests.e2e.deployment_support import (
     OWN_DATA,
+    Warm,
     deployment_of,
     flwr_run,
     node_dirs,
@@ -32,7 +33,9 @@ from tests.e2e.deployment_support import (
 )
 
 
-def test_a_server_without_data_reports_its_clients_evaluation(app: Path, tmp_path: Path) -> None:
+def test_a_server_without_data_reports_its_clients_evaluation(
+    app: Path, tmp_path: Path, deployment_warm: Warm
+) -> None:
     """``evaluation.server = 'clients'``: nobody holds Fashion-MNIST but the nodes' own arrays.
 
     The SuperLink (and so the ServerApp) runs with the Fashion-MNIST path
@@ -54,7 +57,7 @@ def test_a_server_without_data_reports_its_clients_evaluation(app: Path, tmp_pat
         dirs.append(d)
     nowhere = {"FEDMERGE_FASHION_MNIST": str(tmp_path / "no-fashion-mnist")}
     run_dir = tmp_path / "run"
-    with deployment_of(tmp_path, nowhere) as (env, procs):
+    with deployment_of(tmp_path, deployment_warm, nowhere) as (env, procs):
         for p, d in enumerate(dirs):
             supernode(env, procs, f"partition-id={p} data-dir='{d}'")
         out = flwr_run(
