@@ -34,16 +34,15 @@ KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("fedmerge supernode's ClientApp processes", ("sims.clientapp_worker",)),
     ("SuperExecs", ("flower-superexec",)),
     ("deployed ServerApps and ClientApps", ("flwr-serverapp", "flwr-clientapp")),
+    ("Ray heads: raylets", ("raylet",)),
+    ("Ray heads: GCS servers", ("gcs_server",)),
+    ("Ray heads: log monitors", ("log_monitor",)),
+    ("Ray heads: agents", ("DashboardAgent", "RuntimeEnvAgent")),
     (
-        "Ray heads' daemons",
+        "Ray heads: ray start and the rest",
         (
-            "raylet",
-            "gcs_server",
-            "log_monitor",
             "ray.util.client.server",
             "dashboard",
-            "DashboardAgent",
-            "RuntimeEnvAgent",
             "ray start",
             "sims.ray_head",  # `ray start` as a runtime starts it
             "monitor.py",

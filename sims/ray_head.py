@@ -1,8 +1,8 @@
 """``ray start`` whose raylet starts its Python processes without a cold import of Ray first.
 
-Ray starts the Python processes of a head's (each worker, by the raylet;
-the Client server, by ``ray start``, which a head started here does not have:
-see :func:`main`) as ``PYTHON setup_worker.py PROGRAM ARGS --language=PYTHON
+Ray starts a head's Python processes (each worker by the raylet; the Client
+server by ``ray start``, though a head started here has none: see
+:func:`main`) as ``PYTHON setup_worker.py PROGRAM ARGS --language=PYTHON
 [--serialized-runtime-env-context=JSON]``, where ``PYTHON`` is the
 interpreter of ``ray start``. ``setup_worker.py`` imports Ray (about 0.9 s of
 CPU here) only to apply the runtime environment's variables and ``exec``
