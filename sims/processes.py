@@ -15,6 +15,7 @@ processes itself and then the watchdog.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -206,7 +207,11 @@ def reap_children() -> None:
 
 
 def watch(parent: int, guard_file: Path) -> int:
-    """Wait for ``parent`` to die, then stop every tree listed in ``guard_file``."""
+    """Wait for ``parent`` to die, then stop every tree listed in ``guard_file``.
+
+    The folder that holds ``guard_file`` (a runtime's temporary folder: its
+    staged app, shims, sockets and Ray's session files) goes with them.
+    """
     while os.getppid() == parent and alive(parent):
         time.sleep(POLL)
     try:
@@ -214,6 +219,7 @@ def watch(parent: int, guard_file: Path) -> int:
     except (OSError, ValueError):
         return 0
     stop_run_tree(roots, ORPHAN_GRACE)
+    shutil.rmtree(guard_file.parent, ignore_errors=True)
     return 0
 
 

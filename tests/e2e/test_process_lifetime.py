@@ -142,6 +142,10 @@ def test_sigkill_of_simulate_leaves_no_process_behind(tmp_path: Path) -> None:
             a for i, a in table.items() if i not in ours and a.rsplit(":", 1)[1] in ports
         )
         assert not shared, (shared, named)
+        # the runtime's temporary folder: the watchdog's guard file is in it
+        watchdog = next(p for p in tree if "sims.processes" in command_line(p))
+        runtime_tmp = Path(command_line(watchdog).split()[-1]).parent
+        assert (runtime_tmp / "guard").is_file() and (runtime_tmp / "app").is_dir()
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         rows_at_kill = len((run_dir / "metrics.jsonl").read_text().splitlines())
@@ -150,6 +154,8 @@ def test_sigkill_of_simulate_leaves_no_process_behind(tmp_path: Path) -> None:
             time.sleep(0.1)
         survivors = {p: command_line(p)[:120] for p in tree if alive(p)}
         assert not survivors, survivors
+        # ... and the watchdog took the runtime's temporary folder with it
+        assert not runtime_tmp.exists(), sorted(p.name for p in runtime_tmp.iterdir())
     finally:
         squat.close()
         if proc.poll() is None:
