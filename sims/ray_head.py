@@ -90,6 +90,18 @@ def head_command(
     ]  # fmt: skip
 
 
+def last_words(log: Path, lines: int = 12) -> str:
+    """What a stopped ``ray start`` printed into ``log``: its last ``lines`` lines, indented.
+
+    Ray's start-up notes (its INFO lines) are left out: what remains names
+    what went wrong, e.g. ``Some Ray subprocesses exited unexpectedly:`` and
+    ``raylet [exit code=-9]``, or the traceback of a head that did not start.
+    """
+    said = log.read_text(errors="replace").splitlines() if log.exists() else []
+    said = [line for line in said if line.strip() and "\tINFO " not in line]
+    return "".join(f"\n  {line}" for line in said[-lines:])
+
+
 def _options(args: list[str]) -> tuple[dict[str, str], list[str]] | None:
     """``setup_worker.py``'s two options and the arguments it passes on; ``None`` if malformed."""
     found: dict[str, str] = {}

@@ -220,11 +220,10 @@ class Runtime:
     def _check_ray(self) -> None:
         """Raise if the Ray head this runtime started has exited."""
         if self.ray is not None and self.ray.poll() is not None:
-            said = (self.tmp / "ray.log").read_text(errors="replace").splitlines()
-            # what went wrong, without Ray's start-up notes
-            said = [line for line in said if line.strip() and "\tINFO " not in line]
-            tail = "".join(f"\n  {line}" for line in said[-12:])
-            raise SimulationError(f"ray start exited with code {self.ray.returncode}{tail}")
+            raise SimulationError(
+                f"ray start exited with code {self.ray.returncode}"
+                + ray_head.last_words(self.tmp / "ray.log")
+            )
 
     def spawn(
         self, argv: list[str], out: IO[bytes], cwd: Path | None = None
@@ -305,11 +304,11 @@ class Runtime:
         for proc in procs:
             proc.wait()
         _stop(self.watchdog, grace=1.0)
-        for own in ("ray.log", "warm.log"):
-            path = self.tmp / own
-            if self.log is not None and path.exists() and path.stat().st_size:
-                with self.log.open("ab") as out:
-                    out.write(path.read_bytes())
+        own_logs = (self.tmp / "ray.log", self.tmp / "warm.log")
+        said = b"".join(p.read_bytes() for p in own_logs if p.exists())
+        if self.log is not None and said:
+            with self.log.open("ab") as out:
+                out.write(said)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

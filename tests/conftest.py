@@ -17,7 +17,7 @@ import torch
 
 from sims.launch import shared_runtimes
 from sims.processes import FLOWER_ENV, free_port
-from sims.ray_head import HEAD_ENV, head_command
+from sims.ray_head import HEAD_ENV, head_command, last_words
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,16 +99,17 @@ def ray_head() -> Iterator[tuple[str, int]]:
     port = free_port()
     # as a Runtime starts its head (sims.ray_head), with the GPUs left out
     env = {**os.environ, **FLOWER_ENV, **HEAD_ENV, "RAY_TMPDIR": str(tmp)}
-    proc = subprocess.Popen(
-        head_command(tmp / "bin", port, ray_head_cpus(), tmp, num_gpus=0),
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        cwd=ROOT,
-    )  # fmt: skip
+    said = tmp / "ray.log"
+    with said.open("ab") as out:
+        proc = subprocess.Popen(
+            head_command(tmp / "bin", port, ray_head_cpus(), tmp, num_gpus=0),
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
+        )  # fmt: skip
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"ray start exited with code {proc.returncode}")
+            raise RuntimeError(f"ray start exited with code {proc.returncode}{last_words(said)}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 break
