@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedmerge.optim import SGD, Adam, LocalOptimizer
+
 #: Local optimisers of :class:`TrainConfig` (``optimizer``).
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 
@@ -31,9 +33,10 @@ class TrainConfig:
     weight_decay : float (default: 0.0)
         L2 penalty; >= 0 (added to the gradient, for SGD and Adam alike).
     optimizer : {"sgd", "adam"} (default: "sgd")
-        ``"sgd"``: :class:`torch.optim.SGD` with ``momentum``; ``"adam"``:
-        :class:`torch.optim.Adam` with PyTorch's default betas (0.9, 0.999) and
-        eps 1e-8 (DIMAT's authors train with Adam at ``lr = 0.001``);
+        ``"sgd"``: the update of :class:`torch.optim.SGD` with ``momentum``;
+        ``"adam"``: that of :class:`torch.optim.Adam` with PyTorch's default
+        betas (0.9, 0.999) and eps 1e-8 (both bit for bit, from
+        :mod:`fedmerge.optim`) (DIMAT's authors train with Adam at ``lr = 0.001``);
         ``momentum`` is then unused.
     pretrain_epochs : int (default: 0)
         Local epochs every client trains, from its starting model, before the
@@ -207,11 +210,15 @@ def local_epochs(config: TrainConfig, server_round: int, *, peer: bool) -> int:
     return config.epochs
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """The local optimiser ``config.optimizer`` over ``model``'s parameters."""
+def make_optimizer(model: nn.Module, config: TrainConfig) -> LocalOptimizer:
+    """The local optimiser ``config.optimizer`` over ``model``'s parameters.
+
+    The updates of ``torch.optim.SGD`` and ``torch.optim.Adam``, bit for bit,
+    without importing ``torch._dynamo`` (:mod:`fedmerge.optim`).
+    """
     if config.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(
+        return Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return SGD(
         model.parameters(),
         lr=config.lr,
         momentum=config.momentum,

@@ -15,8 +15,10 @@ forked.
   runtime. It binds a Unix socket, imports Flower, PyTorch and NumPy
   (:data:`PRELOAD`; never fedmerge's own packages: every run loads the Flower
   App from its FAB, so a changed app is always fresh), and then forks one
-  child per request; :data:`TRAINING_PRELOAD` follows before the first child
-  that trains, or once it is idle after a simulation process started. It does
+  child per request. Nor does it import ``torch._dynamo``, which
+  ``torch.optim`` imports (about 2.5 s of CPU here): fedmerge trains with
+  :mod:`fedmerge.optim`; a plugin that builds a ``torch.optim`` optimiser
+  pays that import once in each process that uses it. It does
   not import Ray: Ray's C++ core reads a worker's job (``RAY_JOB_ID``) from
   the environment once, when Ray is imported, so a worker forked from a
   process that had imported Ray would have none. The child takes the
@@ -103,14 +105,6 @@ PRELOAD = (
     "flwr.superlink.cli",
     "flwr.supernode.cli",
 )
-
-#: Imported later (:func:`serve`), for the children that train: ``torch.optim``
-#: imports it at an optimizer's first step (its graph-break markers), about 1.3 s
-#: of CPU in every process that trains.
-TRAINING_PRELOAD = ("torch._dynamo",)
-
-#: The programs that train (Ray's workers host the ClientApp actors).
-TRAINS = frozenset({RAY_WORKER, "flwr-clientapp", WORKER})
 
 _HEADER = 8  # bytes of the request's length
 
@@ -253,20 +247,11 @@ def serve(path: str) -> int:
         importlib.import_module(module)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     listener.settimeout(0.5)
-    # TRAINING_PRELOAD waits until it is needed, or until the warm process is idle
-    # once a simulation process has started (which then connects to Ray before its
-    # actors' workers are asked for): the first `flwr run`, SuperExec and simulation
-    # process of a runtime are forked without waiting for it.
-    training_ready = False
-    simulating = False
     while True:
         reap_children()
         try:
             conn, _ = listener.accept()
         except TimeoutError:
-            if simulating and not training_ready:
-                _import_training_preload()
-                training_ready = True
             continue
         conn.settimeout(None)
         try:
@@ -274,10 +259,6 @@ def serve(path: str) -> int:
         except (OSError, ValueError):
             conn.close()
             continue
-        if request["name"] in TRAINS and not training_ready:
-            _import_training_preload()
-            training_ready = True
-        simulating = simulating or request["name"] == "flwr-simulation"
         sys.stdout.flush()
         sys.stderr.flush()
         if os.fork() == 0:
@@ -292,15 +273,6 @@ def serve(path: str) -> int:
         for fd in fds:
             os.close(fd)
         conn.close()
-
-
-def _import_training_preload() -> None:
-    """Import :data:`TRAINING_PRELOAD`; what fails, the children import themselves."""
-    for module in TRAINING_PRELOAD:
-        try:
-            importlib.import_module(module)
-        except Exception:
-            traceback.print_exc()
 
 
 def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:

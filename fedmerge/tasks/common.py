@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedmerge.optim import LocalOptimizer
 from fedmerge.tasks.augment import AugmentConfig, augment
 from fedmerge.tasks.config import TaskConfig
 from fedmerge.training import TrainConfig, TrainResult, batch_starts
@@ -67,7 +68,7 @@ def two_view_epochs(
     x: torch.Tensor,
     train: TrainConfig,
     config: TaskConfig,
-    optimizer: torch.optim.Optimizer,
+    optimizer: LocalOptimizer,
     loss_of: Callable[[torch.Tensor, int], torch.Tensor],
     *,
     generator: torch.Generator,
@@ -87,9 +88,7 @@ def two_view_epochs(
     n = len(x)
     if n == 0:
         return TrainResult(loss=float("nan"), num_examples=0, num_steps=0)
-    device = (
-        x.device if not optimizer.param_groups else optimizer.param_groups[0]["params"][0].device
-    )
+    device = optimizer.params[0].device
     aug = augment_config(config)
     steps, epoch_loss = 0, float("nan")
     for _ in range(epochs):
