@@ -17,6 +17,14 @@ only) does what ``setup_worker.py`` does for a plain runtime environment
 (variables and ``py_executable``) and execs the real interpreter for
 everything else, ``setup_worker.py`` included where the environment asks
 for more (a container, a command prefix, another language).
+
+Where the head belongs to a :class:`sims.runtime.Runtime`, whose warm process
+has imported Flower's and PyTorch's dependencies (gRPC, protobuf, NumPy)
+already, the script hands Ray's own Python programs of the head
+(:data:`RAY_PROGRAMS`: its log monitor and the raylet's two agents) to that
+warm process, which runs each in a fork of itself: about 1.4 s of CPU less
+per head here (1.30 and 1.03 s for the agents instead of 1.88 and 1.45 s,
+0.56 s for the log monitor instead of 0.92 s).
 """
 
 from __future__ import annotations
@@ -157,8 +165,42 @@ def set_variables(variables: dict[str, str]) -> None:
         os.environ[key] = re.sub(r"\$\{[A-Z0-9_]+\}", "", os.path.expandvars(str(value)))
 
 
+#: Ray's own Python programs of a head, under Ray's package: the log monitor (started by
+#: ``ray start``), the dashboard agent and the runtime-environment agent (by the raylet).
+RAY_PROGRAMS = (
+    ("_private", "log_monitor.py"),
+    ("dashboard", "agent.py"),
+    ("_private", "runtime_env", "agent", "main.py"),
+)
+
+
+def forked_argv(args: list[str], socket_path: str) -> list[str] | None:
+    """The warm process's command for ``python ARGS`` when ARGS run one of :data:`RAY_PROGRAMS`.
+
+    ``ARGS`` is ``[-u] SCRIPT ARGS``, as Ray starts them; the command is
+    :data:`sims.warm.RAY_WORKER`'s shim beside ``socket_path`` (the warm
+    process runs ``SCRIPT ARGS`` in a fork of itself, unbuffered). ``None``
+    for anything else, or where no warm process serves (``socket_path`` empty).
+    """
+    from sims.warm import RAY_WORKER, shim_dir
+
+    rest = args[1:] if args[:1] == ["-u"] else args
+    if not socket_path or not rest:
+        return None
+    parts = Path(rest[0]).parts
+    if not any(parts[-len(p) - 1 :] == ("ray", *p) for p in RAY_PROGRAMS):
+        return None
+    return [str(shim_dir(Path(socket_path)) / RAY_WORKER), "-u", *rest]
+
+
 def python_main() -> int:
-    """The :data:`PYTHON` script: ``setup_worker.py``'s work where plain, else the real Python."""
+    """The :data:`PYTHON` script: ``setup_worker.py``'s work where plain, else the real Python.
+
+    Ray's own programs (:data:`RAY_PROGRAMS`) are forked from the runtime's warm
+    process where one serves the head (:func:`forked_argv`).
+    """
+    from sims.warm import SOCKET_ENV
+
     args = sys.argv[1:]
     if args and Path(args[0]).name == SETUP_WORKER:
         plain = worker_argv(args[1:])
@@ -166,6 +208,9 @@ def python_main() -> int:
             argv, variables = plain
             set_variables(variables)
             os.execv(argv[0], argv)
+    forked = forked_argv(args, os.environ.get(SOCKET_ENV, ""))
+    if forked is not None:
+        os.execv(forked[0], forked)
     os.execv(sys.executable, [sys.executable, *args])
     return 1  # not reached
 

@@ -42,6 +42,7 @@ module level: a shim starts in milliseconds.
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import os
 import select
@@ -116,7 +117,7 @@ def write_shims(root: Path) -> tuple[Path, Path]:
     and imports this module from the directory that holds :mod:`sims`.
     """
     sock = root / "warm.sock"
-    bin_dir = _bin_dir(sock)
+    bin_dir = shim_dir(sock)
     bin_dir.mkdir(parents=True, exist_ok=True)
     source = Path(__file__).resolve().parent.parent
     for name in (*ENTRY_POINTS, RAY_WORKER):
@@ -156,11 +157,11 @@ def shim(name: str) -> Path | None:
     sock = os.environ.get(SOCKET_ENV, "")
     if not sock or name not in ENTRY_POINTS:
         return None
-    path = _bin_dir(Path(sock)) / name
+    path = shim_dir(Path(sock)) / name
     return path if path.is_file() else None
 
 
-def _bin_dir(sock: Path) -> Path:
+def shim_dir(sock: Path) -> Path:
     """Where the shims of the warm process listening on ``sock`` are: beside it."""
     return sock.with_name("bin")
 
@@ -190,7 +191,7 @@ def ray_runtime_env(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
     path = os.environ.get(SOCKET_ENV, "")
     if not path or "py_executable" in env:
         return env
-    env["py_executable"] = str(_bin_dir(Path(path)) / RAY_WORKER)
+    env["py_executable"] = str(shim_dir(Path(path)) / RAY_WORKER)
     env["env_vars"] = {**env.get("env_vars", {}), SOCKET_ENV: path}
     return env
 
@@ -312,7 +313,11 @@ def _child(conn: socket.socket, request: dict[str, Any], fds: list[int], base: l
         name = request["name"]
         argv = _real_argv(name, request["argv"])
         if name == RAY_WORKER:
-            argv = argv[1:]  # `python default_worker.py ARGS`: the script is argv[0]
+            argv = argv[1:]  # `python [-u] SCRIPT ARGS`: the script is argv[0]
+            if argv[:1] == ["-u"]:  # as unbuffered as a fork can be: a flush per line
+                argv = argv[1:]
+                for stream in (sys.stdout, sys.stderr):
+                    cast(io.TextIOWrapper, stream).reconfigure(line_buffering=True)
         title = " ".join(argv)  # what `ps` shows: the program's command line
         if name == WORKER:
             # `python -m MODULE ARGS`: the working directory comes first on sys.path

@@ -125,6 +125,15 @@ def test_sigkill_of_simulate_leaves_no_process_behind(tmp_path: Path) -> None:
         # Nothing of a run uses Ray Client or Ray's API server: its head starts neither.
         for server in ("ray.util.client.server", "/dashboard/dashboard.py"):
             assert not any(server in command_line(p) for p in tree), (server, commands)
+        # Ray's own Python programs of the head are forked from the warm process (a
+        # shim below the raylet or `ray start` stands for each): none starts cold.
+        warm = next(p for p in tree if "sims.warm serve" in command_line(p))
+        forked = set(descendants(warm))
+        for program in ("/log_monitor.py", "ray::DashboardAgent", "ray::RuntimeEnvAgent"):
+            found = {p for p in tree if program in command_line(p)} - {
+                p for p in tree if "fedmerge-ray-worker" in command_line(p)
+            }
+            assert found and found <= forked, (program, {p: command_line(p) for p in found})
         # Every server of the run, Ray's GCS and raylet included, listens on loopback only.
         table = _listen_table()
         listening = _listening(tree, table)

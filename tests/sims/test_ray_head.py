@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from ray._private.workers import setup_worker
 
-from sims.ray_head import PYTHON, worker_argv, write_python
+from sims.ray_head import PYTHON, forked_argv, worker_argv, write_python
 
 SETUP = setup_worker.__file__
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -109,6 +109,39 @@ def test_options_are_taken_out_as_rays_parser_takes_them(case: str) -> None:
 )
 def test_what_the_script_does_not_know_goes_to_ray(args: list[str]) -> None:
     assert worker_argv(["program.py", *args]) is None
+
+
+RAY_DIR = Path(setup_worker.__file__).resolve().parents[2]  # where Ray's services look
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        # the scripts as ray._private.services starts them (log monitor, the raylet's agents)
+        RAY_DIR / "_private" / "log_monitor.py",
+        RAY_DIR / "dashboard" / "agent.py",
+        RAY_DIR / "_private" / "runtime_env" / "agent" / "main.py",
+    ],
+)
+def test_rays_own_programs_are_forked_where_a_warm_process_serves(script: Path) -> None:
+    for unbuffered in ([], ["-u"]):
+        argv = forked_argv([*unbuffered, str(script), "--session-dir=/s"], "/tmp/fm-x/warm.sock")
+        assert argv == ["/tmp/fm-x/bin/fedmerge-ray-worker", "-u", str(script), "--session-dir=/s"]
+    assert forked_argv(["-u", str(script)], "") is None  # no warm process here
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [str(RAY_DIR / "_private" / "workers" / "default_worker.py")],  # through setup_worker
+        [str(RAY_DIR / "dashboard" / "dashboard.py")],
+        ["/elsewhere/agent.py"],  # an agent.py that is not Ray's
+        ["-c", "print(1)"],
+        [],
+    ],
+)
+def test_anything_else_is_not_forked(args: list[str]) -> None:
+    assert forked_argv(args, "/tmp/fm-x/warm.sock") is None
 
 
 def test_any_other_command_runs_in_the_real_interpreter(tmp_path: Path) -> None:
