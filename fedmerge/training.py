@@ -35,9 +35,9 @@ class TrainConfig:
     optimizer : {"sgd", "adam"} (default: "sgd")
         ``"sgd"``: the update of :class:`torch.optim.SGD` with ``momentum``;
         ``"adam"``: that of :class:`torch.optim.Adam` with PyTorch's default
-        betas (0.9, 0.999) and eps 1e-8 (both bit for bit, from
-        :mod:`fedmerge.optim`) (DIMAT's authors train with Adam at ``lr = 0.001``);
-        ``momentum`` is then unused.
+        betas (0.9, 0.999) and eps 1e-8, where ``momentum`` is unused (DIMAT's
+        authors train with Adam at ``lr = 0.001``). Both bit for bit, from
+        :mod:`fedmerge.optim`.
     pretrain_epochs : int (default: 0)
         Local epochs every client trains, from its starting model, before the
         first merge; >= 0, 0 for none. Server-side strategies: the clients of

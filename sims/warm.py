@@ -15,11 +15,11 @@ forked.
   runtime. It binds a Unix socket, imports Flower, PyTorch and NumPy
   (:data:`PRELOAD`; never fedmerge's own packages: every run loads the Flower
   App from its FAB, so a changed app is always fresh), and then forks one
-  child per request. Nor does it import ``torch._dynamo``, which
-  ``torch.optim`` imports (about 2.5 s of CPU here): fedmerge trains with
-  :mod:`fedmerge.optim`; a plugin that builds a ``torch.optim`` optimiser
-  pays that import once in each process that uses it. It does
-  not import Ray: Ray's C++ core reads a worker's job (``RAY_JOB_ID``) from
+  child per request. ``torch._dynamo``, which ``torch.optim`` imports
+  (about 2.5 s of CPU here), is not among them: fedmerge trains with
+  :mod:`fedmerge.optim`, and a plugin that builds a ``torch.optim``
+  optimiser pays that import once in each process that uses it. Nor does it
+  import Ray: Ray's C++ core reads a worker's job (``RAY_JOB_ID``) from
   the environment once, when Ray is imported, so a worker forked from a
   process that had imported Ray would have none. The child takes the
   requester's standard streams, environment, working directory and arguments,
