@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedmerge.optim import SGD, Adam, LocalOptimizer
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.fresh_python import run_fresh
 
 
 def _net(seed: int) -> nn.Module:
@@ -97,8 +93,5 @@ def test_local_training_does_not_import_torch_dynamo() -> None:
         "                TrainConfig(optimizer=opt), generator=torch.Generator().manual_seed(0))\n"
         "print(sorted(m for m in sys.modules if m.startswith(('torch._dynamo', 'torch.optim'))))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
-    )
-    imported = eval(out.stdout.strip())  # a list of module names
+    imported = eval(run_fresh(code).strip())  # a list of module names
     assert "torch._dynamo" not in imported, imported

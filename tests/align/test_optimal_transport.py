@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,10 +19,9 @@ from fedmerge.align import (
 )
 from fedmerge.errors import ShapeMismatchError
 from fedmerge.models import MLP
+from tests.fresh_python import run_fresh
 
 from .conftest import Planted
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", ["mlp", "simple-cnn", "resnet20"])
@@ -174,7 +170,5 @@ def test_a_plan_is_solved_without_importing_scikit_learn() -> None:
         "import sklearn.cluster\n"
         "print(plan.argmax(1).tolist() == np.argsort(perm).tolist(), hidden)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.split() == ["True", "[False,", "False]"], out.stdout + out.stderr
+    out = run_fresh(code)
+    assert out.split() == ["True", "[False,", "False]"], out
