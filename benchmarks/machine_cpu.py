@@ -27,6 +27,9 @@ def busy_seconds() -> float:
 
 
 def _minutes(seconds: float) -> str:
+    """``M min S s``; below a minute, seconds to two decimals."""
+    if seconds < 60:
+        return f"{seconds:.2f} s"
     whole = round(seconds)
     return f"{whole // 60} min {whole % 60} s"
 
@@ -35,10 +38,15 @@ def main() -> int:
     argv = sys.argv[1:]
     if argv[:1] == ["--"]:
         argv = argv[1:]
-    if not argv:
-        sys.exit("usage: machine_cpu.py -- COMMAND [ARG ...]")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip(), file=sys.stderr)
+        return 0 if argv else 2
     busy, start = busy_seconds(), time.monotonic()
-    code = subprocess.call(argv)
+    try:
+        code = subprocess.call(argv)
+    except OSError as exc:
+        print(f"machine_cpu.py: command: got {argv[0]!r}; {exc.strerror}", file=sys.stderr)
+        return 2
     wall, cpu = time.monotonic() - start, busy_seconds() - busy
     print(
         f"exit {code}; wall {_minutes(wall)}; machine CPU {_minutes(cpu)} "
