@@ -224,8 +224,23 @@ def test_a_dead_ray_worker_stops_the_run_which_then_resumes(
     assert resumed["status"] == "degraded"  # round `stopped` did lose clients
 
 
+#: A driver whose task prints: Ray's log monitor carries the line to the driver's output.
+PRINTING_DRIVER = """
+import ray
+ray.init()
+@ray.remote
+def speak():
+    print("a line from a Ray worker", flush=True)
+ray.get(speak.remote())
+"""
+
+
 def test_a_ray_head_that_stops_early_says_why(tmp_path: Path) -> None:
-    """The error of a run whose Ray head stopped quotes what ``ray start`` printed."""
+    """The error of a run whose Ray head stopped quotes what ``ray start`` printed.
+
+    Before it stops, the head shows that its log monitor, forked from the
+    runtime's warm process, works: a worker's output reaches its driver.
+    """
     runtime = Runtime()
     try:
         runtime.start("", 1, tmp_path / "runtime.log")
@@ -236,6 +251,13 @@ def test_a_ray_head_that_stops_early_says_why(tmp_path: Path) -> None:
         while time.monotonic() < deadline and "block forever" not in said.read_text():
             assert runtime.ray.poll() is None, said.read_text()
             time.sleep(0.2)
+        env = {k: v for k, v in runtime.env.items() if k != "RAY_RUNTIME_ENV_HOOK"}
+        driver = subprocess.run(
+            [sys.executable, "-c", PRINTING_DRIVER], env=env, cwd=REPO,
+            capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        assert driver.returncode == 0, driver.stderr[-3000:]
+        assert "a line from a Ray worker" in driver.stdout + driver.stderr, driver.stderr[-3000:]
         raylets = [p for p in descendants(runtime.ray.pid) if "/raylet " in command_line(p)]
         assert raylets, "the head started no raylet"
         os.kill(raylets[0], signal.SIGKILL)
