@@ -14,27 +14,15 @@ dictionaries, no hooks; an optimiser lives for one call of local training.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from typing import Protocol
 
 import torch
 from torch import nn
 
 
-class LocalOptimizer(Protocol):
-    """What local training asks of an optimiser."""
-
-    params: list[nn.Parameter]
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear every parameter's gradient."""
-
-    def step(self) -> None:
-        """Update every parameter that has a gradient."""
-
-
-class _Params:
-    """The parameters an optimiser updates, and how their gradients are cleared."""
+class LocalOptimizer(ABC):
+    """What local training asks of an optimiser: the parameters, ``zero_grad`` and ``step``."""
 
     def __init__(self, params: Iterable[nn.Parameter]) -> None:
         self.params = list(params)
@@ -52,8 +40,12 @@ class _Params:
                 p.grad.detach_()
                 p.grad.zero_()
 
+    @abstractmethod
+    def step(self) -> None:
+        """Update every parameter that has a gradient."""
 
-class SGD(_Params):
+
+class SGD(LocalOptimizer):
     """``torch.optim.SGD(params, lr, momentum, weight_decay)``: no dampening, no Nesterov.
 
     With ``g`` the gradient plus ``weight_decay * w``: the momentum buffer is
@@ -92,7 +84,7 @@ class SGD(_Params):
             param.add_(grad, alpha=-self.lr)
 
 
-class Adam(_Params):
+class Adam(LocalOptimizer):
     """``torch.optim.Adam(params, lr, weight_decay=weight_decay)``: betas (0.9, 0.999), eps 1e-8.
 
     Weight decay is added to the gradient (L2, not AdamW's decoupled decay).
@@ -109,8 +101,8 @@ class Adam(_Params):
         super().__init__(params)
         self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
         self._steps = [0] * len(self.params)
-        self._avg: list[torch.Tensor | None] = [None] * len(self.params)
-        self._avg_sq: list[torch.Tensor | None] = [None] * len(self.params)
+        # the first and second moments, from a parameter's first gradient on
+        self._moments: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.params)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -119,12 +111,13 @@ class Adam(_Params):
         for i, param in enumerate(self.params):
             if param.grad is None:
                 continue
-            avg, avg_sq = self._avg[i], self._avg_sq[i]
-            if avg is None or avg_sq is None:
-                avg = self._avg[i] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                avg_sq = self._avg_sq[i] = torch.zeros_like(
-                    param, memory_format=torch.preserve_format
+            moments = self._moments[i]
+            if moments is None:
+                moments = self._moments[i] = (
+                    torch.zeros_like(param, memory_format=torch.preserve_format),
+                    torch.zeros_like(param, memory_format=torch.preserve_format),
                 )
+            avg, avg_sq = moments
             self._steps[i] += 1
             step = float(self._steps[i])
             grad = param.grad

@@ -199,8 +199,6 @@ def python_main() -> int:
     Ray's own programs (:data:`RAY_PROGRAMS`) are forked from the runtime's warm
     process where one serves the head (:func:`forked_argv`).
     """
-    from sims.warm import SOCKET_ENV
-
     args = sys.argv[1:]
     if args and Path(args[0]).name == SETUP_WORKER:
         plain = worker_argv(args[1:])
@@ -208,6 +206,8 @@ def python_main() -> int:
             argv, variables = plain
             set_variables(variables)
             os.execv(argv[0], argv)
+    from sims.warm import SOCKET_ENV  # here: not on every worker's way to its exec
+
     forked = forked_argv(args, os.environ.get(SOCKET_ENV, ""))
     if forked is not None:
         os.execv(forked[0], forked)

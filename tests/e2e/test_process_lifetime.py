@@ -251,9 +251,8 @@ def test_a_ray_head_that_stops_early_says_why(tmp_path: Path) -> None:
         while time.monotonic() < deadline and "block forever" not in said.read_text():
             assert runtime.ray.poll() is None, said.read_text()
             time.sleep(0.2)
-        env = {k: v for k, v in runtime.env.items() if k != "RAY_RUNTIME_ENV_HOOK"}
         driver = subprocess.run(
-            [sys.executable, "-c", PRINTING_DRIVER], env=env, cwd=REPO,
+            [sys.executable, "-c", PRINTING_DRIVER], env=runtime.env, cwd=REPO,
             capture_output=True, text=True, timeout=180,
         )  # fmt: skip
         assert driver.returncode == 0, driver.stderr[-3000:]
