@@ -28,7 +28,7 @@ KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("ServerApps of simulated runs (flwr-simulation)", ("flwr-simulation",)),
     ("ClientApp actors (Ray workers)", ("ray::ClientAppActor",)),
     ("Ray worker shims and idle workers", ("fedmerge-ray-worker", "ray::IDLE")),
-    ("warm processes", ("sims.warm serve",)),
+    ("warm processes and their drivers' processes", ("sims.warm serve", "sims.warm drivers")),
     ("SuperLinks", ("flower-superlink",)),
     ("SuperNodes", ("flower-supernode",)),
     ("fedmerge supernode's ClientApp processes", ("sims.clientapp_worker",)),

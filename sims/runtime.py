@@ -27,7 +27,13 @@ from sims import ray_head
 from sims.errors import SimulationError
 from sims.processes import FAST_TASK_POLL, FLOWER_ENV, free_port, stop_run_tree, stop_tree
 from sims.runs import parse_row
-from sims.warm import WAKE_ENV, wake_superexec, warm_environment
+from sims.warm import (
+    SOCKET_ENV,
+    WAKE_ENV,
+    prepare_drivers,
+    wake_superexec,
+    warm_environment,
+)
 
 #: The Flower App: the repository root, whose pyproject.toml names the apps.
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -173,6 +179,7 @@ class Runtime:
         (appended).
         """
         self.log = log
+        self._wait_for_warm()
         if _on_this_machine(ray_address) and "RAY_RUNTIME_ENV_HOOK" not in self.env:
             # Ray starts the runs' workers through the warm process too.
             self.env["RAY_RUNTIME_ENV_HOOK"] = "sims.warm.ray_runtime_env"
@@ -208,6 +215,9 @@ class Runtime:
                     ],
                     out,
                 )  # fmt: skip
+            # Its simulation processes, Ray drivers with the SuperLink's environment,
+            # are forked from a child of the warm process that has imported Ray.
+            prepare_drivers(self.env)
             # The first run is submitted as soon as the SuperLink answers, while
             # the Ray head may still be starting: its simulation process imports
             # the app first, and Ray's driver waits for the head's raylet when it
@@ -216,6 +226,21 @@ class Runtime:
         except BaseException:
             self.close()
             raise
+
+    def _wait_for_warm(self, timeout: float = 10.0) -> None:
+        """Wait until the warm process listens (it binds its socket before its imports).
+
+        A shim or request that finds no socket runs cold: a SuperLink started
+        right after the runtime was made would otherwise not be forked, and
+        its simulation processes not prepared for (:func:`sims.warm.prepare_drivers`).
+        If the warm process does not come up, the shims run every program cold.
+        """
+        sock = Path(self.env[SOCKET_ENV])
+        deadline = time.monotonic() + timeout
+        while not sock.exists() and time.monotonic() < deadline:
+            if self.warm is None or self.warm.poll() is not None:
+                return
+            time.sleep(0.01)
 
     def _check_ray(self) -> None:
         """Raise if the Ray head this runtime started has exited."""

@@ -94,6 +94,22 @@ ENTRY_POINTS = {
 #: The shim that Ray starts as a worker's Python: ``fedmerge-ray-worker default_worker.py ARGS``.
 RAY_WORKER = "fedmerge-ray-worker"
 
+#: The program that is a Ray driver: a simulated run's ServerApp process (``flwr-simulation``).
+DRIVER = "flwr-simulation"
+
+#: The request (:func:`prepare_drivers`) that has the warm process start its drivers'
+#: process: a child that imports :data:`DRIVER_PRELOAD` with the drivers' environment.
+PREPARE_DRIVERS = "fedmerge-prepare-drivers"
+
+#: What the drivers' process imports on top of :data:`PRELOAD`: Ray, and what Flower's
+#: simulation and Ray's ``init`` and ``shutdown`` import on the way.
+DRIVER_PRELOAD = (
+    "ray",
+    "ray.dag",
+    "ray._common.pydantic_compat",
+    "flwr.server.superlink.fleet.vce.backend.raybackend",
+)
+
 #: What the warm process imports before it serves: its children's own imports, Ray's aside.
 PRELOAD = (
     "numpy",
@@ -248,6 +264,7 @@ def serve(path: str) -> int:
         importlib.import_module(module)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     listener.settimeout(0.5)
+    drivers: _Drivers | None = None
     while True:
         reap_children()
         try:
@@ -262,18 +279,116 @@ def serve(path: str) -> int:
             continue
         sys.stdout.flush()
         sys.stderr.flush()
+        if request["name"] == PREPARE_DRIVERS:
+            _close(conn, fds)
+            if drivers is None or not drivers.serves(request["env"]):
+                if drivers is not None:
+                    drivers.close()
+                drivers = _Drivers(request["env"], listener, base, fresh)
+            continue
+        if (
+            request["name"] == DRIVER
+            and drivers is not None
+            and drivers.serves(request["env"])
+            and drivers.hand_over(conn, request, fds)
+        ):
+            _close(conn, fds)
+            continue
         if os.fork() == 0:
             listener.close()
-            # An import may widen which warnings show, for the whole process:
-            # Flower's Ray transport shows every DeprecationWarning once. A program
-            # started cold shows only those of what it imports itself, so a child
-            # gets a fresh interpreter's filters plus the ignores the imports added.
-            added = [f for f in warnings.filters if f not in fresh and f[0] == "ignore"]
-            cast(list[Any], warnings.filters)[:] = added + fresh  # a list, typed as a Sequence
-            _child(conn, request, fds, base)  # never returns
-        for fd in fds:
-            os.close(fd)
-        conn.close()
+            _child(conn, request, fds, base, fresh)  # never returns
+        _close(conn, fds)
+
+
+def _close(conn: socket.socket, fds: list[int]) -> None:
+    """Close this process's copies of a request's connection and streams (a child has its own)."""
+    for fd in fds:
+        os.close(fd)
+    conn.close()
+
+
+class _Drivers:
+    """The drivers' process: a child of the warm process with Ray imported, forking drivers.
+
+    The warm process itself never imports Ray (see :mod:`sims.warm`), but a
+    driver (``flwr-simulation``, which imports Ray and connects to the
+    cluster as its driver) can be forked from a process that has. Ray reads
+    its settings from the environment when it is imported, so this process
+    imports :data:`DRIVER_PRELOAD` with the environment the drivers will
+    have (:func:`prepare_drivers`), and serves only requests that come with
+    that same environment; the warm process forks every other one itself.
+    Once the warm process is done with it (its end of the socket pair
+    closes), it waits for its children and exits.
+    """
+
+    def __init__(
+        self, env: dict[str, str], listener: socket.socket, base: list[str], fresh: list[Any]
+    ) -> None:
+        self.env = env
+        # one request per message, whole, with its connection and streams
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        if os.fork() == 0:
+            listener.close()
+            self.sock.close()
+            code = 1
+            try:
+                code = _serve_drivers(theirs, env, base, fresh)
+            except SystemExit as exc:  # SIGTERM, as the warm process gets it
+                code = exc.code if isinstance(exc.code, int) else 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        theirs.close()
+
+    def serves(self, env: dict[str, str]) -> bool:
+        """Whether a driver with ``env`` may be forked here (Ray was imported with it)."""
+        return env == self.env
+
+    def hand_over(self, conn: socket.socket, request: dict[str, Any], fds: list[int]) -> bool:
+        """Pass a request (its connection and streams) on; ``False`` if this process is gone."""
+        try:
+            socket.send_fds(self.sock, [json.dumps(request).encode()], [conn.fileno(), *fds])
+        except OSError:
+            return False
+        return True
+
+    def close(self) -> None:
+        """Let this drivers' process end once its drivers have (see the class)."""
+        self.sock.close()
+
+
+def _serve_drivers(
+    sock: socket.socket, env: dict[str, str], base: list[str], fresh: list[Any]
+) -> int:
+    """The drivers' process (:class:`_Drivers`): import Ray with ``env``, fork per request."""
+    set_title(f"{sys.executable} -m sims.warm drivers")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    os.environ.clear()
+    os.environ.update(env)
+    for module in DRIVER_PRELOAD:
+        importlib.import_module(module)
+    while True:
+        reap_children()
+        ready, _, _ = select.select([sock], [], [], 0.5)
+        if not ready:
+            continue
+        data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 4)
+        if not data:  # the warm process is done with this one: its drivers may finish
+            while True:
+                try:
+                    os.wait()
+                except ChildProcessError:
+                    return 0
+        conn = socket.socket(fileno=fds[0])
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if os.fork() == 0:
+            sock.close()
+            _child(conn, json.loads(data), fds[1:], base, fresh)  # never returns
+        _close(conn, fds[1:])
 
 
 def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
@@ -293,13 +408,27 @@ def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
             raise ValueError("truncated request")
         body += chunk
     request: dict[str, Any] = json.loads(body)
-    if request.get("name") not in (*ENTRY_POINTS, RAY_WORKER):
+    if request.get("name") not in (*ENTRY_POINTS, RAY_WORKER, PREPARE_DRIVERS):
         raise ValueError(f"no such program: {request.get('name')!r}")
     return request, fds
 
 
-def _child(conn: socket.socket, request: dict[str, Any], fds: list[int], base: list[str]) -> None:
-    """Become the requester's program: its streams, environment, arguments and ``sys.path``."""
+def _child(
+    conn: socket.socket,
+    request: dict[str, Any],
+    fds: list[int],
+    base: list[str],
+    fresh: list[Any],
+) -> None:
+    """Become the requester's program: its streams, environment, arguments and ``sys.path``.
+
+    An import may widen which warnings show, for the whole process: Flower's
+    Ray transport shows every DeprecationWarning once. A program started cold
+    shows only those of what it imports itself, so the child gets a fresh
+    interpreter's filters (``fresh``) plus the ignores the imports added.
+    """
+    added = [f for f in warnings.filters if f not in fresh and f[0] == "ignore"]
+    cast(list[Any], warnings.filters)[:] = added + fresh  # a list, typed as a Sequence
     code = 1
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -362,6 +491,25 @@ def _child(conn: socket.socket, request: dict[str, Any], fds: list[int], base: l
         except (OSError, ValueError):
             pass
         os._exit(code)
+
+
+def prepare_drivers(env: Mapping[str, str]) -> None:
+    """Have the warm process of ``env`` (:data:`SOCKET_ENV`) prepare for drivers run with ``env``.
+
+    A runtime calls this once it has set the environment of its SuperLink,
+    which its simulation processes inherit: the warm process starts a child
+    that imports Ray with that environment, and forks every later
+    ``flwr-simulation`` of the same environment from it (:class:`_Drivers`).
+    The request waits in the socket's backlog while the warm process is still
+    importing; nothing happens if no warm process listens.
+    """
+    body = json.dumps({"name": PREPARE_DRIVERS, "env": dict(env)}).encode()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn, open(os.devnull) as null:
+        try:
+            conn.connect(env.get(SOCKET_ENV, ""))
+            socket.send_fds(conn, [len(body).to_bytes(_HEADER, "big") + body], [null.fileno()] * 3)
+        except OSError:
+            pass
 
 
 def wake_superexec(path: str) -> None:

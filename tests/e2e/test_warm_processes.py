@@ -14,16 +14,20 @@ import json
 import os
 import signal
 import stat
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sims.launch import federation_config, run_config_toml
-from sims.processes import alive, command_line, descendants
+from sims.processes import alive, command_line, descendants, stat_fields
 from sims.runtime import Runtime
 from sims.scenario_files import load_scenario
 from sims.warm import WAKE_ENV
 from tests.references import REFERENCE_RUNS
+
+#: The command line of a forked simulation process (the shim's starts with ``python -S``).
+FORKED_SIMULATION = str(Path(sys.executable).parent / "flwr-simulation")
 
 
 def _digest(run_dir: Path) -> str:
@@ -57,11 +61,18 @@ def test_runs_are_forked_from_the_warm_process_and_equal_a_cold_one(
         children: list[list[int]] = []
         workers: list[list[int]] = []
         titles: set[str] = set()  # the programs the forked children run
+        # what the simulation processes were forked from: (its command line, its parent)
+        drivers_parents: set[tuple[str, int]] = set()
 
         def look(row: dict[str, Any]) -> None:
             found = [p for p in descendants(warm) if alive(p)]
             children.append(found)
             titles.update(Path(command_line(p).split(" ")[0]).name for p in found)
+            for pid in found:
+                fields = stat_fields(pid)
+                if fields is not None and command_line(pid).startswith(FORKED_SIMULATION):
+                    above = stat_fields(int(fields[1])) or ["", "-1"]
+                    drivers_parents.add((command_line(int(fields[1])).strip(), int(above[1])))
             if row["round"] >= 1:  # the actors have trained: their workers run
                 # A Ray worker names itself after its actor (setproctitle).
                 workers.append([p for p in found if "ray::ClientAppActor" in command_line(p)])
@@ -72,6 +83,12 @@ def test_runs_are_forked_from_the_warm_process_and_equal_a_cold_one(
         # below the warm process; every trained round, the actors' Ray workers.
         assert children and all(len(found) >= 2 for found in children), children
         assert {"flwr", "flwr-simulation", "ray::ClientAppActor", "flower-superexec"} <= titles
+        # Both runs' simulation processes (Ray drivers) were forked from one child of
+        # the warm process that had imported Ray with their environment; the warm
+        # process itself has not imported Ray (its forked Ray workers could not run).
+        assert drivers_parents == {(f"{sys.executable} -m sims.warm drivers", warm)}, (
+            drivers_parents
+        )
         # The forked SuperExec listens for the wake-up that each run sends.
         assert stat.S_ISSOCK(Path(runtime.env[WAKE_ENV]).stat().st_mode)
         assert all(workers), workers

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from sims import checks, cli, commands
+from tests.fresh_python import run_fresh
 
 REPO = Path(__file__).resolve().parents[2]
 EXIT_BAD_INPUT = 2
@@ -600,3 +601,19 @@ def test_usage_errors_are_one_line(
     line = _one_error_line(capsys.readouterr().err)
     assert exited.value.code == EXIT_BAD_INPUT
     assert needle in line and line.endswith("--help")
+
+
+def test_matplotlib_is_imported_only_when_a_figure_is_drawn() -> None:
+    """A command that draws nothing (bad input, say) does not pay for matplotlib's import."""
+    code = (
+        "import sys\n"
+        "import sims.cli, sims.commands, sims.compare, sims.report\n"
+        "print('matplotlib' in sys.modules)\n"
+        "from sims.plots import plot_partition\n"
+        "import numpy as np, tempfile, pathlib\n"
+        "out = pathlib.Path(tempfile.mkdtemp()) / 'p.png'\n"
+        "plot_partition(np.array([[3, 1], [0, 2]]), out, 't')\n"
+        "import matplotlib\n"
+        "print(out.read_bytes()[:4] == b'\\x89PNG', matplotlib.get_backend())\n"
+    )
+    assert run_fresh(code).split() == ["False", "True", "Agg"]
