@@ -44,7 +44,7 @@ from sims.compare import (
     write_manifest,
 )
 from sims.launch import preflight, run_config_toml, simulate
-from sims.plots import plot_accuracy, plot_partition
+from sims.plots import import_pyplot_meanwhile, plot_accuracy, plot_partition
 from sims.report import Report, build_report
 from sims.runs import DEFAULT_TARGET, expand_run_dirs
 from sims.scenario_files import load_scenario
@@ -101,6 +101,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _simulate_locked(scenario: RunConfig, run_dir: Path) -> int:
+    import_pyplot_meanwhile()  # for the plot at the end
     console.print(
         f"[bold]fedmerge[/] {scenario.name}: {scenario.strategy.name} on {scenario.dataset.name} "
         f"({scenario.partition.scheme}), {scenario.model.name}, {scenario.num_clients} clients, "
@@ -250,6 +251,7 @@ def _compare_locked(
 ) -> None:
     todo = [r for r in runs if r.state != "done"]
     write_manifest(sweep, runs, args.runs_root)
+    import_pyplot_meanwhile()  # for the report at the end
     tensorboard = args.tensorboard or sweep.tensorboard
     with Progress(
         TextColumn("{task.description}"),

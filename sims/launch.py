@@ -260,7 +260,7 @@ def simulate(
         with shared.lock:
             if key not in shared.runtimes:
                 fresh = new_runtime()
-                fresh.start(key[0], key[1], log=shared.log)
+                fresh.start(key[0], key[1], log=shared.log, shared=True)
                 shared.runtimes[key] = fresh
                 if slots > 1:
                     shared.slotted.add(key)

@@ -172,11 +172,17 @@ class Runtime:
             self.close()
             raise
 
-    def start(self, ray_address: str, ray_num_cpus: int, log: Path) -> None:
+    def start(
+        self, ray_address: str, ray_num_cpus: int, log: Path, *, shared: bool = False
+    ) -> None:
         """Start the Ray head (unless ``ray_address`` names one) and the SuperLink.
 
         Returns once the SuperLink answers. Their output goes to ``log``
-        (appended).
+        (appended). A ``shared`` runtime, one that may serve more than one
+        run, has its runs' simulation processes, Ray drivers with the SuperLink's
+        environment, forked from a child of the warm process that has imported
+        Ray (:func:`sims.warm.prepare_drivers`): each later run saves that
+        import. For a single run it would only move the same import elsewhere.
         """
         self.log = log
         self._wait_for_warm()
@@ -215,9 +221,8 @@ class Runtime:
                     ],
                     out,
                 )  # fmt: skip
-            # Its simulation processes, Ray drivers with the SuperLink's environment,
-            # are forked from a child of the warm process that has imported Ray.
-            prepare_drivers(self.env)
+            if shared:
+                prepare_drivers(self.env)
             # The first run is submitted as soon as the SuperLink answers, while
             # the Ray head may still be starting: its simulation process imports
             # the app first, and Ray's driver waits for the head's raylet when it

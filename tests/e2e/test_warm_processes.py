@@ -47,7 +47,7 @@ def test_runs_are_forked_from_the_warm_process_and_equal_a_cold_one(
     for name in ("a", "b", "cold"):
         (tmp_path / name).mkdir()
     runtime = Runtime()
-    runtime.start(ray_address, 0, tmp_path / "runtime.log")
+    runtime.start(ray_address, 0, tmp_path / "runtime.log", shared=True)
 
     def run(name: str, on_round: Callable[[dict[str, Any]], None] | None = None) -> bool:
         run_dir = tmp_path / name
