@@ -26,7 +26,7 @@ class _Runtime:
         self.closed = threading.Event()
         self.started = threading.Event()
 
-    def start(self, ray_address: str, ray_num_cpus: int, log: Path) -> None:
+    def start(self, ray_address: str, ray_num_cpus: int, log: Path, shared: bool = False) -> None:
         pass
 
     def run(self, run_dir: Path, run_config: str, fed_config: str, on_round: Any = None) -> bool:
@@ -79,8 +79,9 @@ class _Finishing:
         self.closed = False
         made.append(self)
 
-    def start(self, ray_address: str, ray_num_cpus: int, log: Path) -> None:
+    def start(self, ray_address: str, ray_num_cpus: int, log: Path, shared: bool = False) -> None:
         self.cpus = ray_num_cpus
+        self.shared = shared
 
     def run(self, run_dir: Path, run_config: str, fed_config: str, on_round: Any = None) -> bool:
         assert not self.closed
@@ -116,3 +117,5 @@ def test_a_nested_block_stops_the_runtimes_of_its_parallel_runs_only(
         launch.simulate(scenario, tmp_path / "after", slot=0, slots=2)  # a fresh one
     assert len(made) == 4 and made[3].runs == ["after"]
     assert all(r.closed for r in made)
+    # a block's runtimes may serve several runs: their drivers are forked with Ray imported
+    assert all(r.shared for r in made)
