@@ -61,18 +61,23 @@ def _parent(pid: int) -> int:
     return int(fields[1])
 
 
+def _prepared_driver(env: dict[str, str]) -> tuple[socket.socket, int, int]:
+    """Prepare for drivers of ``env``, ask for one: its connection, its PID, its parent's PID."""
+    prepare_drivers(env)
+    conn, pid = _ask(env)
+    return conn, pid, _parent(pid)
+
+
 def test_a_driver_with_the_prepared_environment_is_forked_from_the_drivers_process(
     warm: tuple[dict[str, str], subprocess.Popen[bytes]],
 ) -> None:
     env, proc = warm
-    prepare_drivers(env)
-    conn, pid = _ask(env)
-    drivers = _parent(pid)
+    conn, pid, drivers = _prepared_driver(env)
     assert command_line(drivers).strip() == f"{sys.executable} -m sims.warm drivers"
     assert _parent(drivers) == proc.pid
 
     # Ray was imported with `env`: a driver of another environment is forked by the
-    # warm process itself, and so is every program that is not a driver.
+    # warm process itself.
     other, other_pid = _ask({**env, "RAY_DEDUP_LOGS": "0"})
     assert _parent(other_pid) == proc.pid
 
@@ -89,9 +94,7 @@ def test_the_drivers_process_ends_with_the_warm_process(
     warm: tuple[dict[str, str], subprocess.Popen[bytes]],
 ) -> None:
     env, proc = warm
-    prepare_drivers(env)
-    conn, pid = _ask(env)
-    drivers = _parent(pid)
+    conn, pid, drivers = _prepared_driver(env)
     proc.kill()  # no chance to stop anything: the socket pair closes
     proc.wait()
     conn.close()
