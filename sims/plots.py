@@ -194,6 +194,8 @@ def plot_curves(
     """
     series, panels = _panels(grouping)
     fig, axes = _figure(len(panels))
+    from matplotlib.ticker import MaxNLocator  # imported with pyplot by now
+
     colors = _pyplot().get_cmap("tab10")
     for ax, (title, members) in zip(axes, panels.items(), strict=True):
         for i, (g, label) in enumerate(zip(members, _labels(members, series), strict=True)):
@@ -207,7 +209,7 @@ def plot_curves(
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("round" if x == "round" else "cumulative MB communicated (down + up)")
         if x == "round":
-            ax.xaxis.set_major_locator(_pyplot().MaxNLocator(integer=True))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0].set_ylabel(ylabel or "global test accuracy")

@@ -28,9 +28,9 @@ from sims.errors import SimulationError
 from sims.processes import FAST_TASK_POLL, FLOWER_ENV, free_port, stop_run_tree, stop_tree
 from sims.runs import parse_row
 from sims.warm import (
-    SOCKET_ENV,
     WAKE_ENV,
     prepare_drivers,
+    wait_listening,
     wake_superexec,
     warm_environment,
 )
@@ -185,7 +185,9 @@ class Runtime:
         import. For a single run it would only move the same import elsewhere.
         """
         self.log = log
-        self._wait_for_warm()
+        # a SuperLink shim or prepare request sent before the warm process listens runs cold
+        if self.warm is not None:
+            wait_listening(self.env, self.warm, timeout=10.0)
         if _on_this_machine(ray_address) and "RAY_RUNTIME_ENV_HOOK" not in self.env:
             # Ray starts the runs' workers through the warm process too.
             self.env["RAY_RUNTIME_ENV_HOOK"] = "sims.warm.ray_runtime_env"
@@ -231,21 +233,6 @@ class Runtime:
         except BaseException:
             self.close()
             raise
-
-    def _wait_for_warm(self, timeout: float = 10.0) -> None:
-        """Wait until the warm process listens (it binds its socket before its imports).
-
-        A shim or request that finds no socket runs cold: a SuperLink started
-        right after the runtime was made would otherwise not be forked, and
-        its simulation processes not prepared for (:func:`sims.warm.prepare_drivers`).
-        If the warm process does not come up, the shims run every program cold.
-        """
-        sock = Path(self.env[SOCKET_ENV])
-        deadline = time.monotonic() + timeout
-        while not sock.exists() and time.monotonic() < deadline:
-            if self.warm is None or self.warm.poll() is not None:
-                return
-            time.sleep(0.01)
 
     def _check_ray(self) -> None:
         """Raise if the Ray head this runtime started has exited."""

@@ -55,9 +55,12 @@ import traceback
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from sims.processes import reap_children
+
+if TYPE_CHECKING:  # a shim imports this module: nothing it does not need
+    import subprocess
 
 #: The environment variable that names the warm process's socket for the shims.
 SOCKET_ENV = "FEDMERGE_WARM"
@@ -177,6 +180,18 @@ def shim(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def wait_listening(env: Mapping[str, str], warm: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait until ``warm``, the warm process of ``env``, listens (it binds before its imports).
+
+    A shim or request that finds no socket runs its program cold. Returns
+    early if ``warm`` exits; after ``timeout`` seconds the shims run cold.
+    """
+    sock = Path(env[SOCKET_ENV])
+    deadline = time.monotonic() + timeout
+    while not sock.exists() and warm.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def shim_dir(sock: Path) -> Path:
     """Where the shims of the warm process listening on ``sock`` are: beside it."""
     return sock.with_name("bin")
@@ -277,8 +292,6 @@ def serve(path: str) -> int:
         except (OSError, ValueError):
             conn.close()
             continue
-        sys.stdout.flush()
-        sys.stderr.flush()
         if request["name"] == PREPARE_DRIVERS:
             _close(conn, fds)
             if drivers is None or not drivers.serves(request["env"]):
@@ -294,10 +307,28 @@ def serve(path: str) -> int:
         ):
             _close(conn, fds)
             continue
-        if os.fork() == 0:
-            listener.close()
-            _child(conn, request, fds, base, fresh)  # never returns
-        _close(conn, fds)
+        _fork_child(conn, request, fds, base, fresh, listener)
+
+
+def _fork_child(
+    conn: socket.socket,
+    request: dict[str, Any],
+    fds: list[int],
+    base: list[str],
+    fresh: list[Any],
+    server: socket.socket,
+) -> None:
+    """Fork a child that becomes the requested program (:func:`_child`).
+
+    ``server`` is the socket this process takes requests from: the child
+    closes its copy, this process its copies of the request's.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.fork() == 0:
+        server.close()
+        _child(conn, request, fds, base, fresh)  # never returns
+    _close(conn, fds)
 
 
 def _close(conn: socket.socket, fds: list[int]) -> None:
@@ -327,6 +358,8 @@ class _Drivers:
         self.env = env
         # one request per message, whole, with its connection and streams
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sys.stdout.flush()
+        sys.stderr.flush()
         if os.fork() == 0:
             listener.close()
             self.sock.close()
@@ -383,12 +416,7 @@ def _serve_drivers(
                 except ChildProcessError:
                     return 0
         conn = socket.socket(fileno=fds[0])
-        sys.stdout.flush()
-        sys.stderr.flush()
-        if os.fork() == 0:
-            sock.close()
-            _child(conn, json.loads(data), fds[1:], base, fresh)  # never returns
-        _close(conn, fds[1:])
+        _fork_child(conn, json.loads(data), fds[1:], base, fresh, sock)
 
 
 def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:

@@ -18,7 +18,7 @@ import numpy as np
 from fedmerge.data import load_dataset
 from sims.processes import FLOWER_ENV, descendants, free_port, stat_fields, stop_tree
 from sims.runtime import APP_DIR, _stop, wait_healthy
-from sims.warm import warm_environment
+from sims.warm import wait_listening, warm_environment
 
 
 @dataclass
@@ -46,6 +46,7 @@ def warm_process() -> Iterator[Warm]:
         warm_command, cwd=APP_DIR, env=env, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
+    wait_listening(env, warm, timeout=30)  # the first deployment's programs are forked too
     try:
         yield Warm(warm, env)
     finally:

@@ -20,7 +20,15 @@ from pathlib import Path
 import pytest
 
 from sims.processes import alive, command_line, descendants, stat_fields, stop_tree
-from sims.warm import _HEADER, DRIVER, SOCKET_ENV, prepare_drivers, shim_dir, warm_environment
+from sims.warm import (
+    _HEADER,
+    DRIVER,
+    SOCKET_ENV,
+    prepare_drivers,
+    shim_dir,
+    wait_listening,
+    warm_environment,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,9 +39,7 @@ def warm(tmp_path: Path) -> Iterator[tuple[dict[str, str], subprocess.Popen[byte
     env, command = warm_environment(tmp_path, dict(os.environ))
     with (tmp_path / "warm.log").open("wb") as log:
         proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=log)
-    deadline = time.monotonic() + 30
-    while not Path(env[SOCKET_ENV]).exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_listening(env, proc, timeout=30)
     try:
         yield env, proc
     finally:
