@@ -25,6 +25,7 @@ from fedmerge.align.spec import PermutationSpec
 from fedmerge.align.weight_matching import weight_matching
 from fedmerge.merge.average import weighted_average
 from fedmerge.merge.batchnorm import has_batchnorm, reset_bn_state
+from fedmerge.training import eval_batch_size
 
 __all__ = ["FUSION_METHODS", "align_to_anchor", "ensemble_accuracy", "fuse_to_anchor"]
 
@@ -153,7 +154,7 @@ def align_to_anchor(
 
 @torch.no_grad()
 def ensemble_accuracy(
-    models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 2048
+    models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, *, batch_size: int | None = None
 ) -> float:
     """Accuracy of the ensemble: the class of the highest mean softmax probability.
 
@@ -163,11 +164,13 @@ def ensemble_accuracy(
         The members (put in eval mode), on one device.
     x : Tensor, shape (n, *input_shape)
     y : Tensor, shape (n,)
-    batch_size : int (default: 2048)
+    batch_size : int, optional
+        ``None``: :func:`fedmerge.training.eval_batch_size` of the models' device.
     """
     if not models:
         raise ValueError("models: got none; allowed: at least one model")
     device = next(models[0].parameters()).device
+    batch_size = eval_batch_size(device) if batch_size is None else batch_size
     for m in models:
         m.eval()
     correct = 0
