@@ -139,15 +139,16 @@ class Runtime:
         self.tmp = Path(tempfile.mkdtemp(prefix="fm-"))  # short: Ray's socket paths are limited
         # `flwr`, the SuperLink, its SuperExec and the simulation processes are
         # found first on PATH as the warm process's shims.
+        self.app = stage_app(self.tmp / "app")  # once: every run of this runtime submits it
         self.env, warm_command = warm_environment(
             self.tmp,
             {**os.environ, **FLOWER_ENV, **FAST_TASK_POLL, "FLWR_HOME": str(self.tmp / "flwr")},
+            app=self.app,
         )
         # Its SuperExec looks for submitted runs often only when run() says one comes.
         self.env[WAKE_ENV] = str(self.tmp / "superexec.wake")
         self.port = free_port()
         self.log: Path | None = None
-        self.app = stage_app(self.tmp / "app")  # once: every run of this runtime submits it
         self._guarded: list[int] = []
         self.failed_run: Path | None = None  # set by the first of its runs that fails
         self._lock = threading.Lock()

@@ -11,12 +11,15 @@ processes (the deployment tests do, see ``tests/e2e/deployment_support.py``):
 every program of :data:`ENTRY_POINTS` found first on ``PATH`` as a shim is
 forked.
 
-- :func:`serve` (``python -m sims.warm serve SOCKET``) is started with the
-  runtime. It binds a Unix socket, imports Flower, PyTorch and NumPy
-  (:data:`PRELOAD`; never fedmerge's own packages: every run loads the Flower
-  App from its FAB, so a changed app is always fresh), and then forks one
-  child per request. ``torch._dynamo``, which ``torch.optim`` imports
-  (about 2.5 s of CPU here), is not among them: fedmerge trains with
+- :func:`serve` (``python -m sims.warm serve SOCKET [APP]``) is started with
+  the runtime. It binds a Unix socket, imports Flower, PyTorch and NumPy
+  (:data:`PRELOAD`), and then forks one child per request. A runtime's warm
+  process also imports the app that all its runs submit, the runtime's staged
+  copy (:func:`import_app`); a warm process started without one (the
+  deployment tests') never imports fedmerge's own packages, so that every
+  deployed run loads the app from its FAB and a changed app is fresh.
+  ``torch._dynamo``, which ``torch.optim`` imports (about 2.5 s of CPU
+  here), is not among the imports: fedmerge trains with
   :mod:`fedmerge.optim`, and a plugin that builds a ``torch.optim``
   optimiser pays that import once in each process that uses it. Nor does it
   import Ray: Ray's C++ core reads a worker's job (``RAY_JOB_ID``) from
@@ -51,6 +54,7 @@ import socket
 import sys
 import threading
 import time
+import tomllib
 import traceback
 import warnings
 from collections.abc import Mapping
@@ -152,18 +156,22 @@ def write_shims(root: Path) -> tuple[Path, Path]:
     return bin_dir, sock
 
 
-def warm_environment(root: Path, env: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
+def warm_environment(
+    root: Path, env: Mapping[str, str], app: Path | None = None
+) -> tuple[dict[str, str], list[str]]:
     """Write the shims into ``root``; ``env`` set up for them, and the warm process's command.
 
     The environment has the shims (then this interpreter's scripts) first on
     ``PATH`` and the socket in :data:`SOCKET_ENV`; the command
-    (``python -m sims.warm serve SOCKET``) starts the warm process that serves
-    the processes given that environment.
+    (``python -m sims.warm serve SOCKET [APP]``) starts the warm process that
+    serves the processes given that environment. ``app``: the Flower App that
+    every run it serves submits, unchanged (see :func:`import_app`).
     """
     bin_dir, sock = write_shims(root)
     path = [str(bin_dir), str(Path(sys.executable).parent), env.get("PATH", "")]
     shimmed = {**env, "PATH": os.pathsep.join(path), SOCKET_ENV: str(sock)}
-    return shimmed, [sys.executable, "-m", "sims.warm", "serve", str(sock)]
+    command = [sys.executable, "-m", "sims.warm", "serve", str(sock)]
+    return shimmed, command + ([str(app)] if app is not None else [])
 
 
 def shim(name: str) -> Path | None:
@@ -265,8 +273,12 @@ def shim_main() -> int:
 # -- the warm process ----------------------------------------------------------------
 
 
-def serve(path: str) -> int:
-    """Listen on ``path``, import :data:`PRELOAD`, then fork a child per request."""
+def serve(path: str, app: str | None = None) -> int:
+    """Listen on ``path``, import :data:`PRELOAD`, then fork a child per request.
+
+    With ``app``, :func:`import_app` once the first child is forked: a
+    runtime's first request is its SuperLink, which starts meanwhile.
+    """
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)  # before the imports: requests wait in the backlog meanwhile
     listener.listen(64)
@@ -297,7 +309,7 @@ def serve(path: str) -> int:
             if drivers is None or not drivers.serves(request["env"]):
                 if drivers is not None:
                     drivers.close()
-                drivers = _Drivers(request["env"], listener, base, fresh)
+                drivers = _Drivers(request["env"], listener, base, fresh, app)
             continue
         if (
             request["name"] == DRIVER
@@ -306,8 +318,11 @@ def serve(path: str) -> int:
             and drivers.hand_over(conn, request, fds)
         ):
             _close(conn, fds)
-            continue
-        _fork_child(conn, request, fds, base, fresh, listener)
+        else:
+            _fork_child(conn, request, fds, base, fresh, listener)
+        if app is not None:
+            import_app(app)
+            app = None
 
 
 def _fork_child(
@@ -329,6 +344,35 @@ def _fork_child(
         server.close()
         _child(conn, request, fds, base, fresh)  # never returns
     _close(conn, fds)
+
+
+def import_app(app: str) -> None:
+    """Import the ServerApp's and ClientApp's modules of the Flower App in directory ``app``.
+
+    A :class:`sims.runtime.Runtime` stages its app once, and every run it
+    serves submits that copy as its FAB. Flower's ``load_app`` takes a module
+    that is already imported as it is, so the simulation processes and Ray
+    workers forked afterwards start with the same code imported (about 0.25 s
+    of CPU each here). The modules come from ``app`` itself, found first on
+    ``sys.path`` while they import. If an import fails, the traceback goes to
+    this process's output, the app's packages are forgotten again, and each
+    run imports its FAB as if nothing had been imported.
+    """
+    root = Path(app)
+    components = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
+        "components"
+    ]
+    packages = {p.name for p in root.iterdir() if (p / "__init__.py").is_file()}
+    sys.path.insert(0, str(root))
+    try:
+        for ref in components.values():
+            importlib.import_module(ref.partition(":")[0])
+    except Exception:
+        traceback.print_exc()
+        for name in [m for m in sys.modules if m.partition(".")[0] in packages]:
+            del sys.modules[name]
+    finally:
+        sys.path.remove(str(root))
 
 
 def _close(conn: socket.socket, fds: list[int]) -> None:
@@ -353,7 +397,12 @@ class _Drivers:
     """
 
     def __init__(
-        self, env: dict[str, str], listener: socket.socket, base: list[str], fresh: list[Any]
+        self,
+        env: dict[str, str],
+        listener: socket.socket,
+        base: list[str],
+        fresh: list[Any],
+        app: str | None,
     ) -> None:
         self.env = env
         # one request per message, whole, with its connection and streams
@@ -365,7 +414,7 @@ class _Drivers:
             self.sock.close()
             code = 1
             try:
-                code = _serve_drivers(theirs, env, base, fresh)
+                code = _serve_drivers(theirs, env, base, fresh, app)
             except SystemExit as exc:  # SIGTERM, as the warm process gets it
                 code = exc.code if isinstance(exc.code, int) else 0
             except BaseException:
@@ -394,15 +443,20 @@ class _Drivers:
 
 
 def _serve_drivers(
-    sock: socket.socket, env: dict[str, str], base: list[str], fresh: list[Any]
+    sock: socket.socket, env: dict[str, str], base: list[str], fresh: list[Any], app: str | None
 ) -> int:
-    """The drivers' process (:class:`_Drivers`): import Ray with ``env``, fork per request."""
+    """The drivers' process (:class:`_Drivers`): import Ray with ``env``, fork per request.
+
+    ``app``: the warm process's app, if it has not imported it yet (:func:`import_app`).
+    """
     set_title(f"{sys.executable} -m sims.warm drivers")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     os.environ.clear()
     os.environ.update(env)
     for module in DRIVER_PRELOAD:
         importlib.import_module(module)
+    if app is not None:
+        import_app(app)
     while True:
         reap_children()
         ready, _, _ = select.select([sock], [], [], 0.5)
@@ -647,6 +701,6 @@ def _exit_with(conn: socket.socket) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "serve":
-        sys.exit("usage: python -m sims.warm serve SOCKET")
-    sys.exit(serve(sys.argv[2]))
+    if len(sys.argv) not in (3, 4) or sys.argv[1] != "serve":
+        sys.exit("usage: python -m sims.warm serve SOCKET [APP]")
+    sys.exit(serve(*sys.argv[2:]))

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from fedmerge.data import DatasetBundle, load_dataset, make_synthetic
+from fedmerge.data import DatasetBundle, DatasetConfig, load_dataset, make_synthetic
+from fedmerge.data.config import dataset_loader
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 IDX_STEMS = (
@@ -247,11 +248,31 @@ def test_digits_shapes_split_and_normalisation() -> None:
     np.testing.assert_array_equal(got, ref)
 
 
-def test_digits_come_from_the_cache_without_scikit_learn(tmp_path: Path) -> None:
-    """A second process reads the cached split: the same bytes, and scikit-learn not imported."""
-    import os
+def test_digits_come_from_the_cache_without_scikit_learn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh process reads the cached split: the same bytes, and scikit-learn not imported.
+
+    The split is computed here twice, with the cache off and into an empty cache
+    directory; only the process that must not import scikit-learn is a fresh one.
+    """
+    import hashlib
     import subprocess
     import sys
+
+    def digest(b: DatasetBundle) -> str:
+        h = hashlib.sha256()
+        for t in (b.train_x, b.train_y, b.test_x, b.test_y):
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()
+
+    digits = dataset_loader("digits")  # the loader itself: load_dataset keeps what it loaded
+    monkeypatch.setenv("FEDMERGE_CACHE_DIR", "off")
+    uncached = digest(digits(None, DatasetConfig(name="digits")))
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("FEDMERGE_CACHE_DIR", str(tmp_path))
+    first = digest(digits(None, DatasetConfig(name="digits")))  # computed, then stored
+    assert [p.name.split("-")[:2] for p in tmp_path.iterdir()] == [["digits", "normalised"]]
 
     script = (
         "import hashlib, sys\n"
@@ -262,19 +283,11 @@ def test_digits_come_from_the_cache_without_scikit_learn(tmp_path: Path) -> None
         "    h.update(t.numpy().tobytes())\n"
         "print(h.hexdigest(), 'sklearn' in sys.modules)\n"
     )
-
-    def load(cache: str) -> list[str]:
-        env = {**os.environ, "FEDMERGE_CACHE_DIR": cache}
-        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                             text=True, timeout=120, check=True)  # fmt: skip
-        return out.stdout.split()
-
-    uncached = load("off")
-    first, second = load(str(tmp_path)), load(str(tmp_path))
-    assert uncached[1] == "True" and first[1] == "True"  # computed from scikit-learn's data
-    assert second[1] == "False"  # read from the cache
-    assert uncached[0] == first[0] == second[0]
-    assert [p.name.split("-")[:2] for p in tmp_path.iterdir()] == [["digits", "normalised"]]
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, check=True)  # fmt: skip
+    second, imported = out.stdout.split()
+    assert imported == "False"  # read from the cache
+    assert uncached == first == second
 
 
 def test_mnist1d_shapes_and_scale() -> None:
