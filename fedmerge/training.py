@@ -226,10 +226,10 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> LocalOptimizer:
     )
 
 
-#: Evaluation batch on the CPU. Larger batches run slower there: their activations
-#: leave the caches. On a 2-core AMD EPYC, with one or two threads,
-#: scoring took 0.6-0.8x the time of 2,048-sample batches (simple CNN, 10,000
-#: samples) and 0.5x (ResNet-20, 2,048 samples): `benchmarks/eval_batch.py`.
+#: Evaluation batch on the CPU. A convolutional network's activations of a large
+#: batch leave the caches: on a 2-core AMD EPYC, with one or two threads, ResNet-20
+#: scored 2,048 samples in 0.47x the time of one 2,048-sample batch, VGG-11 in 0.9x,
+#: the simple CNN and the MLP in 1.0-1.3x (`benchmarks/eval_batch.py`).
 CPU_EVAL_BATCH = 256
 
 #: Evaluation batch on an accelerator, where a large batch keeps it busy.

@@ -359,13 +359,11 @@ def import_app(app: str) -> None:
     run imports its FAB as if nothing had been imported.
     """
     root = Path(app)
-    components = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
-        "components"
-    ]
     packages = {p.name for p in root.iterdir() if (p / "__init__.py").is_file()}
     sys.path.insert(0, str(root))
     try:
-        for ref in components.values():
+        pyproject = tomllib.loads((root / "pyproject.toml").read_text())
+        for ref in pyproject["tool"]["flwr"]["app"]["components"].values():
             importlib.import_module(ref.partition(":")[0])
     except Exception:
         traceback.print_exc()
