@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,17 +18,8 @@ from pathlib import Path
 import pytest
 
 from sims.processes import command_line, descendants, stop_tree
-from sims.warm import (
-    _HEADER,
-    RAY_WORKER,
-    SOCKET_ENV,
-    prepare_drivers,
-    shim_dir,
-    wait_listening,
-    warm_environment,
-)
-
-ROOT = Path(__file__).resolve().parents[2]
+from sims.warm import RAY_WORKER, prepare_drivers
+from tests.sims.warm_requests import ask, start_warm
 
 #: What the probe prints: for each of the toy app's modules, its file if imported, else null;
 #: then what Flower's own load_app returns for the ServerApp, loaded from another copy.
@@ -65,11 +55,7 @@ def _toy_app(root: Path, marker: Path, *, tag: str = "staged", broken: bool = Fa
 
 
 def _start(tmp_path: Path, app: Path | None) -> tuple[dict[str, str], subprocess.Popen[bytes]]:
-    env, command = warm_environment(tmp_path / "warm", dict(os.environ), app=app)
-    with (tmp_path / "warm.log").open("wb") as log:
-        proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=log)
-    wait_listening(env, proc, timeout=30)
-    return env, proc
+    return start_warm(tmp_path / "warm", tmp_path / "warm.log", app)
 
 
 @pytest.fixture
@@ -90,17 +76,12 @@ def _probe(env: dict[str, str], tmp_path: Path, other_copy: Path) -> tuple[int, 
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
     out = tmp_path / "probe.out"
-    argv = [str(shim_dir(Path(env[SOCKET_ENV])) / RAY_WORKER), str(script), str(other_copy)]
-    body = json.dumps({"name": RAY_WORKER, "argv": argv, "env": env, "cwd": str(ROOT)}).encode()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        conn.connect(env[SOCKET_ENV])
-        with out.open("wb") as sink, open(os.devnull, "wb") as null:
-            fds = [null.fileno(), sink.fileno(), sink.fileno()]
-            socket.send_fds(conn, [len(body).to_bytes(_HEADER, "big") + body], fds)
-        conn.settimeout(120)
-        reader = conn.makefile("rb")
-        pid = int(json.loads(reader.readline())["pid"])
-        reader.read()  # the connection closes when the child has exited
+    with out.open("wb") as sink, open(os.devnull, "wb") as null:
+        conn, pid = ask(env, RAY_WORKER, [str(script), str(other_copy)],
+                        [null.fileno(), sink.fileno(), sink.fileno()])  # fmt: skip
+    with conn:
+        while conn.recv(1 << 16):  # the connection closes when the child has exited
+            pass
     lines = out.read_text().splitlines()
     assert lines, "the probe printed nothing"
     try:

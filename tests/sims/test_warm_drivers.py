@@ -8,7 +8,6 @@ its connection to the warm process is closed (then it exits).
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -20,26 +19,14 @@ from pathlib import Path
 import pytest
 
 from sims.processes import alive, command_line, descendants, stat_fields, stop_tree
-from sims.warm import (
-    _HEADER,
-    DRIVER,
-    SOCKET_ENV,
-    prepare_drivers,
-    shim_dir,
-    wait_listening,
-    warm_environment,
-)
-
-ROOT = Path(__file__).resolve().parents[2]
+from sims.warm import DRIVER, prepare_drivers
+from tests.sims.warm_requests import ask, start_warm
 
 
 @pytest.fixture
 def warm(tmp_path: Path) -> Iterator[tuple[dict[str, str], subprocess.Popen[bytes]]]:
     """A warm process of its own, listening; stopped with all it forked."""
-    env, command = warm_environment(tmp_path, dict(os.environ))
-    with (tmp_path / "warm.log").open("wb") as log:
-        proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=log)
-    wait_listening(env, proc, timeout=30)
+    env, proc = start_warm(tmp_path, tmp_path / "warm.log")
     try:
         yield env, proc
     finally:
@@ -49,16 +36,9 @@ def warm(tmp_path: Path) -> Iterator[tuple[dict[str, str], subprocess.Popen[byte
 
 def _ask(env: dict[str, str]) -> tuple[socket.socket, int]:
     """Ask for a ``flwr-simulation`` as its shim would; the connection and the child's PID."""
-    argv = [str(shim_dir(Path(env[SOCKET_ENV])) / DRIVER)]
-    argv += ["--runtime-api-address", "127.0.0.1:9", "--token", "t", "--insecure"]
-    body = json.dumps({"name": DRIVER, "argv": argv, "env": env, "cwd": str(ROOT)}).encode()
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    conn.connect(env[SOCKET_ENV])
     with open(os.devnull, "wb") as null:
-        socket.send_fds(conn, [len(body).to_bytes(_HEADER, "big") + body], [null.fileno()] * 3)
-    conn.settimeout(120)
-    first = conn.makefile("rb").readline()
-    return conn, int(json.loads(first)["pid"])
+        args = ["--runtime-api-address", "127.0.0.1:9", "--token", "t", "--insecure"]
+        return ask(env, DRIVER, args, [null.fileno()] * 3)
 
 
 def _parent(pid: int) -> int:
