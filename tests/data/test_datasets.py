@@ -125,7 +125,12 @@ def test_fashion_mnist_is_normalised_raw_files(fashion: DatasetBundle) -> None:
     assert torch.equal(fashion.train_y, torch.from_numpy(raw_labels.astype(np.int64)))
 
 
-def test_fashion_mnist_from_a_user_directory(tmp_path: Path, fashion: DatasetBundle) -> None:
+def test_fashion_mnist_from_a_user_directory(
+    tmp_path: Path, fashion: DatasetBundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # decoded here without the cache: an entry for a temporary directory (210 MB, keyed
+    # by the files' path) would stay in the user's cache after the directory is gone
+    monkeypatch.setenv("FEDMERGE_CACHE_DIR", "off")
     root = tmp_path / "fmnist"
     root.mkdir()
     for stem in IDX_STEMS:
@@ -137,7 +142,10 @@ def test_fashion_mnist_from_a_user_directory(tmp_path: Path, fashion: DatasetBun
 
 
 @pytest.mark.parametrize("compress", [False, True])
-def test_fashion_mnist_tiny_fake_directory(tmp_path: Path, compress: bool) -> None:
+def test_fashion_mnist_tiny_fake_directory(
+    tmp_path: Path, compress: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FEDMERGE_CACHE_DIR", "off")  # as above: a temporary directory
     rng = np.random.default_rng(0)
     tr_x, tr_y = fake_images(rng, 30)
     te_x, te_y = fake_images(rng, 12)
