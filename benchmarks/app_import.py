@@ -21,18 +21,18 @@ import tempfile
 from pathlib import Path
 
 from sims.runtime import stage_app
-from sims.warm import PRELOAD, import_app
+from sims.warm import PRELOAD, app_components, import_app
 
 
 def child_cpu(fab: Path) -> float:
-    """Fork a child that loads both apps from ``fab``; its CPU seconds."""
+    """Fork a child that loads the app's components from ``fab``; its CPU seconds."""
     pid = os.fork()
     if pid == 0:
         code = 0
         try:
             from flwr.supercore.object_ref import load_app
 
-            for ref in ("strategies.server_app:app", "strategies.client_app:app"):
+            for ref in app_components(fab):
                 load_app(ref, ValueError, project_dir=fab)
         except BaseException:
             code = 1

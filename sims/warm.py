@@ -54,7 +54,6 @@ import socket
 import sys
 import threading
 import time
-import tomllib
 import traceback
 import warnings
 from collections.abc import Mapping
@@ -362,8 +361,7 @@ def import_app(app: str) -> None:
     packages = {p.name for p in root.iterdir() if (p / "__init__.py").is_file()}
     sys.path.insert(0, str(root))
     try:
-        pyproject = tomllib.loads((root / "pyproject.toml").read_text())
-        for ref in pyproject["tool"]["flwr"]["app"]["components"].values():
+        for ref in app_components(root):
             importlib.import_module(ref.partition(":")[0])
     except Exception:
         traceback.print_exc()
@@ -371,6 +369,14 @@ def import_app(app: str) -> None:
             del sys.modules[name]
     finally:
         sys.path.remove(str(root))
+
+
+def app_components(app: Path) -> list[str]:
+    """The Flower App's components in ``app/pyproject.toml``: ``module:attribute`` references."""
+    import tomllib  # here, not with the module: every shim imports sims.warm
+
+    pyproject = tomllib.loads((app / "pyproject.toml").read_text())
+    return list(pyproject["tool"]["flwr"]["app"]["components"].values())
 
 
 def _close(conn: socket.socket, fds: list[int]) -> None:
