@@ -30,7 +30,14 @@ from typing import Any
 from fedmerge.atomic import atomic_write_text
 from sims.certs import write_certs
 from sims.errors import FederationError
-from sims.processes import alive, flower_environment, free_port, stat_fields, stop_tree
+from sims.processes import (
+    alive,
+    flower_environment,
+    free_port,
+    start_time,
+    still_running,
+    stop_tree,
+)
 
 #: The directory that holds the ``sims`` package that runs this command.
 _ROOT = Path(__file__).resolve().parents[1]
@@ -92,12 +99,6 @@ class FederationOptions:
             )
 
 
-def start_time(pid: int) -> int | None:
-    """The start time of ``pid`` in clock ticks since boot (``/proc``), or ``None``."""
-    fields = stat_fields(pid)
-    return None if fields is None else int(fields[19])
-
-
 def read_state(directory: Path) -> dict[str, Any]:
     """The state file of ``directory``; one-line ``ValueError`` when there is none."""
     path = directory / STATE_FILE
@@ -115,11 +116,7 @@ def read_state(directory: Path) -> dict[str, Any]:
 
 def running(state: dict[str, Any]) -> list[int]:
     """The recorded PIDs that still run the recorded process (same start time)."""
-    return [
-        int(p["pid"])
-        for p in state["processes"]
-        if alive(int(p["pid"])) and start_time(int(p["pid"])) == p.get("start_time")
-    ]
+    return still_running({int(p["pid"]): p.get("start_time") for p in state["processes"]})
 
 
 def split_data(options: FederationOptions) -> list[Path]:

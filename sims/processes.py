@@ -4,9 +4,10 @@ Standard library only: ``python -m sims.processes PARENT_PID GUARD_FILE`` runs
 the watchdog in a process of its own, without importing torch, Flower or Ray.
 
 The watchdog polls its parent. When the parent is gone (SIGKILL, an
-out-of-memory kill, a crash), it reads the PIDs listed in ``GUARD_FILE`` (the
-SuperLink, the Ray head, ``flwr run``; written by the parent as it starts
-them), collects every process below them and stops them all: a run's
+out-of-memory kill, a crash), it reads the processes listed in ``GUARD_FILE``
+(the SuperLink, the Ray head, ``flwr run``; written by the parent as it starts
+them, each as its PID and start time, so that a PID that another process has
+taken since is left alone), collects every process below them and stops them all: a run's
 ServerApp at once with SIGKILL (:func:`stop_run_tree`), the rest with SIGTERM,
 then SIGKILL after a grace period. A parent that exits normally stops its
 processes itself and then the watchdog.
@@ -20,6 +21,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 #: Environment every Flower process of a run gets (see README, "Environment").
@@ -105,6 +107,23 @@ def stat_fields(pid: int) -> list[str] | None:
     except OSError:
         return None
     return stat.rsplit(")", 1)[1].split()  # the name, in parentheses, may hold spaces
+
+
+def start_time(pid: int) -> int | None:
+    """The start time of ``pid`` in clock ticks since boot (``/proc``), or ``None``.
+
+    A PID and its start time name one process: once a process has ended and
+    been reaped, the kernel gives its PID to a later one (it wraps at
+    ``/proc/sys/kernel/pid_max``, 32,768 on many machines, which a long sweep
+    or a test suite passes).
+    """
+    fields = stat_fields(pid)
+    return None if fields is None else int(fields[19])
+
+
+def still_running(started: Mapping[int, int | None]) -> list[int]:
+    """Those of ``started`` (PID -> :func:`start_time`) that still run that same process."""
+    return [pid for pid, start in started.items() if alive(pid) and start_time(pid) == start]
 
 
 def cpu_seconds(fields: list[str]) -> float:
@@ -209,16 +228,19 @@ def reap_children() -> None:
 def watch(parent: int, guard_file: Path) -> int:
     """Wait for ``parent`` to die, then stop every tree listed in ``guard_file``.
 
+    Each line of ``guard_file`` is a root's PID and :func:`start_time`.
+
     The folder that holds ``guard_file`` (a runtime's temporary folder: its
     staged app, shims, sockets and Ray's session files) goes with them.
     """
     while os.getppid() == parent and alive(parent):
         time.sleep(POLL)
     try:
-        roots = [int(x) for x in guard_file.read_text().split()]
+        lines = [line.split() for line in guard_file.read_text().splitlines() if line.strip()]
+        started = {int(pid): int(start) for pid, start in lines}
     except (OSError, ValueError):
         return 0
-    stop_run_tree(roots, ORPHAN_GRACE)
+    stop_run_tree(still_running(started), ORPHAN_GRACE)
     shutil.rmtree(guard_file.parent, ignore_errors=True)
     return 0
 

@@ -25,7 +25,15 @@ from typing import IO, Any
 from fedmerge.atomic import atomic_write_text
 from sims import ray_head
 from sims.errors import SimulationError
-from sims.processes import FAST_TASK_POLL, FLOWER_ENV, free_port, stop_run_tree, stop_tree
+from sims.processes import (
+    FAST_TASK_POLL,
+    FLOWER_ENV,
+    free_port,
+    start_time,
+    still_running,
+    stop_run_tree,
+    stop_tree,
+)
 from sims.runs import parse_row
 from sims.warm import (
     WAKE_ENV,
@@ -149,7 +157,8 @@ class Runtime:
         self.env[WAKE_ENV] = str(self.tmp / "superexec.wake")
         self.port = free_port()
         self.log: Path | None = None
-        self._guarded: list[int] = []
+        # what spawn() started and has not seen end: PID -> start time (sims.processes)
+        self._guarded: dict[int, int | None] = {}
         self.failed_run: Path | None = None  # set by the first of its runs that fails
         self._lock = threading.Lock()
         self.ray: subprocess.Popen[bytes] | None = None
@@ -252,9 +261,30 @@ class Runtime:
             cwd=cwd, start_new_session=True,
         )  # fmt: skip
         with self._lock:
-            self._guarded.append(proc.pid)
-            atomic_write_text(self.tmp / "guard", "\n".join(map(str, self._guarded)) + "\n")
+            self._guarded[proc.pid] = start_time(proc.pid)
+            self._write_guard()
         return proc
+
+    def _write_guard(self) -> None:
+        """The watchdog's list: each process's PID and start time, one per line."""
+        lines = [
+            f"{pid} {start if start is not None else -1}\n" for pid, start in self._guarded.items()
+        ]
+        atomic_write_text(self.tmp / "guard", "".join(lines))
+
+    def _stop_spawned(self, proc: subprocess.Popen[bytes], grace: float) -> None:
+        """Stop ``proc`` (from :meth:`spawn`) and its tree, then forget it.
+
+        Its PID is signalled only while it names the process :meth:`spawn`
+        started: a sweep's runtime starts a ``flwr run`` per run, and the
+        kernel gives a reaped process's PID to a later one.
+        """
+        with self._lock:
+            start = self._guarded.pop(proc.pid, None)
+            self._write_guard()
+        if still_running({proc.pid: start}):
+            stop_tree([proc.pid], grace)
+        proc.wait()
 
     def run(
         self,
@@ -306,7 +336,8 @@ class Runtime:
             # stream the simulation process's shutdown for about 3 s more. It is
             # stopped at once; the runtime lets the simulation process finish on
             # its own while the next run starts.
-            _stop(client, grace=2)
+            if client is not None:
+                self._stop_spawned(client, grace=2)
         return summary_path.exists()
 
     def close(self, grace: float = 1.0) -> None:
@@ -318,7 +349,9 @@ class Runtime:
         (:func:`sims.processes.stop_run_tree`).
         """
         procs = [p for p in (self.superlink, self.ray, self.warm) if p is not None]
-        stop_run_tree([p.pid for p in procs], grace)
+        with self._lock:
+            ours = still_running({p.pid: self._guarded.get(p.pid) for p in procs})
+        stop_run_tree(ours, grace)
         for proc in procs:
             proc.wait()
         _stop(self.watchdog, grace=1.0)

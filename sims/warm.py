@@ -188,7 +188,7 @@ def shim(name: str) -> Path | None:
 
 
 def wait_listening(env: Mapping[str, str], warm: subprocess.Popen[bytes], timeout: float) -> None:
-    """Wait until ``warm``, the warm process of ``env``, listens (it binds before its imports).
+    """Wait until ``warm``, the warm process of ``env``, listens (it does before its imports).
 
     A shim or request that finds no socket runs its program cold. Returns
     early if ``warm`` exits; after ``timeout`` seconds the shims run cold.
@@ -279,8 +279,16 @@ def serve(path: str, app: str | None = None) -> int:
     runtime's first request is its SuperLink, which starts meanwhile.
     """
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)  # before the imports: requests wait in the backlog meanwhile
+    # Bound and listening before the imports: requests wait in the backlog meanwhile.
+    # The socket gets its name only once it listens (a rename is atomic): a client
+    # that connected between bind and listen would be refused, and one that finds
+    # the name (wait_listening, a shim) must be able to connect.
+    unnamed = str(Path(path).with_name("warm.new"))
+    if os.path.lexists(unnamed):
+        os.unlink(unnamed)
+    listener.bind(unnamed)
     listener.listen(64)
+    os.rename(unnamed, path)
     # What a fresh interpreter has on sys.path after its script's directory and
     # PYTHONPATH: every child puts its own in front (see _child).
     own = set(os.environ.get("PYTHONPATH", "").split(os.pathsep))

@@ -1,0 +1,60 @@
+"""The watchdog stops the processes on its list when its parent dies, and nothing else.
+
+Real processes: a parent that starts the watchdog (``python -m sims.processes``)
+as a runtime does, and two processes on the watchdog's list. One of them is
+listed with another start time, as a PID is listed once its process has ended
+and the kernel has given the PID to a new one: the watchdog must leave it alone.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sims.processes import alive, start_time
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
+
+#: The watchdog's parent: starts it, says so, and waits to be killed.
+PARENT = """\
+import os, subprocess, sys, time
+subprocess.Popen([sys.executable, "-m", "sims.processes", str(os.getpid()), sys.argv[1]],
+                 start_new_session=True)
+print("started", flush=True)
+time.sleep(120)
+"""
+
+
+def test_the_watchdog_stops_listed_processes_whose_start_time_matches(tmp_path: Path) -> None:
+    listed = subprocess.Popen(SLEEPER)
+    reused = subprocess.Popen(SLEEPER)  # stands for a PID taken by another process since
+    parent = None
+    try:
+        guard = tmp_path / "runtime" / "guard"
+        guard.parent.mkdir()
+        listed_start, reused_start = start_time(listed.pid), start_time(reused.pid)
+        assert listed_start is not None and reused_start is not None
+        guard.write_text(f"{listed.pid} {listed_start}\n{reused.pid} {reused_start - 1}\n")
+        parent = subprocess.Popen(
+            [sys.executable, "-c", PARENT, str(guard)], cwd=ROOT, stdout=subprocess.PIPE
+        )
+        assert parent.stdout is not None and parent.stdout.readline() == b"started\n"
+        time.sleep(0.5)  # the watchdog has looked at its parent at least once
+        parent.kill()
+        parent.wait()
+        # the watchdog removes the runtime's folder once it has stopped the list
+        deadline = time.monotonic() + 30
+        while guard.parent.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not guard.parent.exists()
+        assert not alive(listed.pid)
+        assert alive(reused.pid) and reused.poll() is None
+    finally:
+        for proc in (listed, reused, parent):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
