@@ -32,6 +32,9 @@ FLOWER_ENV = {
     # Ray >= 2.50 warns that it will stop overriding CUDA_VISIBLE_DEVICES for
     # actors with num_gpus=0; opt in to that future behaviour now.
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    # A process that dies of a fatal signal (a crash in native code, a bus error on a
+    # memory-mapped file) writes its Python stack to its log instead of vanishing.
+    "PYTHONFAULTHANDLER": "1",
 }
 
 #: A SuperExec that looks for a task every 0.1 s instead of Flower's 1 s; for the SuperExecs
