@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -100,6 +101,17 @@ def _stop(proc: subprocess.Popen[bytes] | None, grace: float = 10.0) -> None:
         return
     stop_tree([proc.pid], grace)
     proc.wait()
+
+
+def _ended(code: int | None) -> str:
+    """How ``flwr run`` ended, for the log of a run that wrote no summary."""
+    if code is None or code >= 0:
+        return f"`flwr run` exited with code {code} before the run wrote summary.json"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    return f"`flwr run` was killed by {name} before the run wrote summary.json"
 
 
 #: Ray's single-machine mode (meant for Windows and macOS) for the head a runtime starts and
@@ -331,6 +343,8 @@ class Runtime:
                     if done:
                         break
                     time.sleep(0.1)
+                if not summary_path.exists():
+                    log.write(f"fedmerge: {_ended(client.returncode)}\n".encode())
         finally:
             # Once the summary is written the run is over: `flwr run` would only
             # stream the simulation process's shutdown for about 3 s more. It is

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from sims.launch import SimulationError, simulate
-from sims.processes import alive, command_line, descendants, stop_tree
+from sims.processes import alive, command_line, descendants, runs_program, stat_fields, stop_tree
 from sims.runtime import Runtime
 from sims.scenario_files import load_scenario
 from tests.e2e.short_runs import TEST_SAMPLES
@@ -222,6 +222,47 @@ def test_a_dead_ray_worker_stops_the_run_which_then_resumes(
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
     assert all(r["clients"] == 4 for r in rows[stopped + 1 :])
     assert resumed["status"] == "degraded"  # round `stopped` did lose clients
+
+
+def test_a_run_whose_flwr_run_is_killed_says_so(ray_address: str, tmp_path: Path) -> None:
+    """A run that ends without a summary says how ``flwr run``, which follows it, ended."""
+    scenario = load_scenario(
+        None,
+        ["rounds=30", "num_clients=2", "clients_per_round=2", "dataset.name='digits'",
+         "model.name='mlp'", f"simulation.ray_address='{ray_address}'"],
+    )  # fmt: skip
+    run_dir = tmp_path / "run"
+    killed: list[int] = []
+
+    def kill_flwr_run_after_round_1() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            metrics = run_dir / "metrics.jsonl"
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+                # what the runtime started as `flwr run`: a child of this process
+                me = str(os.getpid())
+                runs = [
+                    p for p in descendants(os.getpid())
+                    if runs_program(p, "flwr") and (stat_fields(p) or ["", ""])[1] == me
+                ]  # fmt: skip
+                if runs:
+                    os.kill(runs[0], signal.SIGKILL)
+                    killed.append(runs[0])
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_flwr_run_after_round_1, daemon=True)
+    killer.start()
+    with pytest.raises(SimulationError) as failed:
+        simulate(scenario, run_dir)
+    killer.join()
+    assert killed
+    message = str(failed.value)
+    assert message.startswith("run did not complete"), message
+    assert (
+        "fedmerge: `flwr run` was killed by SIGKILL before the run wrote summary.json"
+        in (message.splitlines()[-1])
+    ), message
+    assert not (run_dir / "summary.json").exists()
 
 
 #: A driver whose task prints: Ray's log monitor carries the line to the driver's output.
