@@ -38,7 +38,7 @@ from fedmerge.data.datasets import load_dataset
 from fedmerge.training import evaluate, train_local
 from sims.launch import simulate
 from sims.processes import FLOWER_ENV, free_port
-from sims.runtime import _stop, wait_healthy
+from sims.runtime import stop_process, wait_healthy
 from sims.scenario_files import load_scenario
 from strategies.config import RunConfig
 from strategies.federation import SAMPLING_STREAM, Federation
@@ -120,7 +120,7 @@ def plain_flower(scenario: RunConfig, tmp: Path) -> dict[str, float]:
                 env=env, stdout=log, stderr=subprocess.STDOUT, check=True, timeout=1800,
             )  # fmt: skip
         finally:
-            _stop(superlink, grace=1.0)
+            stop_process(superlink, grace=1.0)
     total = time.perf_counter() - t0
     rows = [line.split() for line in times.read_text().splitlines()]
     rounds = float(rows[-1][1]) - float(rows[0][1])

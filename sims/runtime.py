@@ -89,17 +89,20 @@ def wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout: float) -> No
     raise SimulationError(f"flower-superlink did not become healthy within {timeout:.0f} s")
 
 
-def _stop(proc: subprocess.Popen[bytes] | None, grace: float = 10.0) -> None:
+def stop_process(proc: subprocess.Popen[bytes] | None, grace: float = 10.0) -> None:
     """Stop a process we started and all its descendants, by PID.
 
     The SuperLink starts a SuperExec in a session of its own, which starts the
     simulation process; ``ray start`` starts Ray's daemons. The whole tree is
     collected before the first signal (:func:`sims.processes.stop_tree`):
     SIGTERM first, then SIGKILL for whatever is alive after ``grace`` seconds.
+    A process that has already ended is only waited for: its PID may name
+    another process by now, and what it started has lost it as a parent.
     """
     if proc is None:
         return
-    stop_tree([proc.pid], grace)
+    if proc.poll() is None:
+        stop_tree([proc.pid], grace)
     proc.wait()
 
 
@@ -368,7 +371,7 @@ class Runtime:
         stop_run_tree(ours, grace)
         for proc in procs:
             proc.wait()
-        _stop(self.watchdog, grace=1.0)
+        stop_process(self.watchdog, grace=1.0)
         own_logs = (self.tmp / "ray.log", self.tmp / "warm.log")
         said = b"".join(p.read_bytes() for p in own_logs if p.exists())
         if self.log is not None and said:

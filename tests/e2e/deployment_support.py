@@ -17,7 +17,7 @@ import numpy as np
 
 from fedmerge.data import load_dataset
 from sims.processes import FLOWER_ENV, descendants, free_port, stat_fields, stop_tree
-from sims.runtime import APP_DIR, _stop, wait_healthy
+from sims.runtime import APP_DIR, stop_process, wait_healthy
 from sims.warm import wait_listening, warm_environment
 
 
@@ -50,7 +50,7 @@ def warm_process() -> Iterator[Warm]:
     try:
         yield Warm(warm, env)
     finally:
-        _stop(warm)  # and whatever its children left
+        stop_process(warm)  # and whatever its children left
         shutil.rmtree(shims, ignore_errors=True)
 
 
@@ -88,7 +88,7 @@ def deployment_of(
         yield env, procs
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop_process(proc)
         warm.stop_children()
 
 

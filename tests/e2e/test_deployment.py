@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from sims.runtime import _stop
+from sims.runtime import stop_process
 from tests.e2e.deployment_support import (
     OWN_DATA,
     flwr_run,
@@ -96,7 +96,7 @@ def test_nodes_with_their_own_data_and_a_lost_node(deployment, app: Path, tmp_pa
         raise AssertionError(f"no row {n - 1} in {run_dir}")
 
     wait_rows(2)  # round 1 done: stop node 2
-    _stop(nodes[2], grace=0.0)
+    stop_process(nodes[2], grace=0.0)
     wait_rows(3)  # round 2 done without it: start it again, with a new node id
     supernode(env, procs, f"partition-id=2 data-dir='{dirs[2]}'")
     client.wait(timeout=400)

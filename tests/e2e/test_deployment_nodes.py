@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from fedmerge.data import load_dataset
 from sims.processes import flower_environment, free_port, stat_fields
-from sims.runtime import APP_DIR, _stop, stage_app
+from sims.runtime import APP_DIR, stage_app, stop_process
 from strategies.config import run_config_from_dict
 from strategies.federation import federation
 from tests.e2e.deployment_support import (
@@ -152,7 +152,7 @@ def test_tls_and_node_authentication(app: Path, tmp_path: Path) -> None:
         assert "rejoined" not in out.stdout + out.stderr
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop_process(proc)
 
 
 def test_supernode_serves_every_message_from_one_clientapp_process(
