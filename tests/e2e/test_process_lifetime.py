@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,31 @@ def test_sigkill_of_simulate_leaves_no_process_behind(tmp_path: Path) -> None:
     assert not (run_dir / "summary.json").exists()
 
 
+@contextlib.contextmanager
+def _killing_after_round_1(run_dir: Path, find: Callable[[], list[int]]) -> Iterator[list[int]]:
+    """SIGKILL the first PID that ``find`` returns once the run's round 1 is recorded.
+
+    Yields the list of what was killed (one PID, once it happened).
+    """
+    killed: list[int] = []
+
+    def kill() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            metrics = run_dir / "metrics.jsonl"
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+                found = find()
+                if found:
+                    os.kill(found[0], signal.SIGKILL)
+                    killed.append(found[0])
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill, daemon=True)
+    killer.start()
+    yield killed
+    killer.join()
+
+
 def test_a_dead_ray_worker_stops_the_run_which_then_resumes(
     ray_head: tuple[str, int], tmp_path: Path
 ) -> None:
@@ -188,27 +214,15 @@ def test_a_dead_ray_worker_stops_the_run_which_then_resumes(
          "model.name='mlp'", f"simulation.ray_address='{address}'"],
     )  # fmt: skip
     run_dir = tmp_path / "run"
-    killed: list[int] = []
 
-    def kill_one_worker_after_round_1() -> None:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not killed:
-            metrics = run_dir / "metrics.jsonl"
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-                # Below this process: the Ray head's workers, or the warm
-                # process's (sims.warm) when Ray starts them through it.
-                below = descendants(os.getpid())
-                actors = [p for p in below if "ClientAppActor" in command_line(p)]
-                if actors:
-                    os.kill(actors[0], signal.SIGKILL)
-                    killed.append(actors[0])
-            time.sleep(0.05)
+    def actors() -> list[int]:
+        # Below this process: the Ray head's workers, or the warm
+        # process's (sims.warm) when Ray starts them through it.
+        return [p for p in descendants(os.getpid()) if "ClientAppActor" in command_line(p)]
 
-    killer = threading.Thread(target=kill_one_worker_after_round_1, daemon=True)
-    killer.start()
-    with pytest.raises(SimulationError, match=r"the Ray worker of partition \d+ .*died"):
-        simulate(scenario, run_dir)
-    killer.join()
+    with _killing_after_round_1(run_dir, actors) as killed:
+        with pytest.raises(SimulationError, match=r"the Ray worker of partition \d+ .*died"):
+            simulate(scenario, run_dir)
     assert killed
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed"
@@ -232,29 +246,18 @@ def test_a_run_whose_flwr_run_is_killed_says_so(ray_address: str, tmp_path: Path
          "model.name='mlp'", f"simulation.ray_address='{ray_address}'"],
     )  # fmt: skip
     run_dir = tmp_path / "run"
-    killed: list[int] = []
 
-    def kill_flwr_run_after_round_1() -> None:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not killed:
-            metrics = run_dir / "metrics.jsonl"
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-                # what the runtime started as `flwr run`: a child of this process
-                me = str(os.getpid())
-                runs = [
-                    p for p in descendants(os.getpid())
-                    if runs_program(p, "flwr") and (stat_fields(p) or ["", ""])[1] == me
-                ]  # fmt: skip
-                if runs:
-                    os.kill(runs[0], signal.SIGKILL)
-                    killed.append(runs[0])
-            time.sleep(0.05)
+    def flwr_run() -> list[int]:
+        # what the runtime started as `flwr run`: a child of this process
+        me = str(os.getpid())
+        return [
+            p for p in descendants(os.getpid())
+            if runs_program(p, "flwr") and (stat_fields(p) or ["", ""])[1] == me
+        ]  # fmt: skip
 
-    killer = threading.Thread(target=kill_flwr_run_after_round_1, daemon=True)
-    killer.start()
-    with pytest.raises(SimulationError) as failed:
-        simulate(scenario, run_dir)
-    killer.join()
+    with _killing_after_round_1(run_dir, flwr_run) as killed:
+        with pytest.raises(SimulationError) as failed:
+            simulate(scenario, run_dir)
     assert killed
     message = str(failed.value)
     assert message.startswith("run did not complete"), message
