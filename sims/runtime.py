@@ -174,6 +174,9 @@ class Runtime:
         self.log: Path | None = None
         # what spawn() started and has not seen end: PID -> start time (sims.processes)
         self._guarded: dict[int, int | None] = {}
+        # set by close(), under _lock: a run of a shared runtime may end after another
+        # run's failure closed it, and must not write into the folder close() removes
+        self._closed = False
         self.failed_run: Path | None = None  # set by the first of its runs that fails
         self._lock = threading.Lock()
         self.ray: subprocess.Popen[bytes] | None = None
@@ -285,7 +288,8 @@ class Runtime:
         lines = [
             f"{pid} {start if start is not None else -1}\n" for pid, start in self._guarded.items()
         ]
-        atomic_write_text(self.tmp / "guard", "".join(lines))
+        if not self._closed:  # else its folder is gone, or going (close)
+            atomic_write_text(self.tmp / "guard", "".join(lines))
 
     def _stop_spawned(self, proc: subprocess.Popen[bytes], grace: float) -> None:
         """Stop ``proc`` (from :meth:`spawn`) and its tree, then forget it.
@@ -367,6 +371,7 @@ class Runtime:
         """
         procs = [p for p in (self.superlink, self.ray, self.warm) if p is not None]
         with self._lock:
+            self._closed = True
             ours = still_running({p.pid: self._guarded.get(p.pid) for p in procs})
         stop_run_tree(ours, grace)
         for proc in procs:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from sims.processes import alive, start_time
+from sims.runtime import Runtime
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,3 +59,23 @@ def test_the_watchdog_stops_listed_processes_whose_start_time_matches(tmp_path: 
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_a_process_stopped_after_its_runtime_closed_writes_no_guard_file(tmp_path: Path) -> None:
+    """A shared runtime's run can end after another run's failure closed the runtime.
+
+    Stopping its ``flwr run`` then takes it off the watchdog's list, which
+    lived in the runtime's folder: that folder, removed by ``close``, must stay gone.
+    """
+    runtime = Runtime()
+    with (tmp_path / "out.log").open("wb") as out:
+        proc = runtime.spawn(SLEEPER, out)
+    guard = runtime.tmp / "guard"
+    assert runtime.warm is not None
+    listed = [runtime.warm.pid, proc.pid]
+    assert guard.read_text() == "".join(f"{p} {start_time(p)}\n" for p in listed)
+    runtime.close(grace=0.0)
+    assert not runtime.tmp.exists()
+    runtime._stop_spawned(proc, grace=1.0)
+    assert proc.returncode is not None
+    assert not runtime.tmp.exists()
