@@ -44,6 +44,7 @@ module level: a shim starts in milliseconds.
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import io
 import json
@@ -532,6 +533,11 @@ def _child(
             os.close(fd)
         os.environ.clear()
         os.environ.update(request["env"])
+        # as a fresh interpreter with this environment: a fatal signal's stack on stderr
+        if os.environ.get("PYTHONFAULTHANDLER"):
+            faulthandler.enable()
+        else:
+            faulthandler.disable()
         os.chdir(request["cwd"])
         name = request["name"]
         argv = _real_argv(name, request["argv"])

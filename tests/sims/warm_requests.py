@@ -14,13 +14,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def start_warm(
-    root: Path, log: Path, app: Path | None = None, extra: dict[str, str] | None = None
+    root: Path, log: Path, app: Path | None = None
 ) -> tuple[dict[str, str], subprocess.Popen[bytes]]:
-    """Start ``python -m sims.warm serve`` (shims under ``root``, output to ``log``), listening.
-
-    ``extra``: environment on top of this process's, for the warm process and its requests.
-    """
-    env, command = warm_environment(root, {**os.environ, **(extra or {})}, app=app)
+    """Start ``python -m sims.warm serve`` (shims under ``root``, output to ``log``), listening."""
+    env, command = warm_environment(root, dict(os.environ), app=app)
     with log.open("wb") as out:
         proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=out)
     wait_listening(env, proc, timeout=30)
