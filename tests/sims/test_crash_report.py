@@ -12,16 +12,14 @@ imports nothing here (``PRELOAD`` emptied): what is tested is its fork.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from sims.processes import FLOWER_ENV, stop_tree
-from sims.warm import RAY_WORKER, SOCKET_ENV, wait_listening, warm_environment
-from tests.sims.warm_requests import ROOT, ask
+from sims.warm import RAY_WORKER
+from tests.sims.warm_requests import ask, start_warm
 
 CRASH = """\
 import ctypes
@@ -30,21 +28,12 @@ def read_address_zero():
 read_address_zero()
 """
 
-#: ``serve`` without its imports: the warm process is ready at once.
-BARE_WARM = "import sys; from sims import warm; warm.PRELOAD = (); warm.serve(sys.argv[1])"
-
 
 @pytest.fixture
-def warm(tmp_path: Path) -> Iterator[dict[str, str]]:
+def warm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
     """A warm process's environment, without the fault handler (requests bring their own)."""
-    base = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
-    env, _ = warm_environment(tmp_path / "warm", base)
-    with (tmp_path / "warm.log").open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", BARE_WARM, env[SOCKET_ENV]],
-            env=env, cwd=ROOT, stdout=out, stderr=out,
-        )  # fmt: skip
-    wait_listening(env, proc, timeout=30)
+    monkeypatch.delenv("PYTHONFAULTHANDLER", raising=False)
+    env, proc = start_warm(tmp_path / "warm", tmp_path / "warm.log", bare=True)
     yield env
     stop_tree([proc.pid], 1.0)
     proc.wait()

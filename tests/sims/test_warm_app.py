@@ -55,7 +55,8 @@ def _toy_app(root: Path, marker: Path, *, tag: str = "staged", broken: bool = Fa
 
 
 def _start(tmp_path: Path, app: Path | None) -> tuple[dict[str, str], subprocess.Popen[bytes]]:
-    return start_warm(tmp_path / "warm", tmp_path / "warm.log", app)
+    # what is tested is the app's import, not Flower's and PyTorch's
+    return start_warm(tmp_path / "warm", tmp_path / "warm.log", app, bare=True)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 from sims.warm import _HEADER, SOCKET_ENV, shim_dir, wait_listening, warm_environment
@@ -13,11 +14,21 @@ from sims.warm import _HEADER, SOCKET_ENV, shim_dir, wait_listening, warm_enviro
 ROOT = Path(__file__).resolve().parents[2]
 
 
+#: ``python -m sims.warm serve SOCKET [APP]`` without its imports (``PRELOAD`` emptied): ready
+#: at once, for tests of what the warm process does rather than of what it has imported.
+BARE_WARM = "import sys; from sims import warm; warm.PRELOAD = (); warm.serve(*sys.argv[1:])"
+
+
 def start_warm(
-    root: Path, log: Path, app: Path | None = None
+    root: Path, log: Path, app: Path | None = None, *, bare: bool = False
 ) -> tuple[dict[str, str], subprocess.Popen[bytes]]:
-    """Start ``python -m sims.warm serve`` (shims under ``root``, output to ``log``), listening."""
+    """Start ``python -m sims.warm serve`` (shims under ``root``, output to ``log``), listening.
+
+    ``bare``: without its imports (:data:`BARE_WARM`).
+    """
     env, command = warm_environment(root, dict(os.environ), app=app)
+    if bare:
+        command = [sys.executable, "-c", BARE_WARM, *command[4:]]
     with log.open("wb") as out:
         proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=out)
     wait_listening(env, proc, timeout=30)
