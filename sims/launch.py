@@ -284,7 +284,11 @@ def simulate(
                 f"run stopped: the run in {first} failed and stopped the runtime that both "
                 f"ran on; see {first / 'flower.log'}"
             )
-        tail = log_path.read_text(errors="replace").splitlines()[-15:]
+        # the runtime's own output (Ray's, the warm process's) joins the log as the
+        # runtime closes: how `flwr run` ended is put last, where it is found
+        ended = runtime.ended.get(run_dir, "")
+        lines = log_path.read_text(errors="replace").splitlines()
+        tail = [line for line in lines if line != ended][-15:] + ([ended] if ended else [])
         raise SimulationError(f"run did not complete; see {log_path}\n" + "\n".join(tail))
     summary: dict[str, Any] = json.loads(summary_path.read_text())
     if summary.get("status") == "failed":  # the ServerApp stopped and said why

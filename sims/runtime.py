@@ -31,7 +31,6 @@ from sims.processes import (
     FLOWER_ENV,
     free_port,
     start_time,
-    still_running,
     stop_run_tree,
     stop_tree,
 )
@@ -177,6 +176,8 @@ class Runtime:
         # set by close(), under _lock: a run of a shared runtime may end after another
         # run's failure closed it, and must not write into the folder close() removes
         self._closed = False
+        # run directory -> how `flwr run` ended, for a run that wrote no summary (run())
+        self.ended: dict[Path, str] = {}
         self.failed_run: Path | None = None  # set by the first of its runs that fails
         self._lock = threading.Lock()
         self.ray: subprocess.Popen[bytes] | None = None
@@ -292,18 +293,16 @@ class Runtime:
             atomic_write_text(self.tmp / "guard", "".join(lines))
 
     def _stop_spawned(self, proc: subprocess.Popen[bytes], grace: float) -> None:
-        """Stop ``proc`` (from :meth:`spawn`) and its tree, then forget it.
+        """Stop ``proc`` (from :meth:`spawn`) and its tree (:func:`stop_process`), then forget it.
 
-        Its PID is signalled only while it names the process :meth:`spawn`
-        started: a sweep's runtime starts a ``flwr run`` per run, and the
-        kernel gives a reaped process's PID to a later one.
+        A sweep's runtime starts a ``flwr run`` per run: once reaped, each
+        leaves the watchdog's list, whose PIDs the kernel gives to later
+        processes.
         """
+        stop_process(proc, grace)
         with self._lock:
-            start = self._guarded.pop(proc.pid, None)
+            self._guarded.pop(proc.pid, None)
             self._write_guard()
-        if still_running({proc.pid: start}):
-            stop_tree([proc.pid], grace)
-        proc.wait()
 
     def run(
         self,
@@ -351,7 +350,8 @@ class Runtime:
                         break
                     time.sleep(0.1)
                 if not summary_path.exists():
-                    log.write(f"fedmerge: {_ended(client.returncode)}\n".encode())
+                    self.ended[run_dir] = f"fedmerge: {_ended(client.returncode)}"
+                    log.write(f"{self.ended[run_dir]}\n".encode())
         finally:
             # Once the summary is written the run is over: `flwr run` would only
             # stream the simulation process's shutdown for about 3 s more. It is
@@ -372,8 +372,8 @@ class Runtime:
         procs = [p for p in (self.superlink, self.ray, self.warm) if p is not None]
         with self._lock:
             self._closed = True
-            ours = still_running({p.pid: self._guarded.get(p.pid) for p in procs})
-        stop_run_tree(ours, grace)
+        # a child not yet reaped (poll() is None) still owns its PID
+        stop_run_tree([p.pid for p in procs if p.poll() is None], grace)
         for proc in procs:
             proc.wait()
         stop_process(self.watchdog, grace=1.0)

@@ -34,9 +34,10 @@ forked.
   ``PATH``, and :data:`RAY_WORKER` as the Python executable of the
   run's Ray workers (Ray's ``py_executable``, set by :func:`ray_runtime_env`).
   A shim hands its request to the warm process, relays SIGTERM and SIGINT to
-  the child, and exits with the child's exit code; the child exits when its
-  shim does. If no warm process answers, the shim runs the real program in
-  its place.
+  the child, and exits with the child's exit code, or dies of the signal
+  that killed the child (the warm process reaps it and says which); the
+  child exits when its shim does. If no warm process answers, the shim runs
+  the real program in its place.
 
 This module and :mod:`sims.processes` import only the standard library at
 module level: a shim starts in milliseconds.
@@ -44,6 +45,7 @@ module level: a shim starts in milliseconds.
 
 from __future__ import annotations
 
+import errno
 import faulthandler
 import importlib
 import io
@@ -60,8 +62,6 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
-
-from sims.processes import reap_children
 
 if TYPE_CHECKING:  # a shim imports this module: nothing it does not need
     import subprocess
@@ -266,8 +266,14 @@ def shim_main() -> int:
 
     signal.signal(signal.SIGTERM, relay)
     signal.signal(signal.SIGINT, relay)
-    last = replies.readline()  # the child's exit code; empty if it was killed
-    return int(json.loads(last)["exit"]) if last else 1
+    last = replies.readline()  # the child's exit code (from the warm process if it was killed)
+    code = int(json.loads(last)["exit"]) if last else 1
+    if code < 0:  # killed by signal -code: end the same way, as the program itself would have
+        if -code not in (signal.SIGKILL, signal.SIGSTOP):  # their handling cannot change
+            signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+        return 128 - code  # a signal whose default is not to end the process
+    return code
 
 
 # -- the warm process ----------------------------------------------------------------
@@ -281,15 +287,18 @@ def serve(path: str, app: str | None = None) -> int:
     """
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # Bound and listening before the imports: requests wait in the backlog meanwhile.
-    # The socket gets its name only once it listens (a rename is atomic): a client
-    # that connected between bind and listen would be refused, and one that finds
-    # the name (wait_listening, a shim) must be able to connect.
-    unnamed = str(Path(path).with_name("warm.new"))
-    if os.path.lexists(unnamed):
-        os.unlink(unnamed)
-    listener.bind(unnamed)
+    # The socket is bound under a temporary name and renamed once it listens (a
+    # rename is atomic): a client that connected between bind and listen would be
+    # refused, and one that finds the name (wait_listening, a shim) must be able to
+    # connect. As bind would, it refuses a name that exists.
+    if os.path.lexists(path):
+        raise FileExistsError(errno.EADDRINUSE, "a socket or file has this name", path)
+    temporary = str(Path(path).with_name("warm.new"))
+    if os.path.lexists(temporary):
+        os.unlink(temporary)
+    listener.bind(temporary)
     listener.listen(64)
-    os.rename(unnamed, path)
+    os.rename(temporary, path)
     # What a fresh interpreter has on sys.path after its script's directory and
     # PYTHONPATH: every child puts its own in front (see _child).
     own = set(os.environ.get("PYTHONPATH", "").split(os.pathsep))
@@ -300,8 +309,9 @@ def serve(path: str, app: str | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     listener.settimeout(0.5)
     drivers: _Drivers | None = None
+    waiting: dict[int, socket.socket] = {}  # child's PID -> its connection (_fork_child)
     while True:
-        reap_children()
+        _reap(waiting)
         try:
             conn, _ = listener.accept()
         except TimeoutError:
@@ -317,7 +327,7 @@ def serve(path: str, app: str | None = None) -> int:
             if drivers is None or not drivers.serves(request["env"]):
                 if drivers is not None:
                     drivers.close()
-                drivers = _Drivers(request["env"], listener, base, fresh, app)
+                drivers = _Drivers(request["env"], [listener, *waiting.values()], base, fresh, app)
             continue
         if (
             request["name"] == DRIVER
@@ -327,7 +337,7 @@ def serve(path: str, app: str | None = None) -> int:
         ):
             _close(conn, fds)
         else:
-            _fork_child(conn, request, fds, base, fresh, listener)
+            _fork_child(conn, request, fds, base, fresh, [listener, *waiting.values()], waiting)
         if app is not None:
             import_app(app)
             app = None
@@ -339,19 +349,53 @@ def _fork_child(
     fds: list[int],
     base: list[str],
     fresh: list[Any],
-    server: socket.socket,
+    own: list[socket.socket],
+    waiting: dict[int, socket.socket],
 ) -> None:
     """Fork a child that becomes the requested program (:func:`_child`).
 
-    ``server`` is the socket this process takes requests from: the child
-    closes its copy, this process its copies of the request's.
+    ``own``: this process's sockets (the one it takes requests from, the
+    connections of its other children), which the child closes. This process
+    closes its copies of the request's streams and keeps the connection in
+    ``waiting`` until it reaps the child (:func:`_reap`).
     """
     sys.stdout.flush()
     sys.stderr.flush()
-    if os.fork() == 0:
-        server.close()
+    pid = os.fork()
+    if pid == 0:
+        for sock in own:
+            sock.close()
         _child(conn, request, fds, base, fresh)  # never returns
-    _close(conn, fds)
+    for fd in fds:
+        os.close(fd)
+    waiting[pid] = conn
+
+
+def _reap(waiting: dict[int, socket.socket], block: bool = False) -> None:
+    """Collect exited children; tell each one's requester how it ended, then close.
+
+    A child that exits sends its exit code itself (:func:`_child`); one that
+    dies of a signal (SIGKILL from the kernel's out-of-memory killer, a
+    crash) or replaced itself (``exec``) cannot, so this process sends it:
+    ``{"exit": -SIGNAL}`` or the code, which the shim turns into its own end
+    (:func:`shim_main`). A requester that has the child's own line already
+    reads no further. ``block``: wait until no child is left.
+    """
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        conn = waiting.pop(pid, None)
+        if conn is not None:
+            line = json.dumps({"exit": os.waitstatus_to_exitcode(status)}).encode() + b"\n"
+            try:
+                conn.sendall(line)
+            except OSError:  # the requester is gone (it had the child's own line)
+                pass
+            conn.close()
 
 
 def import_app(app: str) -> None:
@@ -412,7 +456,7 @@ class _Drivers:
     def __init__(
         self,
         env: dict[str, str],
-        listener: socket.socket,
+        own: list[socket.socket],
         base: list[str],
         fresh: list[Any],
         app: str | None,
@@ -423,7 +467,8 @@ class _Drivers:
         sys.stdout.flush()
         sys.stderr.flush()
         if os.fork() == 0:
-            listener.close()
+            for sock in own:  # the warm process's: its listener and its children's connections
+                sock.close()
             self.sock.close()
             code = 1
             try:
@@ -470,20 +515,20 @@ def _serve_drivers(
         importlib.import_module(module)
     if app is not None:
         import_app(app)
+    waiting: dict[int, socket.socket] = {}  # driver's PID -> its connection (_fork_child)
     while True:
-        reap_children()
+        _reap(waiting)
         ready, _, _ = select.select([sock], [], [], 0.5)
         if not ready:
             continue
         data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 4)
         if not data:  # the warm process is done with this one: its drivers may finish
-            while True:
-                try:
-                    os.wait()
-                except ChildProcessError:
-                    return 0
+            _reap(waiting, block=True)
+            return 0
         conn = socket.socket(fileno=fds[0])
-        _fork_child(conn, json.loads(data), fds[1:], base, fresh, sock)
+        _fork_child(
+            conn, json.loads(data), fds[1:], base, fresh, [sock, *waiting.values()], waiting
+        )
 
 
 def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
@@ -562,7 +607,7 @@ def _child(
         threading.Thread(target=_exit_with, args=(conn,), daemon=True).start()
         # A program that replaces itself (exec, as sims.clientapp_worker does when
         # the app changes) keeps the connection open: its shim waits for the new
-        # image to end, and exits with 1 then (nobody is left to send the code).
+        # image to end, whose exit the warm process reports (_reap).
         os.set_inheritable(conn.fileno(), True)
         if name == RAY_WORKER:
             import runpy
@@ -587,7 +632,8 @@ def _child(
         try:
             sys.stdout.flush()
             sys.stderr.flush()
-            conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
+            # as the exit status of `os._exit(code)`: a negative code here means a signal
+            conn.sendall(json.dumps({"exit": code % 256}).encode() + b"\n")
         except (OSError, ValueError):
             pass
         os._exit(code)

@@ -12,6 +12,8 @@ imports nothing here (``PRELOAD`` emptied): what is tested is its fork.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,10 +21,11 @@ import pytest
 
 from sims.processes import FLOWER_ENV, stop_tree
 from sims.warm import RAY_WORKER
-from tests.sims.warm_requests import ask, start_warm
+from tests.sims.warm_requests import start_warm
 
 CRASH = """\
-import ctypes
+import ctypes, os
+print(os.getppid(), flush=True)  # the warm process, for a forked child
 def read_address_zero():
     return ctypes.string_at(0)
 read_address_zero()
@@ -30,36 +33,57 @@ read_address_zero()
 
 
 @pytest.fixture
-def warm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
-    """A warm process's environment, without the fault handler (requests bring their own)."""
+def warm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[dict[str, str], int]]:
+    """A warm process's environment and PID, without the fault handler (requests bring theirs)."""
     monkeypatch.delenv("PYTHONFAULTHANDLER", raising=False)
     env, proc = start_warm(tmp_path / "warm", tmp_path / "warm.log", bare=True)
-    yield env
+    yield env, proc.pid
     stop_tree([proc.pid], 1.0)
     proc.wait()
 
 
-def _crash(env: dict[str, str], tmp_path: Path, name: str) -> str:
-    """What a child that reads address 0 writes to its stream."""
+def _crash(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """Run a script that reads address 0 through the warm process, as Ray runs a worker.
+
+    The shim (the program Ray starts) hands it to the warm process, whose
+    child runs it.
+    """
     script = tmp_path / "crash.py"
     script.write_text(CRASH)
-    out = tmp_path / f"{name}.log"
-    with out.open("wb") as sink, open(os.devnull, "wb") as null:
-        conn, _pid = ask(
-            env, RAY_WORKER, [str(script)], [null.fileno(), sink.fileno(), sink.fileno()]
-        )
-    with conn:
-        while data := conn.recv(1 << 16):  # the connection closes when the child has gone
-            assert b'"exit"' not in data  # killed by the signal: no exit code is sent
-    return out.read_text()
+    shim = Path(env["PATH"].split(os.pathsep)[0]) / RAY_WORKER
+    return subprocess.run(
+        [str(shim), str(script)], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
-def test_a_child_that_crashes_writes_its_stack_when_its_environment_asks(
-    tmp_path: Path, warm: dict[str, str]
+def test_a_child_that_crashes_writes_its_stack_and_its_shim_dies_of_the_same_signal(
+    tmp_path: Path, warm: tuple[dict[str, str], int]
 ) -> None:
+    env, warm_pid = warm
     assert FLOWER_ENV["PYTHONFAULTHANDLER"] == "1"
-    said = _crash({**warm, **FLOWER_ENV}, tmp_path, "flower-env")
+    crashed = _crash({**env, **FLOWER_ENV}, tmp_path)
+    assert crashed.stdout.split() == [str(warm_pid)]  # forked, not run by the shim itself
+    assert crashed.returncode == -signal.SIGSEGV, crashed
+    said = crashed.stderr
     assert "Fatal Python error: Segmentation fault" in said, said
-    assert f'File "{tmp_path / "crash.py"}", line 3 in read_address_zero' in said, said
+    assert f'File "{tmp_path / "crash.py"}", line 4 in read_address_zero' in said, said
     # the same request without the variable: nothing, as from a fresh interpreter
-    assert _crash(warm, tmp_path, "plain") == ""
+    quiet = _crash(env, tmp_path)
+    assert quiet.stdout.split() == [str(warm_pid)]
+    assert quiet.returncode == -signal.SIGSEGV and quiet.stderr == "", quiet
+
+
+def test_a_child_forked_from_a_warm_process_with_the_handler_follows_its_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The warm process itself has the handler on; a request without the variable does not."""
+    monkeypatch.setenv("PYTHONFAULTHANDLER", "1")
+    env, proc = start_warm(tmp_path / "warm", tmp_path / "warm.log", bare=True)
+    try:
+        plain = {k: v for k, v in env.items() if k != "PYTHONFAULTHANDLER"}
+        quiet = _crash(plain, tmp_path)
+        assert quiet.stdout.split() == [str(proc.pid)]
+        assert quiet.returncode == -signal.SIGSEGV and quiet.stderr == "", quiet
+    finally:
+        stop_tree([proc.pid], 1.0)
+        proc.wait()

@@ -23,6 +23,7 @@ class _Runtime:
 
     def __init__(self) -> None:
         self.failed_run: Path | None = None
+        self.ended: dict[Path, str] = {}  # how a run's `flwr run` ended: nothing here
         self.closed = threading.Event()
         self.started = threading.Event()
 
