@@ -285,12 +285,14 @@ class Runtime:
         return proc
 
     def _write_guard(self) -> None:
-        """The watchdog's list: each process's PID and start time, one per line."""
-        lines = [
-            f"{pid} {start if start is not None else -1}\n" for pid, start in self._guarded.items()
-        ]
-        if not self._closed:  # else its folder is gone, or going (close)
-            atomic_write_text(self.tmp / "guard", "".join(lines))
+        """The watchdog's list: each process's PID and start time, one per line.
+
+        A process without a start time had ended before :meth:`spawn` looked.
+        """
+        if self._closed:  # its folder is gone, or going (close)
+            return
+        lines = [f"{pid} {start}\n" for pid, start in self._guarded.items() if start is not None]
+        atomic_write_text(self.tmp / "guard", "".join(lines))
 
     def _stop_spawned(self, proc: subprocess.Popen[bytes], grace: float) -> None:
         """Stop ``proc`` (from :meth:`spawn`) and its tree (:func:`stop_process`), then forget it.

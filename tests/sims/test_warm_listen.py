@@ -17,8 +17,7 @@ from pathlib import Path
 
 from sims.processes import stop_tree
 from sims.warm import SOCKET_ENV, wait_listening, warm_environment
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.sims.warm_requests import ROOT
 
 #: ``serve`` with nothing to import, and a warm process that the machine does not run for
 #: a second between bind and listen.

@@ -15,8 +15,7 @@ from pathlib import Path
 
 from sims.processes import alive, start_time
 from sims.runtime import Runtime
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.sims.warm_requests import ROOT
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
 
