@@ -626,6 +626,8 @@ def _child(
         else:
             if name == "flower-superexec" and os.environ.get(WAKE_ENV):
                 _wake_on_request(os.environ[WAKE_ENV])
+            if name == DRIVER:  # its engine hands messages to the actors once they are stored
+                importlib.import_module("sims.engine_wake").install()
             module, function = ENTRY_POINTS[name]
             result = getattr(importlib.import_module(module), function)()
             code = result if isinstance(result, int) else 0

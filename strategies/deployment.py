@@ -11,6 +11,9 @@ attributed back to the node, and hence the partition, they were sent to.
 
 :func:`failed_summary` and :func:`lost_partitions` make ``summary.json`` say
 what happened: ``failed`` with the error, or which partitions were lost.
+Both grids, and :class:`PromptGrid` where partitions are assigned, look for
+replies every few milliseconds rather than at Flower's intervals
+(:func:`send_and_receive`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from flwr.superlink.grid import InMemoryGrid
 
 from strategies import protocol
 from strategies.metering import WrappedGrid
@@ -35,24 +39,32 @@ logger = logging.getLogger(__name__)
 FINISHED: tuple[str, ...] = ("completed", "degraded")
 #: How a skip reason names its partition (``strategies.replies``).
 _PARTITION_OF_REASON = re.compile(r"^partition (\d+) ")
-#: First and longest wait (s) between two looks for replies in :func:`send_and_receive`.
+#: First and longest wait (s) between two looks for replies in :func:`send_and_receive`
+#: through a deployed SuperLink (each look is a request to it).
 REPLY_POLL: tuple[float, float] = (0.01, 0.2)
+#: The same through a simulation's in-memory state (each look is a few dictionary lookups).
+IN_MEMORY_POLL: tuple[float, float] = (0.002, 0.02)
 
 
 def send_and_receive(
-    grid: Grid, messages: Iterable[Message], *, timeout: float | None
+    grid: Grid,
+    messages: Iterable[Message],
+    *,
+    timeout: float | None,
+    poll: tuple[float, float] = REPLY_POLL,
 ) -> list[Message]:
-    """``grid.send_and_receive``, looking for replies every 10-200 ms instead of every 3 s.
+    """``grid.send_and_receive``, looking for replies every few ms instead of every 0.1 or 3 s.
 
     Flower 1.42's deployed Grid sleeps 3 s between two pulls of replies,
-    which alone makes every round of a deployment last 3 s or more. This
-    pushes the messages and pulls with a short wait that grows by half each
-    time up to :data:`REPLY_POLL`'s maximum; like Flower's, ``timeout=None``
-    waits for every reply.
+    which alone makes every round of a deployment last 3 s or more; its
+    simulation Grid sleeps 0.1 s, which a round of a small model waits half
+    of on average. This pushes the messages and pulls with a short wait that
+    grows by half each time from ``poll``'s first to its longest; like
+    Flower's, ``timeout=None`` waits for every reply.
     """
     ids = {str(i) for i in grid.push_messages(messages)}
     end = None if timeout is None else time.monotonic() + timeout
-    wait, longest = REPLY_POLL
+    wait, longest = poll
     replies: list[Message] = []
     while True:
         got = list(grid.pull_messages(ids))
@@ -62,6 +74,24 @@ def send_and_receive(
             return replies
         time.sleep(wait)
         wait = min(longest, wait * 1.5)
+
+
+class PromptGrid(WrappedGrid):
+    """A Grid whose ``send_and_receive`` looks for replies often (:func:`send_and_receive`).
+
+    Through a simulation's in-memory state every 2-20 ms (:data:`IN_MEMORY_POLL`),
+    through a SuperLink every 10-200 ms (:data:`REPLY_POLL`).
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        super().__init__(grid)
+        self._poll = IN_MEMORY_POLL if isinstance(grid, InMemoryGrid) else REPLY_POLL
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        """Push ``messages``; pull until every one has its reply or ``timeout`` passes."""
+        return send_and_receive(self._grid, messages, timeout=timeout, poll=self._poll)
 
 
 def with_source(reply: Message, node: int) -> Message:

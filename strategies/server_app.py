@@ -17,6 +17,7 @@ from fedmerge.data import DatasetBundle
 from strategies import protocol
 from strategies.config import RUN_DIR_KEY, RunConfig, from_run_config
 from strategies.deployment import (
+    PromptGrid,
     RejoiningGrid,
     failed_summary,
     log_through_flower,
@@ -195,6 +196,7 @@ def _run(grid: Grid, context: Context, run_dir: str, stage: list[str]) -> None:
     stage[0] = "discovery"
     if config.simulation.assign_partitions:
         mapping = assign_partitions(grid, config.num_clients, config.nodes, timeout)
+        grid = PromptGrid(grid)
     else:
         mapping = discover_nodes(grid, config.num_clients, timeout)
         grid = RejoiningGrid(grid, mapping, timeout)

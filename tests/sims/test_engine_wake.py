@@ -1,0 +1,144 @@
+"""The simulation engine's message loop (:mod:`sims.engine_wake`) on Flower's own in-memory state.
+
+The state, its run, its nodes, the ServerApp's Grid and the messages are
+Flower's, set up as ``flwr.simulation.run_simulation`` sets them up; only the
+engine's actors are left out: a thread here answers for them, as Flower's
+workers do, by storing the reply in the state.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from queue import Empty, Queue
+from uuid import uuid4
+
+import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.proto.task_pb2 import Task  # type: ignore[attr-defined]
+from flwr.server.superlink.fleet.vce import vce_api
+from flwr.server.superlink.linkstate import InMemoryLinkState, LinkStateFactory
+from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+from flwr.supercore.object_store import ObjectStoreFactory
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.superlink.federation import NoOpFederationManager
+from flwr.superlink.grid import InMemoryGrid
+
+from sims import engine_wake
+from strategies.deployment import PromptGrid
+
+#: Far longer than the test waits: a message that arrives came through the wake-up.
+NEVER = 120.0
+RUN_ID, TASK_ID = 7, 11
+
+
+@pytest.fixture(autouse=True)
+def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process-wide identity that Flower's simulation process sets for its ServerApp."""
+    monkeypatch.setattr(TaskIdentity, "_task_id", TASK_ID)
+    monkeypatch.setattr(TaskIdentity, "_run_id", RUN_ID)
+    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
+
+
+def _simulation_state(nodes: int) -> tuple[LinkStateFactory, Run, dict[int, int]]:
+    """Flower's in-memory state with one run and ``nodes`` nodes, as its simulation has it."""
+    factory = LinkStateFactory(
+        FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory()
+    )
+    state = factory.state()
+    assert isinstance(state, InMemoryLinkState)
+    run = Run.create_empty(run_id=RUN_ID)
+    run.primary_task_id = TASK_ID
+    run.federation_id = NOOP_FEDERATION_ID
+    state.run_ids[run.run_id] = RunRecord(run=run)
+    state.task_store[TASK_ID] = Task(task_id=TASK_ID, run_id=run.run_id)
+    return factory, run, vce_api._register_nodes(nodes, factory)
+
+
+def test_a_stored_message_is_queued_without_waiting_for_the_next_look() -> None:
+    factory, run, nodes = _simulation_state(3)
+    state = factory.state()
+    grid = InMemoryGrid(factory)
+    grid.set_run(run)
+    queue: Queue[Message] = Queue()
+    stop = threading.Event()
+    loop = threading.Thread(
+        target=engine_wake.add_messages_to_queue, args=(state, queue, nodes, stop, NEVER)
+    )
+    loop.start()
+    node, other = sorted(nodes)[:2]
+    try:
+        time.sleep(0.2)  # the loop has made its first look, and waits
+        pushed = list(grid.push_messages([Message(RecordDict(), node, "train")]))
+        got = queue.get(timeout=30)
+        assert got.metadata.message_id == pushed[0]
+        assert got.metadata.dst_node_id == node
+        # one message per node and look, as in Flower's loop: of two stored for one
+        # node before a look, the second waits for the look after it
+        grid.push_messages([Message(RecordDict(), node, "train") for _ in range(2)])
+        assert queue.get(timeout=30).metadata.dst_node_id == node
+        with pytest.raises(Empty):
+            queue.get(timeout=1.0)
+        grid.push_messages([Message(RecordDict(), other, "train")])  # the next look takes both
+        assert sorted(queue.get(timeout=30).metadata.dst_node_id for _ in range(2)) == sorted(
+            [node, other]
+        )
+    finally:
+        stop.set()
+        grid.push_messages([Message(RecordDict(), other, "train")])  # ends the loop's wait
+        loop.join(timeout=30)
+    assert not loop.is_alive()
+    assert "store_message_ins" not in vars(state)  # the state's own method again
+
+
+def test_prompt_grid_gets_replies_stored_by_the_engine() -> None:
+    factory, run, nodes = _simulation_state(2)
+    state = factory.state()
+    queue: Queue[Message] = Queue()
+    stop = threading.Event()
+
+    def actors() -> None:  # as Flower's workers: each message's reply goes into the state
+        while not stop.is_set():
+            try:
+                message = queue.get(timeout=0.1)
+            except Empty:
+                continue
+            content = RecordDict({"config": ConfigRecord({"node": message.metadata.dst_node_id})})
+            reply = Message(content, reply_to=message)
+            reply.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's workers do
+            state.store_message_res(reply)
+
+    grid = InMemoryGrid(factory)
+    grid.set_run(run)
+    engine = threading.Thread(
+        target=engine_wake.add_messages_to_queue, args=(state, queue, nodes, stop, NEVER)
+    )
+    threads = [engine, threading.Thread(target=actors)]
+    for t in threads:
+        t.start()
+    try:
+        prompt = PromptGrid(grid)
+        messages = [Message(RecordDict(), n, "train") for n in nodes]
+        replies = prompt.send_and_receive(messages, timeout=30)
+        assert sorted(int(r.content["config"]["node"]) for r in replies) == sorted(nodes)
+    finally:
+        stop.set()
+        grid.push_messages([Message(RecordDict(), sorted(nodes)[0], "train")])  # ends its wait
+        for t in threads:
+            t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+
+
+def test_install_replaces_the_engines_loop_only_under_its_flower_release(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(vce_api, "add_messages_to_queue", vce_api.add_messages_to_queue)
+    monkeypatch.setattr(engine_wake.flwr, "__version__", "1.43.0")
+    assert not engine_wake.install()
+    assert vce_api.add_messages_to_queue is not engine_wake.add_messages_to_queue
+    monkeypatch.setattr(engine_wake.flwr, "__version__", "1.42.0")
+    assert engine_wake.install()
+    assert vce_api.add_messages_to_queue is engine_wake.add_messages_to_queue
