@@ -131,6 +131,8 @@ PRELOAD = (
 )
 
 _HEADER = 8  # bytes of the request's length
+#: ``prctl`` option that names the calling thread: the process, for its main thread.
+_PR_SET_NAME = 15
 
 #: Seconds between two looks for exited children in the warm and drivers' processes
 #: (:func:`_reap`): a shim whose program was killed learns it that much later at most.
@@ -748,10 +750,14 @@ def _wake_on_request(path: str) -> None:
 
 
 def set_title(title: str) -> None:
-    """Write ``title`` over this process's command line (``/proc/self/cmdline``, what ``ps`` shows).
+    """Write ``title`` over this process's command line and name, as ``ps`` and ``top`` show them.
 
-    A forked child keeps the warm process's command line; this puts its own
-    program's there, cut to the length of the warm process's (Linux only).
+    A forked child keeps the warm process's command line (``/proc/self/cmdline``)
+    and name (``/proc/self/comm``); this puts its own program's there. The
+    command line is cut to the length of the warm process's; the name is the
+    first word's file name, cut to 15 bytes, as the kernel names a program it
+    starts and Ray's own ``setproctitle`` names a worker (``ray::ClientAppA``)
+    (Linux only).
     """
     import ctypes
 
@@ -759,6 +765,8 @@ def set_title(title: str) -> None:
     start, end = int(stat[45]), int(stat[46])  # arg_start, arg_end: fields 48 and 49
     data = title.encode()[: end - start - 1]
     ctypes.memmove(start, data + bytes(end - start - len(data)), end - start)
+    name = Path(title.split(" ", 1)[0]).name.encode()[:15]
+    ctypes.CDLL(None).prctl(_PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
 
 
 def _exit_with(conn: socket.socket) -> None:

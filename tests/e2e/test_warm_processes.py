@@ -30,6 +30,14 @@ from tests.references import REFERENCE_RUNS
 FORKED_SIMULATION = str(Path(sys.executable).parent / "flwr-simulation")
 
 
+def _name(pid: int) -> str:
+    """The process's name (``/proc/PID/comm``): what ``top`` and ``pgrep`` show."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""  # gone meanwhile
+
+
 def _digest(run_dir: Path) -> str:
     return hashlib.sha256((run_dir / "model.safetensors").read_bytes()).hexdigest()
 
@@ -61,6 +69,7 @@ def test_runs_are_forked_from_the_warm_process_and_equal_a_cold_one(
         children: list[list[int]] = []
         workers: list[list[int]] = []
         titles: set[str] = set()  # the programs the forked children run
+        names: set[str] = set()  # the actors' workers' process names
         # what the simulation processes were forked from: (its command line, its parent)
         drivers_parents: set[tuple[str, int]] = set()
 
@@ -76,6 +85,8 @@ def test_runs_are_forked_from_the_warm_process_and_equal_a_cold_one(
             if row["round"] >= 1:  # the actors have trained: their workers run
                 # A Ray worker names itself after its actor (setproctitle).
                 workers.append([p for p in found if "ray::ClientAppActor" in command_line(p)])
+                # named as Ray's setproctitle names a cold worker: what top and pgrep show
+                names.update(n for n in map(_name, workers[-1]) if n)
 
         assert run("a", look)
         assert run("b", look)
@@ -92,6 +103,7 @@ def test_runs_are_forked_from_the_warm_process_and_equal_a_cold_one(
         # The forked SuperExec listens for the wake-up that each run sends.
         assert stat.S_ISSOCK(Path(runtime.env[WAKE_ENV]).stat().st_mode)
         assert all(workers), workers
+        assert names == {"ray::ClientAppA"}, names
         forks = {pid for found in children for pid in found}
         assert len(forks) >= 6, forks  # three or more per run
         assert alive(warm)
