@@ -8,8 +8,9 @@ on a small model. :func:`install`, called in a simulation process that the
 warm process forks (:mod:`sims.warm`) before Flower's code runs, replaces
 that loop with :func:`add_messages_to_queue`: the same looks, in the same
 order, but the wait between two of them also ends as soon as a message is
-stored in the run's in-memory state. The messages and their order are
-Flower's; only the wait changes. A simulation process started without the
+stored in the run's in-memory state, and there is none after a look that
+found a message. The messages and their order are Flower's; only the waits
+change. A simulation process started without the
 warm process keeps Flower's loop.
 """
 
@@ -40,9 +41,11 @@ def add_messages_to_queue(
 ) -> None:
     """Flower's loop: each pass queues one undelivered message per node; between passes it waits.
 
-    The wait ends after ``look_every`` seconds, as Flower's does, or as soon
-    as a message is stored in ``state``. A message stored during a pass
-    starts the next pass at once; one stored before the pass is taken by it.
+    A pass that found nothing waits until ``look_every`` seconds pass, as
+    Flower's does, or until a message is stored in ``state``, whichever comes
+    first; a message stored during a pass starts the next pass at once. A
+    pass that queued a message is followed by another at once (a node may
+    have more), where Flower's waits 0.1 s.
     """
     stored = threading.Event()
     store = state.store_message_ins
@@ -57,10 +60,13 @@ def add_messages_to_queue(
     try:
         while not f_stop.is_set():
             stored.clear()
+            took = False
             for node_id in nodes_mapping:
                 for message in state.get_message_ins(node_id=node_id, limit=1):
                     queue.put(message)
-            stored.wait(look_every)
+                    took = True
+            if not took:  # a node may have more: look again at once
+                stored.wait(look_every)
     finally:
         vars(state).pop("store_message_ins", None)
 
