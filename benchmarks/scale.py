@@ -10,7 +10,8 @@ round, 2 rounds, and the script prints:
 - the mean time of a training round;
 - peak memory: the largest sum of the resident memory (RSS) of every
   process of the run seen while it ran, and the largest private memory (USS)
-  of one Ray worker.
+  of one ClientApp actor's Ray worker (found by its process name,
+  ``ray::ClientAppA``, as Ray names it).
 
 Memory is sampled every 0.2 s from /proc (Linux). The data set must hold at
 least as many training samples as there are clients (Fashion-MNIST: 60,000;
@@ -37,6 +38,9 @@ from sims.launch import simulate
 from sims.processes import descendants
 from sims.scenario_files import load_scenario
 
+#: The process name (``/proc/PID/comm``, 15 bytes) of a ClientApp actor's Ray worker.
+ACTOR_NAME = "ray::ClientAppA"
+
 
 def _memory(pid: int) -> tuple[int, int, str]:
     """(RSS, USS) in bytes and the command name of ``pid`` (zeros if it is gone)."""
@@ -51,7 +55,7 @@ def _memory(pid: int) -> tuple[int, int, str]:
 
 
 class MemorySampler(threading.Thread):
-    """Peak RSS of this process's descendants together, and peak USS of one Ray worker."""
+    """Peak RSS of this process's descendants together, and peak USS of one actor's worker."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
@@ -66,7 +70,7 @@ class MemorySampler(threading.Thread):
             for pid in descendants(os.getpid()):
                 rss, uss, name = _memory(pid)
                 total += rss
-                if name.startswith("ray::"):
+                if name.startswith(ACTOR_NAME):
                     self.peak_worker_uss = max(self.peak_worker_uss, uss)
             self.peak_rss = max(self.peak_rss, total)
             self._done.wait(0.2)
