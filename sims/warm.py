@@ -131,8 +131,6 @@ PRELOAD = (
 )
 
 _HEADER = 8  # bytes of the request's length
-#: ``prctl`` option that names the calling thread: the process, for its main thread.
-_PR_SET_NAME = 15
 
 #: Seconds between two looks for exited children in the warm and drivers' processes
 #: (:func:`_reap`): a shim whose program was killed learns it that much later at most.
@@ -765,8 +763,9 @@ def set_title(title: str) -> None:
     start, end = int(stat[45]), int(stat[46])  # arg_start, arg_end: fields 48 and 49
     data = title.encode()[: end - start - 1]
     ctypes.memmove(start, data + bytes(end - start - len(data)), end - start)
-    name = Path(title.split(" ", 1)[0]).name.encode()[:15]
-    ctypes.CDLL(None).prctl(_PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+    # the process's own name, whichever of its threads asks (Ray names a worker from the
+    # thread that runs its task): /proc/self is the process, prctl would name the thread
+    Path("/proc/self/comm").write_bytes(Path(title.split(" ", 1)[0]).name.encode()[:15])
 
 
 def _exit_with(conn: socket.socket) -> None:

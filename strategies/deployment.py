@@ -11,9 +11,9 @@ attributed back to the node, and hence the partition, they were sent to.
 
 :func:`failed_summary` and :func:`lost_partitions` make ``summary.json`` say
 what happened: ``failed`` with the error, or which partitions were lost.
-Both grids, and :class:`PromptGrid` where partitions are assigned, look for
-replies every few milliseconds rather than at Flower's intervals
-(:func:`send_and_receive`).
+:class:`RejoiningGrid`, and :class:`PromptGrid` for a run whose partitions
+are assigned (a simulation's), look for replies every few milliseconds
+rather than at the intervals of Flower's Grids (:func:`send_and_receive`).
 """
 
 from __future__ import annotations
@@ -42,8 +42,11 @@ _PARTITION_OF_REASON = re.compile(r"^partition (\d+) ")
 #: First and longest wait (s) between two looks for replies in :func:`send_and_receive`
 #: through a deployed SuperLink (each look is a request to it).
 REPLY_POLL: tuple[float, float] = (0.01, 0.2)
-#: The same through a simulation's in-memory state (each look is a few dictionary lookups).
+#: The same through a simulation's in-memory state (each look checks each awaited message).
 IN_MEMORY_POLL: tuple[float, float] = (0.002, 0.02)
+#: A wait is at least this many times as long as the look before it: many awaited messages
+#: make each look longer, and the looks must not take the time the replies need.
+LOOK_SHARE = 10.0
 
 
 def send_and_receive(
@@ -58,21 +61,24 @@ def send_and_receive(
     Flower 1.42's deployed Grid sleeps 3 s between two pulls of replies,
     which alone makes every round of a deployment last 3 s or more; its
     simulation Grid sleeps 0.1 s, which a round of a small model waits half
-    of on average. This pushes the messages and pulls with a short wait that
-    grows by half each time from ``poll``'s first to its longest; like
-    Flower's, ``timeout=None`` waits for every reply.
+    of on average. This pushes the messages and looks for the replies at
+    once, then after a wait that grows by half each time from ``poll``'s
+    first to its longest, and is never shorter than :data:`LOOK_SHARE` times
+    the look before it; like Flower's, ``timeout=None`` waits for every reply.
     """
     ids = {str(i) for i in grid.push_messages(messages)}
     end = None if timeout is None else time.monotonic() + timeout
     wait, longest = poll
     replies: list[Message] = []
     while True:
+        started = time.monotonic()
         got = list(grid.pull_messages(ids))
+        look = time.monotonic() - started
         replies += got
         ids.difference_update(m.metadata.reply_to_message_id for m in got)
         if not ids or (end is not None and time.monotonic() >= end):
             return replies
-        time.sleep(wait)
+        time.sleep(max(wait, LOOK_SHARE * look))  # looks take at most a tenth of the time
         wait = min(longest, wait * 1.5)
 
 
@@ -81,6 +87,11 @@ class PromptGrid(WrappedGrid):
 
     Through a simulation's in-memory state every 2-20 ms (:data:`IN_MEMORY_POLL`),
     through a SuperLink every 10-200 ms (:data:`REPLY_POLL`).
+
+    Parameters
+    ----------
+    grid : Grid
+        The Grid that Flower gave the ServerApp; every other call goes to it.
     """
 
     def __init__(self, grid: Grid) -> None:

@@ -16,7 +16,7 @@ from uuid import uuid4
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.proto.task_pb2 import Task  # type: ignore[attr-defined]
+from flwr.proto.task_pb2 import Task
 from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.linkstate import InMemoryLinkState, LinkStateFactory
 from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
@@ -28,7 +28,7 @@ from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid import InMemoryGrid
 
 from sims import engine_wake
-from strategies.deployment import PromptGrid
+from strategies.deployment import IN_MEMORY_POLL, PromptGrid
 
 #: Far longer than the test waits: a message that arrives came through the wake-up.
 NEVER = 120.0
@@ -66,7 +66,9 @@ def test_a_stored_message_is_queued_without_waiting_for_the_next_look() -> None:
     queue: Queue[Message] = Queue()
     stop = threading.Event()
     loop = threading.Thread(
-        target=engine_wake.add_messages_to_queue, args=(state, queue, nodes, stop, NEVER)
+        target=engine_wake.add_messages_to_queue,
+        args=(state, queue, nodes, stop, NEVER),
+        daemon=True,  # a wake-up that fails would keep it waiting NEVER seconds
     )
     loop.start()
     node, other = sorted(nodes)[:2]
@@ -76,8 +78,8 @@ def test_a_stored_message_is_queued_without_waiting_for_the_next_look() -> None:
         got = queue.get(timeout=30)
         assert got.metadata.message_id == pushed[0]
         assert got.metadata.dst_node_id == node
-        # a look takes one message per node, as Flower's; one that found a message is
-        # followed by another at once, where Flower's waits 0.1 s
+        # two for one node and one for another: each look takes one per node, and the
+        # look after one that took a message comes at once
         grid.push_messages([Message(RecordDict(), node, "train") for _ in range(2)])
         grid.push_messages([Message(RecordDict(), other, "train")])
         got_nodes = sorted(queue.get(timeout=30).metadata.dst_node_id for _ in range(3))
@@ -110,13 +112,21 @@ def test_prompt_grid_gets_replies_stored_by_the_engine() -> None:
     grid = InMemoryGrid(factory)
     grid.set_run(run)
     engine = threading.Thread(
-        target=engine_wake.add_messages_to_queue, args=(state, queue, nodes, stop, NEVER)
+        target=engine_wake.add_messages_to_queue,
+        args=(state, queue, nodes, stop, NEVER),
+        daemon=True,
     )
-    threads = [engine, threading.Thread(target=actors)]
+    threads = [engine, threading.Thread(target=actors, daemon=True)]
     for t in threads:
         t.start()
     try:
+        # the loop has made its first look and waits: only a wake-up can deliver now
+        deadline = time.monotonic() + 30
+        while "store_message_ins" not in vars(state) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
         prompt = PromptGrid(grid)
+        assert prompt._poll == IN_MEMORY_POLL
         messages = [Message(RecordDict(), n, "train") for n in nodes]
         replies = prompt.send_and_receive(messages, timeout=30)
         assert sorted(int(r.content["config"]["node"]) for r in replies) == sorted(nodes)
