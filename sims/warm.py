@@ -759,13 +759,14 @@ def set_title(title: str) -> None:
     """
     import ctypes
 
+    # The name first: whoever finds the process by its new command line finds its new
+    # name too. /proc/self is the process, whichever of its threads asks (Ray names a
+    # worker from the thread that runs its task); prctl would name that thread only.
+    Path("/proc/self/comm").write_bytes(Path(title.split(" ", 1)[0]).name.encode()[:15])
     stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
     start, end = int(stat[45]), int(stat[46])  # arg_start, arg_end: fields 48 and 49
     data = title.encode()[: end - start - 1]
     ctypes.memmove(start, data + bytes(end - start - len(data)), end - start)
-    # the process's own name, whichever of its threads asks (Ray names a worker from the
-    # thread that runs its task): /proc/self is the process, prctl would name the thread
-    Path("/proc/self/comm").write_bytes(Path(title.split(" ", 1)[0]).name.encode()[:15])
 
 
 def _exit_with(conn: socket.socket) -> None:
