@@ -16,6 +16,7 @@ warm process keeps Flower's loop.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Mapping
@@ -25,6 +26,8 @@ import flwr
 from flwr.app import Message
 from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.linkstate import LinkState
+
+logger = logging.getLogger(__name__)
 
 #: The Flower release whose loop :func:`add_messages_to_queue` reproduces; any other
 #: release keeps its own.
@@ -112,9 +115,16 @@ def add_messages_to_queue(
 def install() -> bool:
     """Have this process's simulation engine run :func:`add_messages_to_queue`; whether it does.
 
-    Only under :data:`FLOWER_RELEASE`, the release whose loop it reproduces.
+    Only under :data:`FLOWER_RELEASE`, the release whose loop it reproduces;
+    under another, a warning says that the engine keeps Flower's loop.
     """
     if not flwr.__version__.startswith(FLOWER_RELEASE):
+        logger.warning(
+            "flwr %s: the simulation engine keeps its own loop, which looks for messages "
+            "every 0.1 s (fedmerge's wakes on each message under flwr %sx)",
+            flwr.__version__,
+            FLOWER_RELEASE,
+        )
         return False
     setattr(vce_api, "add_messages_to_queue", add_messages_to_queue)  # noqa: B010
     return True

@@ -8,6 +8,7 @@ workers do, by storing the reply in the state.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from queue import Empty, Queue
@@ -139,12 +140,14 @@ def test_prompt_grid_gets_replies_stored_by_the_engine() -> None:
 
 
 def test_install_replaces_the_engines_loop_only_under_its_flower_release(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(vce_api, "add_messages_to_queue", vce_api.add_messages_to_queue)
     monkeypatch.setattr(engine_wake.flwr, "__version__", "1.43.0")
-    assert not engine_wake.install()
+    with caplog.at_level(logging.WARNING, logger="sims.engine_wake"):
+        assert not engine_wake.install()
     assert vce_api.add_messages_to_queue is not engine_wake.add_messages_to_queue
+    assert "flwr 1.43.0: the simulation engine keeps its own loop" in caplog.text
     monkeypatch.setattr(engine_wake.flwr, "__version__", "1.42.0")
     assert engine_wake.install()
     assert vce_api.add_messages_to_queue is engine_wake.add_messages_to_queue
