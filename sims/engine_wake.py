@@ -88,12 +88,13 @@ def add_messages_to_queue(
         while not f_stop.is_set():
             stored.clear()
             with lock:
-                nodes, woken_now = list(nodes_mapping), set(woken)
+                woken_now = set(woken)
                 woken.clear()
             if time.monotonic() - last_full >= look_every:
                 last_full = time.monotonic()
+                nodes = list(nodes_mapping)
             else:
-                nodes = [n for n in nodes if n in woken_now]
+                nodes = [n for n in nodes_mapping if n in woken_now]
             took: set[int] = set()
             for node_id in nodes:
                 for message in state.get_message_ins(node_id=node_id, limit=1):

@@ -245,11 +245,12 @@ def simulate(
     log_path.write_bytes(b"")
     key = runtime_key(scenario, slot, slots)
     run_config, fed_config = run_config_toml(scenario, run_dir), federation_config(scenario)
+    ended: str | None = ""  # how the run did not complete; None once run() says it did
     if _shared is None:
         runtime = new_runtime()
         runtime.start(key[0], key[1], log=log_path)
         try:
-            ok = runtime.run(run_dir, run_config, fed_config, on_round)
+            ended = runtime.run(run_dir, run_config, fed_config, on_round)
         finally:
             # A finished run has nothing left to save (its summary is the last file it
             # writes): its processes are killed at once, without Ray's slow graceful
@@ -265,18 +266,17 @@ def simulate(
                 if slots > 1:
                     shared.slotted.add(key)
             runtime = shared.runtimes[key]
-        ok = False
         try:
-            ok = runtime.run(run_dir, run_config, fed_config, on_round)
+            ended = runtime.run(run_dir, run_config, fed_config, on_round)
         finally:
-            if not ok:
+            if ended is not None:
                 with shared.lock:
                     if shared.runtimes.get(key) is runtime:
                         del shared.runtimes[key]
                         runtime.failed_run = run_dir  # the first of its runs to fail
                 runtime.close(grace=10.0)
     summary_path = run_dir / "summary.json"
-    if not ok:
+    if ended is not None:
         first = runtime.failed_run
         if first is not None and first != run_dir:
             # Stopping the runtime for the run that failed first ended this one.
@@ -286,7 +286,6 @@ def simulate(
             )
         # the runtime's own output (Ray's, the warm process's) joins the log as the
         # runtime closes: how `flwr run` ended is put last, where it is found
-        ended = runtime.ended.get(run_dir, "")
         lines = log_path.read_text(errors="replace").splitlines()
         tail = [line for line in lines if line != ended][-15:] + ([ended] if ended else [])
         raise SimulationError(f"run did not complete; see {log_path}\n" + "\n".join(tail))

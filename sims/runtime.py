@@ -176,8 +176,6 @@ class Runtime:
         # set by close(), under _lock: a run of a shared runtime may end after another
         # run's failure closed it, and must not write into the folder close() removes
         self._closed = False
-        # run directory -> how `flwr run` ended, for a run that wrote no summary (run())
-        self.ended: dict[Path, str] = {}
         self.failed_run: Path | None = None  # set by the first of its runs that fails
         self._lock = threading.Lock()
         self.ray: subprocess.Popen[bytes] | None = None
@@ -312,20 +310,28 @@ class Runtime:
         run_config: str,
         federation_config: str,
         on_round: Callable[[dict[str, Any]], None] | None = None,
-    ) -> bool:
+    ) -> str | None:
         """Submit a run with ``flwr run --stream``; follow it until its summary exists.
 
         ``run_config`` is the run's flat TOML run config (written to
         ``run_dir/run_config.toml``), ``federation_config`` its
         ``--federation-config``. Flower's output for the run goes to
         ``run_dir/flower.log``; ``on_round`` gets every row of
-        ``run_dir/metrics.jsonl``. Returns whether the run wrote ``summary.json``.
+        ``run_dir/metrics.jsonl``.
+
+        Returns
+        -------
+        str or None
+            ``None`` once the run has written ``summary.json``; otherwise the
+            line, also written to ``flower.log``, that says how ``flwr run``
+            ended first.
         """
         (run_dir / "run_config.toml").write_text(run_config)
         metrics = run_dir / "metrics.jsonl"
         summary_path = run_dir / "summary.json"
         summary_path.unlink(missing_ok=True)
         client = None
+        ended = None
         try:
             with (run_dir / "flower.log").open("ab") as log:
                 client = self.spawn(
@@ -352,8 +358,8 @@ class Runtime:
                         break
                     time.sleep(0.1)
                 if not summary_path.exists():
-                    self.ended[run_dir] = f"fedmerge: {_ended(client.returncode)}"
-                    log.write(f"{self.ended[run_dir]}\n".encode())
+                    ended = f"fedmerge: {_ended(client.returncode)}"
+                    log.write(f"{ended}\n".encode())
         finally:
             # Once the summary is written the run is over: `flwr run` would only
             # stream the simulation process's shutdown for about 3 s more. It is
@@ -361,7 +367,7 @@ class Runtime:
             # its own while the next run starts.
             if client is not None:
                 self._stop_spawned(client, grace=2)
-        return summary_path.exists()
+        return None if summary_path.exists() else ended
 
     def close(self, grace: float = 1.0) -> None:
         """Stop the SuperLink, the Ray head this runtime started, and the watchdog.

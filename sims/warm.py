@@ -332,7 +332,7 @@ def serve(path: str, app: str | None = None) -> int:
             if drivers is None or not drivers.serves(request["env"]):
                 if drivers is not None:
                     drivers.close()
-                drivers = _Drivers(request["env"], [listener, *waiting.values()], base, fresh, app)
+                drivers = _Drivers(request["env"], listener, waiting, base, fresh, app)
             continue
         if (
             request["name"] == DRIVER
@@ -342,7 +342,7 @@ def serve(path: str, app: str | None = None) -> int:
         ):
             _close(conn, fds)
         else:
-            _fork_child(conn, request, fds, base, fresh, [listener, *waiting.values()], waiting)
+            _fork_child(conn, request, fds, base, fresh, listener, waiting)
         if app is not None:
             import_app(app)
             app = None
@@ -354,21 +354,21 @@ def _fork_child(
     fds: list[int],
     base: list[str],
     fresh: list[Any],
-    own: list[socket.socket],
+    server: socket.socket,
     waiting: dict[int, socket.socket],
 ) -> None:
     """Fork a child that becomes the requested program (:func:`_child`).
 
-    ``own``: this process's sockets (the one it takes requests from, the
-    connections of its other children), which the child closes. This process
-    closes its copies of the request's streams and keeps the connection in
-    ``waiting`` until it reaps the child (:func:`_reap`).
+    The child closes this process's sockets: ``server``, the one it takes
+    requests from, and its other children's connections (``waiting``). This
+    process closes its copies of the request's streams and keeps the
+    connection in ``waiting`` until it reaps the child (:func:`_reap`).
     """
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        for sock in own:
+        for sock in (server, *waiting.values()):
             sock.close()
         _child(conn, request, fds, base, fresh)  # never returns
     for fd in fds:
@@ -461,7 +461,8 @@ class _Drivers:
     def __init__(
         self,
         env: dict[str, str],
-        own: list[socket.socket],
+        server: socket.socket,
+        waiting: Mapping[int, socket.socket],
         base: list[str],
         fresh: list[Any],
         app: str | None,
@@ -472,7 +473,7 @@ class _Drivers:
         sys.stdout.flush()
         sys.stderr.flush()
         if os.fork() == 0:
-            for sock in own:  # the warm process's: its listener and its children's connections
+            for sock in (server, *waiting.values()):  # the warm process's: not this child's
                 sock.close()
             self.sock.close()
             code = 1
@@ -531,9 +532,7 @@ def _serve_drivers(
             _reap(waiting, block=True)
             return 0
         conn = socket.socket(fileno=fds[0])
-        _fork_child(
-            conn, json.loads(data), fds[1:], base, fresh, [sock, *waiting.values()], waiting
-        )
+        _fork_child(conn, json.loads(data), fds[1:], base, fresh, sock, waiting)
 
 
 def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:

@@ -58,10 +58,12 @@ def test_runs_are_forked_from_the_warm_process_and_equal_a_cold_one(
     runtime.start(ray_address, 0, tmp_path / "runtime.log", shared=True)
 
     def run(name: str, on_round: Callable[[dict[str, Any]], None] | None = None) -> bool:
+        """Whether the run wrote its summary."""
         run_dir = tmp_path / name
-        return runtime.run(
+        ended = runtime.run(
             run_dir, run_config_toml(scenario, run_dir), federation_config(scenario), on_round
         )
+        return ended is None
 
     try:
         assert runtime.warm is not None

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -32,14 +33,23 @@ read_address_zero()
 """
 
 
+@contextmanager
+def _warm_process(tmp_path: Path) -> Iterator[tuple[dict[str, str], int]]:
+    """A warm process without imports, with this environment: its environment and PID."""
+    env, proc = start_warm(tmp_path / "warm", tmp_path / "warm.log", bare=True)
+    try:
+        yield env, proc.pid
+    finally:
+        stop_tree([proc.pid], 1.0)
+        proc.wait()
+
+
 @pytest.fixture
 def warm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[dict[str, str], int]]:
     """A warm process's environment and PID, without the fault handler (requests bring theirs)."""
     monkeypatch.delenv("PYTHONFAULTHANDLER", raising=False)
-    env, proc = start_warm(tmp_path / "warm", tmp_path / "warm.log", bare=True)
-    yield env, proc.pid
-    stop_tree([proc.pid], 1.0)
-    proc.wait()
+    with _warm_process(tmp_path) as warm:
+        yield warm
 
 
 def _crash(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
@@ -78,12 +88,8 @@ def test_a_child_forked_from_a_warm_process_with_the_handler_follows_its_request
 ) -> None:
     """The warm process itself has the handler on; a request without the variable does not."""
     monkeypatch.setenv("PYTHONFAULTHANDLER", "1")
-    env, proc = start_warm(tmp_path / "warm", tmp_path / "warm.log", bare=True)
-    try:
+    with _warm_process(tmp_path) as (env, warm_pid):
         plain = {k: v for k, v in env.items() if k != "PYTHONFAULTHANDLER"}
         quiet = _crash(plain, tmp_path)
-        assert quiet.stdout.split() == [str(proc.pid)]
-        assert quiet.returncode == -signal.SIGSEGV and quiet.stderr == "", quiet
-    finally:
-        stop_tree([proc.pid], 1.0)
-        proc.wait()
+    assert quiet.stdout.split() == [str(warm_pid)]
+    assert quiet.returncode == -signal.SIGSEGV and quiet.stderr == "", quiet

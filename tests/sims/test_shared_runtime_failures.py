@@ -23,21 +23,22 @@ class _Runtime:
 
     def __init__(self) -> None:
         self.failed_run: Path | None = None
-        self.ended: dict[Path, str] = {}  # how a run's `flwr run` ended: nothing here
         self.closed = threading.Event()
         self.started = threading.Event()
 
     def start(self, ray_address: str, ray_num_cpus: int, log: Path, shared: bool = False) -> None:
         pass
 
-    def run(self, run_dir: Path, run_config: str, fed_config: str, on_round: Any = None) -> bool:
+    def run(
+        self, run_dir: Path, run_config: str, fed_config: str, on_round: Any = None
+    ) -> str | None:
         (run_dir / "flower.log").write_text(f"log of {run_dir.name}\n")
         if run_dir.name == "failing":
             assert self.started.wait(30)  # the other run is going
-            return False
+            return "`flwr run` exited"
         self.started.set()
         assert self.closed.wait(30)
-        return False
+        return "`flwr run` exited"
 
     def close(self, grace: float = 1.0) -> None:
         self.closed.set()
@@ -84,11 +85,13 @@ class _Finishing:
         self.cpus = ray_num_cpus
         self.shared = shared
 
-    def run(self, run_dir: Path, run_config: str, fed_config: str, on_round: Any = None) -> bool:
+    def run(
+        self, run_dir: Path, run_config: str, fed_config: str, on_round: Any = None
+    ) -> str | None:
         assert not self.closed
         (run_dir / "summary.json").write_text("{}")
         self.runs.append(run_dir.name)
-        return True
+        return None
 
     def close(self, grace: float = 1.0) -> None:
         self.closed = True
