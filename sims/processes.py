@@ -204,10 +204,15 @@ def _stop_pids(pids: list[int], grace: float, kill_first: str | None = None) -> 
 
 
 def _wait_gone(pids: list[int], seconds: float) -> None:
-    """Wait up to ``seconds`` until none of ``pids`` is alive, reaping this process's children."""
+    """Wait up to ``seconds`` until none of ``pids`` is alive.
+
+    A zombie counts as gone (:func:`alive`), so nothing is reaped here: a
+    ``waitpid`` of any child would take the exit status that the caller's
+    ``subprocess.Popen`` of it, or of a process unrelated to this tree, is
+    owed. Whoever started a process reaps it (``Popen.wait``).
+    """
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and any(alive(p) for p in pids):
-        reap_children()
         time.sleep(0.05)
 
 
@@ -217,15 +222,6 @@ def _signal(pids: list[int], sig: signal.Signals) -> None:
             os.kill(pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
-
-
-def reap_children() -> None:
-    """Collect exited children of this process (the watchdog's or the warm process's own)."""
-    try:
-        while os.waitpid(-1, os.WNOHANG)[0]:
-            pass
-    except ChildProcessError:
-        pass
 
 
 def watch(parent: int, guard_file: Path) -> int:

@@ -60,3 +60,28 @@ def test_the_serverapp_is_killed_before_the_rest_get_sigterm(tmp_path: Path) -> 
         parent.wait()
     assert not marks[server].exists()  # killed at once, before any SIGTERM
     assert marks[other].read_text() == "SIGTERM"  # the rest stop with SIGTERM as before
+
+
+def test_stopping_a_tree_leaves_other_children_exit_status_to_their_popen(tmp_path: Path) -> None:
+    """A child outside the stopped tree that has exited keeps its status for its ``Popen``.
+
+    Its status, 3, is what it passed to ``sys.exit``. Reaped by a ``waitpid``
+    of any child while the tree was stopped, its ``Popen`` would report 0.
+    """
+    done = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+    deadline = time.monotonic() + 30
+    while alive(done.pid):  # exited, not yet reaped: a zombie
+        assert time.monotonic() < deadline, "the child did not exit"
+        time.sleep(0.05)
+    (tmp_path / "child.py").write_text(CHILD)
+    other = subprocess.Popen([sys.executable, str(tmp_path / "child.py"), str(tmp_path / "m")])
+    try:
+        while not (tmp_path / "m.ready").exists():
+            assert time.monotonic() < deadline, "the child did not start"
+            time.sleep(0.05)
+        stop_run_tree([other.pid], grace=10.0)
+    finally:
+        other.kill()
+        other.wait()
+    assert (tmp_path / "m").read_text() == "SIGTERM"
+    assert done.wait(timeout=10) == 3
