@@ -1,6 +1,6 @@
 """Overhead of fedmerge's Flower + Ray simulation against a bare PyTorch loop.
 
-The same workload runs twice in this process:
+The same workload runs three ways in this process (``--repeat N``: N times each, interleaved):
 
 (a) a bare single-process loop: the same partitions, initial weights, client
     sampling, local training (same per-client seeds), sample-weighted
@@ -14,17 +14,19 @@ The same workload runs twice in this process:
     ``flwr run``.
 
 Prints wall times and the ratios b/a and b/c, excluding and including
-start-up. Start-up of (a) is loading data, partitioning and building the
+start-up, and the CPU time of (a) (all its threads; see the README for the
+CPU of (b)'s processes). Start-up of (a) is loading data, partitioning and building the
 model; of (b) and (c) everything before round 1 (SuperLink, Ray, actors,
 their data) plus shutdown.
 
-Run:  .venv/bin/python benchmarks/sim_overhead.py [--rounds 10] [--clients 50]
+Run:  .venv/bin/python benchmarks/sim_overhead.py [--rounds 10] [--clients 50] [--repeat 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,7 +48,7 @@ from strategies.federation import SAMPLING_STREAM, Federation
 
 def bare_loop(scenario: RunConfig) -> dict[str, float]:
     """The workload of a FedAvg or FedProx ``scenario`` in one process, one client at a time."""
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     load_dataset.cache_clear()
     fed = Federation(scenario)
     data = fed.data
@@ -83,7 +85,13 @@ def bare_loop(scenario: RunConfig) -> dict[str, float]:
         model.load_state_dict(global_state)
         _, acc = evaluate(model, data.test_x, data.test_y)
     t_end = time.perf_counter()
-    return {"startup": t_ready - t0, "rounds": t_end - t_ready, "total": t_end - t0, "acc": acc}
+    return {
+        "startup": t_ready - t0,
+        "rounds": t_end - t_ready,
+        "total": t_end - t0,
+        "acc": acc,
+        "cpu": time.process_time() - cpu0,  # every thread of this process
+    }
 
 
 ANCHOR = Path(__file__).resolve().parent / "anchor_app"
@@ -127,31 +135,20 @@ def plain_flower(scenario: RunConfig, tmp: Path) -> dict[str, float]:
     return {"rounds": rounds, "total": total, "acc": float(rows[-1][2])}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--clients", type=int, default=50)
-    parser.add_argument("--per-round", type=int, default=10)
-    args = parser.parse_args()
-    scenario = load_scenario(
-        None,
-        [
-            f"rounds={args.rounds}",
-            f"num_clients={args.clients}",
-            f"clients_per_round={args.per_round}",
-            "name='sim-overhead'",
-        ],
-    )
-    print(
-        f"workload: {scenario.dataset.name}, {scenario.model.name}, {scenario.num_clients} "
-        f"clients ({scenario.partition.scheme}), {scenario.clients_per_round}/round, "
-        f"{scenario.train.epochs} local epoch, {scenario.rounds} rounds; "
-        f"torch threads {torch.get_num_threads()}"
-    )
+RATIOS = (
+    "b/a excluding start-up",
+    "b/a including start-up",
+    "b/c excluding start-up",
+    "b/c including start-up",
+)
+
+
+def compare_once(scenario: RunConfig) -> dict[str, float]:
+    """Run (a), (b) and (c) once each, in that order; print their times and return the ratios."""
     a = bare_loop(scenario)
     print(
         f"(a) bare loop      : rounds {a['rounds']:7.2f} s  total {a['total']:7.2f} s  "
-        f"(start-up {a['startup']:.2f} s)  final acc {a['acc']:.4f}"
+        f"(start-up {a['startup']:.2f} s)  final acc {a['acc']:.4f}  CPU {a['cpu']:.2f} s"
     )
     with tempfile.TemporaryDirectory(prefix="fm-bench-") as tmp:
         t0 = time.perf_counter()
@@ -169,10 +166,58 @@ def main() -> None:
         f"(c) plain Flower   : rounds {c['rounds']:7.2f} s  total {c['total']:7.2f} s  "
         f"(start-up {c['total'] - c['rounds']:.2f} s)  final acc {c['acc']:.4f}"
     )
-    print(f"b/a excluding start-up: {s['train_time'] / a['rounds']:.2f}x")
-    print(f"b/a including start-up: {b_total / a['total']:.2f}x")
-    print(f"b/c excluding start-up: {s['train_time'] / c['rounds']:.2f}x")
-    print(f"b/c including start-up: {b_total / c['total']:.2f}x")
+    values = (
+        s["train_time"] / a["rounds"],
+        b_total / a["total"],
+        s["train_time"] / c["rounds"],
+        b_total / c["total"],
+    )
+    ratios = dict(zip(RATIOS, values, strict=True))
+    for name, value in ratios.items():
+        print(f"{name}: {value:.2f}x")
+    return ratios
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--per-round", type=int, default=10)
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run (a), (b) and (c) this many times, interleaved; the medians of the ratios last",
+    )
+    args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error(f"--repeat: got {args.repeat}; allowed: 1 or more")
+    scenario = load_scenario(
+        None,
+        [
+            f"rounds={args.rounds}",
+            f"num_clients={args.clients}",
+            f"clients_per_round={args.per_round}",
+            "name='sim-overhead'",
+        ],
+    )
+    print(
+        f"workload: {scenario.dataset.name}, {scenario.model.name}, {scenario.num_clients} "
+        f"clients ({scenario.partition.scheme}), {scenario.clients_per_round}/round, "
+        f"{scenario.train.epochs} local epoch, {scenario.rounds} rounds; "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    runs = []
+    for i in range(args.repeat):
+        if args.repeat > 1:
+            print(f"-- repetition {i + 1} of {args.repeat}")
+        runs.append(compare_once(scenario))
+    if args.repeat > 1:
+        print(f"-- medians of {args.repeat} repetitions")
+        for name in RATIOS:
+            values = [r[name] for r in runs]
+            listed = " / ".join(f"{v:.2f}" for v in values)
+            print(f"{name}: {statistics.median(values):.2f}x  ({listed})")
 
 
 if __name__ == "__main__":
