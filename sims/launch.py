@@ -24,7 +24,7 @@ from typing import Any
 from fedmerge.align import permutation_spec_for
 from fedmerge.atomic import atomic_write_text
 from fedmerge.topology import build_graph, mixing_matrix
-from sims.checks import check_scenario, model_allocation_error
+from sims.checks import check_run_dir, check_scenario, model_allocation_error
 from sims.errors import SimulationError
 from sims.runtime import APP_DIR, Runtime, head_cpus, new_runtime
 from sims.scenario_files import load_scenario
@@ -235,11 +235,16 @@ def simulate(
 
     Raises
     ------
+    ConfigError
+        Before anything starts or is written, if ``run_dir`` holds another
+        scenario's run or a checkpoint that cannot be resumed
+        (:func:`sims.checks.check_run_dir`, as ``fedmerge simulate`` checks it).
     SimulationError
         If the run did not write its summary (Flower can exit 0 on a crash).
     """
     t0 = time.perf_counter()
     run_dir = run_dir.resolve()
+    check_run_dir(run_dir, scenario)
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "flower.log"
     log_path.write_bytes(b"")

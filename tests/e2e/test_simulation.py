@@ -14,10 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sims import launch
 from sims.launch import simulate
 from sims.processes import flower_environment, free_port
-from sims.runtime import APP_DIR, wait_healthy
+from sims.runtime import APP_DIR, Runtime, wait_healthy
 from sims.scenario_files import load_scenario
+from strategies.config import RunConfig
 from strategies.federation import Federation
 from tests.e2e.short_runs import SHORT
 
@@ -99,8 +101,21 @@ def test_bytes_counted_match_model_size(fedavg_run: Path) -> None:
         assert row["train_loss"]["n"] == 2
 
 
+def _shared_runtime(scenario: RunConfig) -> Runtime | None:
+    """The runtime of the session's ``shared_runtimes`` block that ``scenario``'s runs go on."""
+    shared = launch._shared
+    assert shared is not None, "the session's shared_runtimes block is not open"
+    return shared.runtimes.get(launch.runtime_key(scenario))
+
+
 def test_same_seed_same_numbers(fedavg_run: Path, ray_address: str, tmp_path: Path) -> None:
-    simulate(_scenario(ray_address), tmp_path)
+    scenario = _scenario(ray_address)
+    before = _shared_runtime(scenario)
+    assert before is not None and before.superlink is not None  # fedavg_run's
+    simulate(scenario, tmp_path)
+    # the second run of the block went on the first one's runtime, still up
+    assert _shared_runtime(scenario) is before
+    assert before.superlink.poll() is None
     a, b = _rows(fedavg_run), _rows(tmp_path)
     for ra, rb in zip(a, b, strict=True):
         assert ra["accuracy"] == rb["accuracy"]

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sims import checks, cli, commands
+from sims import checks, cli, commands, launch
 from sims.compare import load_sweep, plan_sweep
 from sims.launch import SimulationError
 from sims.scenario_files import load_scenario
@@ -363,3 +363,23 @@ def test_gpu_checks_follow_what_torch_sees(
     else:
         with pytest.raises(ConfigError, match=f"^{re.escape(refused)}"):
             checks.check_scenario(config)
+
+
+def test_simulate_from_python_refuses_another_scenarios_finished_run_and_keeps_it(
+    tmp_path: Path,
+) -> None:
+    """``sims.launch.simulate`` checks the run directory first, as ``fedmerge simulate`` does.
+
+    Without the check, the run would start over in the directory and replace
+    the finished run of the other scenario (its ServerApp's own refusal of a
+    finished run cannot act: the launcher removes ``summary.json`` first).
+    """
+    other = _scenario("seed=1")
+    _prepare(tmp_path, other)
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "completed"}) + "\n")
+    (tmp_path / "flower.log").write_text("the other run's log\n")
+    before = _snapshot(tmp_path)
+    with pytest.raises(ConfigError, match="holds a run of another scenario") as refused:
+        launch.simulate(_scenario(), tmp_path)
+    assert other.digest() in str(refused.value) and _scenario().digest() in str(refused.value)
+    assert _snapshot(tmp_path) == before
