@@ -22,6 +22,7 @@ import fcntl
 import os
 import re
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -317,20 +318,42 @@ def clear_run_dir(run_dir: Path, *, everything: bool = False) -> None:
             path.unlink(missing_ok=True)
 
 
+#: The run directories whose lock a thread of this process holds: directory -> the
+#: holding thread's id and how many :func:`run_dir_lock` blocks of it are open.
+_HELD: dict[Path, tuple[int, int]] = {}
+_HELD_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def run_dir_lock(run_dir: Path) -> Iterator[Path]:
     """Hold ``RUN_DIR/.lock`` (``flock``, exclusive) while the block runs.
 
     Creates ``run_dir``. The lock goes with the process: a killed writer
-    leaves no stale lock behind.
+    leaves no stale lock behind. A block inside another one of the same
+    thread, for the same directory, holds what the outer one holds
+    (``fedmerge simulate`` takes the lock, then :func:`sims.launch.simulate`,
+    which takes it for a caller from Python); another thread of this process
+    is refused as another process is.
 
     Raises
     ------
     ConfigError
-        If another process holds the lock.
+        If another process, or another thread of this one, holds the lock.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    key, me = run_dir.resolve(), threading.get_ident()
+    with _HELD_LOCK:
+        thread, depth = _HELD.get(key, (None, 0))
+        if thread == me:
+            _HELD[key] = (me, depth + 1)
+    if thread == me:
+        try:
+            yield run_dir
+        finally:
+            with _HELD_LOCK:
+                _HELD[key] = (me, depth)
+        return
     path = run_dir / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -346,7 +369,13 @@ def run_dir_lock(run_dir: Path) -> Iterator[Path]:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield run_dir
+        with _HELD_LOCK:
+            _HELD[key] = (me, 1)
+        try:
+            yield run_dir
+        finally:
+            with _HELD_LOCK:
+                del _HELD[key]
     finally:
         os.close(fd)  # releases the lock
 

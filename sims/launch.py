@@ -24,7 +24,13 @@ from typing import Any
 from fedmerge.align import permutation_spec_for
 from fedmerge.atomic import atomic_write_text
 from fedmerge.topology import build_graph, mixing_matrix
-from sims.checks import check_run_dir, check_scenario, model_allocation_error
+from sims.checks import (
+    check_run_dir,
+    check_run_path,
+    check_scenario,
+    model_allocation_error,
+    run_dir_lock,
+)
 from sims.errors import SimulationError
 from sims.runtime import APP_DIR, Runtime, head_cpus, new_runtime
 from sims.scenario_files import load_scenario
@@ -236,16 +242,31 @@ def simulate(
     Raises
     ------
     ConfigError
-        Before anything starts or is written, if ``run_dir`` holds another
-        scenario's run or a checkpoint that cannot be resumed
-        (:func:`sims.checks.check_run_dir`, as ``fedmerge simulate`` checks it).
+        Before anything starts or is written, as ``fedmerge simulate`` checks:
+        if ``run_dir`` cannot be a directory, is in use by another writer
+        (:func:`sims.checks.run_dir_lock`, held until the run ends), or holds
+        another scenario's run or a checkpoint that cannot be resumed
+        (:func:`sims.checks.check_run_dir`).
     SimulationError
         If the run did not write its summary (Flower can exit 0 on a crash).
     """
     t0 = time.perf_counter()
     run_dir = run_dir.resolve()
-    check_run_dir(run_dir, scenario)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_run_path(run_dir)
+    with run_dir_lock(run_dir):
+        check_run_dir(run_dir, scenario)
+        return _simulate_locked(scenario, run_dir, t0, on_round, slot, slots)
+
+
+def _simulate_locked(
+    scenario: RunConfig,
+    run_dir: Path,
+    t0: float,
+    on_round: Callable[[dict[str, Any]], None] | None,
+    slot: int,
+    slots: int,
+) -> dict[str, Any]:
+    """:func:`simulate` once the run directory is locked and checked; ``t0``: when it was called."""
     log_path = run_dir / "flower.log"
     log_path.write_bytes(b"")
     key = runtime_key(scenario, slot, slots)

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -306,11 +307,42 @@ def test_compare_refuses_a_damaged_checkpoint_before_any_run(tmp_path: Path) -> 
 
 
 # -- the lock --------------------------------------------------------------------------
+def _lock_in_a_thread(run_dir: Path) -> str | None:
+    """Take and release ``run_dir``'s lock in another thread; its refusal, if refused."""
+    refused: list[str] = []
+
+    def take() -> None:
+        try:
+            with checks.run_dir_lock(run_dir):
+                pass
+        except ConfigError as exc:
+            refused.append(str(exc))
+
+    thread = threading.Thread(target=take)
+    thread.start()
+    thread.join(30)
+    return refused[0] if refused else None
+
+
 def test_second_writer_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], launches: list[dict[str, object]]
 ) -> None:
-    with checks.run_dir_lock(tmp_path):
+    """A writer in another thread of this process is refused as one in another process is."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with checks.run_dir_lock(tmp_path):
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(30)
         code = cli.main(["simulate", *_argv("--run-dir", str(tmp_path))])
+    finally:
+        release.set()
+        holder.join(30)
     line = _one_line(capsys.readouterr().err)
     assert code == EXIT_BAD_INPUT
     assert f"run_dir: '{tmp_path}' is in use by process {os.getpid()}" in line
@@ -331,11 +363,25 @@ def test_lock_goes_with_its_process(
         assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
         assert cli.main(["simulate", *_argv("--run-dir", str(tmp_path))]) == EXIT_BAD_INPUT
         assert f"in use by process {holder.pid}" in capsys.readouterr().err
+        # from Python too: simulate() takes the lock itself, before anything starts
+        with pytest.raises(ConfigError, match=f"in use by process {holder.pid}"):
+            launch.simulate(_scenario(), tmp_path)
     finally:
         holder.kill()  # SIGKILL: no clean-up runs, the kernel drops the lock
         holder.wait()
     assert cli.main(["simulate", *_argv("--run-dir", str(tmp_path))]) == 1
     assert len(launches) == 1
+
+
+def test_the_lock_is_reentrant_in_its_own_thread_only(tmp_path: Path) -> None:
+    """``fedmerge simulate`` holds the lock, then ``simulate()`` takes it again: one writer."""
+    with checks.run_dir_lock(tmp_path):
+        with checks.run_dir_lock(tmp_path):
+            refused = _lock_in_a_thread(tmp_path)
+            assert refused is not None and f"in use by process {os.getpid()}" in refused
+        refused = _lock_in_a_thread(tmp_path)  # the outer block holds it still
+        assert refused is not None and f"in use by process {os.getpid()}" in refused
+    assert _lock_in_a_thread(tmp_path) is None  # released with the outer block
 
 
 # -- the machine (a machine with two GPUs, as torch would report it) ---------------------
