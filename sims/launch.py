@@ -219,7 +219,7 @@ def shared_runtimes(log: Path | None = None) -> Iterator[None]:
 
 def simulate(
     scenario: RunConfig,
-    run_dir: Path,
+    run_dir: str | os.PathLike[str],
     *,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     slot: int = 0,
@@ -232,7 +232,20 @@ def simulate(
     stopped with everything it started when the run ends. Inside, it shares
     the block's runtime for its Ray address and CPU count. Follows
     ``metrics.jsonl``, calling ``on_round`` for every new row. Flower's output
-    goes to ``run_dir/flower.log``. ``slot`` of ``slots``: see :func:`runtime_key`.
+    goes to ``run_dir/flower.log``.
+
+    Parameters
+    ----------
+    scenario : RunConfig
+        What to run (:func:`sims.scenario_files.load_scenario`).
+    run_dir : str or path-like
+        The run directory: created if missing; a run of ``scenario`` there
+        resumes after its last checkpoint.
+    on_round : callable, optional
+        Called with every row of ``metrics.jsonl`` as the run writes it.
+    slot, slots : int (default: 0, 1)
+        This run is slot ``slot`` of ``slots`` runs that go at the same time
+        (``fedmerge compare --parallel``): see :func:`runtime_key`.
 
     Returns
     -------
@@ -251,11 +264,11 @@ def simulate(
         If the run did not write its summary (Flower can exit 0 on a crash).
     """
     t0 = time.perf_counter()
-    run_dir = run_dir.resolve()
-    check_run_path(run_dir)
-    with run_dir_lock(run_dir):
-        check_run_dir(run_dir, scenario)
-        return _simulate_locked(scenario, run_dir, t0, on_round, slot, slots)
+    path = Path(run_dir).resolve()
+    check_run_path(path)
+    with run_dir_lock(path):
+        check_run_dir(path, scenario)
+        return _simulate_locked(scenario, path, t0, on_round, slot, slots)
 
 
 def _simulate_locked(

@@ -363,9 +363,10 @@ def test_lock_goes_with_its_process(
         assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
         assert cli.main(["simulate", *_argv("--run-dir", str(tmp_path))]) == EXIT_BAD_INPUT
         assert f"in use by process {holder.pid}" in capsys.readouterr().err
-        # from Python too: simulate() takes the lock itself, before anything starts
+        # from Python too (a str path as well as a Path): simulate() takes the lock itself,
+        # before anything starts
         with pytest.raises(ConfigError, match=f"in use by process {holder.pid}"):
-            launch.simulate(_scenario(), tmp_path)
+            launch.simulate(_scenario(), str(tmp_path))
     finally:
         holder.kill()  # SIGKILL: no clean-up runs, the kernel drops the lock
         holder.wait()
