@@ -351,8 +351,9 @@ def run_dir_lock(run_dir: Path) -> Iterator[Path]:
         try:
             yield run_dir
         finally:
-            with _HELD_LOCK:
-                _HELD[key] = (me, depth)
+            with _HELD_LOCK:  # unless the outer block has already let go (out of order)
+                if _HELD.get(key) == (me, depth + 1):
+                    _HELD[key] = (me, depth)
         return
     path = run_dir / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -363,19 +364,21 @@ def run_dir_lock(run_dir: Path) -> Iterator[Path]:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            if thread is not None:  # a thread of this process holds it
+                holder = f"{holder} (another of its threads)"
             raise ConfigError(
                 f"run_dir: {str(run_dir)!r} is in use by process {holder} ({path} is locked); "
                 f"allowed: one writer per run directory (wait for it, or use another directory)"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        with _HELD_LOCK:
-            _HELD[key] = (me, 1)
         try:
+            with _HELD_LOCK:
+                _HELD[key] = (me, 1)
             yield run_dir
         finally:
             with _HELD_LOCK:
-                del _HELD[key]
+                _HELD.pop(key, None)
     finally:
         os.close(fd)  # releases the lock
 

@@ -268,10 +268,10 @@ def simulate(
     check_run_path(path)
     with run_dir_lock(path):
         check_run_dir(path, scenario)
-        return _simulate_locked(scenario, path, t0, on_round, slot, slots)
+        return _run_checked(scenario, path, t0, on_round, slot, slots)
 
 
-def _simulate_locked(
+def _run_checked(
     scenario: RunConfig,
     run_dir: Path,
     t0: float,

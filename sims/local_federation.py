@@ -153,6 +153,7 @@ class _Starter:
         self.cwd = directory
         self.env = env
         self.records: list[dict[str, Any]] = []
+        self.procs: list[subprocess.Popen[bytes]] = []  # to reap if ``up`` fails
 
     def start(self, role: str, cmd: list[str], **extra: Any) -> subprocess.Popen[bytes]:
         log = self.logs / f"{role}.log"
@@ -161,6 +162,7 @@ class _Starter:
                 cmd, cwd=self.cwd, env=self.env, stdout=sink, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
+        self.procs.append(proc)
         self.records.append(
             {"role": role, "pid": proc.pid, "start_time": start_time(proc.pid), "log": str(log),
              **extra}
@@ -310,6 +312,8 @@ def up(options: FederationOptions) -> dict[str, Any]:
         _wait_online(options.nodes, env, [link, *nodes])
     except BaseException:
         stop_tree([int(p["pid"]) for p in reversed(starter.records)], STOP_GRACE)
+        for proc in starter.procs:  # stopped: collect their statuses (stop_tree reaps nothing)
+            proc.wait()
         (directory / STATE_FILE).unlink(missing_ok=True)
         raise
     return state

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -120,8 +121,9 @@ def test_down_waits_for_processes_it_had_to_kill(
         }
         (tmp_path / STATE_FILE).write_text(json.dumps(state))
         assert down(tmp_path) == pids  # no "did not stop"
-        # gone (stop_tree reaps this process's children, so their codes are not kept)
-        assert [p.poll() is None for p in procs] == [False, False, False]
+        # gone, SIGKILLed after they ignored SIGTERM; their statuses are their Popen's to
+        # collect (stop_tree reaps nothing)
+        assert [p.wait(5) for p in procs] == [-signal.SIGKILL] * 3
         assert not (tmp_path / STATE_FILE).exists()
     finally:
         for proc in procs:
