@@ -55,6 +55,20 @@ def import_pyplot_meanwhile() -> None:
     threading.Thread(target=_pyplot, name="import-pyplot", daemon=True).start()
 
 
+def _save(fig: Any, out: Path) -> Path:
+    """Save ``fig`` through a temp file and a rename, then close it.
+
+    ``out``'s suffix sets the format (PNG without one). An interrupted or
+    failed save leaves a figure that was there before as it was.
+    """
+    form = Path(out).suffix.lstrip(".").lower() or "png"
+    try:
+        atomic_write(Path(out), lambda f: fig.savefig(f, format=form))
+    finally:
+        _pyplot().close(fig)
+    return out
+
+
 # -- one run, one partition --------------------------------------------------------
 
 
@@ -71,9 +85,7 @@ def plot_accuracy(run_dir: Path, out: Path | None = None) -> Path:
     ax.set_title(Path(run_dir).name)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out)
-    _pyplot().close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_partition(counts: np.ndarray, out: Path, title: str) -> Path:
@@ -100,21 +112,10 @@ def plot_partition(counts: np.ndarray, out: Path, title: str) -> Path:
     if classes <= 20:
         ax.legend(title="label", fontsize=7, ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
-    fig.savefig(out)
-    _pyplot().close(fig)
-    return out
+    return _save(fig, out)
 
 
 # -- a report's groups -------------------------------------------------------------
-
-
-def _save(fig: Any, out: Path) -> Path:
-    """Save a figure as PNG through a temp file and a rename."""
-    try:
-        atomic_write(out, lambda f: fig.savefig(f, format="png"))
-    finally:
-        _pyplot().close(fig)
-    return out
 
 
 def _panels(grouping: Grouping) -> tuple[list[str], dict[str, list[Group]]]:
