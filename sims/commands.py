@@ -46,7 +46,7 @@ from sims.compare import (
 from sims.launch import preflight, run_config_toml, simulate
 from sims.plots import import_pyplot_meanwhile, plot_accuracy, plot_partition
 from sims.report import Report, build_report
-from sims.runs import DEFAULT_TARGET, expand_run_dirs
+from sims.runs import DEFAULT_TARGET, expand_run_dirs, run_state
 from sims.scenario_files import load_scenario
 from strategies.config import ConfigError, RunConfig, StrategyConfig
 from strategies.federation import federation
@@ -108,6 +108,12 @@ def _simulate_locked(scenario: RunConfig, run_dir: Path) -> int:
         f"{scenario.clients_per_round}/round, {scenario.rounds} rounds -> {run_dir}",
         soft_wrap=True,
     )
+    if run_state(scenario, run_dir) == "done":  # simulate() returns its summary as it is
+        console.print(
+            f"{run_dir} holds this scenario's finished run: its summary, not run again "
+            f"(--force runs it from scratch)",
+            soft_wrap=True,
+        )
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),

@@ -54,8 +54,7 @@ from fedmerge.atomic import atomic_write_text
 from sims.checks import check_run_dir, check_scenario, clear_run_dir, run_dir_lock
 from sims.launch import preflight, shared_runtimes, simulate
 from sims.plots import write_tensorboard
-from sims.runs import DEFAULT_TARGET, FINISHED_STATUSES, TIMING_FILE
-from sims.runs import read_json as _read_json
+from sims.runs import DEFAULT_TARGET, TIMING_FILE, finished_summary, run_state
 from sims.runtime import head_cpus
 from sims.scenario_files import apply_overrides, read_toml, resolve_scenario_path
 from strategies.config import ConfigError, RunConfig, flatten, run_config_from_dict, set_dotted
@@ -341,27 +340,6 @@ def expand(sweep: Sweep) -> list[tuple[dict[str, Any], RunConfig]]:
     return out
 
 
-def run_state(scenario: RunConfig, run_dir: Path) -> str:
-    """``"done"``, ``"resume"`` or ``"new"`` for ``scenario`` in ``run_dir``.
-
-    ``done`` needs ``summary.json`` with status ``completed`` (or ``degraded``) and the
-    scenario's digest, plus ``metrics.jsonl`` and ``model.safetensors``;
-    ``resume`` needs ``checkpoint.json`` of the same digest.
-    """
-    digest = scenario.digest()
-    summary = _read_json(run_dir / "summary.json")
-    if (
-        summary.get("status") in FINISHED_STATUSES
-        and summary.get("digest") == digest
-        and (run_dir / "metrics.jsonl").is_file()
-        and (run_dir / "model.safetensors").is_file()
-    ):
-        return "done"
-    if _read_json(run_dir / "checkpoint.json").get("digest") == digest:
-        return "resume"
-    return "new"
-
-
 def _count_rows(run_dir: Path) -> int:
     """The rows already in ``run_dir/metrics.jsonl`` (0 if there is none)."""
     try:
@@ -508,8 +486,7 @@ def run_sweep(
 
     def one(i: int, run: PlannedRun) -> dict[str, Any]:
         if run.state == "done" and not force:
-            summary = _read_json(run.run_dir / "summary.json")
-            summary.setdefault("wall_time", _read_json(run.run_dir / TIMING_FILE).get("wall_time"))
+            summary = finished_summary(run.run_dir)
         else:
             if on_start is not None:
                 on_start(i, run)

@@ -32,6 +32,7 @@ from sims.checks import (
     run_dir_lock,
 )
 from sims.errors import SimulationError
+from sims.runs import finished_summary, run_state
 from sims.runtime import APP_DIR, Runtime, head_cpus, new_runtime
 from sims.scenario_files import load_scenario
 from strategies.config import (
@@ -239,8 +240,9 @@ def simulate(
     scenario : RunConfig
         What to run (:func:`sims.scenario_files.load_scenario`).
     run_dir : str or path-like
-        The run directory: created if missing; a run of ``scenario`` there
-        resumes after its last checkpoint.
+        The run directory: created if missing. A run of ``scenario`` there
+        resumes after its last checkpoint; a finished one is not run again
+        (its summary is returned, as ``fedmerge compare`` skips it).
     on_round : callable, optional
         Called with every row of ``metrics.jsonl`` as the run writes it.
     slot, slots : int (default: 0, 1)
@@ -268,6 +270,8 @@ def simulate(
     check_run_path(path)
     with run_dir_lock(path):
         check_run_dir(path, scenario)
+        if run_state(scenario, path) == "done":  # nothing to run, nothing to write again
+            return finished_summary(path)
         return _run_checked(scenario, path, t0, on_round, slot, slots)
 
 

@@ -16,7 +16,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from strategies.config import RunConfig
 
 #: Accuracy that "rounds to target" refers to when neither a sweep nor the
 #: command line sets one.
@@ -38,6 +41,34 @@ def read_json(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def run_state(scenario: RunConfig, run_dir: Path) -> str:
+    """``"done"``, ``"resume"`` or ``"new"`` for ``scenario`` in ``run_dir``.
+
+    ``done`` needs ``summary.json`` with status ``completed`` (or ``degraded``) and the
+    scenario's digest, plus ``metrics.jsonl`` and ``model.safetensors``;
+    ``resume`` needs ``checkpoint.json`` of the same digest.
+    """
+    digest = scenario.digest()
+    summary = read_json(run_dir / SUMMARY_FILE)
+    if (
+        summary.get("status") in FINISHED_STATUSES
+        and summary.get("digest") == digest
+        and (run_dir / METRICS_FILE).is_file()
+        and (run_dir / "model.safetensors").is_file()
+    ):
+        return "done"
+    if read_json(run_dir / "checkpoint.json").get("digest") == digest:
+        return "resume"
+    return "new"
+
+
+def finished_summary(run_dir: Path) -> dict[str, Any]:
+    """A finished run's ``summary.json``, with ``wall_time`` from ``timing.json`` if it has none."""
+    summary = read_json(run_dir / SUMMARY_FILE)
+    summary.setdefault("wall_time", read_json(run_dir / TIMING_FILE).get("wall_time"))
+    return summary
 
 
 def parse_row(line: str) -> dict[str, Any]:

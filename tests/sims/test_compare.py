@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 
 from sims import cli, compare
 from sims.launch import simulate
+from sims.runs import read_json
 from sims.scenario_files import load_scenario
 from strategies.config import RunConfig, run_config_from_dict
 from strategies.federation import Federation
@@ -140,7 +141,7 @@ def _kill_after_round_1(scenario: RunConfig, overrides: list[str], run_dir: Path
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            ckpt = compare._read_json(run_dir / "checkpoint.json")
+            ckpt = read_json(run_dir / "checkpoint.json")
             rounds = (
                 [r["round"] for r in _rows(run_dir)] if (run_dir / "metrics.jsonl").exists() else []
             )

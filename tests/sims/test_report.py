@@ -13,8 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from sims import cli, evaluation, plots, report
-from sims.compare import run_state
-from sims.runs import expand_run_dirs, load_run
+from sims.runs import expand_run_dirs, load_run, run_state
 from sims.scenario_files import load_scenario
 from strategies.federation import Federation
 

@@ -430,3 +430,40 @@ def test_simulate_from_python_refuses_another_scenarios_finished_run_and_keeps_i
         launch.simulate(_scenario(), tmp_path)
     assert other.digest() in str(refused.value) and _scenario().digest() in str(refused.value)
     assert _snapshot(tmp_path) == before
+
+
+def _finished(run_dir: Path, scenario: RunConfig) -> dict[str, object]:
+    """A finished run of ``scenario`` in ``run_dir``, written by hand; its summary."""
+    _prepare(run_dir, scenario, checkpoint_round=scenario.rounds)
+    _write_rows(run_dir, list(range(scenario.rounds + 1)))
+    summary: dict[str, object] = {
+        "status": "completed", "digest": scenario.digest(), "final_accuracy": 0.5,
+        "wall_time": 12.5,
+    }  # fmt: skip
+    (run_dir / "summary.json").write_text(json.dumps(summary) + "\n")
+    (run_dir / "model.safetensors").write_bytes(b"the final model")
+    (run_dir / "flower.log").write_text("the run's log\n")
+    return summary
+
+
+def test_simulate_returns_a_finished_run_of_the_same_scenario_as_it_is(tmp_path: Path) -> None:
+    """A finished run is not run again from Python, as ``fedmerge compare`` skips it.
+
+    Launched again, it would resume with no round left, yet its ``flower.log``
+    and ``summary.json`` would be written anew (and lost if that launch failed).
+    """
+    scenario = _scenario()
+    summary = _finished(tmp_path, scenario)
+    before = _snapshot(tmp_path)
+    assert launch.simulate(scenario, tmp_path) == summary
+    assert _snapshot(tmp_path) == before
+
+
+def test_the_command_says_a_finished_run_is_not_run_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], launches: list[dict[str, object]]
+) -> None:
+    _finished(tmp_path, _scenario())
+    code = cli.main(["simulate", *_argv("--run-dir", str(tmp_path))])
+    said = capsys.readouterr()
+    assert code == 1 and "stopped by the test" in said.err  # the fake launch
+    assert f"{tmp_path} holds this scenario's finished run: its summary, not run again" in said.out
