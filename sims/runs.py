@@ -6,7 +6,10 @@ row per round, round 0 the initial model), ``summary.json`` (written when
 the run completes) and, for runs of a sweep, ``timing.json`` (the wall time
 of the ``simulate`` call that finished it). :func:`load_run` reads them into
 a :class:`RunRecord`; :func:`parse_row` is the only parser of
-``metrics.jsonl`` lines in ``sims/``.
+``metrics.jsonl`` lines in ``sims/``. :func:`run_state` says whether a
+scenario's run in a directory is finished, to resume or new, and
+:func:`finished_summary` reads a finished one's summary (``fedmerge
+compare`` skips such a run, ``simulate`` returns it as it is).
 """
 
 from __future__ import annotations

@@ -326,7 +326,7 @@ class Runtime:
             line, also written to ``flower.log``, that says how ``flwr run``
             ended first.
         """
-        (run_dir / "run_config.toml").write_text(run_config)
+        atomic_write_text(run_dir / "run_config.toml", run_config)
         metrics = run_dir / "metrics.jsonl"
         summary_path = run_dir / "summary.json"
         summary_path.unlink(missing_ok=True)
