@@ -603,15 +603,15 @@ def test_usage_errors_are_one_line(
     assert needle in line and line.endswith("--help")
 
 
-def test_matplotlib_is_imported_only_when_a_figure_is_drawn() -> None:
+def test_matplotlib_is_imported_only_when_a_figure_is_drawn(tmp_path: Path) -> None:
     """A command that draws nothing (bad input, say) does not pay for matplotlib's import."""
     code = (
         "import sys\n"
         "import sims.cli, sims.commands, sims.compare, sims.report\n"
         "print('matplotlib' in sys.modules)\n"
         "from sims.plots import plot_partition\n"
-        "import numpy as np, tempfile, pathlib\n"
-        "out = pathlib.Path(tempfile.mkdtemp()) / 'p.png'\n"
+        "import numpy as np, pathlib\n"
+        f"out = pathlib.Path({str(tmp_path / 'p.png')!r})\n"
         "plot_partition(np.array([[3, 1], [0, 2]]), out, 't')\n"
         "import matplotlib\n"
         "print(out.read_bytes()[:4] == b'\\x89PNG', matplotlib.get_backend())\n"
