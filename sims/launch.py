@@ -269,9 +269,11 @@ def simulate(
     path = Path(run_dir).resolve()
     check_run_path(path)
     with run_dir_lock(path):
-        check_run_dir(path, scenario)
-        if run_state(scenario, path) == "done":  # nothing to run, nothing to write again
+        # as plan_sweep decides: a finished run (its summary names this scenario) is
+        # returned without reading its checkpoint; anything else is checked first
+        if run_state(scenario, path) == "done":
             return finished_summary(path)
+        check_run_dir(path, scenario)
         return _run_checked(scenario, path, t0, on_round, slot, slots)
 
 

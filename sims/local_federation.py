@@ -153,7 +153,7 @@ class _Starter:
         self.cwd = directory
         self.env = env
         self.records: list[dict[str, Any]] = []
-        self.procs: list[subprocess.Popen[bytes]] = []  # to reap if ``up`` fails
+        self.procs: list[subprocess.Popen[bytes]] = []  # to stop and reap if ``up`` fails
 
     def start(self, role: str, cmd: list[str], **extra: Any) -> subprocess.Popen[bytes]:
         log = self.logs / f"{role}.log"
@@ -311,7 +311,7 @@ def up(options: FederationOptions) -> dict[str, Any]:
             atomic_write_text(directory / STATE_FILE, json.dumps(state, indent=2) + "\n")
         _wait_online(options.nodes, env, [link, *nodes])
     except BaseException:
-        stop_tree([int(p["pid"]) for p in reversed(starter.records)], STOP_GRACE)
+        stop_tree([proc.pid for proc in reversed(starter.procs)], STOP_GRACE)
         for proc in starter.procs:  # stopped: collect their statuses (stop_tree reaps nothing)
             proc.wait()
         (directory / STATE_FILE).unlink(missing_ok=True)
