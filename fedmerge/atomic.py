@@ -15,13 +15,27 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+def atomic_write(
+    path: Path, write: Callable[[IO[bytes]], object], *, mode: int | None = None
+) -> None:
     """Call ``write`` on a temp file beside ``path``, fsync it, rename it to ``path``.
 
-    The file gets the usual permissions (``0o666`` minus the umask), not the
-    ``0o600`` of :func:`tempfile.mkstemp`. On any error the temp file is
-    removed and ``path`` is left as it was.
+    On any error the temp file is removed and ``path`` is left as it was.
+
+    Parameters
+    ----------
+    path : Path
+        The file to write; its directory is created.
+    write : callable
+        Called once with the temp file, opened ``"wb"``.
+    mode : int or None (default: None)
+        Permissions of the file, exactly (the umask does not apply). The temp
+        file is created ``0o600`` and gets ``mode`` before the rename, so with
+        ``mode=0o600`` (a private key) no other user can read it at any
+        moment. None: the usual permissions (``0o666`` minus the umask).
     """
+    if mode is not None and not 0 <= mode <= 0o777:
+        raise ValueError(f"mode: got {mode!r}; allowed: 0o000 to 0o777")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -30,13 +44,13 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~_umask() if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    atomic_write(path, lambda f: f.write(text.encode()))
+def atomic_write_text(path: Path, text: str, *, mode: int | None = None) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically; ``mode`` as in :func:`atomic_write`."""
+    atomic_write(path, lambda f: f.write(text.encode()), mode=mode)

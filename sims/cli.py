@@ -22,10 +22,10 @@ from typing import NoReturn
 from rich.console import Console
 
 from sims.certs import write_certs
-from sims.deploy import run_status, superlink_command, supernode_command
+from sims.deploy import check_port_free, run_status, superlink_command, supernode_command
 from sims.errors import FederationError, SimulationError
 from sims.local_federation import down
-from sims.node import supernode_with_worker, supervise
+from sims.node import DEFAULT_RUNTIME_PORT, supernode_with_worker, supervise
 from sims.processes import FAST_TASK_POLL, flower_environment
 from sims.runs import DEFAULT_TARGET
 from sims.runtime import prestarted_runtime
@@ -49,7 +49,7 @@ RUNS_SIMULATIONS = frozenset({"cmd_simulate", "cmd_compare"})
 
 def cmd_certs(args: argparse.Namespace) -> int:
     """Write a private CA, a SuperLink certificate and SuperNode key pairs."""
-    for path in write_certs(Path(args.out), args.host, args.nodes):
+    for path in write_certs(Path(args.out), args.host, args.nodes, force=args.force):
         console.print(str(path), highlight=False, markup=False, soft_wrap=True)
     return 0
 
@@ -67,12 +67,12 @@ def _exec_flower(cmd: list[str], defaults: dict[str, str] | None = None) -> int:
 def cmd_superlink(args: argparse.Namespace) -> int:
     """Start flower-superlink with TLS and SuperNode authentication."""
     certs = Path(args.certs) if args.certs else None
-    return _exec_flower(
-        superlink_command(
-            certs=certs, host=args.host, port=args.port, insecure=args.insecure,
-            force=args.force_insecure, auth=not args.no_auth, extra=args.extra,
-        )
+    cmd = superlink_command(
+        certs=certs, host=args.host, port=args.port, insecure=args.insecure,
+        force=args.force_insecure, auth=not args.no_auth, extra=args.extra,
     )  # fmt: skip
+    check_port_free(args.host, args.port, "--port")
+    return _exec_flower(cmd)
 
 
 def cmd_supernode(args: argparse.Namespace) -> int:
@@ -82,6 +82,11 @@ def cmd_supernode(args: argparse.Namespace) -> int:
         certs=Path(args.certs) if args.certs else None,
         key=Path(args.key) if args.key else None, insecure=args.insecure,
         force=args.force_insecure, port=args.port, extra=args.extra,
+    )  # fmt: skip
+    port = DEFAULT_RUNTIME_PORT if args.port is None else args.port
+    check_port_free(
+        "127.0.0.1", port, "--port" if args.port is not None else "--port (default)",
+        "a free port (each SuperNode on one host needs its own)",
     )  # fmt: skip
     if args.isolation == "subprocess":  # Flower's default: a new process per message
         # that its SuperExec starts: it looks for one every 0.1 s, not every second
@@ -227,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", action="append", required=True, help="SuperLink name or IP (repeatable)"
     )
     crt.add_argument("--nodes", type=int, default=0, help="SuperNode key pairs (default: 0)")
+    crt.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a CA and keys already in DIR (nodes holding the old ones stop working)",
+    )
     crt.set_defaults(func=cmd_certs)
 
     def flower_args(p: argparse.ArgumentParser) -> None:
@@ -300,9 +310,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # SIGTERM exits through Python's unwinding, so that `simulate` stops the
-    # SuperLink (and with it Ray) that it started.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # SIGTERM, and SIGHUP (the terminal closed), exit through Python's unwinding,
+    # so that `simulate` stops the SuperLink (and with it Ray) that it started,
+    # and a `federation up` that has not finished stops what it has started.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda signum, frame: sys.exit(128 + signum))
     args = build_parser().parse_args(argv)
     try:
         if args.func in RUNS_SIMULATIONS and "sims.commands" not in sys.modules:
@@ -312,10 +324,13 @@ def _run(argv: list[str] | None) -> int:
                 return int(_command(args.func)(args))
         return int(_command(args.func)(args))
     except KeyboardInterrupt:
-        _error_line(
-            "interrupted: the processes it started are stopped; finished rounds are kept "
-            "(run the same command again to resume from the last checkpoint)"
+        resume = (
+            "; finished rounds are kept (run the same command again to resume from the last "
+            "checkpoint)"
+            if args.func in RUNS_SIMULATIONS
+            else ""
         )
+        _error_line(f"interrupted: the processes it started are stopped{resume}")
         return EXIT_INTERRUPTED
     except SimulationError as exc:
         err_console.print(
@@ -364,6 +379,8 @@ def input_error(exc: BaseException) -> str | None:
         text = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
         return text
     if isinstance(exc, OSError):
+        if exc.filename is None and "; allowed: " in str(exc):  # fedmerge's own line
+            return str(exc).splitlines()[0]
         where = exc.filename if exc.filename is not None else "input"
         reason = exc.strerror or str(exc) or type(exc).__name__
         return f"{where}: got {reason}; allowed: a path this user can read and write"

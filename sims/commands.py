@@ -355,6 +355,8 @@ def cmd_run_config(args: argparse.Namespace) -> int:
     """Print (or write) a scenario as a flat run config for ``flwr run --run-config``."""
     text = run_config_toml(load_scenario(args.scenario, args.set), None)
     if args.out:
+        if Path(args.out).is_dir():
+            raise ValueError(f"--out: got {args.out!r}, which is a directory; allowed: a file")
         atomic_write_text(Path(args.out), text)
     else:
         sys.stdout.write(text)

@@ -35,8 +35,10 @@ def status_line(summary: dict[str, Any]) -> str:
     if status == "failed":
         return f"failed ({summary.get('stage')}): {summary.get('error')}"
     if status == "degraded":
-        lost = summary.get("lost") or []
-        first = f"; first: round {lost[0]['round']}, {lost[0]['reason']}" if lost else ""
+        lost = summary.get("lost")
+        lost = lost if isinstance(lost, list) else []
+        head = lost[0] if lost and isinstance(lost[0], dict) else {}
+        first = f"; first: round {head.get('round')}, {head.get('reason')}" if lost else ""
         return (
             f"degraded: lost partitions {summary.get('lost_partitions', [])} "
             f"({len(lost)} skipped replies, {summary.get('failures', 0)} failures, "
@@ -48,11 +50,31 @@ def status_line(summary: dict[str, Any]) -> str:
 
 
 def run_status(run_dir: str | Path) -> tuple[str, int]:
-    """The status line of ``run_dir`` and the exit code of ``fedmerge status``."""
-    summary = read_json(Path(run_dir) / SUMMARY_FILE)
+    """The status line of ``run_dir`` and the exit code of ``fedmerge status``.
+
+    Raises
+    ------
+    ValueError
+        One line, if ``run_dir`` is not a directory, or its ``summary.json``
+        is not a run's summary (written by hand, or damaged).
+    """
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ValueError(
+            f"RUN_DIR: got {str(run_dir)!r}, which is not a directory; allowed: a run "
+            "directory (of fedmerge simulate or compare, or a deployed run's runs/NAME-TIME)"
+        )
+    if not (path / SUMMARY_FILE).exists():
+        return f"{run_dir}: no summary.json (the run is going on, or was killed)", NO_SUMMARY_EXIT
+    summary = read_json(path / SUMMARY_FILE)
     status = summary.get("status")
     if status not in STATUS_EXIT:
-        return f"{run_dir}: no summary.json (the run is going on, or was killed)", NO_SUMMARY_EXIT
+        allowed = ", ".join(repr(s) for s in STATUS_EXIT)
+        raise ValueError(
+            f"RUN_DIR: {str(path / SUMMARY_FILE)!r} has no status "
+            f"({'got ' + repr(status) if status is not None else 'not a JSON object with one'}); "
+            f"allowed: a summary.json that fedmerge wrote, with status {allowed}"
+        )
     return status_line(summary), STATUS_EXIT[str(status)]
 
 
@@ -77,6 +99,26 @@ def _flower(name: str) -> str:
         return str(warm)
     local = Path(sys.executable).parent / name
     return str(local) if local.exists() else name
+
+
+def check_port_free(host: str, port: int, what: str, allowed: str = "a free port") -> None:
+    """Refuse, in one line, a port that another process already listens on at ``host``.
+
+    Flower's SuperLink and SuperNode find out only once they try to listen
+    (a traceback, or a usage text); and a SuperNode's ClientApp process given
+    the port of another node's Runtime API would serve that node's tasks.
+    """
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ValueError(
+                f"{what}: got {port}, which another process holds on {host} ({exc.strerror}); "
+                f"allowed: {allowed}"
+            ) from None
 
 
 def _need(paths: Sequence[Path], what: str) -> None:
@@ -173,8 +215,10 @@ def supernode_command(
         on one host its own). It listens on 127.0.0.1 only.
     """
     host, sep, port_text = superlink.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise ValueError(f"--superlink: got {superlink!r}; allowed: HOST:PORT")
+    if not sep or not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"--superlink: got {superlink!r}; allowed: HOST:PORT, PORT 1 to 65535")
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"--port: got {port}; allowed: 1 to 65535")
     cmd = [_flower("flower-supernode"), "--superlink", superlink, "--node-config", node_config]
     if insecure:
         _insecure_ok([host], force, "--superlink")

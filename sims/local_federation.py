@@ -18,14 +18,17 @@ recorded one is another process that reused it, and is left alone.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedmerge.atomic import atomic_write_text
 from sims.certs import write_certs
@@ -39,10 +42,15 @@ from sims.processes import (
     stop_tree,
 )
 
+if TYPE_CHECKING:  # PyTorch: ``down`` never needs it
+    from fedmerge.data import DatasetBundle
+
 #: The directory that holds the ``sims`` package that runs this command.
 _ROOT = Path(__file__).resolve().parents[1]
 #: The state file in a federation's directory.
 STATE_FILE = "federation.json"
+#: The lock that ``up`` and ``down`` hold on a federation's directory.
+LOCK_FILE = ".federation.lock"
 #: The connection name ``up`` writes into ``DIR/flwr/config.toml``.
 CONNECTION = "federation"
 #: Seconds ``up`` waits for the SuperLink to accept the node keys.
@@ -86,6 +94,13 @@ class FederationOptions:
             raise ValueError(f"--nodes: got {self.nodes}; allowed: 1 to 64")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port: got {self.port}; allowed: 1 to 65535, or 0 for a free one")
+        if self.seed < 0:
+            raise ValueError(f"--seed: got {self.seed}; allowed: an integer >= 0")
+        if self.dataset_root is not None and not Path(self.dataset_root).is_dir():
+            raise ValueError(
+                f"--dataset-root: got {self.dataset_root!r}, which is not a directory; allowed: "
+                "a directory holding the data set's files (nothing is downloaded)"
+            )
         from strategies.node_data import DATA_SPECS  # PyTorch: ``down`` never needs it
 
         if self.dataset not in DATA_SPECS:
@@ -99,6 +114,29 @@ class FederationOptions:
             )
 
 
+@contextmanager
+def _federation_lock(directory: Path) -> Iterator[None]:
+    """Hold ``DIR/.federation.lock`` (``flock``, exclusive) while ``up`` or ``down`` works.
+
+    A second ``up`` or ``down`` on the same directory meanwhile is refused in
+    one line. The lock goes with the process: a killed one leaves no stale
+    lock. ``up`` creates ``DIR`` for it; ``down`` needs one that exists.
+    """
+    if not directory.is_dir():  # down: read_state says what is missing
+        yield
+        return
+    with (directory / LOCK_FILE).open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"DIR: got {str(directory)!r}, where another fedmerge federation up or down "
+                "is at work; allowed: the same command once it has finished, or another "
+                "directory"
+            ) from None
+        yield  # closing the file releases the lock
+
+
 def read_state(directory: Path) -> dict[str, Any]:
     """The state file of ``directory``; one-line ``ValueError`` when there is none."""
     path = directory / STATE_FILE
@@ -109,8 +147,16 @@ def read_state(directory: Path) -> dict[str, Any]:
             f"DIR: got {str(directory)!r}, which has no readable {STATE_FILE}; allowed: a "
             f"directory written by fedmerge federation up"
         ) from None
-    if not isinstance(state, dict) or not isinstance(state.get("processes"), list):
-        raise ValueError(f"DIR: {str(path)!r} is not a federation state file")
+    if not isinstance(state, dict):
+        state = {}
+    processes = state.get("processes")
+    if not isinstance(processes, list) or not all(
+        isinstance(p, dict) and type(p.get("pid")) is int and p["pid"] > 0 for p in processes
+    ):
+        raise ValueError(
+            f"DIR: {str(path)!r} is not a federation state file (a list of processes, each "
+            "with its PID); allowed: the federation.json that fedmerge federation up wrote"
+        )
     return state
 
 
@@ -119,13 +165,17 @@ def running(state: dict[str, Any]) -> list[int]:
     return still_running({int(p["pid"]): p.get("start_time") for p in state["processes"]})
 
 
-def split_data(options: FederationOptions) -> list[Path]:
-    """Shuffle the data set's splits with ``seed`` and write one shard per node."""
+def split_data(options: FederationOptions, data: DatasetBundle | None = None) -> list[Path]:
+    """Shuffle the data set's splits with ``seed`` and write one shard per node.
+
+    ``data``: the data set of ``options``, if it is loaded already.
+    """
     import numpy as np
 
     from fedmerge.data import load_dataset  # PyTorch: ``down`` never needs it
 
-    data = load_dataset(options.dataset, options.dataset_root)
+    if data is None:
+        data = load_dataset(options.dataset, options.dataset_root)
     rng = np.random.default_rng(options.seed)
     train = np.array_split(rng.permutation(len(data.train_y)), options.nodes)
     test = np.array_split(rng.permutation(len(data.test_y)), options.nodes)
@@ -251,19 +301,32 @@ def up(options: FederationOptions) -> dict[str, Any]:
     Returns once every SuperNode is online. If anything fails, every process
     started so far is stopped (by PID) before the error is raised.
     """
+    # absolute: the nodes run in DIR, and their data directories go into their node config
     directory = options.directory.resolve()
-    if (directory / STATE_FILE).exists():
-        pids = running(read_state(directory))
-        if pids:
-            raise ValueError(
-                f"DIR: got {str(directory)!r}, where a federation runs (PIDs {pids}); allowed: "
-                f"another directory, or fedmerge federation down {directory} first"
-            )
+    options = replace(options, directory=directory)
     directory.mkdir(parents=True, exist_ok=True)
+    with _federation_lock(directory):
+        if (directory / STATE_FILE).exists():
+            pids = running(read_state(directory))
+            if pids:
+                raise ValueError(
+                    f"DIR: got {str(directory)!r}, where a federation runs (PIDs {pids}); "
+                    f"allowed: another directory, or fedmerge federation down {directory} first"
+                )
+        from fedmerge.data import load_dataset  # PyTorch: ``down`` never needs it
+
+        data = load_dataset(options.dataset, options.dataset_root)  # before anything is written
+        return _start(options, data)
+
+
+def _start(options: FederationOptions, data: DatasetBundle) -> dict[str, Any]:
+    """:func:`up` once its input is checked and its directory is locked."""
+    directory = options.directory
     port = options.port or free_port()
     certs = directory / "certs"
-    write_certs(certs, ["127.0.0.1"], options.nodes)
-    dirs = split_data(options)
+    # a new federation: the certificates of one that ran here before are replaced
+    write_certs(certs, ["127.0.0.1"], options.nodes, force=True)
+    dirs = split_data(options, data)
     home = directory / "flwr"
     home.mkdir(exist_ok=True)
     atomic_write_text(
@@ -325,6 +388,12 @@ def down(directory: Path) -> list[int]:
     Returns the recorded PIDs that were still running. The state file is
     removed once they are all gone.
     """
+    with _federation_lock(directory):
+        return _stop(directory)
+
+
+def _stop(directory: Path) -> list[int]:
+    """:func:`down` once the directory is locked."""
     state = read_state(directory)
     pids = running(state)
     if pids:  # recorded in start order: the nodes stop before the SuperLink

@@ -261,8 +261,11 @@ def _torchvision(name: str, root: Path) -> DatasetBundle:
     try:
         train = cls[name](str(root), train=True, download=False)
         test = cls[name](str(root), train=False, download=False)
-    except RuntimeError as exc:
-        raise FileNotFoundError(f"root: {str(root)!r}: {exc}") from exc
+    except RuntimeError as exc:  # torchvision's "Dataset not found" (it would download)
+        raise FileNotFoundError(
+            f"root: {str(root)!r}: got no files that torchvision's {cls[name].__name__} can "
+            f"read; allowed: a directory where it finds its files (nothing is downloaded)"
+        ) from exc
 
     def arrays(ds: object) -> tuple[np.ndarray, np.ndarray]:
         data = np.asarray(ds.data)  # type: ignore[attr-defined]

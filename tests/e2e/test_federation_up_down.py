@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,14 +17,21 @@ REPO = Path(__file__).resolve().parents[2]
 def test_up_runs_a_tls_federation_and_down_stops_exactly_it(tmp_path: Path) -> None:
     fed = tmp_path / "fed"
     fedmerge = [sys.executable, "-m", "sims.cli", "federation"]
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    here = {**os.environ, "PYTHONPATH": path}
     try:
-        up = subprocess.run([*fedmerge, "up", str(fed), "--nodes", "2"], cwd=REPO,
+        # DIR relative to where up runs, as a user types it: the nodes, which run in DIR,
+        # must still find their data
+        up = subprocess.run([*fedmerge, "up", "fed", "--nodes", "2"], cwd=tmp_path, env=here,
                             capture_output=True, text=True, timeout=300)  # fmt: skip
         assert up.returncode == 0, up.stdout + up.stderr
         state = read_state(fed)
         roles = [p["role"] for p in state["processes"]]
         assert roles == ["superlink", "supernode-0", "supernode-1"]
         pids = [int(p["pid"]) for p in state["processes"]]
+        assert [p["data_dir"] for p in state["processes"][1:]] == [
+            str(fed / "node-0"), str(fed / "node-1")
+        ]  # fmt: skip
         assert running(state) == pids
         # each node: its supervisor, the SuperNode and the long-lived ClientApp process
         assert all(len(descendants(pid)) >= 2 for pid in pids[1:])

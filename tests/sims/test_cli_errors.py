@@ -509,8 +509,12 @@ def _patch_command(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> None:
             RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8"),
             ["does not fit in memory"],
         ),
+        (  # a line of fedmerge's own, raised as an OSError (a data set's missing files)
+            FileNotFoundError("root: '/x' is not a directory; allowed: a directory with MNIST"),
+            ["fedmerge: error: root: '/x' is not a directory; allowed: a directory with MNIST"],
+        ),
     ],
-    ids=["permission", "disk-full", "recursion", "memory", "torch-allocator"],
+    ids=["permission", "disk-full", "recursion", "memory", "torch-allocator", "own-line"],
 )
 def test_main_turns_input_errors_into_one_line(
     exc: BaseException,
@@ -533,8 +537,22 @@ def test_ctrl_c_is_one_line_and_exit_130(
     code = cli.main(["strategies"])
     err = capsys.readouterr().err
     assert code == 130
-    assert len(err.splitlines()) == 1 and err.startswith("fedmerge: interrupted")
-    assert "Traceback" not in err
+    # a command that trains nothing has no rounds to keep
+    assert err == "fedmerge: interrupted: the processes it started are stopped\n"
+
+
+def test_ctrl_c_in_a_simulation_says_its_rounds_are_kept(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sims.commands
+
+    monkeypatch.setattr(sims.commands, "cmd_simulate", _raise(KeyboardInterrupt()))
+    code = cli.main(["simulate"])
+    err = capsys.readouterr().err
+    assert code == 130
+    assert err.startswith("fedmerge: interrupted: the processes it started are stopped; ")
+    assert "finished rounds are kept (run the same command again to resume" in err
+    assert len(err.splitlines()) == 1
 
 
 def test_a_bug_keeps_its_traceback(
@@ -582,6 +600,44 @@ def test_ctrl_c_in_a_subprocess_exits_130(tmp_path: Path) -> None:
             proc.wait()
     assert proc.returncode == 130
     assert len(err.splitlines()) == 1 and err.startswith("fedmerge: interrupted"), err
+
+
+def test_a_closed_terminal_unwinds_the_command(tmp_path: Path) -> None:
+    """SIGHUP (the terminal closed) exits through Python's unwinding, as SIGTERM does: the
+    command's ``finally`` clauses run, so what it started is stopped; exit 129."""
+    marker = tmp_path / "unwound"
+    script = (
+        "import sys, time\n"
+        "from sims import cli\n"
+        "def wait(args):\n"
+        "    try:\n"
+        "        print('ready', flush=True)\n"
+        "        time.sleep(60)\n"
+        "    finally:\n"
+        f"        open({str(marker)!r}, 'w').close()\n"
+        "    return 0\n"
+        "p = cli.build_parser\n"
+        "def patched():\n"
+        "    parser = p()\n"
+        "    parser._subparsers._group_actions[0].choices['strategies'].set_defaults(func=wait)\n"
+        "    return parser\n"
+        "cli.build_parser = patched\n"
+        "sys.exit(cli.main(['strategies']))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGHUP)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGHUP, err
+    assert marker.exists() and "Traceback" not in err
 
 
 @pytest.mark.parametrize(

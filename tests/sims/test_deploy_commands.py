@@ -163,3 +163,52 @@ def test_the_deployment_commands_import_neither_pytorch_nor_flower(tmp_path: Pat
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
     assert (tmp_path / "node-0.pub").is_file()  # the commands did run
     assert not (fed / STATE_FILE).exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"superlink": "link:99999"}, "--superlink: got 'link:99999'; allowed: HOST:PORT, PORT 1 to "
+      "65535"),
+     ({"superlink": "link:0"}, "--superlink: got 'link:0'; allowed: HOST:PORT"),
+     ({"port": -5}, "--port: got -5; allowed: 1 to 65535"),
+     ({"port": 70000}, "--port: got 70000; allowed: 1 to 65535")],
+)  # fmt: skip
+def test_supernode_command_refuses_ports_out_of_range(
+    tmp_path: Path, kwargs: dict[str, object], message: str
+) -> None:
+    args: dict[str, object] = {"superlink": "link:9091", "node_config": "", "certs": None,
+                               "key": None, "insecure": True, "force": True, **kwargs}  # fmt: skip
+    with pytest.raises(ValueError) as err:
+        supernode_command(**args)  # type: ignore[arg-type]
+    assert str(err.value).startswith(message)
+
+
+@pytest.mark.parametrize("command", ["supernode", "superlink"])
+def test_a_port_that_another_process_holds_is_refused_before_flower_starts(
+    command: str,
+) -> None:
+    """Flower would find out only when it listens (a traceback), and a SuperNode's ClientApp
+    process would meanwhile serve the node that holds the port. Each in a child process: a
+    check that let it through would start Flower's programs (or become one, by exec)."""
+    import socket
+    import subprocess
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        argv = {
+            "supernode": ["supernode", "--superlink", "127.0.0.1:9091", "--insecure",
+                          "--node-config", "partition-id=0", "--port", str(port)],
+            "superlink": ["superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port)],
+        }[command]  # fmt: skip
+        run = subprocess.run(
+            [sys.executable, "-m", "sims.cli", *argv], cwd=Path(__file__).resolve().parents[2],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert run.stderr.startswith(
+        f"fedmerge: error: --port: got {port}, which another process holds on 127.0.0.1 "
+        "(Address already in use); allowed: a free port"
+    )
+    assert len(run.stderr.splitlines()) == 1 and run.stdout == ""

@@ -39,3 +39,41 @@ def test_status_line_and_exit_code(
 def test_no_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["status", str(tmp_path)]) == 4
     assert "no summary.json" in capsys.readouterr().out
+
+
+def test_what_is_not_a_run_directory_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a-file").write_text("x")
+    for path in (tmp_path / "nowhere", tmp_path / "a-file"):
+        assert main(["status", str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (
+            f"fedmerge: error: RUN_DIR: got {str(path)!r}, which is not a directory; allowed: "
+            "a run directory (of fedmerge simulate or compare, or a deployed run's "
+            "runs/NAME-TIME)"
+        )
+
+
+@pytest.mark.parametrize(
+    ("text", "got"),
+    [('{"status": "compl', "not a JSON object with one"), ("[1, 2]", "not a JSON object with one"),
+     ('{"status": "finished"}', "got 'finished'")],
+)  # fmt: skip
+def test_a_damaged_summary_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, got: str
+) -> None:
+    (tmp_path / "summary.json").write_text(text)
+    assert main(["status", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"summary.json' has no status ({got}); allowed: a summary.json that fedmerge " in err
+
+
+@pytest.mark.parametrize("lost", [[{"round": 2}], "x", [5]])
+def test_a_degraded_summary_with_odd_lost_entries_still_gets_its_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], lost: object
+) -> None:
+    _write(tmp_path / "run", {"status": "degraded", "lost_partitions": [2], "lost": lost})
+    assert main(["status", str(tmp_path / "run")]) == 3
+    assert capsys.readouterr().out.startswith("degraded: lost partitions [2] (")

@@ -16,8 +16,10 @@ import pytest
 
 import sims.local_federation
 from fedmerge.data import load_dataset
+from sims.certs import write_certs
 from sims.cli import main
 from sims.local_federation import (
+    LOCK_FILE,
     STATE_FILE,
     FederationOptions,
     down,
@@ -33,8 +35,12 @@ from sims.local_federation import (
         (["--nodes", "0"], "--nodes: got 0; allowed: 1 to 64"),
         (["--port", "70000"], "--port: got 70000; allowed: 1 to 65535"),
         (["--dataset", "imagenet"], "--dataset: got 'imagenet'; allowed: cifar10"),
+        (["--seed", "-1"], "--seed: got -1; allowed: an integer >= 0"),
+        (["--dataset", "mnist", "--dataset-root", "/nonexistent"],
+         "--dataset-root: got '/nonexistent', which is not a directory; allowed: a directory "
+         "holding the data set's files (nothing is downloaded)"),
     ],
-)
+)  # fmt: skip
 def test_up_refuses_bad_input_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
 ) -> None:
@@ -172,3 +178,75 @@ def test_up_refuses_a_directory_with_a_quote(
     err = capsys.readouterr().err.strip()
     assert "DIR: got" in err and "allowed: a path without quotes" in err and "\n" not in err
     assert not (tmp_path / "it's").exists()
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*")
+            if p.is_file()}  # fmt: skip
+
+
+def test_up_that_cannot_load_its_data_leaves_the_last_federations_files_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The data set is loaded before anything is written: a root without MNIST's files is
+    refused in one line, and the certificates of the federation that ran here stay."""
+    fed = tmp_path / "fed"
+    write_certs(fed / "certs", ["127.0.0.1"], 2)
+    before = _files(fed)
+    empty = tmp_path / "no-mnist-here"
+    empty.mkdir()
+    code = main(["federation", "up", str(fed), "--nodes", "2", "--dataset", "mnist",
+                 "--dataset-root", str(empty)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("fedmerge: error: ") and "input: got" not in err
+    after = _files(fed)
+    after.pop(LOCK_FILE)  # empty: the lock that up held
+    assert after == before
+
+
+def test_a_second_up_or_down_meanwhile_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fed = tmp_path / "fed"
+    fed.mkdir()
+    me = os.getpid()  # a "federation" of this process: down would stop it
+    state = {"processes": [{"role": "superlink", "pid": me, "start_time": start_time(me)}]}
+    (fed / STATE_FILE).write_text(json.dumps(state))
+    holder = subprocess.Popen(  # another up or down at work: it holds the directory's lock
+        [sys.executable, "-c",
+         "import fcntl, sys, time\n"
+         f"f = open({str(fed / LOCK_FILE)!r}, 'a')\n"
+         "fcntl.flock(f, fcntl.LOCK_EX)\n"
+         "print('held', flush=True)\n"
+         "time.sleep(60)\n"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        for action in (["up", str(fed), "--nodes", "1"], ["down", str(fed)]):
+            assert main(["federation", *action]) == 2
+            err = capsys.readouterr().err
+            assert err == (
+                f"fedmerge: error: DIR: got {str(fed)!r}, where another fedmerge federation "
+                "up or down is at work; allowed: the same command once it has finished, or "
+                "another directory\n"
+            )
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (fed / STATE_FILE).exists() and not (fed / "certs").exists()
+
+
+@pytest.mark.parametrize("processes", [[{"x": 1}], [5], [{"pid": "12"}], [{"pid": -1}], {"pid": 3}])
+def test_down_with_a_damaged_state_file_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], processes: object
+) -> None:
+    (tmp_path / STATE_FILE).write_text(json.dumps({"processes": processes}))
+    assert main(["federation", "down", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"fedmerge: error: DIR: {str(tmp_path / STATE_FILE)!r} is not a federation state file "
+        "(a list of processes, each with its PID); allowed: the federation.json that fedmerge "
+        "federation up wrote\n"
+    )

@@ -45,3 +45,16 @@ def test_run_config_to_standard_output(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["run-config", str(scenario)]) == 0
     text = capsys.readouterr().out
     assert '"model.hidden" = "[200, 200]"' in text and '"rounds" = 3' in text
+
+
+def test_run_config_into_a_directory_is_refused_naming_the_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "s").mkdir()
+    assert main(["run-config", "-o", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"fedmerge: error: --out: got {str(tmp_path / 's')!r}, which is a directory; "
+        "allowed: a file\n"
+    )
+    assert list((tmp_path / "s").iterdir()) == []  # no temp file left in it
