@@ -278,7 +278,8 @@ def check_run_dir(run_dir: Path, config: RunConfig, *, force: bool = False) -> s
     if other is not None and other != digest:
         raise ConfigError(
             f"run_dir: {str(run_dir)!r} holds a run of another scenario (digest {other}, this "
-            f"one {digest}); allowed: a new directory, or --force to delete that run"
+            f"one {digest}); allowed: a new directory, or --force (force=True from Python) "
+            f"to delete that run"
         )
     info = read_checkpoint(run_dir)
     if info is None:
@@ -287,7 +288,7 @@ def check_run_dir(run_dir: Path, config: RunConfig, *, force: bool = False) -> s
         raise ConfigError(
             f"{run_dir / CHECKPOINT_WEIGHTS}: got a checkpoint of another scenario (digest "
             f"{info.digest}, this one {digest}); allowed: this scenario's checkpoint (delete "
-            f"{str(run_dir)!r} or rerun with --force to start over)"
+            f"{str(run_dir)!r} or rerun with --force (force=True from Python) to start over)"
         )
     resume_rows(run_dir, info.round)
     return "resume"

@@ -28,6 +28,7 @@ from sims.checks import (
     check_run_dir,
     check_run_path,
     check_scenario,
+    clear_run_dir,
     model_allocation_error,
     run_dir_lock,
 )
@@ -222,6 +223,7 @@ def simulate(
     scenario: RunConfig,
     run_dir: str | os.PathLike[str],
     *,
+    force: bool = False,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     slot: int = 0,
     slots: int = 1,
@@ -243,6 +245,10 @@ def simulate(
         The run directory: created if missing. A run of ``scenario`` there
         resumes after its last checkpoint; a finished one is not run again
         (its summary is returned, as ``fedmerge compare`` skips it).
+    force : bool (default: False)
+        Delete what fedmerge wrote into ``run_dir`` (its run, finished or not,
+        of this scenario or another) and run from scratch, as ``fedmerge
+        simulate --force`` does; other files there are kept.
     on_round : callable, optional
         Called with every row of ``metrics.jsonl`` as the run writes it.
     slot, slots : int (default: 0, 1)
@@ -271,7 +277,9 @@ def simulate(
     with run_dir_lock(path):
         # as plan_sweep decides: a finished run (its summary names this scenario) is
         # returned without reading its checkpoint; anything else is checked first
-        if run_state(scenario, path) == "done":
+        if force:
+            clear_run_dir(path)
+        elif run_state(scenario, path) == "done":
             return finished_summary(path)
         check_run_dir(path, scenario)
         return _run_checked(scenario, path, t0, on_round, slot, slots)

@@ -78,7 +78,7 @@ class CheckpointInfo:
 
 
 def _restart(run_dir: Path) -> str:
-    return f"delete {str(run_dir)!r} or rerun with --force to start over"
+    return f"delete {str(run_dir)!r} or rerun with --force (force=True from Python) to start over"
 
 
 def checkpoint_metadata(round: int, digest: str, sampler_state: dict[str, Any]) -> dict[str, str]:
@@ -104,7 +104,8 @@ def read_checkpoint(run_dir: Path) -> CheckpointInfo | None:
         if meta_path.exists():
             raise CheckpointError(
                 f"{weights}: got no such file beside {meta_path}; allowed: both files of "
-                f"one checkpoint (delete {meta_path.name} or rerun with --force to start over)"
+                f"one checkpoint (delete {meta_path.name} or rerun with --force, force=True from "
+                f"Python, to start over)"
             )
         return None
     try:

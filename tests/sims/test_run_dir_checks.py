@@ -467,3 +467,25 @@ def test_the_command_says_a_finished_run_is_not_run_again(
     said = capsys.readouterr()
     assert code == 1 and "stopped by the test" in said.err  # the fake launch
     assert f"{tmp_path} holds this scenario's finished run: its summary, not run again" in said.out
+
+
+@pytest.mark.parametrize("whose", ["another scenario's", "this scenario's"])
+def test_simulate_with_force_runs_from_scratch_and_keeps_other_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, whose: str
+) -> None:
+    """``force=True``, as ``fedmerge simulate --force``: the run there (refused, or returned as
+    it is, without it) is deleted before the launch; a file of the user's stays."""
+    scenario = _scenario()
+    _finished(tmp_path, _scenario("seed=1") if whose == "another scenario's" else scenario)
+    (tmp_path / "notes.txt").write_text("mine\n")
+    launched: list[list[str]] = []
+
+    def launch_run(config: RunConfig, run_dir: Path, *args: object) -> dict[str, object]:
+        launched.append(sorted(os.listdir(run_dir)))
+        raise _Launched("stopped by the test")
+
+    monkeypatch.setattr(launch, "_run_checked", launch_run)
+    with pytest.raises(_Launched):
+        launch.simulate(scenario, tmp_path, force=True)
+    assert launched == [[".lock", "notes.txt"]]
+    assert (tmp_path / "notes.txt").read_text() == "mine\n"
