@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fedmerge.topology import TopologyConfig
-from sims.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, TIMING_FILE, read_json
+from sims.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, SWEEP_FILE, TIMING_FILE, read_json
 from sims.runtime import head_cpus
 from strategies.checkpoint import CHECKPOINT_JSON, CHECKPOINT_WEIGHTS, read_checkpoint, resume_rows
 from strategies.config import ConfigError, RunConfig, run_config_from_dict
@@ -195,8 +195,10 @@ def check_scenario(config: RunConfig) -> None:
 
 
 # -- the run directory ------------------------------------------------------------
-def check_run_path(run_dir: Path) -> None:
-    """Refuse a run directory path that cannot become a writable directory.
+def check_run_path(run_dir: Path, key: str = "run_dir") -> None:
+    """Refuse a path that cannot become a writable directory (``key`` names it in the error).
+
+    Commands check their output folders with it too (``--out``), before any run.
 
     Raises
     ------
@@ -207,7 +209,7 @@ def check_run_path(run_dir: Path) -> None:
     for part in run_dir.parts:
         if len(os.fsencode(part)) > _NAME_MAX:
             raise ConfigError(
-                f"run_dir: got a path component of {len(os.fsencode(part))} bytes "
+                f"{key}: got a path component of {len(os.fsencode(part))} bytes "
                 f"({part[:20]}...); allowed: at most {_NAME_MAX}"
             )
     existing = run_dir
@@ -215,12 +217,12 @@ def check_run_path(run_dir: Path) -> None:
         existing = existing.parent
     if existing.exists() and not existing.is_dir():
         raise ConfigError(
-            f"run_dir: got {str(run_dir)!r}, but {str(existing)!r} is a file; "
+            f"{key}: got {str(run_dir)!r}, but {str(existing)!r} is a file; "
             f"allowed: a directory or a path that can become one"
         )
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(
-            f"run_dir: got {str(run_dir)!r}, but {str(existing)!r} is not writable; "
+            f"{key}: got {str(run_dir)!r}, but {str(existing)!r} is not writable; "
             f"allowed: a directory this user can write"
         )
 
@@ -271,6 +273,11 @@ def check_run_dir(run_dir: Path, config: RunConfig, *, force: bool = False) -> s
     """
     run_dir = Path(run_dir)
     check_run_path(run_dir)
+    if (run_dir / SWEEP_FILE).is_file():
+        raise ConfigError(
+            f"run_dir: got {str(run_dir)!r}, the folder of a sweep (it holds {SWEEP_FILE}); "
+            f"allowed: a run directory of its own (the sweep's runs are its DIGEST folders)"
+        )
     if force or not run_dir.is_dir():
         return "new"
     digest = config.digest()

@@ -169,7 +169,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
         out = out / f"partition-{scenario.name}.png"
     if out.suffix.lower() != ".png":
         raise ConfigError(f"--out: got {str(out)!r}; allowed: a .png file or a directory")
-    check_run_path(out.parent)
+    check_run_path(out.parent, "--out")
     fed = federation(scenario)
     data = fed.data
     labels = data.train_y.numpy()
@@ -239,6 +239,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     runs = plan_sweep(sweep, args.runs_root, force=args.force)
     sweep_dir = Path(args.runs_root) / sweep.name
     out = Path(args.out) if args.out else sweep_dir / "report"
+    check_run_path(sweep_dir, "--runs-root")
+    check_run_path(out, "--out")  # before the runs, not after them
     states = [r.state for r in runs]
     console.print(
         f"[bold]fedmerge compare[/] {sweep.name}: {len(runs)} runs "
@@ -246,7 +248,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
         f"{states.count('new')} new) -> {sweep_dir}",
         soft_wrap=True,
     )
-    check_run_path(sweep_dir)
     with run_dir_lock(sweep_dir):
         _compare_locked(args, sweep, runs, out)
     return 0
@@ -340,6 +341,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     parents = {d.resolve().parent for d in dirs}
     shared = parents.pop() if len(parents) == 1 else Path()
     out = Path(args.out) if args.out else shared / "report"
+    check_run_path(out, "--out")
     target = args.target
     for path in [Path(d) for d in args.run_dirs] if target is None else []:
         for manifest in (path / "sweep.json", path.parent / "sweep.json"):
@@ -357,6 +359,7 @@ def cmd_run_config(args: argparse.Namespace) -> int:
     if args.out:
         if Path(args.out).is_dir():
             raise ValueError(f"--out: got {args.out!r}, which is a directory; allowed: a file")
+        check_run_path(Path(args.out).parent, "--out")
         atomic_write_text(Path(args.out), text)
     else:
         sys.stdout.write(text)

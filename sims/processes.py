@@ -190,17 +190,72 @@ def stop_tree(roots: list[int], grace: float) -> list[int]:
 def _stop_pids(pids: list[int], grace: float, kill_first: str | None = None) -> list[int]:
     """SIGKILL those of ``pids`` that run ``kill_first``; SIGTERM all, SIGKILL after ``grace``.
 
+    Then the same for the latecomers of their sessions (:func:`_latecomers`).
     Returns once none of them is alive, or :data:`KILL_WAIT` seconds after the
     SIGKILL: the kernel ends a killed process a moment after the signal, and
     a caller that checks right away would find it still running.
     """
+    sessions = _sessions_led(pids)  # before the leaders go
     if kill_first is not None:
         _signal([p for p in pids if runs_program(p, kill_first)], signal.SIGKILL)
-    _signal(pids, signal.SIGTERM)
-    _wait_gone(pids, grace)
-    _signal([p for p in pids if alive(p)], signal.SIGKILL)
-    _wait_gone(pids, KILL_WAIT)
-    return pids
+    stopped: list[int] = []
+    for looks in range(LATE_ROUNDS + 1):
+        if looks:
+            pids, grace = _latecomers(sessions, exclude=set(stopped)), min(grace, LATE_GRACE)
+            if not pids:
+                break
+        stopped += pids
+        _signal(pids, signal.SIGTERM)
+        _wait_gone(pids, grace)
+        _signal([p for p in pids if alive(p)], signal.SIGKILL)
+        _wait_gone(pids, KILL_WAIT)
+    return stopped
+
+
+#: How many times :func:`_stop_pids` looks for latecomers, and their grace in seconds.
+LATE_ROUNDS = 3
+LATE_GRACE = 1.0
+
+
+def _sessions_led(pids: list[int]) -> set[int]:
+    """The sessions whose leader is one of ``pids``: those fedmerge started with their own.
+
+    Every process fedmerge starts for a runtime or a federation is a session
+    leader (``start_new_session``), and what it starts stays in its session
+    unless it makes one of its own.
+    """
+    led = set()
+    for pid in pids:
+        fields = stat_fields(pid)
+        if fields is not None and int(fields[3]) == pid:
+            led.add(pid)
+    return led
+
+
+def _latecomers(sessions: set[int], exclude: set[int]) -> list[int]:
+    """Live processes of ``sessions`` that are not in ``exclude`` (nor this process).
+
+    A process that a member of the tree started after the tree was collected
+    (Ray's raylet starting its agents while the head is told to stop, during
+    its start-up) is re-parented to init when its parent exits: out of the
+    tree, and alive for a minute or more. It stays in its session, whose ID
+    Linux does not give to another process while any member lives.
+    """
+    if not sessions:
+        return []
+    late = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        pid = int(entry.name)
+        fields = stat_fields(pid)
+        if (
+            fields is not None
+            and fields[0] != "Z"
+            and int(fields[3]) in sessions
+            and pid not in exclude
+            and pid != os.getpid()
+        ):
+            late.append(pid)
+    return late
 
 
 def _wait_gone(pids: list[int], seconds: float) -> None:

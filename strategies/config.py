@@ -573,7 +573,34 @@ def _option_names(strategy: str) -> frozenset[str]:
     return frozenset(f.name for f in dataclasses.fields(get_plugin(strategy).Options))
 
 
+#: The integers a run config can carry: Flower's run config holds 64-bit signed integers.
+INT64_RANGE = (-(2**63), 2**63 - 1)
+
+
+def _check_int64(data: Any, key: str = "") -> None:
+    """Refuse, with its dotted key, an integer that Flower's run config cannot hold.
+
+    Such a value passes every range check that has no upper bound (a seed,
+    rounds, epochs), and would fail only once Flower and Ray have started,
+    inside ``flwr run``.
+    """
+    if isinstance(data, Mapping):
+        for name, value in data.items():
+            _check_int64(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(data, list):
+        for value in data:
+            _check_int64(value, key)
+    elif isinstance(data, int) and not isinstance(data, bool):
+        low, high = INT64_RANGE
+        if not low <= data <= high:
+            raise ConfigError(
+                f"{key}: got {data}; allowed: an integer from -2**63 to 2**63 - 1 (what "
+                f"Flower's run config holds)"
+            )
+
+
 def _validate(data: Mapping[str, Any]) -> RunConfig:
+    _check_int64(data)
     load_plugins(_plugin_list(data.get("plugins", ())))
     try:
         return RunConfig.model_validate_json(json.dumps(data, allow_nan=True))

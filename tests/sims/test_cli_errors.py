@@ -174,6 +174,19 @@ CASES = [
         ["--set", "strategy.client_widths=[1, 2]"],
         ["strategy.client_widths: got [1, 2]", "only with strategy 'oneshot' or 'ot'"],
     ),
+    # integers that pass every lower bound, but that Flower's run config (64-bit) cannot hold
+    (
+        "seed-beyond-64-bits",
+        ["--set", f"seed={2**63}"],
+        [f"seed: got {2**63}; allowed: an integer from -2**63 to 2**63 - 1"],
+    ),
+    (
+        "huge-seed",
+        ["--set", "seed=99999999999999999999999"],
+        ["seed: got 99999999999999999999999; allowed: an integer from -2**63"],
+    ),
+    ("huge-epochs", ["--set", f"train.epochs={10**20}"], [f"train.epochs: got {10**20};"]),
+    ("huge-in-a-list", ["--set", f"model.hidden=[8, {10**20}]"], [f"model.hidden: got {10**20};"]),
     ("deeply-nested-toml", ["@DEEP_TOML@"], ["deep.toml", "nested too deeply"]),
     ("set-key-with-line-break", ["--set", "a\nb=1"], ["--set: got 'a\\nb=1'", "dotted key"]),
     ("toml-key-with-line-break", ["@ODD_KEY_TOML@"], ["'train.x\\ny': unknown key"]),
@@ -673,3 +686,35 @@ def test_matplotlib_is_imported_only_when_a_figure_is_drawn(tmp_path: Path) -> N
         "print(out.read_bytes()[:4] == b'\\x89PNG', matplotlib.get_backend())\n"
     )
     assert run_fresh(code).split() == ["False", "True", "Agg"]
+
+
+@pytest.mark.parametrize("flag", ["--out", "--runs-root"])
+def test_compare_checks_where_it_writes_before_any_run(
+    flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def ran(*args: object) -> None:
+        raise AssertionError("the sweep ran before its output folder was checked")
+
+    monkeypatch.setattr(commands, "_compare_locked", ran)
+    afile = tmp_path / "afile"
+    afile.write_text("mine\n")
+    sweep = tmp_path / "tiny.toml"
+    sweep.write_text('name = "tiny"\nbase = "default"\n[axes]\nseed = [0, 1]\n')
+    argv = ["compare", str(sweep), "--runs-root", str(tmp_path / "runs"), flag, str(afile)]
+    assert cli.main(argv) == EXIT_BAD_INPUT
+    captured = capsys.readouterr()
+    line = _one_error_line(captured.err)
+    assert line.startswith(f"fedmerge: error: {flag}: got ") and f"but '{afile}' is a file" in line
+    assert captured.out == "" and afile.read_text() == "mine\n"
+
+
+def test_simulate_refuses_a_sweeps_folder_as_its_run_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_simulation: list[object]
+) -> None:
+    """Its files would land beside the sweep's run folders, and ``report`` on the folder would
+    then show this one run instead of the sweep's."""
+    (tmp_path / "sweep.json").write_text('{"runs": []}\n')
+    assert cli.main(["simulate", *_DIGITS, "--run-dir", str(tmp_path)]) == EXIT_BAD_INPUT
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"run_dir: got '{tmp_path}', the folder of a sweep (it holds sweep.json)" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "sweep.json"]

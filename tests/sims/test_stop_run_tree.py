@@ -85,3 +85,45 @@ def test_stopping_a_tree_leaves_other_children_exit_status_to_their_popen(tmp_pa
         other.wait()
     assert (tmp_path / "m").read_text() == "SIGTERM"
     assert done.wait(timeout=10) == 3
+
+
+#: A session leader that, told to stop, starts one more process and exits at once, as
+#: Ray's raylet did when a run was interrupted while the head was starting its agents.
+LAST_WORD = """\
+import signal, subprocess, sys, time
+from pathlib import Path
+def term(signum, frame):
+    late = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    Path(sys.argv[1]).write_text(str(late.pid))
+    sys.exit(0)
+signal.signal(signal.SIGTERM, term)
+Path(sys.argv[1] + ".ready").write_text("")
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_a_process_started_while_the_tree_stops_is_stopped_too(tmp_path: Path) -> None:
+    """Started after the tree was collected, the latecomer is re-parented to init when its
+    parent exits, out of the tree; it is found by its session and stopped by PID."""
+    from sims.processes import stop_tree
+
+    script, out = tmp_path / "last_word.py", tmp_path / "late.pid"
+    script.write_text(LAST_WORD)
+    leader = subprocess.Popen([sys.executable, str(script), str(out)], start_new_session=True)
+    late = 0
+    try:
+        deadline = time.monotonic() + 30
+        while not Path(f"{out}.ready").exists():
+            assert time.monotonic() < deadline and leader.poll() is None
+            time.sleep(0.05)
+        stopped = stop_tree([leader.pid], grace=10.0)
+        assert leader.wait(timeout=10) == 0  # it handled SIGTERM: its latecomer is out there
+        late = int(out.read_text())
+        assert late in stopped and not alive(late)
+    finally:
+        if late and alive(late):  # the old code left it running: do not leave it behind
+            import os
+            import signal
+
+            os.kill(late, signal.SIGKILL)
