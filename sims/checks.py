@@ -371,11 +371,13 @@ def run_dir_lock(run_dir: Path) -> Iterator[Path]:
         except OSError as exc:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            # empty: the holder has the lock but has not written its PID yet
+            holder = f"process {pid}" if pid else "another process"
             if thread is not None:  # a thread of this process holds it
                 holder = f"{holder} (another of its threads)"
             raise ConfigError(
-                f"run_dir: {str(run_dir)!r} is in use by process {holder} ({path} is locked); "
+                f"run_dir: {str(run_dir)!r} is in use by {holder} ({path} is locked); "
                 f"allowed: one writer per run directory (wait for it, or use another directory)"
             ) from None
         os.ftruncate(fd, 0)

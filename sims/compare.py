@@ -221,7 +221,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     path = Path(path)
     where = path.name
     if not path.is_file():
-        raise ConfigError(f"sweep: {str(path)!r} does not exist; allowed: a sweep TOML file")
+        what = "is not a file" if path.exists() else "does not exist"
+        raise ConfigError(f"sweep: {str(path)!r} {what}; allowed: a sweep TOML file")
     raw = read_toml(path, "sweep")
     unknown = sorted(set(raw) - set(SWEEP_KEYS))
     if unknown:
@@ -251,12 +252,11 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     for table in ("set", "axes"):
         if not isinstance(raw.get(table, {}), dict):
             raise ConfigError(f"{where}: {table}: got {raw[table]!r}; allowed: a TOML table")
-    fixed = {
-        **flatten(raw.get("set", {})),
-        **flatten(apply_overrides({}, overrides or [])),
-    }
+    in_file = flatten(raw.get("set", {}))
+    _scenario(f"{where}, set", set_dotted(base, in_file))
+    fixed = {**in_file, **flatten(apply_overrides({}, overrides or []))}
     fixed_data = set_dotted(base, fixed)
-    _scenario(f"{where}, set", fixed_data)
+    _scenario("--set", fixed_data)  # the command line's own, once the file's [set] is fine
 
     axes: dict[str, tuple[dict[str, Any], ...]] = {}
     raw_variants = raw.get("variants", [])

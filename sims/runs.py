@@ -158,7 +158,8 @@ def load_run(run_dir: str | Path) -> RunRecord:
     if summary.get("status") not in FINISHED_STATUSES:
         raise ValueError(
             f"run_dir: {str(run_dir)!r} has not completed (no summary.json with status "
-            f"completed); allowed: finished runs (resume it with fedmerge compare)"
+            f"completed); allowed: finished runs (resume it with the command that started "
+            f"it: fedmerge simulate with the same --run-dir, or fedmerge compare)"
         )
     rows = read_rows(run_dir)
     timing = read_json(run_dir / TIMING_FILE)
@@ -175,7 +176,18 @@ def expand_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
     """
     out: list[Path] = []
     for path in map(Path, paths):
+        if not path.is_dir():
+            what = "does not exist" if not path.exists() else "is not a directory"
+            raise ValueError(
+                f"run_dir: {str(path)!r} {what}; allowed: a run directory, or a sweep folder "
+                f"(RUNS_ROOT/SWEEP_NAME) for all its runs"
+            )
         children = [] if (path / CONFIG_FILE).exists() else sorted(path.glob(f"*/{CONFIG_FILE}"))
+        if not children and (path / SWEEP_FILE).is_file():
+            raise ValueError(
+                f"run_dir: {str(path)!r} is a sweep folder that holds no run yet; allowed: a "
+                f"sweep folder with runs (fedmerge compare writes them), or a run directory"
+            )
         if not children:
             out.append(path)
             continue

@@ -199,6 +199,18 @@ def partition_indices(
             f"partition.shards_per_client: got {config.shards_per_client}; allowed: 1 to "
             f"{n // num_partitions} ({n} training samples in shards for {num_partitions} clients)"
         )
+    least = config.min_partition_size
+    if config.scheme in ("dirichlet", "quantity-skew") and num_partitions * least > n:
+        raise ValueError(
+            f"num_clients: got {num_partitions} with partition.min_partition_size {least}; "
+            f"allowed: 1 to {n // max(least, 1)} ({n} training samples, at least {least} a client)"
+        )
+    classes = len(np.unique(labels))
+    if config.scheme == "pathological" and config.classes_per_client > classes:
+        raise ValueError(
+            f"partition.classes_per_client: got {config.classes_per_client}; allowed: 1 to "
+            f"{classes} (the classes of the training set)"
+        )
     order = np.random.default_rng(seed).permutation(n)
     columns: dict[str, np.ndarray] = {"label": labels[order], "index": order}
     if config.scheme == "natural":
@@ -229,10 +241,23 @@ def partition_indices(
         # flwr-datasets 0.6 sorts with `datasets`, which passes pyarrow >= 25 a
         # deprecated SortOptions argument; harmless, and not ours to fix.
         warnings.filterwarnings("ignore", "Specifying null_placement", FutureWarning)
-        parts = [
-            np.sort(np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64))
-            for i in range(num_partitions)
-        ]
+        # Dirichlet draws again while a client has fewer than min_partition_size samples,
+        # with a warning per draw, and gives up after ten: that is said once, below
+        warnings.filterwarnings("ignore", "The specified min_partition_size", UserWarning)
+        try:
+            parts = [
+                np.sort(np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64))
+                for i in range(num_partitions)
+            ]
+        except ValueError as exc:
+            if config.scheme != "dirichlet" or "max number of attempts" not in str(exc):
+                raise
+            raise ValueError(
+                f"partition.alpha: got {config.alpha!r}, which left a client with fewer than "
+                f"{config.min_partition_size} samples in ten draws for {num_partitions} clients "
+                f"of {n} samples; allowed: a larger alpha, fewer clients, or a lower "
+                f"partition.min_partition_size"
+            ) from None
     covered = sum(len(p) for p in parts)
     if covered < n:
         logger.warning(

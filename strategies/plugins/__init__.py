@@ -134,7 +134,11 @@ def load_plugins(specs: Iterable[str]) -> None:
                     raise FileNotFoundError(path)
                 module = importlib.util.module_from_spec(loader)
                 sys.modules[name] = module
-                loader.loader.exec_module(module)
+                try:
+                    loader.loader.exec_module(module)
+                except BaseException:  # not loaded: the next load tries again
+                    del sys.modules[name]
+                    raise
             else:
                 importlib.import_module(spec)
         except (ImportError, FileNotFoundError) as exc:
@@ -142,3 +146,5 @@ def load_plugins(specs: Iterable[str]) -> None:
                 f"plugins: got {spec!r}; allowed: an importable module or an existing "
                 f".py file ({exc})"
             ) from None
+        except ValueError as exc:  # the plugin refused something as it registered: say which
+            raise ConfigError(f"plugins: {spec!r} refused to load: {exc}") from None

@@ -265,3 +265,42 @@ def test_iid_cut_is_flwr_datasets_iid_partitioner(n: int, clients: int) -> None:
     for i in range(clients):
         theirs = np.sort(np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64))
         np.testing.assert_array_equal(ours[i], theirs)
+
+
+def test_pathological_with_more_classes_a_client_than_the_data_has_is_one_line() -> None:
+    with pytest.raises(ValueError) as err:
+        partition_indices(
+            _labels(600), 4, PartitionConfig(scheme="pathological", classes_per_client=11), seed=0
+        )
+    assert str(err.value) == (
+        f"partition.classes_per_client: got 11; allowed: 1 to {NUM_CLASSES} (the classes of "
+        "the training set)"
+    )
+
+
+@pytest.mark.parametrize("scheme", ["dirichlet", "quantity-skew"])
+def test_more_clients_than_min_partition_size_allows_is_one_line(scheme: str) -> None:
+    # 600 samples, at least 10 a client: 60 clients at most, whatever the draw
+    with pytest.raises(ValueError) as err:
+        partition_indices(
+            _labels(600), 61, PartitionConfig(scheme=scheme, min_partition_size=10), seed=0
+        )
+    assert str(err.value) == (
+        "num_clients: got 61 with partition.min_partition_size 10; allowed: 1 to 60 "
+        "(600 training samples, at least 10 a client)"
+    )
+
+
+def test_a_dirichlet_split_that_never_meets_min_partition_size_is_one_line_without_warnings(
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    """flwr-datasets draws ten times, warning at each, then gives up: one line instead."""
+    config = PartitionConfig(scheme="dirichlet", alpha=0.05, min_partition_size=10)
+    with pytest.raises(ValueError) as err:
+        partition_indices(_labels(600), 50, config, seed=0)
+    assert str(err.value) == (
+        "partition.alpha: got 0.05, which left a client with fewer than 10 samples in ten "
+        "draws for 50 clients of 600 samples; allowed: a larger alpha, fewer clients, or a "
+        "lower partition.min_partition_size"
+    )
+    assert [str(w.message) for w in recwarn] == []

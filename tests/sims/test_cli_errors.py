@@ -579,45 +579,18 @@ def test_a_bug_keeps_its_traceback(
     assert err.splitlines()[-1].startswith("fedmerge: internal error (KeyError), a bug")
 
 
-def test_ctrl_c_in_a_subprocess_exits_130(tmp_path: Path) -> None:
-    """SIGINT while the command runs: exit 130, one line, no traceback."""
-    script = (
-        "import sys, time\n"
-        "from sims import cli\n"
-        "def wait(args):\n"
-        "    print('ready', flush=True)\n"
-        "    time.sleep(60)\n"
-        "    return 0\n"
-        "p = cli.build_parser\n"
-        "def patched():\n"
-        "    parser = p()\n"
-        "    parser._subparsers._group_actions[0].choices['strategies'].set_defaults(func=wait)\n"
-        "    return parser\n"
-        "cli.build_parser = patched\n"
-        "sys.exit(cli.main(['strategies']))\n"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-        # A shell without job control starts background jobs with SIGINT ignored,
-        # and Python keeps an ignored SIGINT ignored: give the child the default.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
-        proc.send_signal(2)  # SIGINT, as Ctrl-C sends
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130
-    assert len(err.splitlines()) == 1 and err.startswith("fedmerge: interrupted"), err
-
-
-def test_a_closed_terminal_unwinds_the_command(tmp_path: Path) -> None:
-    """SIGHUP (the terminal closed) exits through Python's unwinding, as SIGTERM does: the
-    command's ``finally`` clauses run, so what it started is stopped; exit 129."""
+@pytest.mark.parametrize(
+    ("signum", "code", "said"),
+    [(signal.SIGINT, 130, "fedmerge: interrupted: the processes it started are stopped\n"),
+     (signal.SIGHUP, 129, ""), (signal.SIGTERM, 143, "")],
+    ids=["ctrl-c", "terminal-closed", "sigterm"],
+)  # fmt: skip
+def test_a_signal_unwinds_the_command_in_a_subprocess(
+    signum: signal.Signals, code: int, said: str, tmp_path: Path
+) -> None:
+    """Ctrl-C, a closed terminal (SIGHUP) and SIGTERM exit through Python's unwinding: the
+    command's ``finally`` clauses run (so what it started is stopped), no traceback; Ctrl-C
+    says so in one line. SIGHUP used to end the process at once."""
     marker = tmp_path / "unwound"
     script = (
         "import sys, time\n"
@@ -640,17 +613,20 @@ def test_a_closed_terminal_unwinds_the_command(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
+        # A shell without job control starts background jobs with SIGINT ignored,
+        # and Python keeps an ignored SIGINT ignored: give the child the default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
-        proc.send_signal(signal.SIGHUP)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 128 + signal.SIGHUP, err
-    assert marker.exists() and "Traceback" not in err
+    assert proc.returncode == code, err
+    assert err == said and marker.exists()
 
 
 @pytest.mark.parametrize(
@@ -718,3 +694,33 @@ def test_simulate_refuses_a_sweeps_folder_as_its_run_directory(
     line = _one_error_line(capsys.readouterr().err)
     assert f"run_dir: got '{tmp_path}', the folder of a sweep (it holds sweep.json)" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "sweep.json"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [(["report", "@T@/nowhere"], "run_dir: '@T@/nowhere' does not exist; allowed: a run "
+      "directory, or a sweep folder (RUNS_ROOT/SWEEP_NAME) for all its runs"),
+     (["report", "@T@/afile"], "run_dir: '@T@/afile' is not a directory; allowed: a run "
+      "directory, or a sweep folder"),
+     (["report", "@T@/sweep"], "run_dir: '@T@/sweep' is a sweep folder that holds no run yet; "
+      "allowed: a sweep folder with runs (fedmerge compare writes them), or a run directory"),
+     (["compare", "@T@/sweep"], "sweep: '@T@/sweep' is not a file; allowed: a sweep TOML file"),
+     (["compare", "@T@/tiny.toml", "--set", "rounds=0"],
+      "--set: rounds: got 0; allowed: greater than or equal to 1"),
+     (["compare", "@T@/zero.toml"], "zero.toml, set: rounds: got 0; allowed: greater than or "
+      "equal to 1")],
+    ids=["report-nowhere", "report-file", "report-empty-sweep", "compare-folder",
+         "compare-command-line-set", "compare-file-set"],
+)  # fmt: skip
+def test_what_the_message_names_is_what_was_wrong(
+    argv: list[str], line: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "sweep.json").write_text('{"runs": []}\n')
+    (tmp_path / "tiny.toml").write_text('name = "tiny"\nbase = "default"\n[axes]\nseed = [0]\n')
+    (tmp_path / "zero.toml").write_text('name = "z"\nbase = "default"\n[set]\nrounds = 0\n')
+    argv = [a.replace("@T@", str(tmp_path)) for a in argv]
+    assert cli.main(argv) == EXIT_BAD_INPUT
+    got = _one_error_line(capsys.readouterr().err)
+    assert got.startswith("fedmerge: error: " + line.replace("@T@", str(tmp_path)))

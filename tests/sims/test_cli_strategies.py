@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +46,16 @@ def test_an_unknown_plugin_module_is_one_line_and_exit_2(
     assert cli.main(["strategies", "--plugin", "no_such_module_x"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "plugins: got 'no_such_module_x'" in err
+
+
+def test_a_plugin_that_refuses_to_load_is_named_and_can_be_loaded_once_mended(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plugin = tmp_path / "refusing_plugin.py"
+    plugin.write_text('raise ValueError("boom")\n')
+    assert cli.main(["strategies", "--plugin", str(plugin)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"fedmerge: error: plugins: {str(plugin)!r} refused to load: boom\n"
+    plugin.write_text("LOADED = True\n")  # mended: loaded now, not skipped as loaded before
+    assert cli.main(["strategies", "--plugin", str(plugin)]) == 0
+    assert [m for m in sys.modules.values() if getattr(m, "LOADED", False)]

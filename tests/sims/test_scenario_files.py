@@ -296,3 +296,14 @@ def test_pyproject_run_config_holds_the_default_scenario() -> None:
     extra = embedded.keys() - expected.keys()
     assert "output.run-dir" in extra and embedded["output.run-dir"] == ""
     assert all(k.startswith(("output.", "strategy.")) for k in extra), sorted(extra)
+
+
+@pytest.mark.parametrize("overrides", ["rounds=2", [{"rounds": 2}], ["rounds=2", 3]])
+def test_overrides_that_are_not_a_list_of_strings_are_one_line(overrides: object) -> None:
+    """From Python: one string (its letters would each be an override) or a dict is a slip."""
+    with pytest.raises(ConfigError) as err:
+        load_scenario("default", overrides)  # type: ignore[arg-type]
+    assert str(err.value) == (
+        f"overrides: got {overrides!r}; allowed: a list of 'key=value' strings, as --set "
+        "takes them (e.g. ['rounds=3'])"
+    )
