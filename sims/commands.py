@@ -343,11 +343,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else shared / "report"
     check_run_path(out, "--out")
     target = args.target
-    for path in [Path(d) for d in args.run_dirs] if target is None else []:
-        for manifest in (path / "sweep.json", path.parent / "sweep.json"):
-            if target is None and manifest.is_file():
-                target = json.loads(manifest.read_text()).get("target_accuracy")
-    target = DEFAULT_TARGET if target is None else target
+    if target is None:  # the sweeps' own, if they agree
+        found: dict[float, Path] = {}
+        for path in map(Path, args.run_dirs):
+            for manifest in (path / "sweep.json", path.parent / "sweep.json"):
+                if manifest.is_file():
+                    value = json.loads(manifest.read_text()).get("target_accuracy")
+                    if value is not None:
+                        found.setdefault(float(value), manifest)
+                    break
+        if len(found) > 1:
+            listed = ", ".join(f"{t} ({m})" for t, m in sorted(found.items()))
+            raise ValueError(
+                f"--target: not given, and the runs' sweeps set different target_accuracy "
+                f"({listed}); allowed: --target T, 0 < T <= 1, for all of them"
+            )
+        target = next(iter(found), DEFAULT_TARGET)
     report = build_report(dirs, out, target=target, tensorboard=args.tensorboard)
     _print_report(report)
     return 0

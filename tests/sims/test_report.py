@@ -464,3 +464,26 @@ def test_a_run_written_before_the_evaluation_section_groups_with_a_default_one(
     assert sorted(len(g.runs) for g in grouping.groups) == [1, 2]
     together = next(g for g in grouping.groups if len(g.runs) == 2)
     assert together.values["evaluation.server"] is None
+
+
+def test_runs_of_sweeps_with_different_targets_need_a_target_whatever_their_order(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The first sweep's target used to win: the table's "rounds to" changed with the order."""
+    a = _write_run(tmp_path / "a" / "r0", ["seed=0"], [0.1, 0.5, 0.8], 3.0, peer=[0.8, 0.8])
+    b = _write_run(tmp_path / "b" / "r1", ["seed=1"], [0.1, 0.6, 0.7], 3.0, peer=[0.7, 0.7])
+    (tmp_path / "a" / "sweep.json").write_text(json.dumps({"target_accuracy": 0.7}))
+    (tmp_path / "b" / "sweep.json").write_text(json.dumps({"target_accuracy": 0.2}))
+    for order in ([a, b], [b, a]):
+        assert cli.main(["report", *map(str, order), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(
+            "fedmerge: error: --target: not given, and the runs' sweeps set different "
+            f"target_accuracy (0.2 ({tmp_path / 'b' / 'sweep.json'}), 0.7 ("
+        )
+        assert not (tmp_path / "out").exists()
+    assert (
+        cli.main(["report", str(a), str(b), "--out", str(tmp_path / "out"), "--target", "0.5"]) == 0
+    )
+    assert "rounds to 50%" in (tmp_path / "out" / "summary.md").read_text()
+    capsys.readouterr()

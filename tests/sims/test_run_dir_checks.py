@@ -28,6 +28,7 @@ from strategies.checkpoint import (
     METADATA_KEY,
     CheckpointError,
     checkpoint_metadata,
+    read_checkpoint,
     resume_rows,
 )
 from strategies.config import ConfigError, RunConfig
@@ -489,3 +490,19 @@ def test_simulate_with_force_runs_from_scratch_and_keeps_other_files(
         launch.simulate(scenario, tmp_path, force=True)
     assert launched == [[".lock", "notes.txt"]]
     assert (tmp_path / "notes.txt").read_text() == "mine\n"
+
+
+def test_a_checkpoint_one_round_behind_is_said_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The command checks the directory, then ``simulate()`` does: the line came twice."""
+    config = _scenario()
+    recorder = _prepare(tmp_path, config, checkpoint_round=1)
+    recorder.log.save_tensors(
+        "checkpoint.safetensors", _state(2), checkpoint_metadata(2, config.digest(), {"calls": 2})
+    )
+    with caplog.at_level("WARNING"):
+        rounds = [read_checkpoint(tmp_path).round for _ in range(2)]  # type: ignore[union-attr]
+    assert rounds == [2, 2]
+    said = [r.getMessage() for r in caplog.records if "one round behind" in r.getMessage()]
+    assert len(said) == 1 and said[0].endswith("resuming from round 2")
