@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="runs at a time on the shared Ray cluster (default: 1)",
+        help="runs at a time, each slot on a runtime (SuperLink, Ray head) of its own (default: 1)",
     )
     cmp.add_argument(
         "--runs-root", default="runs", help="runs go to RUNS_ROOT/SWEEP_NAME/DIGEST (default: runs)"
