@@ -270,8 +270,29 @@ def check_run_dir(run_dir: Path, config: RunConfig, *, force: bool = False) -> s
         If the path cannot become a writable directory, if the directory
         holds a run of another scenario, or if its checkpoint or metrics
         cannot be resumed (:mod:`strategies.checkpoint`).
+
+    Notes
+    -----
+    While the calling thread holds the directory's lock (:func:`run_dir_lock`),
+    no one else writes there: the answer for a scenario is kept until the lock
+    is let go, and a second check (``fedmerge simulate`` checks, then
+    :func:`sims.launch.simulate` under the same lock) reads nothing again.
     """
-    run_dir = Path(run_dir)
+    key, digest, me = Path(run_dir).resolve(), config.digest(), threading.get_ident()
+    with _HELD_LOCK:
+        held = _HELD.get(key, (None, 0))[0] == me
+        known = _CHECKED.get(key) if held and not force else None
+    if known is not None and known[0] == digest:
+        return known[1]
+    answer = _check_run_dir(Path(run_dir), digest, force)
+    if held and not force:
+        with _HELD_LOCK:
+            _CHECKED[key] = (digest, answer)
+    return answer
+
+
+def _check_run_dir(run_dir: Path, digest: str, force: bool) -> str:
+    """:func:`check_run_dir`, every time."""
     check_run_path(run_dir)
     if (run_dir / SWEEP_FILE).is_file():
         raise ConfigError(
@@ -280,7 +301,6 @@ def check_run_dir(run_dir: Path, config: RunConfig, *, force: bool = False) -> s
         )
     if force or not run_dir.is_dir():
         return "new"
-    digest = config.digest()
     other = run_dir_digest(run_dir)
     if other is not None and other != digest:
         raise ConfigError(
@@ -329,6 +349,8 @@ def clear_run_dir(run_dir: Path, *, everything: bool = False) -> None:
 #: The run directories whose lock a thread of this process holds: directory -> the
 #: holding thread's id and how many :func:`run_dir_lock` blocks of it are open.
 _HELD: dict[Path, tuple[int, int]] = {}
+#: What :func:`check_run_dir` found in a run directory whose lock is held: (digest, answer).
+_CHECKED: dict[Path, tuple[str, str]] = {}
 _HELD_LOCK = threading.Lock()
 
 
@@ -389,6 +411,7 @@ def run_dir_lock(run_dir: Path) -> Iterator[Path]:
         finally:
             with _HELD_LOCK:
                 _HELD.pop(key, None)
+                _CHECKED.pop(key, None)
     finally:
         os.close(fd)  # releases the lock
 

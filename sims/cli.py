@@ -25,7 +25,7 @@ from sims.certs import write_certs
 from sims.deploy import check_port_free, run_status, superlink_command, supernode_command
 from sims.errors import FederationError, SimulationError
 from sims.local_federation import down
-from sims.node import DEFAULT_RUNTIME_PORT, supernode_with_worker, supervise
+from sims.node import runtime_port, supernode_with_worker, supervise
 from sims.processes import FAST_TASK_POLL, flower_environment
 from sims.runs import DEFAULT_TARGET
 from sims.runtime import prestarted_runtime
@@ -83,9 +83,9 @@ def cmd_supernode(args: argparse.Namespace) -> int:
         key=Path(args.key) if args.key else None, insecure=args.insecure,
         force=args.force_insecure, port=args.port, extra=args.extra,
     )  # fmt: skip
-    port = DEFAULT_RUNTIME_PORT if args.port is None else args.port
     check_port_free(
-        "127.0.0.1", port, "--port" if args.port is not None else "--port (default)",
+        "127.0.0.1", runtime_port(args.port),
+        "--port" if args.port is not None else "--port (default)",
         "a free port (each SuperNode on one host needs its own)",
     )  # fmt: skip
     if args.isolation == "subprocess":  # Flower's default: a new process per message

@@ -165,17 +165,10 @@ def running(state: dict[str, Any]) -> list[int]:
     return still_running({int(p["pid"]): p.get("start_time") for p in state["processes"]})
 
 
-def split_data(options: FederationOptions, data: DatasetBundle | None = None) -> list[Path]:
-    """Shuffle the data set's splits with ``seed`` and write one shard per node.
+def split_data(options: FederationOptions, data: DatasetBundle) -> list[Path]:
+    """Shuffle ``data``'s splits (the data set of ``options``) with ``seed``; one shard per node."""
+    import numpy as np  # ``down`` never needs it
 
-    ``data``: the data set of ``options``, if it is loaded already.
-    """
-    import numpy as np
-
-    from fedmerge.data import load_dataset  # PyTorch: ``down`` never needs it
-
-    if data is None:
-        data = load_dataset(options.dataset, options.dataset_root)
     rng = np.random.default_rng(options.seed)
     train = np.array_split(rng.permutation(len(data.train_y)), options.nodes)
     test = np.array_split(rng.permutation(len(data.test_y)), options.nodes)

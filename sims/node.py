@@ -85,7 +85,14 @@ def supervise(commands: Sequence[Sequence[str]], env: Mapping[str, str]) -> int:
             proc.wait()
 
 
-def supernode_with_worker(supernode: Sequence[str], runtime_port: int | None) -> list[list[str]]:
+def runtime_port(port: int | None) -> int:
+    """The SuperNode's Runtime API port: ``port``, or Flower's default."""
+    return DEFAULT_RUNTIME_PORT if port is None else port
+
+
+def supernode_with_worker(supernode: Sequence[str], port: int | None) -> list[list[str]]:
     """``supernode`` in process isolation, and the worker command that serves it."""
-    port = DEFAULT_RUNTIME_PORT if runtime_port is None else runtime_port
-    return [[*supernode, "--isolation", "process"], worker_command(port, os.getpid())]
+    return [
+        [*supernode, "--isolation", "process"],
+        worker_command(runtime_port(port), os.getpid()),
+    ]

@@ -139,16 +139,13 @@ def read_checkpoint(run_dir: Path) -> CheckpointInfo | None:
         if mirror_round == info.round - 1 and mirror_digest == info.digest:
             # Stopped between the two writes: the weights file (one unit with
             # its round) is the newer checkpoint, and resuming from it is exact.
-            # Said once per process: the command and simulate() both check the directory.
-            if (meta_path, sha) not in _SAID_BEHIND:
-                _SAID_BEHIND.add((meta_path, sha))
-                logger.warning(
-                    "%s is one round behind %s (the run stopped between the two writes); "
-                    "resuming from round %d",
-                    meta_path,
-                    weights.name,
-                    info.round,
-                )
+            logger.warning(
+                "%s is one round behind %s (the run stopped between the two writes); "
+                "resuming from round %d",
+                meta_path,
+                weights.name,
+                info.round,
+            )
         elif mirror_sha != sha or mirror_round != info.round:
             raise CheckpointError(
                 f"{meta_path}: got round {mirror_round} with weights {str(mirror_sha)[:12]}, but "
@@ -157,10 +154,6 @@ def read_checkpoint(run_dir: Path) -> CheckpointInfo | None:
                 f"{weights.name}, or {_restart(run_dir)})"
             )
     return info
-
-
-#: The checkpoints (``checkpoint.json``, weights' SHA-256) already said to be one round behind.
-_SAID_BEHIND: set[tuple[Path, str]] = set()
 
 
 def resume_rows(run_dir: Path, last_round: int) -> list[dict[str, Any]]:

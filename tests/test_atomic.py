@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
 from fedmerge.atomic import atomic_write, atomic_write_text
 
 
-def test_new_file_gets_umask_permissions(tmp_path):
-    old = os.umask(0o022)
+@pytest.mark.parametrize(("mask", "expected"), [(0o022, 0o644), (0o027, 0o640)])
+def test_new_file_gets_umask_permissions(tmp_path, mask, expected):
+    old = os.umask(mask)
     try:
         atomic_write_text(tmp_path / "a.json", "{}\n")
     finally:
         os.umask(old)
-    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == expected
     assert (tmp_path / "a.json").read_text() == "{}\n"
 
 
@@ -32,3 +34,21 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
         atomic_write(path, boom)
     assert path.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+@pytest.mark.parametrize(("mask", "mode"), [(0o077, 0o640), (0o022, 0o600), (0o000, 0o400)])
+def test_atomic_write_text_mode_is_exact_whatever_the_umask(
+    tmp_path: Path, mask: int, mode: int
+) -> None:
+    old = os.umask(mask)
+    try:
+        atomic_write_text(tmp_path / "f", "x", mode=mode)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == mode
+
+
+def test_atomic_write_refuses_a_bad_mode(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"^mode: got 4096; allowed: 0o000 to 0o777$"):
+        atomic_write_text(tmp_path / "f", "x", mode=0o10000)
+    assert list(tmp_path.iterdir()) == []

@@ -1,4 +1,4 @@
-"""``sims.certs.write_certs`` and the private writes under it (``fedmerge.atomic``)."""
+"""``sims.certs.write_certs``: no silent overwrite, keys private from their first byte, hosts."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from fedmerge.atomic import atomic_write, atomic_write_text
+from fedmerge.atomic import atomic_write
 from sims import certs
 from sims.certs import write_certs
 from sims.cli import main
@@ -182,33 +182,6 @@ def test_atomic_write_mode_applies_to_the_temp_file(
     assert modes_at_rename == {"key": 0o600}
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert path.read_bytes() == b"secret"
-
-
-@pytest.mark.parametrize(("mask", "mode"), [(0o077, 0o640), (0o022, 0o600), (0o000, 0o400)])
-def test_atomic_write_text_mode_is_exact_whatever_the_umask(
-    tmp_path: Path, mask: int, mode: int
-) -> None:
-    old = os.umask(mask)
-    try:
-        atomic_write_text(tmp_path / "f", "x", mode=mode)
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == mode
-
-
-def test_atomic_write_without_mode_keeps_the_umask(tmp_path: Path) -> None:
-    old = os.umask(0o027)
-    try:
-        atomic_write_text(tmp_path / "f", "x")
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == 0o640
-
-
-def test_atomic_write_refuses_a_bad_mode(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"^mode: got 4096; allowed: 0o000 to 0o777$"):
-        atomic_write_text(tmp_path / "f", "x", mode=0o10000)
-    assert list(tmp_path.iterdir()) == []
 
 
 # --- defect 3: IPv6 addresses are hosts; ports and spaces are not ---

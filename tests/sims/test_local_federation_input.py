@@ -60,8 +60,8 @@ def test_down_without_a_state_file_is_one_line(
 
 
 def test_split_covers_every_sample_once(tmp_path: Path) -> None:
-    split_data(FederationOptions(tmp_path, nodes=3, dataset="digits"))
     data = load_dataset("digits")
+    split_data(FederationOptions(tmp_path, nodes=3, dataset="digits"), data)
     shards = [np.load(tmp_path / f"node-{i}" / "data.npz") for i in range(3)]
     for split in ("train", "test"):
         x = np.concatenate([s[f"{split}_x"] for s in shards])

@@ -495,14 +495,26 @@ def test_simulate_with_force_runs_from_scratch_and_keeps_other_files(
 def test_a_checkpoint_one_round_behind_is_said_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The command checks the directory, then ``simulate()`` does: the line came twice."""
+    """The command checks the directory, then ``simulate()`` does, under the same lock: the
+    line came twice. While the lock is held, the directory is checked once."""
     config = _scenario()
     recorder = _prepare(tmp_path, config, checkpoint_round=1)
+    _write_rows(tmp_path, [0, 1, 2])
     recorder.log.save_tensors(
         "checkpoint.safetensors", _state(2), checkpoint_metadata(2, config.digest(), {"calls": 2})
     )
-    with caplog.at_level("WARNING"):
-        rounds = [read_checkpoint(tmp_path).round for _ in range(2)]  # type: ignore[union-attr]
-    assert rounds == [2, 2]
+    with caplog.at_level("WARNING"), checks.run_dir_lock(tmp_path):
+        answers = [checks.check_run_dir(tmp_path, config) for _ in range(2)]
     said = [r.getMessage() for r in caplog.records if "one round behind" in r.getMessage()]
+    assert answers == ["resume", "resume"]
     assert len(said) == 1 and said[0].endswith("resuming from round 2")
+    assert read_checkpoint(tmp_path).round == 2  # type: ignore[union-attr]
+
+
+def test_another_scenario_is_checked_afresh_under_the_same_lock(tmp_path: Path) -> None:
+    """What a check found is kept for its scenario only."""
+    _prepare(tmp_path, _scenario("seed=1"))
+    with checks.run_dir_lock(tmp_path):
+        assert checks.check_run_dir(tmp_path, _scenario("seed=1")) == "resume"
+        with pytest.raises(ConfigError, match="holds a run of another scenario"):
+            checks.check_run_dir(tmp_path, _scenario())
