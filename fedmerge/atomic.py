@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,10 @@ def atomic_write(
     """Call ``write`` on a temp file beside ``path``, fsync it, rename it to ``path``.
 
     On any error the temp file is removed and ``path`` is left as it was.
+    A symbolic link is followed: the file it names is written and the link
+    stays. A ``path`` that is neither a file nor a directory (a FIFO, a
+    device such as ``/dev/stdout``) is written in place, as a shell
+    redirection would, for no rename could replace it without destroying it.
 
     Parameters
     ----------
@@ -37,6 +42,21 @@ def atomic_write(
     if mode is not None and not 0 <= mode <= 0o777:
         raise ValueError(f"mode: got {mode!r}; allowed: 0o000 to 0o777")
     path = Path(path)
+    try:
+        kind = path.stat().st_mode  # of what a link names
+    except FileNotFoundError:
+        kind = stat.S_IFREG
+    if not (stat.S_ISREG(kind) or stat.S_ISDIR(kind)):
+        try:
+            with path.open("wb") as f:
+                write(f)
+        except OSError as exc:
+            if exc.filename is None:  # a failed write names no file: say which
+                raise OSError(exc.errno, exc.strerror, str(path)) from None
+            raise
+        return
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -124,6 +124,13 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_BAD_INPUT)
 
 
+def _path(text: str) -> str:
+    """A path argument as given; the empty one is refused (``Path('')`` is ``.``)."""
+    if not text:
+        raise argparse.ArgumentTypeError("got ''; allowed: a non-empty path")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fedmerge``."""
     parser = _Parser(prog="fedmerge", description=DESCRIPTION)
@@ -131,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def scenario_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(
-            "scenario", nargs="?", help="scenario TOML file or shipped name (default: default)"
+            "scenario",
+            nargs="?",
+            type=_path,
+            help="scenario TOML file or shipped name (default: default)",
         )
         p.add_argument(
             "--set",
@@ -144,10 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="run a scenario through Flower's simulation runtime")
     scenario_args(sim)
     sim.add_argument(
-        "--run-dir", help="write the run here (default: RUNS_ROOT/NAME-STRATEGY-SEED-TIME)"
+        "--run-dir",
+        type=_path,
+        help="write the run here (default: RUNS_ROOT/NAME-STRATEGY-SEED-TIME)",
     )
     sim.add_argument(
-        "--runs-root", default="runs", help="parent of new run directories (default: runs)"
+        "--runs-root",
+        default="runs",
+        type=_path,
+        help="parent of new run directories (default: runs)",
     )
     sim.add_argument(
         "--force",
@@ -158,11 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     part = sub.add_parser("partition", help="show a scenario's partition (table and PNG)")
     scenario_args(part)
-    part.add_argument("--out", help="PNG path (default: partition-NAME.png)")
+    part.add_argument("--out", type=_path, help="PNG path (default: partition-NAME.png)")
     part.set_defaults(func="cmd_partition")
 
     cmp = sub.add_parser("compare", help="run a sweep of paired scenarios, then tables and plots")
-    cmp.add_argument("sweep", help="sweep TOML file (see sims/sweeps/)")
+    cmp.add_argument("sweep", type=_path, help="sweep TOML file (see sims/sweeps/)")
     cmp.add_argument(
         "--set",
         action="append",
@@ -179,9 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="runs at a time, each slot on a runtime (SuperLink, Ray head) of its own (default: 1)",
     )
     cmp.add_argument(
-        "--runs-root", default="runs", help="runs go to RUNS_ROOT/SWEEP_NAME/DIGEST (default: runs)"
+        "--runs-root",
+        default="runs",
+        type=_path,
+        help="runs go to RUNS_ROOT/SWEEP_NAME/DIGEST (default: runs)",
     )
-    cmp.add_argument("--out", help="report folder (default: RUNS_ROOT/SWEEP_NAME/report)")
+    cmp.add_argument(
+        "--out", type=_path, help="report folder (default: RUNS_ROOT/SWEEP_NAME/report)"
+    )
     cmp.add_argument(
         "--tensorboard", action="store_true", help="write RUN_DIR/tensorboard/ for every run"
     )
@@ -204,10 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "run_dirs",
         nargs="+",
+        type=_path,
         metavar="RUN_DIR",
         help="finished run directories, or a sweep folder (RUNS_ROOT/SWEEP_NAME) for all its runs",
     )
-    rep.add_argument("--out", help="report folder (default: PARENT/report if they share one)")
+    rep.add_argument(
+        "--out", type=_path, help="report folder (default: PARENT/report if they share one)"
+    )
     rep.add_argument(
         "--target",
         type=float,
@@ -223,11 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
         "run-config", help="a scenario as a flat TOML file for flwr run --run-config"
     )
     scenario_args(rc)
-    rc.add_argument("-o", "--out", help="write it here (default: standard output)")
+    rc.add_argument("-o", "--out", type=_path, help="write it here (default: standard output)")
     rc.set_defaults(func="cmd_run_config")
 
     crt = sub.add_parser("certs", help="a private CA, a SuperLink certificate, node key pairs")
-    crt.add_argument("out", metavar="DIR", help="where to write them")
+    crt.add_argument("out", metavar="DIR", type=_path, help="where to write them")
     crt.add_argument(
         "--host", action="append", required=True, help="SuperLink name or IP (repeatable)"
     )
@@ -240,7 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     crt.set_defaults(func=cmd_certs)
 
     def flower_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--certs", metavar="DIR", help="directory written by fedmerge certs")
+        p.add_argument(
+            "--certs", metavar="DIR", type=_path, help="directory written by fedmerge certs"
+        )
         p.add_argument("--insecure", action="store_true", help="no TLS (loopback only)")
         p.add_argument(
             "--force-insecure", action="store_true", help="allow --insecure off loopback"
@@ -259,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     sn.add_argument(
         "--node-config", required=True, help="e.g. \"partition-id=0 data-dir='/srv/data'\""
     )
-    sn.add_argument("--key", help="this node's private key (node-I of fedmerge certs)")
+    sn.add_argument("--key", type=_path, help="this node's private key (node-I of fedmerge certs)")
     sn.add_argument("--port", type=int, help="local ClientApp API port (default: 9094)")
     sn.add_argument(
         "--isolation",
@@ -275,18 +300,20 @@ def build_parser() -> argparse.ArgumentParser:
         "federation", help="up: a TLS federation on this machine (SuperLink, nodes); down: stop it"
     )
     fed.add_argument("action", choices=["up", "down"])
-    fed.add_argument("dir", metavar="DIR", help="its certificates, data, logs and state file")
+    fed.add_argument(
+        "dir", metavar="DIR", type=_path, help="its certificates, data, logs and state file"
+    )
     fed.add_argument("--nodes", type=int, default=2, help="SuperNodes (default: 2)")
     fed.add_argument(
         "--dataset", default="digits", help="data set split among the nodes (default: digits)"
     )
-    fed.add_argument("--dataset-root", help="its files, if it is not generated")
+    fed.add_argument("--dataset-root", type=_path, help="its files, if it is not generated")
     fed.add_argument("--port", type=int, default=0, help="SuperLink port (default: a free one)")
     fed.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")
     fed.set_defaults(func=cmd_federation)
 
     st = sub.add_parser("status", help="how a run ended (exit 0 completed, 3 degraded, 1 failed)")
-    st.add_argument("run_dir", metavar="RUN_DIR")
+    st.add_argument("run_dir", metavar="RUN_DIR", type=_path)
     st.set_defaults(func=cmd_status)
     return parser
 

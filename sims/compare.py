@@ -40,6 +40,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import queue
 import re
 import threading
@@ -72,8 +73,13 @@ SWEEP_KEYS: tuple[str, ...] = (
     "tensorboard",
     "variants",
 )
+#: The most runs one sweep may expand to. Every run starts its own clients for
+#: seconds at least; a sweep of more is a mistake (or a job for several sweeps), and
+#: expanding it would fill the memory before the first run.
+MAX_RUNS = 10_000
+
 #: What :func:`sims.launch.preflight` depends on.
-_DATA_KEYS = ("dataset", "partition", "model", "num_clients", "seed", "device")
+_DATA_KEYS = ("dataset", "partition", "model", "num_clients", "seed", "device", "evaluation")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -268,6 +274,13 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         axes["variants"] = _axis(where, "variants", raw_variants, prefix="")
     for key, values in flatten(raw.get("axes", {})).items():
         axes[key] = _axis(f"{where}, axes", key, values)
+    combinations = math.prod(len(options) for options in axes.values())
+    if combinations > MAX_RUNS:
+        sizes = " x ".join(f"{len(options)} {axis}" for axis, options in axes.items())
+        raise ConfigError(
+            f"{where}: got {combinations:,} combinations ({sizes}); allowed: at most "
+            f"{MAX_RUNS:,} runs in one sweep (split it into several)"
+        )
 
     owner: dict[str, str] = {}  # key -> the axis that varies it, as written in the file
     for axis, options in axes.items():
@@ -399,17 +412,18 @@ def runs_at_a_time(runs: list[PlannedRun], parallel: int, force: bool = False) -
     CPUs of the Ray head that the sweep starts (:func:`sims.launch.runtime_key`):
     at most as many as the head's CPUs (``simulation.ray_num_cpus``, 0 for all
     cores) over a client's (``simulation.num_cpus_per_client``), for every run
-    still to go. Runs on a cluster of the user's (``simulation.ray_address``)
-    go one at a time: Flower sizes each run's actor pool to the whole cluster,
-    so two runs there could each hold part of theirs and wait for the rest.
+    still to go, and no more than there are runs to go (at least one). Runs on a
+    cluster of the user's (``simulation.ray_address``) go one at a time: Flower
+    sizes each run's actor pool to the whole cluster, so two runs there could
+    each hold part of theirs and wait for the rest.
     """
-    fits = max(1, parallel)
-    for run in runs:
+    todo = [run for run in runs if force or run.state != "done"]
+    fits = max(1, min(parallel, len(todo)))
+    for run in todo:
         sim = run.scenario.simulation
-        if force or run.state != "done":
-            if sim.ray_address:
-                return 1
-            fits = min(fits, max(1, head_cpus(sim.ray_num_cpus) // sim.num_cpus_per_client))
+        if sim.ray_address:
+            return 1
+        fits = min(fits, max(1, head_cpus(sim.ray_num_cpus) // sim.num_cpus_per_client))
     return fits
 
 

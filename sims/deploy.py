@@ -15,7 +15,9 @@ turns it into one line and an exit code, for ``fedmerge status RUN_DIR``.
 from __future__ import annotations
 
 import ipaddress
+import re
 import sys
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -101,13 +103,18 @@ def _flower(name: str) -> str:
     return str(local) if local.exists() else name
 
 
-def check_port_free(host: str, port: int, what: str, allowed: str = "a free port") -> None:
+def check_port_free(
+    host: str, port: int, what: str, allowed: str = "a free port", host_key: str = "--host"
+) -> None:
     """Refuse, in one line, a port that another process already listens on at ``host``.
 
     Flower's SuperLink and SuperNode find out only once they try to listen
     (a traceback, or a usage text); and a SuperNode's ClientApp process given
-    the port of another node's Runtime API would serve that node's tasks.
+    the port of another node's Runtime API would serve that node's tasks. A
+    ``host`` that is no address of this machine (or no name at all) is
+    refused under ``host_key``.
     """
+    import errno
     import socket
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -115,9 +122,15 @@ def check_port_free(host: str, port: int, what: str, allowed: str = "a free port
         try:
             probe.bind((host, port))
         except OSError as exc:
+            reason = exc.strerror or str(exc)
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                raise ValueError(
+                    f"{what}: got {port}, which another process holds on {host} ({reason}); "
+                    f"allowed: {allowed}"
+                ) from None
             raise ValueError(
-                f"{what}: got {port}, which another process holds on {host} ({exc.strerror}); "
-                f"allowed: {allowed}"
+                f"{host_key}: got {host!r} ({reason}); allowed: an address of this machine "
+                f"to listen on, e.g. 0.0.0.0 (all), 127.0.0.1 or ::"
             ) from None
 
 
@@ -171,6 +184,11 @@ def superlink_command(
     cmd = [_flower("flower-superlink"), "--host", host, "--port", str(port)]
     if insecure:
         _insecure_ok([host], force, "--host")
+        if auth:  # Flower refuses it (exit code 104) once it starts
+            raise ValueError(
+                "--insecure: got it without --no-auth; allowed: --insecure --no-auth "
+                "(authenticating SuperNodes needs TLS), or --certs"
+            )
         cmd.append("--insecure")
     else:
         if certs is None:
@@ -182,6 +200,53 @@ def superlink_command(
     if auth:
         cmd.append("--enable-supernode-auth")
     return cmd + list(extra)
+
+
+#: A ``key=value`` pair of Flower's ``--node-config`` (as Flower's own parser finds them).
+_NODE_PAIR = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")
+
+_NODE_ALLOWED = (
+    "space-separated key=value pairs with partition-id, e.g. "
+    "\"partition-id=0 data-dir='/srv/data'\", or a .toml file of them"
+)
+
+
+def check_node_config(node_config: str) -> dict[str, Any]:
+    """Parse ``--node-config`` as Flower will; refuse what Flower would read as something else.
+
+    Flower's parser keeps only the ``key=value`` pairs it finds and drops the
+    rest without a word (``garbage`` is an empty config): the node would then
+    join the federation without the ``partition-id`` that its ClientApp
+    needs, and fail at its first message.
+    """
+    if node_config.endswith(".toml"):
+        try:
+            config = tomllib.loads(Path(node_config).expanduser().read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(
+                f"--node-config: got {node_config!r} ({exc}); allowed: {_NODE_ALLOWED}"
+            ) from None
+    else:
+        rest = _NODE_PAIR.sub("", node_config).strip()
+        if rest:
+            raise ValueError(
+                f"--node-config: got {node_config!r}, in which {rest!r} is no key=value pair; "
+                f"allowed: {_NODE_ALLOWED}"
+            )
+        pairs = _NODE_PAIR.findall(node_config)
+        try:
+            config = tomllib.loads("\n".join(f"{k} = {v}" for k, v in pairs))
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(
+                f"--node-config: got {node_config!r} ({exc}); allowed: {_NODE_ALLOWED}"
+            ) from None
+    pid = config.get("partition-id")
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid < 0:
+        raise ValueError(
+            f"--node-config: got partition-id {pid!r} in {node_config!r}; allowed: {_NODE_ALLOWED} "
+            f"(partition-id an integer >= 0)"
+        )
+    return config
 
 
 def supernode_command(
@@ -219,6 +284,7 @@ def supernode_command(
         raise ValueError(f"--superlink: got {superlink!r}; allowed: HOST:PORT, PORT 1 to 65535")
     if port is not None and not 1 <= port <= 65535:
         raise ValueError(f"--port: got {port}; allowed: 1 to 65535")
+    check_node_config(node_config)
     cmd = [_flower("flower-supernode"), "--superlink", superlink, "--node-config", node_config]
     if insecure:
         _insecure_ok([host], force, "--superlink")

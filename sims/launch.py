@@ -45,6 +45,7 @@ from strategies.config import (
     to_run_config,
 )
 from strategies.federation import federation
+from strategies.node_data import data_spec, load_node_data
 
 
 def preflight(config: RunConfig) -> None:
@@ -59,6 +60,13 @@ def preflight(config: RunConfig) -> None:
         data = fed.data
     except (ValueError, FileNotFoundError) as exc:  # the loader names its own field (root)
         raise ConfigError(f"dataset.{exc}") from None
+    if config.evaluation.test_dir:  # the server's own test set, as the ServerApp loads it
+        try:
+            load_node_data(config.evaluation.test_dir, data_spec(config.dataset.name))
+        except (ValueError, OSError) as exc:  # its message names the node's key, data-dir
+            raise ConfigError(
+                f"evaluation.test_dir: {str(exc).removeprefix('data-dir: ')}"
+            ) from None
     empty = [i for i, p in enumerate(fed.partitions) if len(p) == 0]
     if empty:
         raise ConfigError(
@@ -126,7 +134,16 @@ def run_config_toml(config: RunConfig, run_dir: Path | None) -> str:
         flat[key] = value
     if run_dir is not None:
         flat[RUN_DIR_KEY] = str(run_dir.resolve())
-    return "\n".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in flat.items()) + "\n"
+    return "\n".join(f"{_toml(k)} = {_toml(v)}" for k, v in flat.items()) + "\n"
+
+
+def _toml(value: object) -> str:
+    """A run config's key or value as TOML: JSON's literal, with what TOML escapes otherwise.
+
+    Characters beyond U+FFFF stay as they are (JSON's ASCII escape would write them as
+    two surrogates, which TOML refuses), and DEL, which JSON leaves, is escaped.
+    """
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def federation_config(scenario: RunConfig) -> str:

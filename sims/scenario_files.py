@@ -57,7 +57,7 @@ def resolve_scenario_path(spec: str | None) -> Path:
 def read_toml(path: Path, what: str = "scenario") -> dict[str, Any]:
     """The tables of a TOML file; one :class:`ConfigError` line if it cannot be read."""
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a BOM, as Notepad writes
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{what}: {str(path)!r} is not valid TOML ({exc})") from None
     except OSError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,28 @@ def test_atomic_write_refuses_a_bad_mode(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"^mode: got 4096; allowed: 0o000 to 0o777$"):
         atomic_write_text(tmp_path / "f", "x", mode=0o10000)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_symlink_stays_and_the_file_it_names_is_written(tmp_path):
+    target = tmp_path / "real.toml"
+    target.write_text("old")
+    link = tmp_path / "link.toml"
+    link.symlink_to(target)
+    atomic_write_text(link, "new")
+    assert link.is_symlink() and link.resolve() == target
+    assert target.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.toml", "real.toml"]
+
+
+def test_a_fifo_is_written_into_not_replaced(tmp_path):
+    """A rename over a FIFO (or /dev/full, /dev/stdout) replaced it with a file."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    atomic_write_text(fifo, "through the pipe")
+    reader.join(timeout=10)
+    assert got == [b"through the pipe"]
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]

@@ -648,6 +648,38 @@ def test_usage_errors_are_one_line(
     assert needle in line and line.endswith("--help")
 
 
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["federation", "up", ""], "argument DIR"),
+        (["partition", "--out", ""], "argument --out"),
+        (["run-config", "-o", ""], "argument -o/--out"),
+        (["simulate", "--run-dir", ""], "argument --run-dir"),
+        (["compare", "sims/sweeps/smoke.toml", "--runs-root", ""], "argument --runs-root"),
+        (["report", ""], "argument RUN_DIR"),
+        (["status", ""], "argument RUN_DIR"),
+    ],
+    ids=lambda v: "-".join(v) if isinstance(v, list) else None,
+)
+def test_an_empty_path_is_refused_not_taken_for_this_directory(
+    argv: list[str],
+    named: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`federation up ''` started a federation in the working directory, `--out ''` wrote there."""
+    monkeypatch.chdir(tmp_path)
+    if argv[0] == "compare":
+        argv = [argv[0], str(REPO / argv[1]), *argv[2:]]
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    line = _one_error_line(capsys.readouterr().err)
+    assert exited.value.code == EXIT_BAD_INPUT
+    assert f"{named}: got ''; allowed: a non-empty path" in line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_matplotlib_is_imported_only_when_a_figure_is_drawn(tmp_path: Path) -> None:
     """A command that draws nothing (bad input, say) does not pay for matplotlib's import."""
     code = (

@@ -472,6 +472,10 @@ BAD = [
     ("client-without-data", "[set]\ndataset.name = 'digits'\nmodel.name = 'mlp'\n"
      "num_clients = 5000\nclients_per_round = 1\n", [], ["num_clients", "5000"]),
     ("missing-file", None, [], ["sweep", "does not exist"]),
+    # expanded, it would fill the memory before the first run started
+    ("too-many-runs", GOOD_SET + f"[axes]\nseed = {list(range(150))}\n"
+     f"train.epochs = {list(range(1, 71))}\n", [],
+     ["10,500 combinations", "150 seed x 70 train.epochs", "at most 10,000"]),
 ]  # fmt: skip
 
 

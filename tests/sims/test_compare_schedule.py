@@ -136,7 +136,7 @@ def test_runs_at_a_time_are_as_many_as_the_ray_head_holds(
 ) -> None:
     sim = {"ray_num_cpus": cpus, "num_cpus_per_client": per_client}
     scenario = run_config_from_dict({"simulation": sim})
-    runs = [compare.PlannedRun(scenario, tmp_path, state="new")]
+    runs = [compare.PlannedRun(scenario, tmp_path / str(i), state="new") for i in range(8)]
     at_a_time = compare.runs_at_a_time(runs, parallel)
     assert at_a_time == expected
     # every slot's head holds at least one client, and the slots split the head
@@ -153,4 +153,17 @@ def test_runs_on_a_cluster_of_the_users_go_one_at_a_time(tmp_path: Path) -> None
     assert compare.runs_at_a_time(runs, 4) == 1
     done = [compare.PlannedRun(runs[0].scenario, tmp_path, state="done")]
     assert compare.runs_at_a_time(done, 4, force=True) == 1  # --force runs it again
-    assert compare.runs_at_a_time(done, 4) == 4  # nothing of it runs
+    assert compare.runs_at_a_time(done, 4) == 1  # nothing of it runs
+
+
+@pytest.mark.parametrize(("to_go", "expected"), [(0, 1), (1, 1), (2, 2), (5, 3)])
+def test_no_more_runs_go_at_a_time_than_there_are_runs_to_go(
+    tmp_path: Path, to_go: int, expected: int
+) -> None:
+    """A huge --parallel on a cached sweep once queued that many slots (and ran out of memory)."""
+    scenario = run_config_from_dict({"simulation": {"ray_num_cpus": 3}})
+    runs = [
+        compare.PlannedRun(scenario, tmp_path / str(i), state="new" if i < to_go else "done")
+        for i in range(6)
+    ]
+    assert compare.runs_at_a_time(runs, 10**9) == expected

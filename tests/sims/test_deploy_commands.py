@@ -13,7 +13,13 @@ from cryptography.hazmat.primitives import serialization
 
 from sims.certs import write_certs
 from sims.cli import main
-from sims.deploy import is_loopback, superlink_command, supernode_command
+from sims.deploy import (
+    check_node_config,
+    check_port_free,
+    is_loopback,
+    superlink_command,
+    supernode_command,
+)
 from sims.warm import SOCKET_ENV, warm_environment
 
 
@@ -64,18 +70,26 @@ def test_flowers_programs_come_through_a_warm_process_only_when_one_is_named(
 ) -> None:
     monkeypatch.delenv(SOCKET_ENV, raising=False)
     venv_bin = Path(sys.executable).parent
-    link = superlink_command(certs=None, host="127.0.0.1", port=9091, insecure=True)
+    link = superlink_command(certs=None, host="127.0.0.1", port=9091, insecure=True, auth=False)
     node = supernode_command(
-        superlink="127.0.0.1:9091", node_config="", certs=None, key=None, insecure=True
+        superlink="127.0.0.1:9091",
+        node_config="partition-id=0",
+        certs=None,
+        key=None,
+        insecure=True,
     )
     assert [link[0], node[0]] == [
         str(venv_bin / "flower-superlink"), str(venv_bin / "flower-supernode")
     ]  # fmt: skip
     env, _ = warm_environment(tmp_path, {})
     monkeypatch.setenv(SOCKET_ENV, env[SOCKET_ENV])
-    link = superlink_command(certs=None, host="127.0.0.1", port=9091, insecure=True)
+    link = superlink_command(certs=None, host="127.0.0.1", port=9091, insecure=True, auth=False)
     node = supernode_command(
-        superlink="127.0.0.1:9091", node_config="", certs=None, key=None, insecure=True
+        superlink="127.0.0.1:9091",
+        node_config="partition-id=0",
+        certs=None,
+        key=None,
+        insecure=True,
     )
     shims = Path(env["PATH"].split(os.pathsep)[0])
     assert [link[0], node[0]] == [
@@ -90,7 +104,7 @@ def test_insecure_only_on_loopback_unless_forced() -> None:
     with pytest.raises(ValueError, match=r"^--insecure: got --host 0.0.0.0; allowed: loopback"):
         superlink_command(certs=None, host="0.0.0.0", port=9091, insecure=True)
     assert "--insecure" in superlink_command(
-        certs=None, host="0.0.0.0", port=9091, insecure=True, force=True
+        certs=None, host="0.0.0.0", port=9091, insecure=True, force=True, auth=False
     )
     with pytest.raises(ValueError, match=r"^--insecure: got --superlink 10.1.2.3"):
         supernode_command(
@@ -100,6 +114,21 @@ def test_insecure_only_on_loopback_unless_forced() -> None:
     assert [is_loopback(h) for h in ("localhost", "::1", "127.0.0.2", "10.0.0.1", "x")] == [
         True, True, True, False, False,
     ]  # fmt: skip
+
+
+def test_insecure_with_supernode_authentication_is_refused_before_flower_starts() -> None:
+    """Flower refused it only once started: exit code 104 and a paragraph."""
+    with pytest.raises(ValueError, match=r"^--insecure: got it without --no-auth; allowed: "):
+        superlink_command(certs=None, host="127.0.0.1", port=9091, insecure=True)
+
+
+@pytest.mark.parametrize("host", ["bad host", "192.0.2.1"])
+def test_a_host_that_cannot_be_listened_on_is_named_not_the_port(host: str) -> None:
+    """A bad --host used to be reported as '--port: got 9091, which another process holds'."""
+    with pytest.raises(ValueError) as refused:
+        check_port_free(host, 9091, "--port")
+    assert str(refused.value).startswith(f"--host: got {host!r} (")
+    assert "allowed: an address of this machine" in str(refused.value)
 
 
 def test_supernode_command_with_key(tmp_path: Path) -> None:
@@ -118,8 +147,48 @@ def test_supernode_command_with_key(tmp_path: Path) -> None:
         supernode_command(superlink="link", node_config="", certs=tmp_path, key=None)
     with pytest.raises(ValueError, match=r"^--key: got"):
         supernode_command(
-            superlink="link:1", node_config="", certs=tmp_path, key=tmp_path / "node-9"
-        )
+            superlink="link:1", node_config="partition-id=0", certs=tmp_path,
+            key=tmp_path / "node-9",
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("node_config", "needle"),
+    [
+        ("garbage", "in which 'garbage' is no key=value pair"),
+        ("partition-id=0 junk", "in which 'junk' is no key=value pair"),
+        ("", "got partition-id None in ''"),
+        ("data-dir='/d'", "got partition-id None"),
+        ("partition-id=-1", "got partition-id -1"),
+        ("partition-id='0'", "got partition-id '0'"),
+        ("partition-id=x", "got 'partition-id=x' (Invalid value"),
+        ("missing.toml", "got 'missing.toml' ("),
+    ],
+)
+def test_a_node_config_flower_would_misread_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, node_config: str, needle: str
+) -> None:
+    """Flower keeps the key=value pairs it finds: `garbage` was an empty config, and the
+    node joined without the partition-id its ClientApp needs."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError) as refused:
+        supernode_command(
+            superlink="127.0.0.1:9091", node_config=node_config, certs=None, key=None,
+            insecure=True,
+        )  # fmt: skip
+    line = str(refused.value)
+    assert line.startswith("--node-config: ") and needle in line, line
+    assert "allowed: space-separated key=value pairs with partition-id" in line
+
+
+def test_a_node_config_file_reads_as_flowers_does(tmp_path: Path) -> None:
+    (tmp_path / "node.toml").write_text("partition-id = 3\ndata-dir = '/srv/d'\n")
+    assert check_node_config(str(tmp_path / "node.toml")) == {
+        "partition-id": 3, "data-dir": "/srv/d"
+    }  # fmt: skip
+    assert check_node_config("partition-id=2 num-partitions=10 data-dir=\"/a b\"") == {
+        "partition-id": 2, "num-partitions": 10, "data-dir": "/a b"
+    }  # fmt: skip
 
 
 def test_cli_refuses_insecure_off_loopback_with_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -200,7 +269,8 @@ def test_a_port_that_another_process_holds_is_refused_before_flower_starts(
         argv = {
             "supernode": ["supernode", "--superlink", "127.0.0.1:9091", "--insecure",
                           "--node-config", "partition-id=0", "--port", str(port)],
-            "superlink": ["superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port)],
+            "superlink": ["superlink", "--insecure", "--no-auth", "--host", "127.0.0.1",
+                          "--port", str(port)],
         }[command]  # fmt: skip
         run = subprocess.run(
             [sys.executable, "-m", "sims.cli", *argv], cwd=Path(__file__).resolve().parents[2],

@@ -307,3 +307,10 @@ def test_overrides_that_are_not_a_list_of_strings_are_one_line(overrides: object
         f"overrides: got {overrides!r}; allowed: a list of 'key=value' strings, as --set "
         "takes them (e.g. ['rounds=3'])"
     )
+
+
+def test_a_file_that_starts_with_a_byte_order_mark_reads_as_without(tmp_path: Path) -> None:
+    """Notepad writes one; tomllib refused it as 'Invalid statement (at line 1, column 1)'."""
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbfrounds = 3\n")
+    assert load_scenario(str(path)).rounds == 3

@@ -88,6 +88,16 @@ def test_pyproject_declares_exactly_what_the_run_config_holds() -> None:
         assert set(written) <= set(declared)
 
 
+@pytest.mark.parametrize("odd", ["emoji-\U0001f642", "umlaut-\u00fc", "del-\x7f", 'quote-"-\\'])
+def test_a_run_directory_of_any_characters_reads_back_from_the_toml(
+    tmp_path: Path, odd: str
+) -> None:
+    """JSON's ASCII escapes wrote U+1F642 as two surrogates, which TOML refuses."""
+    run_dir = tmp_path / odd
+    written = tomllib.loads(run_config_toml(load_scenario(None), run_dir))
+    assert written["output.run-dir"] == str(run_dir.resolve())
+
+
 def test_the_embedded_default_reads_back_from_pyproject() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     flat = flatten(pyproject["tool"]["flwr"]["app"]["config"])
