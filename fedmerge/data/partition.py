@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 from math import inf
@@ -14,6 +15,12 @@ if TYPE_CHECKING:
     from flwr_datasets.partitioner.partitioner import Partitioner
 
 logger = logging.getLogger(__name__)
+
+# flwr-datasets' PathologicalPartitioner when a class is drawn by more clients than it has samples
+_PATHOLOGICAL_SHORT = re.compile(
+    r"Label: (\S+) is needed to be assigned to more partitions \((\d+)\) than there are "
+    r"samples \(corresponding to this label\) in the dataset \((\d+)\)"
+)
 
 PARTITION_SCHEMES: tuple[str, ...] = (
     "iid",
@@ -186,7 +193,10 @@ def partition_indices(
     -----
     ``pathological`` covers every sample only when ``num_partitions`` is at
     least the number of classes; otherwise classes that no client drew are
-    left out, and a warning says how many samples that drops.
+    left out, and a warning says how many samples that drops. It also needs
+    each class to have at least as many samples as the clients that drew it
+    (flwr-datasets splits a class among them): up to the rarest class's size,
+    any ``num_partitions`` fits.
     """
     labels = np.asarray(labels)
     n = len(labels)
@@ -200,6 +210,11 @@ def partition_indices(
             f"{n // num_partitions} ({n} training samples in shards for {num_partitions} clients)"
         )
     least = config.min_partition_size
+    if config.scheme in ("dirichlet", "quantity-skew") and least > n:  # not even one client
+        raise ValueError(
+            f"partition.min_partition_size: got {least}, more than the {n} training samples; "
+            f"allowed: 0 to {n // num_partitions} ({n} samples among num_clients {num_partitions})"
+        )
     if config.scheme in ("dirichlet", "quantity-skew") and num_partitions * least > n:
         raise ValueError(
             f"num_clients: got {num_partitions} with partition.min_partition_size {least}; "
@@ -250,17 +265,47 @@ def partition_indices(
                 for i in range(num_partitions)
             ]
         except ValueError as exc:
-            if config.scheme != "dirichlet" or "max number of attempts" not in str(exc):
+            ours = _partitioner_error(exc, config, num_partitions, labels)
+            if ours is None:
                 raise
-            raise ValueError(
-                f"partition.alpha: got {config.alpha!r}, which left a client with fewer than "
-                f"{config.min_partition_size} samples in ten draws for {num_partitions} clients "
-                f"of {n} samples; allowed: a larger alpha, fewer clients, or a lower "
-                f"partition.min_partition_size"
-            ) from None
+            raise ours from None
     covered = sum(len(p) for p in parts)
     if covered < n:
         logger.warning(
             "partition %s leaves %d of %d samples unassigned", config.scheme, n - covered, n
         )
     return parts
+
+
+def _partitioner_error(
+    exc: ValueError, config: PartitionConfig, num_partitions: int, labels: np.ndarray
+) -> ValueError | None:
+    """flwr-datasets' refusal ``exc`` said in fedmerge's keys; ``None`` if it is not one we know.
+
+    Its messages name its own arguments (``num_partitions``,
+    ``class_assignment_mode``), which a fedmerge user never sets.
+    """
+    n = len(labels)
+    if config.scheme == "dirichlet" and "max number of attempts" in str(exc):
+        return ValueError(
+            f"partition.alpha: got {config.alpha!r}, which left a client with fewer than "
+            f"{config.min_partition_size} samples in ten draws for {num_partitions} clients "
+            f"of {n} samples; allowed: a larger alpha, fewer clients, or a lower "
+            f"partition.min_partition_size"
+        )
+    # PathologicalPartitioner splits each class among the clients that drew it, and
+    # refuses when a class has fewer samples than clients: with every client
+    # drawing classes_per_client classes, up to num_clients clients may draw one.
+    short = _PATHOLOGICAL_SHORT.search(str(exc))
+    if config.scheme == "pathological" and short is not None:
+        label, holders, samples = short.groups()
+        rarest = int(np.unique(labels, return_counts=True)[1].min())
+        fewer = "a lower partition.classes_per_client, " if config.classes_per_client > 1 else ""
+        return ValueError(
+            f"num_clients: got {num_partitions} with partition.scheme 'pathological' and "
+            f"partition.classes_per_client {config.classes_per_client}, which gives class "
+            f"{label} to {holders} clients but it has {samples} training samples; allowed: "
+            f"fewer clients (up to {rarest}, the rarest class's samples, always fits), {fewer}"
+            f"or another partition.scheme"
+        )
+    return None

@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import shlex
 import sys
+import traceback
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -116,35 +118,87 @@ def builtin_plugin_names() -> list[str]:
 def load_plugins(specs: Iterable[str]) -> None:
     """Import plugin modules (``package.module`` or ``path/to/file.py``); each registers its own.
 
+    A ``.py`` file whose import failed is not kept as loaded: once mended, the
+    next call imports it again.
+
     Raises
     ------
     ConfigError
-        ``plugins: got '...'; ...`` when a module cannot be found or imported.
+        One line naming ``plugins`` and the module or file:
+        ``plugins: got '...'; allowed: an importable module ...`` when it is
+        not there; ``plugins: '...' refused to load: ...`` when its import
+        raised ``ValueError`` (it refused something as it registered); and
+        ``plugins: got '...', whose import raised TYPE: MESSAGE (FILE:LINE)``
+        for anything else its import raised, ``SyntaxError`` and
+        ``SystemExit`` included, with the command that shows the traceback.
+        ``KeyboardInterrupt`` is not caught.
     """
     for spec in specs:
-        try:
-            if spec.endswith(".py"):
-                path = Path(spec).resolve()
-                tag = hashlib.sha1(str(path).encode()).hexdigest()[:8]
-                name = f"fedmerge_plugin_{path.stem}_{tag}"
-                if name in sys.modules:
-                    continue
-                loader = importlib.util.spec_from_file_location(name, path)
-                if loader is None or loader.loader is None or not path.is_file():
-                    raise FileNotFoundError(path)
-                module = importlib.util.module_from_spec(loader)
-                sys.modules[name] = module
-                try:
-                    loader.loader.exec_module(module)
-                except BaseException:  # not loaded: the next load tries again
-                    del sys.modules[name]
-                    raise
-            else:
-                importlib.import_module(spec)
-        except (ImportError, FileNotFoundError) as exc:
-            raise ConfigError(
-                f"plugins: got {spec!r}; allowed: an importable module or an existing "
-                f".py file ({exc})"
-            ) from None
-        except ValueError as exc:  # the plugin refused something as it registered: say which
-            raise ConfigError(f"plugins: {spec!r} refused to load: {exc}") from None
+        if spec.endswith(".py"):
+            _load_file(spec)
+        else:
+            _load_module(spec)
+
+
+def _load_file(spec: str) -> None:
+    path = Path(spec).resolve()
+    tag = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+    name = f"fedmerge_plugin_{path.stem}_{tag}"
+    if name in sys.modules:
+        return
+    found = importlib.util.spec_from_file_location(name, path)
+    if found is None or found.loader is None or not path.is_file():
+        raise ConfigError(_not_found(spec, str(path)))
+    module = importlib.util.module_from_spec(found)
+    sys.modules[name] = module
+    loaded = False
+    try:
+        found.loader.exec_module(module)
+        loaded = True
+    except (Exception, SystemExit) as exc:
+        command = f"{shlex.quote(sys.executable)} {shlex.quote(str(path))}"
+        raise _import_failed(spec, exc, command) from None
+    finally:
+        if not loaded:  # the next load tries again
+            sys.modules.pop(name, None)
+
+
+def _load_module(spec: str) -> None:
+    try:
+        importlib.import_module(spec)
+    except (Exception, SystemExit) as exc:
+        missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
+        if missing is not None and (spec == missing or spec.startswith(f"{missing}.")):
+            raise ConfigError(_not_found(spec, str(exc))) from None
+        # Anything else, a ModuleNotFoundError for another module included, is the plugin's own
+        command = f"{shlex.quote(sys.executable)} -c {shlex.quote(f'import {spec}')}"
+        raise _import_failed(spec, exc, command) from None
+
+
+def _not_found(spec: str, reason: str) -> str:
+    return (
+        f"plugins: got {spec!r}; allowed: an importable module or an existing .py file ({reason})"
+    )
+
+
+def _import_failed(spec: str, exc: BaseException, command: str) -> ConfigError:
+    """One line for what the plugin's own import raised: its type, message and place."""
+    if isinstance(exc, ValueError):  # the plugin refused something as it registered: say which
+        return ConfigError(f"plugins: {spec!r} refused to load: {exc}")
+    if isinstance(exc, SyntaxError):
+        text, where = exc.msg, f"{exc.filename}:{exc.lineno}"
+    else:
+        # The innermost frame of the plugin's import, skipping importlib's own
+        # (the place of a failed `import` inside the plugin).
+        frames = [
+            frame
+            for frame in traceback.extract_tb(exc.__traceback__)
+            if not frame.filename.startswith("<frozen ")
+        ]
+        text = " ".join(str(exc).split())  # one line, whatever the plugin's message
+        where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else spec
+    raised = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return ConfigError(
+        f"plugins: got {spec!r}, whose import raised {raised} ({where}); allowed: a plugin "
+        f"that imports without error (`{command}` shows the traceback)"
+    )

@@ -304,3 +304,71 @@ def test_a_dirichlet_split_that_never_meets_min_partition_size_is_one_line_witho
         "lower partition.min_partition_size"
     )
     assert [str(w.message) for w in recwarn] == []
+
+
+@pytest.mark.parametrize("scheme", ["dirichlet", "quantity-skew"])
+@pytest.mark.parametrize(
+    ("clients", "least", "most"), [(10, 601, 60), (1, 601, 600), (7, 10**6, 85)]
+)
+def test_min_partition_size_above_the_training_set_names_it_not_num_clients(
+    scheme: str, clients: int, least: int, most: int
+) -> None:
+    # 600 samples: not even one client can hold `least`; `most` = 600 // clients, by hand
+    with pytest.raises(ValueError) as err:
+        partition_indices(
+            _labels(600), clients, PartitionConfig(scheme=scheme, min_partition_size=least), seed=0
+        )
+    assert str(err.value) == (
+        f"partition.min_partition_size: got {least}, more than the 600 training samples; "
+        f"allowed: 0 to {most} (600 samples among num_clients {clients})"
+    )
+
+
+@pytest.mark.parametrize("scheme", ["dirichlet", "quantity-skew"])
+def test_min_partition_size_equal_to_the_training_set_fits_one_client(scheme: str) -> None:
+    config = PartitionConfig(scheme=scheme, min_partition_size=600)
+    parts = partition_indices(_labels(600), 1, config, seed=0)
+    _assert_exact_cover(parts, 600)
+
+
+# Labels built by hand: (class sizes, classes_per_client, clients, class the line names,
+# clients that drew it, its samples, rarest class). With classes_per_client equal to the
+# number of classes every client holds every class; with 1, client i holds class i mod C
+# (flwr-datasets' "first-deterministic"): no random draw decides either case.
+PATHOLOGICAL_SHORT = [
+    ([8, 5, 5, 5, 5, 5, 5, 5, 5, 5], 10, 9, 0, 9, 8, 5),
+    ([9, 9, 6], 3, 7, 2, 7, 6, 6),
+    ([3, 10], 1, 8, 0, 4, 3, 3),
+]
+
+
+@pytest.mark.parametrize(
+    ("sizes", "per_client", "clients", "label", "holders", "samples", "rarest"),
+    PATHOLOGICAL_SHORT,
+    ids=["every-class-each-client", "a-later-class-short", "one-class-each-client"],
+)
+def test_pathological_class_drawn_by_more_clients_than_its_samples_is_one_line_in_our_keys(
+    sizes: list[int],
+    per_client: int,
+    clients: int,
+    label: int,
+    holders: int,
+    samples: int,
+    rarest: int,
+) -> None:
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    config = PartitionConfig(scheme="pathological", classes_per_client=per_client)
+    with pytest.raises(ValueError) as err:
+        partition_indices(labels, clients, config, seed=0)
+    lower = "a lower partition.classes_per_client, " if per_client > 1 else ""
+    assert str(err.value) == (
+        f"num_clients: got {clients} with partition.scheme 'pathological' and "
+        f"partition.classes_per_client {per_client}, which gives class {label} to {holders} "
+        f"clients but it has {samples} training samples; allowed: fewer clients (up to "
+        f"{rarest}, the rarest class's samples, always fits), {lower}or another partition.scheme"
+    )
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+    # the bound the line gives does fit, for any seed
+    for seed in range(3):
+        parts = partition_indices(labels, rarest, config, seed=seed)
+        assert len(parts) == rarest and all(len(p) > 0 for p in parts)
