@@ -46,7 +46,7 @@ from sims.compare import (
 from sims.launch import preflight, run_config_toml, simulate
 from sims.plots import import_pyplot_meanwhile, plot_accuracy, plot_partition
 from sims.report import Report, build_report
-from sims.runs import DEFAULT_TARGET, expand_run_dirs, run_state
+from sims.runs import DEFAULT_TARGET, SWEEP_FILE, expand_run_dirs, read_sweep_manifest, run_state
 from sims.scenario_files import load_scenario
 from strategies.config import ConfigError, RunConfig, StrategyConfig
 from strategies.federation import federation
@@ -337,20 +337,22 @@ def _print_report(report: Report) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Rebuild the tables and plots of a comparison from existing run directories."""
+    target = args.target
+    if target is not None and not 0 < target <= 1:
+        raise ValueError(f"--target: got {target:g}; allowed: a number in (0, 1]")
     dirs = expand_run_dirs(args.run_dirs)
     parents = {d.resolve().parent for d in dirs}
     shared = parents.pop() if len(parents) == 1 else Path()
     out = Path(args.out) if args.out else shared / "report"
     check_run_path(out, "--out")
-    target = args.target
     if target is None:  # the sweeps' own, if they agree
         found: dict[float, Path] = {}
         for path in map(Path, args.run_dirs):
-            for manifest in (path / "sweep.json", path.parent / "sweep.json"):
+            for manifest in (path / SWEEP_FILE, path.parent / SWEEP_FILE):
                 if manifest.is_file():
-                    value = json.loads(manifest.read_text()).get("target_accuracy")
+                    value = read_sweep_manifest(manifest).target_accuracy
                     if value is not None:
-                        found.setdefault(float(value), manifest)
+                        found.setdefault(value, manifest)
                     break
         if len(found) > 1:
             listed = ", ".join(f"{t} ({m})" for t, m in sorted(found.items()))

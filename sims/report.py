@@ -26,8 +26,8 @@ from fedmerge.atomic import atomic_write_text
 from fedmerge.tasks import TaskConfig
 from sims.evaluation import client_accuracy
 from sims.plots import plot_client_accuracy, plot_curves, plot_fusion, write_tensorboard
-from sims.runs import DEFAULT_TARGET, RunRecord, expand_run_dirs, load_run
-from strategies.config import EvaluationConfig, SimulationConfig, flatten
+from sims.runs import CONFIG_FILE, DEFAULT_TARGET, RunRecord, expand_run_dirs, load_run
+from strategies.config import ConfigError, EvaluationConfig, SimulationConfig, flatten
 
 logger = logging.getLogger(__name__)
 
@@ -365,6 +365,14 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
+def _client_accuracy(run: RunRecord) -> list[float]:
+    """:func:`client_accuracy`; a scenario it cannot rebuild names the run's ``config.json``."""
+    try:
+        return client_accuracy(run)
+    except ConfigError as exc:
+        raise ConfigError(f"{run.run_dir / CONFIG_FILE}: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class Report:
     """Paths :func:`build_report` wrote, and the summary rows."""
@@ -406,7 +414,8 @@ def build_report(
     Raises
     ------
     ValueError
-        No run directories, a bad ``target``, or a run that is missing or unfinished.
+        No run directories, a bad ``target``, or a run that is missing, unfinished
+        or damaged (the message names the file, and the key at fault).
     """
     if not 0 < target <= 1:
         raise ValueError(f"target: got {target}; allowed: a number in (0, 1]")
@@ -417,6 +426,8 @@ def build_report(
     grouping = group_runs(runs)
     groups = grouping.groups
     rows = summarize(groups, target)
+    # before anything is written: it rebuilds each run's scenario from its config.json
+    per_client = [[a for r in g.runs for a in _client_accuracy(r)] for g in groups]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "summary.csv", csv_text(rows))
@@ -427,7 +438,6 @@ def build_report(
             n = run_numbers(r, target)
             per_run.append({**g.values, "seed": r.seed, "run_dir": str(r.run_dir), **n})
     atomic_write_text(out / "runs.csv", csv_text(per_run))
-    per_client = [[a for r in g.runs for a in client_accuracy(r)] for g in groups]
     if tensorboard:
         for r in runs:
             write_tensorboard(r.run_dir)
