@@ -40,6 +40,7 @@ __all__ = [
     "check_run_path",
     "check_scenario",
     "clear_run_dir",
+    "given_path",
     "run_dir_digest",
     "run_dir_lock",
 ]
@@ -195,6 +196,24 @@ def check_scenario(config: RunConfig) -> None:
 
 
 # -- the run directory ------------------------------------------------------------
+def given_path(value: object, key: str) -> Path:
+    """``value``, a path given from Python, as a :class:`Path`.
+
+    Raises
+    ------
+    TypeError
+        If it is neither a ``str`` nor a path-like object.
+    ConfigError
+        If it is empty: ``Path('')`` is the working directory, where a run
+        (and ``force=True``'s clearing) does not belong unasked.
+    """
+    if not isinstance(value, str | os.PathLike):
+        raise TypeError(f"{key}: got {type(value).__name__} {value!r}; allowed: a str or a path")
+    if os.fspath(value) == "":
+        raise ConfigError(f"{key}: got ''; allowed: a non-empty path ('.' for this directory)")
+    return Path(value)
+
+
 def check_run_path(run_dir: Path, key: str = "run_dir") -> None:
     """Refuse a path that cannot become a writable directory (``key`` names it in the error).
 

@@ -52,12 +52,23 @@ from pathlib import Path
 from typing import Any
 
 from fedmerge.atomic import atomic_write_text
-from sims.checks import check_run_dir, check_scenario, clear_run_dir, run_dir_lock
+from sims.checks import (
+    check_run_dir,
+    check_scenario,
+    clear_run_dir,
+    given_path,
+    run_dir_lock,
+)
 from sims.launch import preflight, shared_runtimes, simulate
 from sims.plots import write_tensorboard
 from sims.runs import DEFAULT_TARGET, TIMING_FILE, finished_summary, run_state
 from sims.runtime import head_cpus
-from sims.scenario_files import apply_overrides, read_toml, resolve_scenario_path
+from sims.scenario_files import (
+    apply_overrides,
+    check_overrides,
+    read_toml,
+    resolve_scenario_path,
+)
 from strategies.config import ConfigError, RunConfig, flatten, run_config_from_dict, set_dotted
 
 logger = logging.getLogger(__name__)
@@ -224,7 +235,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     ConfigError
         With the file, the table, the key, the bad value and what is allowed.
     """
-    path = Path(path)
+    check_overrides(overrides or [])
+    path = given_path(path, "sweep")
     where = path.name
     if not path.is_file():
         what = "is not a file" if path.exists() else "does not exist"
@@ -369,7 +381,9 @@ def plan_sweep(sweep: Sweep, runs_root: str | Path, *, force: bool = False) -> l
     simulate`` does before starting Flower), so that a combination that leaves
     a client without data fails here, before any run starts. Writes nothing.
     """
-    root = Path(runs_root) / sweep.name
+    if not isinstance(sweep, Sweep):
+        raise TypeError(f"sweep: got {type(sweep).__name__}; allowed: a Sweep (load_sweep)")
+    root = given_path(runs_root, "runs_root") / sweep.name
     runs = []
     checked: set[str] = set()
     for values, scenario in expand(sweep):

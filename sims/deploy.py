@@ -68,9 +68,14 @@ def run_status(run_dir: str | Path) -> tuple[str, int]:
         )
     if not (path / SUMMARY_FILE).exists():
         return f"{run_dir}: no summary.json (the run is going on, or was killed)", NO_SUMMARY_EXIT
+    if not (path / SUMMARY_FILE).is_file():
+        raise ValueError(
+            f"RUN_DIR: {str(path / SUMMARY_FILE)!r} is not a file; allowed: a summary.json "
+            f"that fedmerge wrote"
+        )
     summary = read_json(path / SUMMARY_FILE)
     status = summary.get("status")
-    if status not in STATUS_EXIT:
+    if not isinstance(status, str) or status not in STATUS_EXIT:
         allowed = ", ".join(repr(s) for s in STATUS_EXIT)
         raise ValueError(
             f"RUN_DIR: {str(path / SUMMARY_FILE)!r} has no status "

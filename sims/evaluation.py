@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from fedmerge.atomic import atomic_write_text
 from fedmerge.training import evaluate
-from sims.runs import RunRecord, read_json
+from sims.runs import METRICS_FILE, RunRecord, read_json
 from strategies.config import run_config_from_dict
 from strategies.encoder_eval import EncoderEvaluation
 from strategies.federation import federation
@@ -23,6 +24,10 @@ CLIENT_ACCURACY_FILE = "client_accuracy.json"
 
 #: The final global model of a run.
 MODEL_FILE = "model.safetensors"
+
+
+def _is_accuracy(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
 
 
 def client_accuracy(run: RunRecord) -> list[float]:
@@ -43,6 +48,11 @@ def client_accuracy(run: RunRecord) -> list[float]:
     """
     peer = run.rows[-1].get("peer_accuracy")
     if isinstance(peer, list):
+        if not all(_is_accuracy(a) for a in peer):
+            raise ValueError(
+                f"{run.run_dir / METRICS_FILE}: peer_accuracy: got {str(peer)[:80]}; "
+                f"allowed: a list of accuracies in [0, 1]"
+            )
         return [float(a) for a in peer]
     model_path = run.run_dir / MODEL_FILE
     if not model_path.is_file():
@@ -52,13 +62,26 @@ def client_accuracy(run: RunRecord) -> list[float]:
     model_hash = hashlib.sha256(model_path.read_bytes()).hexdigest()
     cache_path = run.run_dir / CLIENT_ACCURACY_FILE
     cached = read_json(cache_path)
-    if cached.get("model_sha256") == model_hash:
-        return [float(a) for a in cached["accuracy"]]
+    kept = cached.get("accuracy")
+    if (  # a cache of another shape (damaged, edited) is computed again
+        cached.get("model_sha256") == model_hash
+        and isinstance(kept, list)
+        and len(kept) == run.config.get("num_clients")
+        and all(_is_accuracy(a) for a in kept)
+    ):
+        return [float(a) for a in kept]
 
     fed = federation(run_config_from_dict(run.config))
     model = fed.initial_model()
-    state = load_file(str(model_path))
-    model.load_state_dict(state)
+    try:
+        state = load_file(str(model_path))
+        model.load_state_dict(state)
+    except (SafetensorError, RuntimeError) as exc:  # damaged, or another model's weights
+        reason = " ".join(str(exc).split())
+        raise ValueError(
+            f"{model_path}: got {reason[:160]}{'...' if len(reason) > 160 else ''}; allowed: "
+            f"the final {fed.config.model.name} weights that the run wrote"
+        ) from None
     accuracy = []
     encoder = (
         EncoderEvaluation(fed.config, fed.data, model) if fed.config.task.self_supervised else None

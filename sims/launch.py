@@ -29,6 +29,7 @@ from sims.checks import (
     check_run_path,
     check_scenario,
     clear_run_dir,
+    given_path,
     model_allocation_error,
     run_dir_lock,
 )
@@ -289,7 +290,12 @@ def simulate(
         If the run did not write its summary (Flower can exit 0 on a crash).
     """
     t0 = time.perf_counter()
-    path = Path(run_dir).resolve()
+    if not isinstance(scenario, RunConfig):
+        raise TypeError(
+            f"scenario: got {type(scenario).__name__}; allowed: a RunConfig "
+            f"(sims.scenario_files.load_scenario)"
+        )
+    path = given_path(run_dir, "run_dir").resolve()
     check_run_path(path)
     with run_dir_lock(path):
         # as plan_sweep decides: a finished run (its summary names this scenario) is

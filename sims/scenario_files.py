@@ -88,15 +88,27 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return set_dotted(data, dotted)
 
 
+def check_overrides(overrides: object) -> None:
+    """Refuse ``overrides`` from Python that are not a list of ``key=value`` strings.
+
+    One string would be read letter by letter (``--set: got 'r'``).
+    """
+    if (
+        isinstance(overrides, str)
+        or not isinstance(overrides, Sequence)
+        or not all(isinstance(o, str) for o in overrides)
+    ):
+        raise ConfigError(
+            f"overrides: got {overrides!r}; allowed: a list of 'key=value' strings, as --set "
+            f"takes them (e.g. ['rounds=3'])"
+        )
+
+
 def load_scenario(spec: str | None = None, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a scenario (a shipped name or a TOML path), apply ``--set`` overrides, validate.
 
     ``overrides``: ``key=value`` strings, as ``--set`` takes them (a list, not one string).
     """
-    if isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides):
-        raise ConfigError(
-            f"overrides: got {overrides!r}; allowed: a list of 'key=value' strings, as --set "
-            f"takes them (e.g. ['rounds=3'])"
-        )
+    check_overrides(overrides)
     data = read_toml(resolve_scenario_path(spec))
     return run_config_from_dict(apply_overrides(data, overrides))

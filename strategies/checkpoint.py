@@ -134,8 +134,13 @@ def read_checkpoint(run_dir: Path) -> CheckpointInfo | None:
             mirror = json.loads(meta_path.read_text())
             mirror_round, mirror_sha = mirror["round"], mirror["weights_sha256"]
             mirror_digest = mirror["digest"]
-        except (OSError, ValueError, TypeError, KeyError):
-            mirror_round, mirror_sha, mirror_digest = "?", "?", "?"
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise CheckpointError(
+                f"{meta_path}: got no checkpoint record ({type(exc).__name__}: "
+                f"{' '.join(str(exc).split())[:80]}); allowed: the JSON that fedmerge writes "
+                f"beside {weights.name} (delete {meta_path.name} to resume from "
+                f"{weights.name}, or {_restart(run_dir)})"
+            ) from None
         if mirror_round == info.round - 1 and mirror_digest == info.digest:
             # Stopped between the two writes: the weights file (one unit with
             # its round) is the newer checkpoint, and resuming from it is exact.
@@ -148,7 +153,7 @@ def read_checkpoint(run_dir: Path) -> CheckpointInfo | None:
             )
         elif mirror_sha != sha or mirror_round != info.round:
             raise CheckpointError(
-                f"{meta_path}: got round {mirror_round} with weights {str(mirror_sha)[:12]}, but "
+                f"{meta_path}: got round {mirror_round!r} with weights {str(mirror_sha)[:12]}, but "
                 f"{weights.name} holds round {info.round} with weights {sha[:12]}; allowed: "
                 f"the two files of one checkpoint (delete {meta_path.name} to resume from "
                 f"{weights.name}, or {_restart(run_dir)})"

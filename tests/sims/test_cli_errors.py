@@ -579,6 +579,11 @@ def test_a_bug_keeps_its_traceback(
     assert err.splitlines()[-1].startswith("fedmerge: internal error (KeyError), a bug")
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 @pytest.mark.parametrize(
     ("signum", "code", "said"),
     [(signal.SIGINT, 130, "fedmerge: interrupted: the processes it started are stopped\n"),
@@ -614,8 +619,9 @@ def test_a_signal_unwinds_the_command_in_a_subprocess(
         [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
         # A shell without job control starts background jobs with SIGINT ignored,
-        # and Python keeps an ignored SIGINT ignored: give the child the default.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        # and Python keeps an ignored SIGINT ignored: give the child the default,
+        # and no blocked mask (inherited through fork and exec) that holds it back.
+        preexec_fn=_default_sigint,
     )  # fmt: skip
     try:
         assert proc.stdout is not None and proc.stdout.readline() == "ready\n"

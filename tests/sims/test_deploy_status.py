@@ -58,7 +58,9 @@ def test_what_is_not_a_run_directory_is_one_line_and_exit_2(
 @pytest.mark.parametrize(
     ("text", "got"),
     [('{"status": "compl', "not a JSON object with one"), ("[1, 2]", "not a JSON object with one"),
-     ('{"status": "finished"}', "got 'finished'")],
+     ('{"status": "finished"}', "got 'finished'"),
+     # a list or an object was looked up in a dict: TypeError, unhashable
+     ('{"status": ["completed"]}', "got ['completed']"), ('{"status": {"a": 1}}', "got {'a': 1}")],
 )  # fmt: skip
 def test_a_damaged_summary_is_one_line_and_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, got: str
@@ -77,3 +79,15 @@ def test_a_degraded_summary_with_odd_lost_entries_still_gets_its_line(
     _write(tmp_path / "run", {"status": "degraded", "lost_partitions": [2], "lost": lost})
     assert main(["status", str(tmp_path / "run")]) == 3
     assert capsys.readouterr().out.startswith("degraded: lost partitions [2] (")
+
+
+def test_a_summary_that_is_a_folder_is_named_as_not_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "summary.json").mkdir()
+    assert main(["status", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"fedmerge: error: RUN_DIR: {str(tmp_path / 'summary.json')!r} is not a file; "
+        "allowed: a summary.json that fedmerge wrote\n"
+    )

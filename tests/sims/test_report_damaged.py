@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from sims import cli
 from tests.sims.test_report import EXIT_BAD_INPUT, _write_run
@@ -122,3 +122,83 @@ def test_bad_target_option_is_named_as_the_option(
         f"fedmerge: error: --target: got {float(target):g}; allowed: a number in (0, 1]"
     )
     assert not (tmp_path / "out").exists()
+
+
+_DIGITS_MLP = ["dataset.name='digits'", "model.name='mlp'", "seed=0"]
+
+
+def _run_with_model(root: Path) -> tuple[Path, list[float]]:
+    """A finished digits/MLP run of 4 clients with its real initial model as the final one,
+    and that model's accuracy on each client's data, computed here with a plain loop."""
+    from sims.scenario_files import load_scenario
+    from strategies.federation import Federation
+
+    run = _write_run(root / "r1", _DIGITS_MLP, [0.1, 0.5, 0.8], 3.0)
+    fed = Federation(load_scenario(None, ["rounds=2", "num_clients=4", "clients_per_round=2",
+                                          *_DIGITS_MLP]))  # fmt: skip
+    model = fed.initial_model().eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(run / "model.safetensors"))  # fmt: skip
+    with torch.no_grad():
+        expected = [
+            float((model(x).argmax(1) == y).double().mean())
+            for x, y in (fed.client_data(pid) for pid in range(4))
+        ]
+    return run, expected
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda p: p.write_bytes(b"\x00" * 7 + b"garbage"),  # not safetensors
+        lambda p: p.write_bytes(p.read_bytes()[:100]),  # truncated
+        lambda p: save_file({"foo": torch.zeros(3)}, str(p)),  # another model's keys
+        lambda p: save_file(  # the right keys, one of another shape
+            {
+                k: (v[:1].contiguous() if k.endswith("bias") else v)
+                for k, v in load_file(str(p)).items()
+            },
+            str(p),
+        ),
+    ],
+    ids=["not-safetensors", "truncated", "other-keys", "other-shape"],
+)
+def test_a_damaged_or_foreign_final_model_is_one_line_naming_it(
+    damage: Callable[[Path], object], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """load_file and load_state_dict raised their own errors: a traceback called a bug."""
+    run, _ = _run_with_model(tmp_path / "sweep")
+    model = run / "model.safetensors"
+    damage(model)
+    line = _report_fails([str(run), "--out", str(tmp_path / "out")], capsys)
+    assert line.startswith(f"fedmerge: error: {model}: got ")
+    assert line.endswith("; allowed: the final mlp weights that the run wrote")
+
+
+@pytest.mark.parametrize(
+    "cached",
+    [
+        {},  # no accuracy
+        {"accuracy": [None, "x", 0.5, 0.5]},
+        {"accuracy": "abcd"},
+        {"accuracy": [0.5]},  # another number of clients
+        {"accuracy": [7.5, 0.5, 0.5, 0.5]},  # not an accuracy
+    ],
+    ids=["no-accuracy", "not-numbers", "a-string", "too-short", "above-1"],
+)
+def test_a_cache_of_another_shape_is_computed_again(
+    cached: dict[str, object], tmp_path: Path
+) -> None:
+    """A cache with the model's hash was taken as it was: a KeyError, a TypeError, letters
+    read as accuracies, or a wrong list plotted."""
+    import hashlib
+
+    from sims import evaluation
+    from sims.runs import load_run
+
+    run, expected = _run_with_model(tmp_path / "sweep")
+    digest = hashlib.sha256((run / "model.safetensors").read_bytes()).hexdigest()
+    cache = run / evaluation.CLIENT_ACCURACY_FILE
+    cache.write_text(json.dumps({"model_sha256": digest, **cached}))
+    assert evaluation.client_accuracy(load_run(run)) == pytest.approx(expected, abs=1e-12)
+    assert json.loads(cache.read_text())["accuracy"] == pytest.approx(expected, abs=1e-12)

@@ -241,6 +241,15 @@ def _cut_rows(run_dir: Path) -> None:
     _write_rows(run_dir, [0, 1])
 
 
+def _garble_mirror(run_dir: Path) -> None:
+    (run_dir / "checkpoint.json").write_text('{"round": 2, "wei')
+
+
+def _round_as_text(run_dir: Path) -> None:
+    path = run_dir / "checkpoint.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "round": "2"}))
+
+
 @pytest.mark.parametrize(
     ("damage", "needles"),
     [
@@ -252,8 +261,25 @@ def _cut_rows(run_dir: Path) -> None:
         (_drop_row_2, ["metrics.jsonl:3: got", "the JSON row of round 2", "--force"]),
         (_garble_row_1, ["metrics.jsonl:2: got", "the JSON row of round 1"]),
         (_cut_rows, ["metrics.jsonl: got 2 rows", "rounds 0 to 2"]),
+        # said "got round ? with weights ?" (and a round "2" read as 2, beside round 2)
+        (
+            _garble_mirror,
+            [
+                "checkpoint.json: got no checkpoint record (JSONDecodeError",
+                "delete checkpoint.json",
+            ],
+        ),
+        (_round_as_text, ["checkpoint.json: got round '2' with weights", "holds round 2"]),
     ],
-    ids=["corrupt-checkpoint", "mismatched-checkpoint", "missing-row", "corrupt-row", "cut-rows"],
+    ids=[
+        "corrupt-checkpoint",
+        "mismatched-checkpoint",
+        "missing-row",
+        "corrupt-row",
+        "cut-rows",
+        "corrupt-checkpoint-json",
+        "round-as-text",
+    ],
 )
 def test_damaged_run_is_refused_before_launch(
     damage: object,
