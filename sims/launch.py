@@ -364,7 +364,19 @@ def _run_checked(
         # runtime closes: how `flwr run` ended is put last, where it is found
         lines = log_path.read_text(errors="replace").splitlines()
         tail = [line for line in lines if line != ended][-15:] + ([ended] if ended else [])
-        raise SimulationError(f"run did not complete; see {log_path}\n" + "\n".join(tail))
+        head = f"run did not complete; see {log_path}"
+        if _shared is not None:
+            # A shared runtime's own output (the simulation process's: Flower's engine
+            # failing to start its actors, say) went to the block's log, which may be a
+            # temporary file: its last lines come with the error.
+            try:
+                ours = _shared.log.read_text(errors="replace").splitlines()[-10:]
+            except OSError:  # nothing was written to it
+                ours = []
+            if ours:
+                head += f" and the runtime's log {_shared.log}, which ends:\n" + "\n".join(ours)
+                head += "\nand the run's log ends:"
+        raise SimulationError(head + "\n" + "\n".join(tail))
     summary: dict[str, Any] = json.loads(summary_path.read_text())
     if summary.get("status") == "failed":  # the ServerApp stopped and said why
         raise SimulationError(f"run failed ({summary.get('stage')}): {summary.get('error')}")

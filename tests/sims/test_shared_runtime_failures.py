@@ -27,7 +27,9 @@ class _Runtime:
         self.started = threading.Event()
 
     def start(self, ray_address: str, ray_num_cpus: int, log: Path, shared: bool = False) -> None:
-        pass
+        # what a simulation process writes there when Flower's engine cannot start its actors
+        with log.open("a") as out:
+            out.write("ERROR : An exception occurred !! actor died\n")
 
     def run(
         self, run_dir: Path, run_config: str, fed_config: str, on_round: Any = None
@@ -67,6 +69,10 @@ def test_the_run_beside_a_failed_one_names_it(
     failing = (tmp_path / "failing").resolve()
     assert errors["failing"].startswith(f"run did not complete; see {failing / 'flower.log'}")
     assert "log of failing" in errors["failing"]
+    # the block's log is a temporary file: the engine's error comes with the message
+    assert " and the runtime's log " in errors["failing"]
+    assert "An exception occurred !! actor died" in errors["failing"]
+    assert errors["failing"].splitlines()[-1] == "`flwr run` exited"
     assert errors["beside"] == (
         f"run stopped: the run in {failing} failed and stopped the runtime that both ran on; "
         f"see {failing / 'flower.log'}"
