@@ -43,7 +43,7 @@ from sims.compare import (
     runs_at_a_time,
     write_manifest,
 )
-from sims.launch import preflight, run_config_toml, simulate
+from sims.launch import preflight, run_config_toml, scenario_data, simulate
 from sims.plots import import_pyplot_meanwhile, plot_accuracy, plot_partition
 from sims.report import Report, build_report
 from sims.runs import DEFAULT_TARGET, SWEEP_FILE, expand_run_dirs, read_sweep_manifest, run_state
@@ -171,7 +171,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out: got {str(out)!r}; allowed: a .png file or a directory")
     check_run_path(out.parent, "--out")
     fed = federation(scenario)
-    data = fed.data
+    data = scenario_data(fed)
     labels = data.train_y.numpy()
     parts = fed.partitions
     counts = np.stack([np.bincount(labels[p], minlength=data.num_classes) for p in parts])

@@ -21,8 +21,11 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fedmerge.align import permutation_spec_for
 from fedmerge.atomic import atomic_write_text
+from fedmerge.data import DatasetBundle
 from fedmerge.topology import build_graph, mixing_matrix
 from sims.checks import (
     check_run_dir,
@@ -45,8 +48,54 @@ from strategies.config import (
     flatten,
     to_run_config,
 )
-from strategies.federation import federation
+from strategies.federation import Federation, federation
 from strategies.node_data import data_spec, load_node_data
+
+
+def scenario_data(fed: Federation) -> DatasetBundle:
+    """``fed.data``; a loader's refusal, which names its own field (root), under ``dataset.``."""
+    try:
+        return fed.data
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(f"dataset.{exc}") from None
+
+
+def _factory_error(config: RunConfig, what: str, exc: BaseException) -> ConfigError:
+    text = " ".join(str(exc).split())[:160]
+    return ConfigError(
+        f"model.factory: got {config.model.factory!r}, which {what} {type(exc).__name__}: "
+        f"{text}; allowed: a function that returns a torch.nn.Module for the data set's "
+        f"inputs and classes (see 'Your own model' in the README)"
+    )
+
+
+def _check_factory_outputs(config: RunConfig, fed: Federation, model: torch.nn.Module) -> None:
+    """A user's model must take a batch of the data's inputs and give one score per class.
+
+    Otherwise the run would fail in its first round, after Flower and Ray
+    started (a model of 3 outputs for 10 classes: "Target 6 is out of bounds").
+    """
+    batch = fed.example_input
+    try:
+        with torch.no_grad():
+            out = model.eval()(batch)
+    except Exception as exc:
+        raise _factory_error(
+            config, f"on a batch of shape {tuple(batch.shape)} raised", exc
+        ) from None
+    classes = fed.data.num_classes
+    if not (isinstance(out, torch.Tensor) and tuple(out.shape) == (len(batch), classes)):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(
+            f"model.factory: got {config.model.factory!r}, whose model gives {got} for a "
+            f"batch of shape {tuple(batch.shape)}; allowed: a model that gives "
+            f"({len(batch)}, {classes}), one score per class of {config.dataset.name}"
+        )
+    if not any(True for _ in model.parameters()):
+        raise ConfigError(
+            f"model.factory: got {config.model.factory!r}, whose model has no parameters; "
+            f"allowed: a model with something to train"
+        )
 
 
 def preflight(config: RunConfig) -> None:
@@ -57,10 +106,7 @@ def preflight(config: RunConfig) -> None:
     """
     check_scenario(config)
     fed = federation(config)
-    try:
-        data = fed.data
-    except (ValueError, FileNotFoundError) as exc:  # the loader names its own field (root)
-        raise ConfigError(f"dataset.{exc}") from None
+    data = scenario_data(fed)
     if config.evaluation.test_dir:  # the server's own test set, as the ServerApp loads it
         try:
             load_node_data(config.evaluation.test_dir, data_spec(config.dataset.name))
@@ -80,7 +126,16 @@ def preflight(config: RunConfig) -> None:
     except ValueError as exc:  # a user's model factory that cannot build; the kernel names
         raise ConfigError(f"model.{exc}") from None  # its own field (factory, width, ...)
     except (MemoryError, RuntimeError) as exc:
-        raise model_allocation_error(config, exc) from None
+        allocation = model_allocation_error(config, exc)
+        if config.model.factory and allocation is exc:  # the user's code failed, not memory
+            raise _factory_error(config, "raised", exc) from None
+        raise allocation from None
+    except Exception as exc:  # a user's factory failing is bad input; fedmerge's, a bug
+        if not config.model.factory:
+            raise
+        raise _factory_error(config, "raised", exc) from None
+    if config.model.factory and not config.task.self_supervised:
+        _check_factory_outputs(config, fed, model)
     plugin = config.strategy.plugin
     if plugin.aligns:  # a model that cannot be traced fails here, not in the ServerApp
         permutation_spec_for(model, fed.example_input)

@@ -21,6 +21,7 @@ The same object travels to every ServerApp and ClientApp through Flower's
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
@@ -178,7 +179,7 @@ class SimulationConfig:
         out = set()
         for item in filter(None, (x.strip() for x in self.inject_failures.split(","))):
             pid, sep, rnd = item.partition("@")
-            if not (sep and pid.isdigit() and rnd.isdigit()):
+            if not (sep and pid.isascii() and pid.isdigit() and rnd.isascii() and rnd.isdigit()):
                 raise ValueError(
                     f"inject_failures: got {self.inject_failures!r}; "
                     f"allowed: comma-separated PARTITION@ROUND, e.g. '1@2,3@5'"
@@ -577,19 +578,25 @@ def _option_names(strategy: str) -> frozenset[str]:
 INT64_RANGE = (-(2**63), 2**63 - 1)
 
 
-def _check_int64(data: Any, key: str = "") -> None:
-    """Refuse, with its dotted key, an integer that Flower's run config cannot hold.
+def _check_values(data: Any, key: str = "") -> None:
+    """Refuse, with its dotted key, a value that Flower's run config cannot hold.
 
-    Such a value passes every range check that has no upper bound (a seed,
-    rounds, epochs), and would fail only once Flower and Ray have started,
-    inside ``flwr run``.
+    An integer beyond 64 bits passes every range check that has no upper
+    bound (a seed, rounds, epochs), and would fail only once Flower and Ray
+    have started, inside ``flwr run``. A TOML date or time (``1979-05-27``)
+    is no value of any key.
     """
     if isinstance(data, Mapping):
         for name, value in data.items():
-            _check_int64(value, f"{key}.{name}" if key else str(name))
+            _check_values(value, f"{key}.{name}" if key else str(name))
     elif isinstance(data, list):
         for value in data:
-            _check_int64(value, key)
+            _check_values(value, key)
+    elif isinstance(data, datetime.date | datetime.time):
+        raise ConfigError(
+            f"{key}: got {data.isoformat()}, a TOML date or time; allowed: a number, a "
+            f"string (quoted), a boolean, a list or a table, as the key takes"
+        )
     elif isinstance(data, int) and not isinstance(data, bool):
         low, high = INT64_RANGE
         if not low <= data <= high:
@@ -600,7 +607,7 @@ def _check_int64(data: Any, key: str = "") -> None:
 
 
 def _validate(data: Mapping[str, Any]) -> RunConfig:
-    _check_int64(data)
+    _check_values(data)
     load_plugins(_plugin_list(data.get("plugins", ())))
     try:
         return RunConfig.model_validate_json(json.dumps(data, allow_nan=True))

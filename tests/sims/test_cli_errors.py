@@ -187,6 +187,28 @@ CASES = [
     ),
     ("huge-epochs", ["--set", f"train.epochs={10**20}"], [f"train.epochs: got {10**20};"]),
     ("huge-in-a-list", ["--set", f"model.hidden=[8, {10**20}]"], [f"model.hidden: got {10**20};"]),
+    # TOML's dates and times were a TypeError traceback (not JSON serializable)
+    (
+        "a-date",
+        ["--set", "train.epochs=1979-05-27"],
+        ["train.epochs: got 1979-05-27, a TOML date or time; allowed: a number"],
+    ),
+    (
+        "a-time-in-a-list",
+        ["--set", "model.hidden=[8, 07:32:00]"],
+        ["model.hidden: got 07:32:00, a TOML date or time"],
+    ),
+    (
+        "a-date-time",
+        ["--set", "name=1979-05-27T07:32:00Z"],
+        ["name: got 1979-05-27T07:32:00+00:00, a TOML date or time"],
+    ),
+    # str.isdigit() took '²' for a digit; int() then refused it under no key
+    (
+        "inject-failures-superscript",
+        ["--set", 'simulation.inject_failures="1@²"'],
+        ["simulation.inject_failures: got '1@²'; allowed: comma-separated PARTITION@ROUND"],
+    ),
     ("deeply-nested-toml", ["@DEEP_TOML@"], ["deep.toml", "nested too deeply"]),
     ("set-key-with-line-break", ["--set", "a\nb=1"], ["--set: got 'a\\nb=1'", "dotted key"]),
     ("toml-key-with-line-break", ["@ODD_KEY_TOML@"], ["'train.x\\ny': unknown key"]),
@@ -346,6 +368,18 @@ def test_partition_bad_input_exit_2(tmp_path: Path, capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err
     assert code == EXIT_BAD_INPUT
     assert len(err.splitlines()) == 1 and "partition.scheme" in err and "'zigzag'" in err
+    assert not png.exists()
+
+
+def test_partition_names_the_data_sets_root_as_simulate_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It said `root: not set for 'mnist'`, where simulate says `dataset.root: ...`."""
+    png = tmp_path / "p.png"
+    code = cli.main(["partition", "--set", "dataset.name=mnist", "--out", str(png)])
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == EXIT_BAD_INPUT
+    assert line.startswith("fedmerge: error: dataset.root: not set for 'mnist'; allowed: ")
     assert not png.exists()
 
 

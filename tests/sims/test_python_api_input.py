@@ -62,3 +62,72 @@ def test_sweep_overrides_as_one_string_are_refused() -> None:
     """load_sweep(path, "rounds=3") read the string letter by letter: "--set: got 'r'"."""
     with pytest.raises(ConfigError, match=r"^overrides: got 'rounds=3'; allowed: a list"):
         load_sweep(SMOKE, "rounds=3")  # type: ignore[arg-type]
+
+
+FACTORIES = """
+import math
+import torch.nn as nn
+
+def raises(input_shape, num_classes, *, width, hidden):
+    raise TypeError("user bug")
+
+def other_inputs(input_shape, num_classes, *, width, hidden):
+    return nn.Sequential(nn.Flatten(), nn.Linear(3, num_classes))
+
+def three_outputs(input_shape, num_classes, *, width, hidden):
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), 3))
+
+class Zeros(nn.Module):
+    def forward(self, x):
+        return x.new_zeros(len(x), 10)
+
+def no_parameters(input_shape, num_classes, *, width, hidden):
+    return Zeros()
+
+def fine(input_shape, num_classes, *, width, hidden):
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
+"""
+
+
+@pytest.mark.parametrize(
+    ("factory", "strategy", "needle"),
+    [
+        ("raises", "fedavg", "which raised TypeError: user bug; allowed: a function"),
+        ("other_inputs", "fedavg", "on a batch of shape (2, 1, 8, 8) raised RuntimeError"),
+        ("other_inputs", "aligned", "on a batch of shape (2, 1, 8, 8) raised RuntimeError"),
+        ("three_outputs", "fedavg", "whose model gives (2, 3) for a batch of shape (2, 1, 8, 8)"),
+        ("no_parameters", "fedavg", "whose model has no parameters; allowed: a model with"),
+    ],
+)
+def test_a_model_factory_that_cannot_serve_the_data_is_refused_before_the_run(
+    tmp_path: Path, factory: str, strategy: str, needle: str
+) -> None:
+    """A factory's own exception was reported as a bug in fedmerge, and a model of the wrong
+    outputs ran until its first round ("Target 6 is out of bounds")."""
+    from sims.launch import preflight
+
+    (tmp_path / "models.py").write_text(FACTORIES)
+    scenario = load_scenario(
+        None,
+        [
+            "dataset.name='digits'",
+            f"model.factory='{tmp_path / 'models.py'}:{factory}'",
+            f"strategy.name='{strategy}'",
+        ],
+    )
+    with pytest.raises(ConfigError) as refused:
+        preflight(scenario)
+    line = str(refused.value)
+    assert line.startswith(f"model.factory: got '{tmp_path / 'models.py'}:{factory}', ")
+    assert needle in line, line
+
+
+def test_a_model_factory_that_serves_the_data_passes(tmp_path: Path) -> None:
+    from sims.launch import preflight
+
+    (tmp_path / "models.py").write_text(FACTORIES)
+    preflight(
+        load_scenario(
+            None, ["dataset.name='digits'", f"model.factory='{tmp_path / 'models.py'}:fine'"]
+        )
+    )
