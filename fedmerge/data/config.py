@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +71,13 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+#: Largest ``synthetic_alpha`` and ``synthetic_beta``: FedProx's Synthetic(alpha, beta)
+#: uses 0 to 1, and 1e308 overflowed the generator (every sample got label 0).
+MAX_SYNTHETIC_SPREAD = 100.0
+#: Largest generated MNIST-1D: 160 bytes a sample, 160 MB at this size (the original has 5,000).
+MAX_MNIST1D_SAMPLES = 1_000_000
+
+
 @dataclass(frozen=True)
 class DatasetConfig:
     """Which data set to load, and where its files are; validated once.
@@ -94,13 +100,13 @@ class DatasetConfig:
         (required for those). Ignored by the generated data sets. When set, an
         existing directory.
     synthetic_alpha : float (default: 1.0)
-        Synthetic's alpha: how much the users' models differ; finite, >= 0.
+        Synthetic's alpha: how much the users' models differ; 0 to 100.
     synthetic_beta : float (default: 1.0)
-        Synthetic's beta: how much the users' inputs differ; finite, >= 0.
+        Synthetic's beta: how much the users' inputs differ; 0 to 100.
     synthetic_users : int (default: 30)
         Number of Synthetic users (its natural owners); >= 1.
     mnist1d_samples : int (default: 5000)
-        Size of the generated MNIST-1D (80% train, 20% test); >= 10.
+        Size of the generated MNIST-1D (80% train, 20% test); 10 to 1,000,000.
 
     Raises
     ------
@@ -122,9 +128,19 @@ class DatasetConfig:
             raise ValueError(f"root: got {self.root!r}; allowed: '' or an existing directory")
         for key in ("synthetic_alpha", "synthetic_beta"):
             value = getattr(self, key)
-            if not _is_number(value) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{key}: got {value!r}; allowed: a finite number >= 0")
-        for key, low in (("synthetic_users", 1), ("mnist1d_samples", 10)):
-            value = getattr(self, key)
-            if not _is_int(value) or value < low:
-                raise ValueError(f"{key}: got {value!r}; allowed: an integer >= {low}")
+            # 1e308 overflowed the generator's products: every sample got label 0
+            if not _is_number(value) or not 0 <= value <= MAX_SYNTHETIC_SPREAD:
+                raise ValueError(
+                    f"{key}: got {value!r}; allowed: a number from 0 to {MAX_SYNTHETIC_SPREAD:g} "
+                    f"(FedProx's Synthetic uses 0 to 1)"
+                )
+        if not _is_int(self.synthetic_users) or self.synthetic_users < 1:
+            raise ValueError(
+                f"synthetic_users: got {self.synthetic_users!r}; allowed: an integer >= 1"
+            )
+        samples = self.mnist1d_samples  # 10**12 was generated until the memory was gone
+        if not _is_int(samples) or not 10 <= samples <= MAX_MNIST1D_SAMPLES:
+            raise ValueError(
+                f"mnist1d_samples: got {samples!r}; allowed: an integer from 10 to "
+                f"{MAX_MNIST1D_SAMPLES:,}"
+            )

@@ -21,7 +21,8 @@ from fedmerge.data import (
 )
 from fedmerge.data import config as config_module
 
-FINITE = "a finite number >= 0"
+SPREAD = "a number from 0 to 100 (FedProx's Synthetic uses 0 to 1)"
+SAMPLES = "an integer from 10 to 1,000,000"
 BUILT_IN = ("cifar10", "cifar100", "digits", "fashion-mnist", "mnist", "mnist1d", "synthetic")
 
 
@@ -53,13 +54,18 @@ def test_every_built_in_name_is_accepted(name: str) -> None:
     [
         ({"name": "imagenet"}, "name: got 'imagenet'; allowed: " + ", ".join(BUILT_IN)),
         ({"root": "/no/such"}, "root: got '/no/such'; allowed: '' or an existing directory"),
-        ({"synthetic_alpha": -0.5}, "synthetic_alpha: got -0.5; allowed: a finite number >= 0"),
-        ({"synthetic_alpha": float("nan")}, "synthetic_alpha: got nan; allowed: " + FINITE),
-        ({"synthetic_beta": float("inf")}, "synthetic_beta: got inf; allowed: " + FINITE),
-        ({"synthetic_beta": "1"}, "synthetic_beta: got '1'; allowed: a finite number >= 0"),
+        ({"synthetic_alpha": -0.5}, "synthetic_alpha: got -0.5; allowed: " + SPREAD),
+        ({"synthetic_alpha": float("nan")}, "synthetic_alpha: got nan; allowed: " + SPREAD),
+        ({"synthetic_beta": float("inf")}, "synthetic_beta: got inf; allowed: " + SPREAD),
+        ({"synthetic_beta": "1"}, "synthetic_beta: got '1'; allowed: " + SPREAD),
+        # 1e308 overflowed the generator: every sample got label 0
+        ({"synthetic_alpha": 1e308}, "synthetic_alpha: got 1e+308; allowed: " + SPREAD),
+        ({"synthetic_beta": 100.5}, "synthetic_beta: got 100.5; allowed: " + SPREAD),
         ({"synthetic_users": 0}, "synthetic_users: got 0; allowed: an integer >= 1"),
         ({"synthetic_users": 2.0}, "synthetic_users: got 2.0; allowed: an integer >= 1"),
-        ({"mnist1d_samples": 9}, "mnist1d_samples: got 9; allowed: an integer >= 10"),
+        ({"mnist1d_samples": 9}, "mnist1d_samples: got 9; allowed: " + SAMPLES),
+        # 10**12 was generated until the memory was gone
+        ({"mnist1d_samples": 10**12}, "mnist1d_samples: got 1000000000000; allowed: " + SAMPLES),
     ],
 )  # fmt: skip
 def test_bad_values_name_the_field_only(kwargs: dict[str, object], message: str) -> None:
@@ -74,6 +80,8 @@ def test_edge_values_are_accepted(tmp_path: Path) -> None:
         mnist1d_samples=10,
     )  # fmt: skip
     assert config.root == str(tmp_path) and config.synthetic_users == 1
+    high = DatasetConfig(synthetic_alpha=100, synthetic_beta=100.0, mnist1d_samples=10**6)
+    assert high.mnist1d_samples == 1_000_000
 
 
 def test_load_dataset_config_is_load_dataset_from_the_same_cache() -> None:
