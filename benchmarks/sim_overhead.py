@@ -91,7 +91,6 @@ def bare_loop(scenario: RunConfig) -> dict[str, float]:
         _, acc = evaluate(model, data.test_x, data.test_y)
     t_end = time.perf_counter()
     return {
-        "startup": t_ready - t0,
         "round0": t_round0 - t_ready,
         "rounds": t_end - t_round0,
         "total": t_end - t0,

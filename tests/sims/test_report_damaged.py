@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sims import cli
+from tests.sims.test_cli_errors import _one_error_line
 from tests.sims.test_report import EXIT_BAD_INPUT, _write_run
 
 #: id -> (file of the run directory, its new text (or a change of its text), what the line names)
@@ -68,14 +69,6 @@ def run_dir(tmp_path: Path) -> Path:
     run = _write_run(tmp_path / "sweep" / "r1", ["seed=0"], [0.1, 0.5, 0.8], 3.0)
     save_file({"w": torch.zeros(1)}, str(run / "model.safetensors"))
     return run
-
-
-def _one_error_line(err: str) -> str:
-    lines = err.splitlines()
-    assert len(lines) == 1, f"stderr is not one line: {err!r}"
-    assert lines[0].startswith("fedmerge: error: "), lines[0]
-    assert "Traceback" not in err and "internal error" not in err
-    return lines[0]
 
 
 def _report_fails(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
