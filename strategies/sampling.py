@@ -212,6 +212,22 @@ class SeededSampling:
         chosen = self._rng.choice(len(ids), size=min(k, len(ids)), replace=False)
         return sorted(ids[i] for i in chosen)
 
+    def dispatch_order(self, partitions: list[int]) -> list[int]:
+        """``partitions`` in the order their messages are sent: the largest first, where known.
+
+        In simulation (``partition_sizes`` known) the engine hands messages
+        to its actors in the order they were sent, so sending the largest
+        partitions first (longest-processing-time-first scheduling) keeps
+        the round from waiting for one large client that started last while
+        the other actors idle. Ties go by partition id. Results do not
+        depend on it: replies are put in partition order before they are
+        aggregated.
+        """
+        sizes = self.partition_sizes
+        if sizes is None:
+            return list(partitions)
+        return sorted(partitions, key=lambda p: (-sizes.get(p, 0), p))
+
     def partition_of(self, message: Message) -> int:
         """Partition id a reply is about (-1 if unknown)."""
         pid = reply_partition(message, self._node_to_partition)
@@ -225,7 +241,7 @@ class SeededSampling:
         self, arrays: ArrayRecord, config: ConfigRecord, partitions: list[int], kind: str
     ) -> list[Message]:
         messages = []
-        for p in partitions:
+        for p in self.dispatch_order(partitions):
             own = ConfigRecord({**config, protocol.PARTITION_ID: p})
             record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: own})
             messages.append(

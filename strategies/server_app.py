@@ -14,7 +14,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedmerge.data import DatasetBundle
-from strategies import protocol
+from strategies import protocol, workers
 from strategies.config import RUN_DIR_KEY, RunConfig, from_run_config
 from strategies.deployment import (
     PromptGrid,
@@ -212,6 +212,10 @@ def _run(grid: Grid, context: Context, run_dir: str, stage: list[str]) -> None:
         "partition_hash": fed.partition_digest if len(fed.data.train_y) else None,
     }
     metered = MeteredGrid(grid)
+    waited = workers.wait(timeout)  # the engine's actors start beside the steps above
+    if waited is not None:
+        elapsed = time.perf_counter() - t_start
+        logger.info("the simulation's actors up after %.1f s (%.2f s waited)", elapsed, waited)
     recorder = RoundRecorder(config, log, model, fed.data, server_test_set(config))
     plugin = config.strategy.plugin
     if isinstance(plugin, ServerPlugin):

@@ -70,6 +70,8 @@ def test_runs_are_forked_from_the_warm_process_and_equal_a_cold_one(
         warm = runtime.warm.pid
         children: list[list[int]] = []
         workers: list[list[int]] = []
+        at_round0: list[list[int]] = []  # each run's actors' workers when round 0 is written
+        at_round1: list[list[int]] = []
         titles: set[str] = set()  # the programs the forked children run
         names: set[str] = set()  # the actors' workers' process names
         # what the simulation processes were forked from: (its command line, its parent)
@@ -84,11 +86,16 @@ def test_runs_are_forked_from_the_warm_process_and_equal_a_cold_one(
                 if fields is not None and command_line(pid).startswith(FORKED_SIMULATION):
                     above = stat_fields(int(fields[1])) or ["", "-1"]
                     drivers_parents.add((command_line(int(fields[1])).strip(), int(above[1])))
+            # A Ray worker names itself after its actor (setproctitle) once it is created.
+            actors = sorted(p for p in found if "ray::ClientAppActor" in command_line(p))
+            if row["round"] == 0:  # the ServerApp waited for the actors before this row
+                at_round0.append(actors)
             if row["round"] >= 1:  # the actors have trained: their workers run
-                # A Ray worker names itself after its actor (setproctitle).
-                workers.append([p for p in found if "ray::ClientAppActor" in command_line(p)])
+                workers.append(actors)
                 # named as Ray's setproctitle names a cold worker: what top and pgrep show
                 names.update(n for n in map(_name, workers[-1]) if n)
+            if row["round"] == 1:
+                at_round1.append(actors)
 
         assert run("a", look)
         assert run("b", look)
@@ -105,6 +112,9 @@ def test_runs_are_forked_from_the_warm_process_and_equal_a_cold_one(
         # The forked SuperExec listens for the wake-up that each run sends.
         assert stat.S_ISSOCK(Path(runtime.env[WAKE_ENV]).stat().st_mode)
         assert all(workers), workers
+        # The actors were up before the initial model was scored: the same ones trained.
+        assert len(at_round0) == 2 and all(at_round0), at_round0
+        assert at_round0 == at_round1, (at_round0, at_round1)
         assert names == {"ray::ClientAppA"}, names
         forks = {pid for found in children for pid in found}
         assert len(forks) >= 6, forks  # three or more per run
@@ -121,5 +131,9 @@ def test_runs_are_forked_from_the_warm_process_and_equal_a_cold_one(
         assert run("cold")
     finally:
         runtime.close()
+    # fedmerge's engine said when its actors were up, and the ServerApp waited;
+    # Flower's own engine (the cold run) does not say, and its ServerApp goes on.
+    assert "the simulation's actors up after" in (tmp_path / "a" / "flower.log").read_text()
+    assert "the simulation's actors up" not in (tmp_path / "cold" / "flower.log").read_text()
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b") == _digest(tmp_path / "cold")
     assert _accuracies(tmp_path / "a") == _accuracies(tmp_path / "cold")

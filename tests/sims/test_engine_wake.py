@@ -19,6 +19,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.proto.task_pb2 import Task
 from flwr.server.superlink.fleet.vce import vce_api
+from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 from flwr.server.superlink.linkstate import InMemoryLinkState, LinkStateFactory
 from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
 from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
@@ -29,6 +30,7 @@ from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid import InMemoryGrid
 
 from sims import engine_wake
+from strategies import workers
 from strategies.deployment import IN_MEMORY_POLL, PromptGrid
 
 #: Far longer than the test waits: a message that arrives came through the wake-up.
@@ -93,6 +95,50 @@ def test_a_stored_message_is_queued_without_waiting_for_the_next_look() -> None:
     assert "store_message_ins" not in vars(state)  # the state's own method again
 
 
+class HeldQueue(Queue[Message]):
+    """A queue whose first ``put`` waits for :attr:`release`: the loop is held mid-look."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holding = threading.Event()
+        self.release = threading.Event()
+
+    def put(self, item: Message, block: bool = True, timeout: float | None = None) -> None:
+        if not self.holding.is_set():
+            self.holding.set()
+            assert self.release.wait(30)
+        super().put(item, block, timeout)
+
+
+def test_messages_reach_the_queue_in_the_order_they_were_stored() -> None:
+    factory, run, nodes = _simulation_state(3)
+    state = factory.state()
+    grid = InMemoryGrid(factory)
+    grid.set_run(run)
+    queue = HeldQueue()
+    stop = threading.Event()
+    loop = threading.Thread(
+        target=engine_wake.add_messages_to_queue,
+        args=(state, queue, nodes, stop, NEVER),
+        daemon=True,
+    )
+    loop.start()
+    first, second, third = list(nodes)  # Flower's order of nodes
+    try:
+        time.sleep(0.2)  # the loop has made its first look, and waits
+        grid.push_messages([Message(RecordDict(), first, "train")])
+        assert queue.holding.wait(30)  # the loop is queueing it; two more are stored meanwhile
+        grid.push_messages([Message(RecordDict(), n, "train") for n in (third, second)])
+        queue.release.set()
+        got = [queue.get(timeout=30).metadata.dst_node_id for _ in range(3)]
+        assert got == [first, third, second]  # Flower's order would be first, second, third
+    finally:
+        stop.set()
+        grid.push_messages([Message(RecordDict(), first, "train")])  # ends the loop's wait
+        loop.join(timeout=30)
+    assert not loop.is_alive()
+
+
 def test_prompt_grid_gets_replies_stored_by_the_engine() -> None:
     factory, run, nodes = _simulation_state(2)
     state = factory.state()
@@ -143,6 +189,8 @@ def test_install_replaces_the_engines_loop_only_under_its_flower_release(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(vce_api, "add_messages_to_queue", vce_api.add_messages_to_queue)
+    monkeypatch.setattr(RayBackend, "build", RayBackend.build)
+    monkeypatch.setattr(workers, "_ready", None)
     monkeypatch.setattr(engine_wake.flwr, "__version__", "1.43.0")
     with caplog.at_level(logging.WARNING, logger="sims.engine_wake"):
         assert not engine_wake.install()
@@ -151,3 +199,6 @@ def test_install_replaces_the_engines_loop_only_under_its_flower_release(
     monkeypatch.setattr(engine_wake.flwr, "__version__", "1.42.0")
     assert engine_wake.install()
     assert vce_api.add_messages_to_queue is engine_wake.add_messages_to_queue
+    # the ServerApp of this process now waits for the actors of the engine's next build
+    assert RayBackend.build.__name__ == "build_and_report"
+    assert workers._ready is not None and not workers._ready.is_set()
