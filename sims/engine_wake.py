@@ -24,7 +24,12 @@ and its ServerApp does not wait.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import itertools
+import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -37,6 +42,7 @@ from flwr.clientapp import ClientApp
 from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.linkstate import LinkState
 
+from sims.warm import KEEP_ACTORS_ENV
 from strategies import workers
 
 if TYPE_CHECKING:
@@ -151,7 +157,74 @@ def install() -> bool:
     from flwr.server.superlink.fleet.vce.backend import raybackend  # imports Ray
 
     setattr(raybackend.RayBackend, "build", _build_and_report(raybackend.RayBackend.build))  # noqa: B010
+    namespace = os.environ.get(KEEP_ACTORS_ENV)
+    if namespace:
+        keep_actors(namespace)
     return True
+
+
+def keep_actors(namespace: str) -> None:
+    """Have this process's engine take over the actors of the run before it, and leave its own.
+
+    Flower's actor pool creates its actors for the run and ends them when
+    the run ends. Here each actor is a named, detached Ray actor in
+    ``namespace`` (``get_if_exists``): the pool of the next run on the same
+    Ray head gets the same actors, already started, and this run's end
+    leaves them running. A name holds the actors' resources and arguments
+    (:func:`pool_key`); an actor of the namespace that the new pool does not
+    name (other resources, or more actors than it takes) is ended first, so
+    that its CPUs and GPUs are free. Only for a Ray head that the runtime
+    started itself (:data:`sims.warm.KEEP_ACTORS_ENV`), whose stop ends
+    the actors: nothing is left in a cluster that is not fedmerge's.
+    """
+    from flwr.simulation.ray_transport import ray_actor
+
+    init = ray_actor.BasicActorPool.__init__
+
+    def init_with_kept_actors(
+        pool: ray_actor.BasicActorPool,
+        actor_type: type[ray_actor.VirtualClientEngineActor],
+        client_resources: dict[str, int | float],
+        actor_kwargs: dict[str, Any],
+    ) -> None:
+        import ray
+
+        init(pool, actor_type, client_resources, actor_kwargs)
+        key = pool_key(actor_type, client_resources, actor_kwargs)
+        names = (f"{key}-{i}" for i in itertools.count())
+        wanted = {f"{key}-{i}" for i in range(pool.actors_capacity)}
+        for other in ray.util.list_named_actors(all_namespaces=True):
+            if other["namespace"] == namespace and other["name"] not in wanted:
+                with contextlib.suppress(ValueError):  # gone meanwhile
+                    ray.kill(ray.get_actor(other["name"], namespace=namespace))
+        options = {"namespace": namespace, "lifetime": "detached", "get_if_exists": True}
+        args = actor_kwargs or {}
+        pool.create_actor_fn = lambda: (
+            cast(Any, actor_type)
+            .options(name=next(names), **options, **client_resources)
+            .remote(**args)
+        )
+
+    def leave_actors(pool: ray_actor.BasicActorPool) -> None:
+        logger.debug("%d actors kept for the next run", len(pool.pool))
+
+    setattr(ray_actor.BasicActorPool, "__init__", init_with_kept_actors)  # noqa: B010
+    setattr(ray_actor.BasicActorPool, "terminate_all_actors", leave_actors)  # noqa: B010
+
+
+def pool_key(
+    actor_type: type, client_resources: Mapping[str, float], actor_kwargs: Mapping[str, Any] | None
+) -> str:
+    """The name prefix of a pool's kept actors: their class, resources and arguments (digest)."""
+    described = {
+        "class": repr(actor_type),  # Ray's ActorClass(NAME)
+        "resources": dict(sorted(client_resources.items())),
+        "arguments": {
+            k: getattr(v, "__qualname__", repr(v)) for k, v in sorted((actor_kwargs or {}).items())
+        },
+    }
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:12]
+    return f"clientapp-{digest}"
 
 
 def _build_and_report(

@@ -36,6 +36,7 @@ from sims.processes import (
 )
 from sims.runs import parse_row
 from sims.warm import (
+    KEEP_ACTORS_ENV,
     WAKE_ENV,
     prepare_drivers,
     wait_listening,
@@ -227,6 +228,8 @@ class Runtime:
                     self.env["RAY_ADDRESS"] = f"127.0.0.1:{ray_port}"
                     self.env.update(LOOPBACK_RAY)
                     self.env.update(ray_head.HEAD_ENV)
+                    if shared:  # the next run takes over the actors; the head's stop ends them
+                        self.env[KEEP_ACTORS_ENV] = f"fedmerge-{ray_port}"
                     # its output joins the runtime's log when the runtime closes; a
                     # head that stops early says why in :meth:`_check_ray`'s error
                     with (self.tmp / "ray.log").open("ab") as ray_out:

@@ -73,6 +73,11 @@ SOCKET_ENV = "FEDMERGE_WARM"
 #: (:func:`wake_superexec`).
 WAKE_ENV = "FEDMERGE_SUPEREXEC_WAKE"
 
+#: Set, to a Ray namespace, in the environment of a shared runtime that started its
+#: own Ray head: its runs' simulation engines keep their ClientApp actors for the
+#: next run (:func:`sims.engine_wake.keep_actors`), and the head's stop ends them.
+KEEP_ACTORS_ENV = "FEDMERGE_KEEP_ACTORS"
+
 #: Seconds between a SuperExec's looks for a submitted run while none is coming.
 IDLE_POLL = 2.0
 
@@ -616,6 +621,12 @@ def _child(
         if name == RAY_WORKER:
             import runpy
 
+            # a worker (not one of the head's own programs) may be kept for later runs
+            if os.environ.get(KEEP_ACTORS_ENV) and Path(argv[0]).name == "default_worker.py":
+                watch = threading.Thread(target=_exit_with_parent, args=(os.getppid(),))
+                watch.daemon = True
+                watch.start()
+
             # Ray's own setproctitle looks for the command line beside the
             # environment, which this process has replaced: titles such as
             # `ray::ClientAppActor` go through set_title instead.
@@ -766,6 +777,19 @@ def set_title(title: str) -> None:
     start, end = int(stat[45]), int(stat[46])  # arg_start, arg_end: fields 48 and 49
     data = title.encode()[: end - start - 1]
     ctypes.memmove(start, data + bytes(end - start - len(data)), end - start)
+
+
+def _exit_with_parent(parent: int, every: float = 0.5) -> None:
+    """End this process once ``parent`` (the warm process) is no longer its parent.
+
+    An actor that a shared runtime keeps for its next run
+    (:data:`KEEP_ACTORS_ENV`) would otherwise hold its CPUs
+    after the warm process is gone, when the next run's simulation process
+    starts without it (its shim's fallback) and creates actors of its own.
+    """
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(1)
 
 
 def _exit_with(conn: socket.socket) -> None:
