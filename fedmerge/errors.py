@@ -14,7 +14,19 @@ __all__ = [
     "ShapeMismatchError",
     "SpecCoverageError",
     "UntraceableModelError",
+    "one_line",
 ]
+
+
+def one_line(message: object, limit: int | None = None) -> str:
+    """``message`` (an exception's, say) as one line for an error: blanks joined, cut to ``limit``.
+
+    A message cut short ends with ``...``.
+    """
+    text = " ".join(str(message).split())
+    if limit is None or len(text) <= limit:
+        return text
+    return text[: max(0, limit - 3)] + "..."
 
 
 class ConfigError(ValueError):

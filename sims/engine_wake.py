@@ -16,7 +16,8 @@ messages were stored for come first, in the order the messages were stored
 :func:`install` also has the engine say when its actors are up
 (:func:`strategies.workers.expect`): a run's ServerApp waits for them before
 its first round (:func:`strategies.workers.wait`), so that the actors' start
-is start-up, not part of round 1's time.
+is start-up, not part of round 1's time. In a shared runtime with a Ray head
+of its own, it keeps the run's actors for the next run (:func:`keep_actors`).
 
 A simulation process started without the warm process keeps Flower's loop,
 and its ServerApp does not wait.

@@ -13,8 +13,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from fedmerge.atomic import atomic_write_text
+from fedmerge.errors import one_line
 from fedmerge.training import evaluate
-from sims.runs import METRICS_FILE, RunRecord, read_json
+from sims.runs import METRICS_FILE, RunRecord, is_number, read_json
 from strategies.config import run_config_from_dict
 from strategies.encoder_eval import EncoderEvaluation
 from strategies.federation import federation
@@ -27,7 +28,7 @@ MODEL_FILE = "model.safetensors"
 
 
 def _is_accuracy(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+    return is_number(value) and 0 <= value <= 1  # type: ignore[operator]
 
 
 def client_accuracy(run: RunRecord) -> list[float]:
@@ -77,9 +78,8 @@ def client_accuracy(run: RunRecord) -> list[float]:
         state = load_file(str(model_path))
         model.load_state_dict(state)
     except (SafetensorError, RuntimeError) as exc:  # damaged, or another model's weights
-        reason = " ".join(str(exc).split())
         raise ValueError(
-            f"{model_path}: got {reason[:160]}{'...' if len(reason) > 160 else ''}; allowed: "
+            f"{model_path}: got {one_line(exc, 163)}; allowed: "
             f"the final {fed.config.model.name} weights that the run wrote"
         ) from None
     accuracy = []

@@ -26,6 +26,7 @@ import torch
 from fedmerge.align import permutation_spec_for
 from fedmerge.atomic import atomic_write_text
 from fedmerge.data import DatasetBundle
+from fedmerge.errors import one_line
 from fedmerge.topology import build_graph, mixing_matrix
 from sims.checks import (
     check_run_dir,
@@ -61,11 +62,10 @@ def scenario_data(fed: Federation) -> DatasetBundle:
 
 
 def _factory_error(config: RunConfig, what: str, exc: BaseException) -> ConfigError:
-    text = " ".join(str(exc).split())[:160]
     return ConfigError(
         f"model.factory: got {config.model.factory!r}, which {what} {type(exc).__name__}: "
-        f"{text}; allowed: a function that returns a torch.nn.Module for the data set's "
-        f"inputs and classes (see 'Your own model' in the README)"
+        f"{one_line(exc, 160)}; allowed: a function that returns a torch.nn.Module for the "
+        f"data set's inputs and classes (see 'Your own model' in the README)"
     )
 
 

@@ -61,7 +61,8 @@ def _is_integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """Whether ``value`` is a JSON number (``bool`` is not)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -74,11 +75,11 @@ def _is_list(value: Any) -> bool:
 
 
 def _is_number_or_null(value: Any) -> bool:
-    return value is None or _is_number(value)
+    return value is None or is_number(value)
 
 
 def _is_target(value: Any) -> bool:
-    return value is None or (_is_number(value) and 0 < value <= 1)
+    return value is None or (is_number(value) and 0 < value <= 1)
 
 
 class Expect(NamedTuple):
@@ -112,8 +113,8 @@ CONFIG_KEYS: dict[str, Expect] = {
 ROW_KEYS: dict[str, Expect] = {
     "round": Expect(lambda v: _is_integer(v) and v >= 0, "an integer >= 0"),
     "accuracy": Expect(_is_number_or_null, "a number, or null (not evaluated)"),
-    "bytes_down": Expect(_is_number, "a number"),
-    "bytes_up": Expect(_is_number, "a number"),
+    "bytes_down": Expect(is_number, "a number"),
+    "bytes_up": Expect(is_number, "a number"),
 }
 
 #: Keys of ``summary.json`` and ``timing.json`` that a run's wall time is read from.

@@ -105,6 +105,8 @@ ENTRY_POINTS = {
 
 #: The shim that Ray starts as a worker's Python: ``fedmerge-ray-worker default_worker.py ARGS``.
 RAY_WORKER = "fedmerge-ray-worker"
+#: The script of Ray's workers, as the raylet starts them (its own programs have others).
+RAY_WORKER_SCRIPT = "default_worker.py"
 
 #: The program that is a Ray driver: a simulated run's ServerApp process (``flwr-simulation``).
 DRIVER = "flwr-simulation"
@@ -622,7 +624,7 @@ def _child(
             import runpy
 
             # a worker (not one of the head's own programs) may be kept for later runs
-            if os.environ.get(KEEP_ACTORS_ENV) and Path(argv[0]).name == "default_worker.py":
+            if os.environ.get(KEEP_ACTORS_ENV) and Path(argv[0]).name == RAY_WORKER_SCRIPT:
                 watch = threading.Thread(target=_exit_with_parent, args=(os.getppid(),))
                 watch.daemon = True
                 watch.start()

@@ -29,7 +29,7 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
-from fedmerge.errors import ConfigError
+from fedmerge.errors import ConfigError, one_line
 
 __all__ = [
     "CHECKPOINT_JSON",
@@ -137,7 +137,7 @@ def read_checkpoint(run_dir: Path) -> CheckpointInfo | None:
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise CheckpointError(
                 f"{meta_path}: got no checkpoint record ({type(exc).__name__}: "
-                f"{' '.join(str(exc).split())[:80]}); allowed: the JSON that fedmerge writes "
+                f"{one_line(exc, 80)}); allowed: the JSON that fedmerge writes "
                 f"beside {weights.name} (delete {meta_path.name} to resume from "
                 f"{weights.name}, or {_restart(run_dir)})"
             ) from None

@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Iterable
 from pathlib import Path
 
-from fedmerge.errors import ConfigError
+from fedmerge.errors import ConfigError, one_line
 from strategies.plugins.aligned import AlignedPlugin
 from strategies.plugins.base import (
     ClientContext,
@@ -195,7 +195,7 @@ def _import_failed(spec: str, exc: BaseException, command: str) -> ConfigError:
             for frame in traceback.extract_tb(exc.__traceback__)
             if not frame.filename.startswith("<frozen ")
         ]
-        text = " ".join(str(exc).split())  # one line, whatever the plugin's message
+        text = one_line(exc)  # whatever the plugin's message
         where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else spec
     raised = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return ConfigError(

@@ -15,10 +15,10 @@ import os
 import signal
 from pathlib import Path
 
-from sims.launch import federation_config, run_config_toml
 from sims.processes import alive, command_line, descendants
 from sims.runtime import Runtime
 from sims.scenario_files import load_scenario
+from tests.e2e.runtime_runs import submit
 from tests.references import REFERENCE_RUNS
 
 
@@ -34,19 +34,13 @@ def test_runs_on_a_runtime_of_its_own_keep_their_actors(tmp_path: Path) -> None:
 
     def run(name: str, *overrides: str) -> bool:
         """Whether the run wrote its summary; its actors' workers at round 1 go into ``actors``."""
-        scenario = load_scenario(None, [*base, *overrides])
-        run_dir = tmp_path / name
-        run_dir.mkdir()
 
         def look(row: dict[str, object]) -> None:
             if row["round"] == 1 and runtime.warm is not None:
                 found = [p for p in descendants(runtime.warm.pid) if alive(p)]
                 actors[name] = sorted(p for p in found if "ray::ClientAppActor" in command_line(p))
 
-        ended = runtime.run(
-            run_dir, run_config_toml(scenario, run_dir), federation_config(scenario), look
-        )
-        return ended is None
+        return submit(runtime, load_scenario(None, [*base, *overrides]), tmp_path / name, look)
 
     try:
         assert runtime.warm is not None

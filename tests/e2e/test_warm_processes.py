@@ -19,11 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sims.launch import federation_config, run_config_toml
 from sims.processes import alive, command_line, descendants, stat_fields
 from sims.runtime import Runtime
 from sims.scenario_files import load_scenario
 from sims.warm import WAKE_ENV
+from tests.e2e.runtime_runs import submit
 from tests.references import REFERENCE_RUNS
 
 #: The command line of a forked simulation process (the shim's starts with ``python -S``).
@@ -52,18 +52,12 @@ def test_runs_are_forked_from_the_warm_process_and_equal_a_cold_one(
     scenario = load_scenario(
         None, [*REFERENCE_RUNS["fedavg"], f"simulation.ray_address='{ray_address}'"]
     )
-    for name in ("a", "b", "cold"):
-        (tmp_path / name).mkdir()
     runtime = Runtime()
     runtime.start(ray_address, 0, tmp_path / "runtime.log", shared=True)
 
     def run(name: str, on_round: Callable[[dict[str, Any]], None] | None = None) -> bool:
         """Whether the run wrote its summary."""
-        run_dir = tmp_path / name
-        ended = runtime.run(
-            run_dir, run_config_toml(scenario, run_dir), federation_config(scenario), on_round
-        )
-        return ended is None
+        return submit(runtime, scenario, tmp_path / name, on_round)
 
     try:
         assert runtime.warm is not None
