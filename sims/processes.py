@@ -35,6 +35,9 @@ FLOWER_ENV = {
     # A process that dies of a fatal signal (a crash in native code, a bus error on a
     # memory-mapped file) writes its Python stack to its log instead of vanishing.
     "PYTHONFAULTHANDLER": "1",
+    # Each line reaches the log as it is printed, so a program stopped by a signal
+    # (`flwr run --stream` once its run is over, see sims.runtime) loses none.
+    "PYTHONUNBUFFERED": "1",
 }
 
 #: A SuperExec that looks for a task every 0.1 s instead of Flower's 1 s; for the SuperExecs

@@ -9,6 +9,7 @@ scenario into the run that a :class:`Runtime` carries out.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedmerge.atomic import atomic_write_text
+from fedmerge.run_end import END_OF_RUN
 from sims import ray_head
 from sims.errors import SimulationError
 from sims.processes import (
@@ -49,6 +51,15 @@ APP_DIR = Path(__file__).resolve().parent.parent
 
 #: The packages the ServerApp and ClientApp import (see :func:`stage_app`).
 APP_PACKAGES = ("fedmerge", "strategies")
+
+#: Seconds that ``flwr run --stream`` gets, once a run has written its summary, to
+#: show the rest of the ServerApp's log (:meth:`Runtime.run`): until the line
+#: :data:`fedmerge.run_end.END_OF_RUN` for a run that completed, until ``flwr
+#: run`` ends (Flower's traceback included) for one that failed.
+LOG_CATCH_UP = 10.0
+
+#: Seconds between two looks at ``flower.log`` while ``flwr run`` catches up.
+LOG_LOOK_EVERY = 0.02
 
 
 def stage_app(dest: Path) -> Path:
@@ -123,6 +134,34 @@ def _ended(code: int | None) -> str:
 #: interface: anyone who reaches the machine could submit code to a cluster that asks for no
 #: credentials. In this mode the node's address is 127.0.0.1 and they listen there only.
 LOOPBACK_RAY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def log_caught_up(client: subprocess.Popen[bytes], log_path: Path, start: int) -> None:
+    """Return once ``client``, the ``flwr run`` of a finished run, has shown the run's end.
+
+    That is: once ``log_path``, from byte ``start`` on, holds the line
+    :data:`fedmerge.run_end.END_OF_RUN` of a run whose ``summary.json`` (beside
+    ``log_path``) does not say ``failed``, or once ``client`` has ended by itself
+    (it does when Flower marks the run finished; a failed run's log ends with
+    Flower's traceback, after that line). At the latest after
+    :data:`LOG_CATCH_UP` seconds.
+    """
+    try:
+        summary = json.loads((log_path.parent / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {}
+    failed = isinstance(summary, dict) and summary.get("status") == "failed"
+    marker = END_OF_RUN.encode()
+    deadline = time.monotonic() + LOG_CATCH_UP
+    with log_path.open("rb") as log:
+        log.seek(start)
+        seen = b""
+        while client.poll() is None and time.monotonic() < deadline:
+            # the marker may be split between two reads: keep the last line's start
+            seen = seen[seen.rfind(b"\n") + 1 :] + log.read()
+            if not failed and marker in seen:
+                return
+            time.sleep(LOG_LOOK_EVERY)
 
 
 def head_cpus(ray_num_cpus: int) -> int:
@@ -322,6 +361,12 @@ class Runtime:
         ``run_dir/flower.log``; ``on_round`` gets every row of
         ``run_dir/metrics.jsonl``.
 
+        ``flwr run`` shows the ServerApp's log a little late (Flower uploads
+        and streams it in batches, see :mod:`sims.log_stream`). Once the
+        summary exists, it gets up to :data:`LOG_CATCH_UP` seconds to show the
+        rest (:func:`log_caught_up`), so that ``flower.log`` is whole when this
+        returns.
+
         Returns
         -------
         str or None
@@ -333,10 +378,12 @@ class Runtime:
         metrics = run_dir / "metrics.jsonl"
         summary_path = run_dir / "summary.json"
         summary_path.unlink(missing_ok=True)
+        log_path = run_dir / "flower.log"
+        start = log_path.stat().st_size if log_path.exists() else 0
         client = None
         ended = None
         try:
-            with (run_dir / "flower.log").open("ab") as log:
+            with log_path.open("ab") as log:
                 client = self.spawn(
                     [
                         "flwr", "run", str(self.app), "fedmerge", "--stream",
@@ -364,12 +411,16 @@ class Runtime:
                     ended = f"fedmerge: {_ended(client.returncode)}"
                     log.write(f"{ended}\n".encode())
         finally:
-            # Once the summary is written the run is over: `flwr run` would only
-            # stream the simulation process's shutdown for about 3 s more. It is
-            # stopped at once; the runtime lets the simulation process finish on
-            # its own while the next run starts.
+            # Once the summary is written the run is over, but for the last lines
+            # of its log: `flwr run` stops once it has shown them, rather than
+            # following the simulation process's shutdown for about 3 s more. The
+            # runtime lets the simulation process finish on its own.
             if client is not None:
-                self._stop_spawned(client, grace=2)
+                try:
+                    if summary_path.exists():
+                        log_caught_up(client, log_path, start)
+                finally:
+                    self._stop_spawned(client, grace=2)
         return None if summary_path.exists() else ended
 
     def close(self, grace: float = 1.0) -> None:

@@ -640,6 +640,8 @@ def _child(
                 _wake_on_request(os.environ[WAKE_ENV])
             if name == DRIVER:  # its engine hands messages to the actors once they are stored
                 importlib.import_module("sims.engine_wake").install()
+            if name in (DRIVER, "flower-superlink"):  # its log reaches `flwr run` sooner
+                importlib.import_module("sims.log_stream").install()
             module, function = ENTRY_POINTS[name]
             result = getattr(importlib.import_module(module), function)()
             code = result if isinstance(result, int) else 0

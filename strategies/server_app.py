@@ -14,6 +14,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedmerge.data import DatasetBundle
+from fedmerge.run_end import END_OF_RUN
 from strategies import protocol, workers
 from strategies.config import RUN_DIR_KEY, RunConfig, from_run_config
 from strategies.deployment import (
@@ -152,8 +153,9 @@ def main(grid: Grid, context: Context) -> None:
 
     ``summary.json`` is written whatever happens: ``completed``, ``degraded``
     or, when the run stops with an error, ``failed`` with the error (the
-    exception is raised again). A run directory that holds a finished run is
-    refused and left as it is.
+    exception is raised again). Its last log line then says so
+    (:data:`fedmerge.run_end.END_OF_RUN`). A run directory that holds a
+    finished run is refused and left as it is.
     """
     log_through_flower()
     raw = context.run_config
@@ -174,7 +176,9 @@ def main(grid: Grid, context: Context) -> None:
         }
         RunLog(Path(run_dir)).write_json("summary.json", failed_summary(known, stage[0], exc))
         logger.error("run failed during %s: %s", stage[0], exc)
+        logger.info("%s %s", END_OF_RUN, Path(run_dir) / "summary.json")
         raise
+    logger.info("%s %s", END_OF_RUN, Path(run_dir) / "summary.json")
 
 
 class FinishedRunDirError(ValueError):

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fedmerge.run_end import END_OF_RUN
 from sims import launch
 from sims.launch import simulate
 from sims.processes import flower_environment, free_port
@@ -60,6 +61,19 @@ def test_fedavg_improves_on_initial_model(fedavg_run: Path) -> None:
     assert summary["final_accuracy"] == rows[-1]["accuracy"]
     for name in ("config.json", "model.safetensors", "flower.log"):
         assert (fedavg_run / name).exists(), name
+
+
+def test_flower_log_holds_the_whole_run(fedavg_run: Path) -> None:
+    """``flwr run --stream`` is stopped only once it has shown the ServerApp's last line.
+
+    Flower streams that log some tenths of a second late: stopped as soon as
+    ``summary.json`` appeared, it lost the last round's lines.
+    """
+    lines = (fedavg_run / "flower.log").read_text().splitlines()
+    for row in _rows(fedavg_run):
+        assert any(f"round {row['round']}: accuracy {row['accuracy']:.4f}" in x for x in lines), row
+    last = [x for x in lines if END_OF_RUN in x]
+    assert len(last) == 1 and last[0].endswith(str(fedavg_run / "summary.json")), last
 
 
 def test_initial_round_is_the_seeded_initial_model(fedavg_run: Path) -> None:

@@ -19,6 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from fedmerge.run_end import END_OF_RUN
 from sims.processes import alive, command_line, descendants, stat_fields
 from sims.runtime import Runtime
 from sims.scenario_files import load_scenario
@@ -46,12 +49,23 @@ def _accuracies(run_dir: Path) -> list[float]:
     return [json.loads(x)["accuracy"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _whole_log(run_dir: Path) -> bool:
+    """Whether ``flower.log`` shows every round's score and, last, the ServerApp's end."""
+    lines = (run_dir / "flower.log").read_text().splitlines()
+    scored = [f"round {r}: accuracy {a:.4f}" for r, a in enumerate(_accuracies(run_dir))]
+    ours = [x for x in lines if any(s in x for s in scored) or END_OF_RUN in x]
+    return len(ours) == len(scored) + 1 and END_OF_RUN in ours[-1]
+
+
 def test_runs_are_forked_from_the_warm_process_and_equal_a_cold_one(
-    ray_address: str, tmp_path: Path
+    ray_address: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     scenario = load_scenario(
         None, [*REFERENCE_RUNS["fedavg"], f"simulation.ray_address='{ray_address}'"]
     )
+    # As in a user's shell: Python buffers what Flower's programs print to their logs,
+    # unless the runtime says otherwise (a stopped `flwr run` lost its whole buffer).
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
     runtime = Runtime()
     runtime.start(ray_address, 0, tmp_path / "runtime.log", shared=True)
 
@@ -128,5 +142,9 @@ def test_runs_are_forked_from_the_warm_process_and_equal_a_cold_one(
         assert run("cold")
     finally:
         runtime.close()
+    # every run's log is whole, the cold one's too (Flower's own intervals there)
+    for name in ("a", "b", "cold"):
+        assert _whole_log(tmp_path / name), (tmp_path / name / "flower.log").read_text()
+    assert "actors up after" in (tmp_path / "a" / "flower.log").read_text()
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b") == _digest(tmp_path / "cold")
     assert _accuracies(tmp_path / "a") == _accuracies(tmp_path / "cold")
