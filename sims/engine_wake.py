@@ -177,8 +177,16 @@ def keep_actors(namespace: str) -> None:
     that its CPUs and GPUs are free. Only for a Ray head that the runtime
     started itself (:data:`sims.warm.KEEP_ACTORS_ENV`), whose stop ends
     the actors: nothing is left in a cluster that is not fedmerge's.
+
+    Ray's driver shows the output of its own job's workers only, and a kept
+    actor's worker belongs to the job of the run that started it: this
+    driver shows every worker's output instead. On that head one run goes at
+    a time, and the workers are its actors.
     """
+    import ray._private.worker
     from flwr.simulation.ray_transport import ray_actor
+
+    ray._private.worker.global_worker._filter_logs_by_job = False
 
     init = ray_actor.BasicActorPool.__init__
 
@@ -256,5 +264,62 @@ def _build_and_report(
                 ready.set()
 
         threading.Thread(target=report, name="fedmerge-actors-ready", daemon=True).start()
+        workers.offer_flush(lambda timeout: flush_output(actors, timeout))
 
     return build_and_report
+
+
+#: What starts the line that :func:`flush_output` has every actor print; never shown.
+FLUSH_LINE = "fedmerge-output-flushed"
+
+
+def flush_output(actors: list[Any], timeout: float) -> bool:
+    """Wait until what ``actors`` printed so far has been shown in this process; whether it was.
+
+    Ray's log monitor reads each worker's standard output and error (two
+    files) in order and sends their new lines to the driver, whose thread
+    prints them (a tenth of a second or so later). Each actor prints a line
+    of its own (:data:`FLUSH_LINE`, a token, its index) on both; once all of
+    them have come back, everything printed before them has been shown. Those
+    lines themselves are taken out before Ray prints the batch they came in,
+    and the wait ends once it has printed the rest of that batch.
+    """
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    def print_line(actor: object, line: str) -> None:
+        """Print ``line`` on the actor's standard output and error (run in the actor).
+
+        Defined here, so that Ray sends the function itself: a worker need not
+        be able to import this module.
+        """
+        import sys
+
+        print(line, flush=True)
+        print(line, file=sys.stderr, flush=True)
+
+    token = f"{FLUSH_LINE}-{os.urandom(8).hex()}"
+    expected = {(i, err) for i in range(len(actors)) for err in (False, True)}
+    seen: set[tuple[int, bool]] = set()
+    shown = threading.Event()
+
+    def take(data: dict[str, Any]) -> None:
+        lines = data.get("lines") or []
+        ours = [line for line in lines if line.startswith(token)]
+        if ours:
+            data["lines"] = [line for line in lines if not line.startswith(token)]
+            seen.update((int(line.rsplit(" ", 1)[1]), bool(data.get("is_err"))) for line in ours)
+
+    def after_printing(data: dict[str, Any]) -> None:
+        if seen >= expected:
+            shown.set()
+
+    first, last = f"{token}-take", f"{token}-shown"
+    with dispatcher._lock:  # first and last, around Ray's own printing
+        dispatcher.handlers = [(first, take), *dispatcher.handlers, (last, after_printing)]
+    try:
+        for i, actor in enumerate(actors):
+            actor.__ray_call__.remote(print_line, f"{token} {i}")
+        return shown.wait(timeout)
+    finally:
+        dispatcher.remove_handler(first)
+        dispatcher.remove_handler(last)

@@ -52,6 +52,12 @@ APP_DIR = Path(__file__).resolve().parent.parent
 #: The packages the ServerApp and ClientApp import (see :func:`stage_app`).
 APP_PACKAGES = ("fedmerge", "strategies")
 
+#: Defaults of a runtime's environment that the user's own settings override. Ray
+#: folds its workers' lines that differ only in numbers (a client's partition, round
+#: and loss) into the first, and says how many it folded some seconds later, which a
+#: short run does not last: one line of four calls in a 2-round run here, and no count.
+RAY_LOG_DEFAULTS = {"RAY_DEDUP_LOGS": "0"}
+
 #: Seconds that ``flwr run --stream`` gets, once a run has written its summary, to
 #: show the rest of the ServerApp's log (:meth:`Runtime.run`): until the line
 #: :data:`fedmerge.run_end.END_OF_RUN` for a run that completed, until ``flwr
@@ -204,7 +210,13 @@ class Runtime:
         self.app = stage_app(self.tmp / "app")  # once: every run of this runtime submits it
         self.env, warm_command = warm_environment(
             self.tmp,
-            {**os.environ, **FLOWER_ENV, **FAST_TASK_POLL, "FLWR_HOME": str(self.tmp / "flwr")},
+            {
+                **RAY_LOG_DEFAULTS,
+                **os.environ,
+                **FLOWER_ENV,
+                **FAST_TASK_POLL,
+                "FLWR_HOME": str(self.tmp / "flwr"),
+            },
             app=self.app,
         )
         # Its SuperExec looks for submitted runs often only when run() says one comes.

@@ -176,8 +176,18 @@ def main(grid: Grid, context: Context) -> None:
         }
         RunLog(Path(run_dir)).write_json("summary.json", failed_summary(known, stage[0], exc))
         logger.error("run failed during %s: %s", stage[0], exc)
-        logger.info("%s %s", END_OF_RUN, Path(run_dir) / "summary.json")
+        _end_log(run_dir)
         raise
+    _end_log(run_dir)
+
+
+#: Seconds the ServerApp waits at most for its workers' output before its last line.
+OUTPUT_FLUSH = 2.0
+
+
+def _end_log(run_dir: str) -> None:
+    """The run's last log line, once what its simulated clients printed is in the log."""
+    workers.flush_output(OUTPUT_FLUSH)
     logger.info("%s %s", END_OF_RUN, Path(run_dir) / "summary.json")
 
 

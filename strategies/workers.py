@@ -9,6 +9,13 @@ the event once its actors are up; the ServerApp calls :func:`wait` before it
 scores the initial model, so that the actors' start counts as start-up.
 Where nothing called :func:`expect` (a deployment, or Flower's own
 simulation engine), :func:`wait` returns at once.
+
+The workers' own output (a ClientApp's ``print`` or log lines) reaches the
+ServerApp's process through Ray's log monitor, up to a tenth of a second
+after it was printed. The same engine hands over a way to wait for it
+(:func:`offer_flush`), which the ServerApp calls before its last log line
+(:func:`flush_output`), so that a run's log holds its last round's client
+output too.
 """
 
 from __future__ import annotations
@@ -16,10 +23,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 
 _ready: threading.Event | None = None
+_flush: Callable[[float], bool] | None = None
 
 
 def expect() -> threading.Event:
@@ -52,3 +61,27 @@ def wait(timeout: float) -> float | None:
             timeout,
         )
     return time.perf_counter() - started
+
+
+def offer_flush(flush: Callable[[float], bool]) -> None:
+    """Let :func:`flush_output` call ``flush(timeout)``: whether the output arrived in time."""
+    global _flush
+    _flush = flush
+
+
+def flush_output(timeout: float) -> bool | None:
+    """Wait up to ``timeout`` seconds until the workers' output so far is in this process's log.
+
+    Returns
+    -------
+    bool or None
+        Whether it arrived in time, or ``None`` when no engine in this process
+        offered a way to wait (:func:`offer_flush`).
+    """
+    flush = _flush
+    if flush is None:
+        return None
+    arrived = flush(timeout)
+    if not arrived:
+        logger.debug("the workers' output did not all arrive within %g s", timeout)
+    return arrived

@@ -11,13 +11,18 @@ started without it (each shim's fallback) gets the CPUs.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import signal
+from collections import Counter
 from pathlib import Path
 
 from sims.processes import alive, command_line, descendants
 from sims.runtime import Runtime
 from sims.scenario_files import load_scenario
+from tests.e2e import loud_plugin
+from tests.e2e.loud_plugin import LINE
 from tests.e2e.runtime_runs import submit
 from tests.references import REFERENCE_RUNS
 
@@ -26,8 +31,22 @@ def _digest(run_dir: Path) -> str:
     return hashlib.sha256((run_dir / "model.safetensors").read_bytes()).hexdigest()
 
 
+def _client_lines(run_dir: Path) -> Counter[int]:
+    """How many lines of :mod:`tests.e2e.loud_plugin` each partition's client has in the log."""
+    found = re.findall(rf"{LINE} (\d+)", (run_dir / "flower.log").read_text())
+    return Counter(int(p) for p in found)
+
+
+def _trained(run_dir: Path) -> Counter[int]:
+    """How many rounds each partition trained in, from ``metrics.jsonl``."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return Counter(p for row in rows for p in row["sampled"])
+
+
 def test_runs_on_a_runtime_of_its_own_keep_their_actors(tmp_path: Path) -> None:
-    base = REFERENCE_RUNS["fedavg"]
+    # FedAvg whose clients print a line each time they train
+    loud = ["strategy.name='toy-loud-fedavg'", f"plugins=['{loud_plugin.__file__}']"]
+    base = [*REFERENCE_RUNS["fedavg"], *loud]
     runtime = Runtime()
     runtime.start("", 2, tmp_path / "runtime.log", shared=True)  # its own head, two CPUs
     actors: dict[str, list[int]] = {}
@@ -50,6 +69,10 @@ def test_runs_on_a_runtime_of_its_own_keep_their_actors(tmp_path: Path) -> None:
         assert len(actors["a"]) == 2, actors  # one actor per CPU
         assert actors["b"] == actors["a"], actors  # taken over, not started again
         assert all(alive(p) for p in actors["a"])  # left running by the run's end
+        # Each run's log shows every line its clients printed, those of the actors that
+        # run b took over (Ray's driver shows its own job's workers only) included.
+        for name in ("a", "b"):
+            assert _client_lines(tmp_path / name) == _trained(tmp_path / name), name
         # Two CPUs per client: one actor of other resources; the two kept ones are ended.
         assert run("c", "simulation.num_cpus_per_client=2")
         assert len(actors["c"]) == 1 and not set(actors["c"]) & set(actors["a"]), actors

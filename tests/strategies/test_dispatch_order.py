@@ -1,4 +1,4 @@
-"""The order in which a round's messages go out; the ServerApp's wait for the engine's actors."""
+"""The order in which a round's messages go out; the ServerApp's waits for the engine's actors."""
 
 from __future__ import annotations
 
@@ -82,3 +82,19 @@ def test_wait_gives_up_after_its_timeout(
         waited = workers.wait(0.2)
     assert waited is not None and waited >= 0.2
     assert "actors were not up after 0.2 s; the first round starts" in caplog.text
+
+
+def test_flush_output_returns_at_once_where_no_engine_offers_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(workers, "_flush", None)
+    assert workers.flush_output(60.0) is None
+
+
+def test_flush_output_asks_the_engine_with_its_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(workers, "_flush", None)
+    asked: list[float] = []
+    workers.offer_flush(lambda timeout: asked.append(timeout) or len(asked) > 1)
+    assert workers.flush_output(1.5) is False  # the first: not in time
+    assert workers.flush_output(2.5) is True
+    assert asked == [1.5, 2.5]
