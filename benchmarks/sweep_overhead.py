@@ -12,14 +12,18 @@ seeds) three ways in this process, each into a fresh temporary runs root:
     with half the Ray head's CPUs (runs that go together never share a cluster).
 
 Prints the wall times and the ratios b/a and c/a, and checks that (b) and (c)
-reached the same final accuracy run by run.
+reached the same final accuracy run by run. ``--repeat N`` runs (a), (b) and
+(c) N times, interleaved, and prints the medians of the ratios last: the
+bare loop's speed on a shared machine moves by a fifth from one minute to
+the next, and each ratio with it (``--parallel 0`` leaves (c) out).
 
-Run:  .venv/bin/python benchmarks/sweep_overhead.py [--sweep sims/sweeps/smoke.toml]
+Run:  .venv/bin/python benchmarks/sweep_overhead.py [--sweep sims/sweeps/smoke.toml] [--repeat 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -29,15 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sim_overhead import bare_loop
 
-from sims.compare import load_sweep, plan_sweep, run_sweep
+from sims.compare import Sweep, load_sweep, plan_sweep, run_sweep
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", default="sims/sweeps/smoke.toml")
-    parser.add_argument("--parallel", type=int, default=2)
-    args = parser.parse_args()
-    sweep = load_sweep(args.sweep)
+def compare_once(sweep: Sweep, parallel: int) -> dict[str, float]:
+    """(a), (b) and, unless ``parallel`` is 0, (c) once; their ratios to (a)."""
+    ratios: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="fm-sweep-") as tmp:
         runs = plan_sweep(sweep, Path(tmp) / "plan")
         print(f"sweep {sweep.name}: {len(runs)} runs")
@@ -46,16 +47,51 @@ def main() -> None:
         print(f"(a) bare loops, summed      : {a:7.2f} s")
         finals = {}
         ways = [("(b) one runtime, 1 at a time", 1)]
-        ways.append((f"(c) {args.parallel} at a time, a runtime each", args.parallel))
-        for label, parallel in ways:
-            planned = plan_sweep(sweep, Path(tmp) / f"p{parallel}")
+        if parallel:
+            ways.append((f"(c) {parallel} at a time, a runtime each", parallel))
+        for label, slots in ways:
+            planned = plan_sweep(sweep, Path(tmp) / f"p{slots}")
             t0 = time.perf_counter()
-            summaries = run_sweep(planned, parallel=parallel)
+            summaries = run_sweep(planned, parallel=slots)
             wall = time.perf_counter() - t0
-            finals[parallel] = [s["final_accuracy"] for s in summaries]
+            finals[slots] = [s["final_accuracy"] for s in summaries]
+            ratios[label[:3]] = wall / a
             print(f"{label:<28}: {wall:7.2f} s  = {wall / a:.2f}x (a)")
-        same = finals[1] == finals[args.parallel]
-        print(f"same final accuracy run by run, 1 vs {args.parallel} at a time: {same}")
+        if parallel:
+            same = finals[1] == finals[parallel]
+            print(f"same final accuracy run by run, 1 vs {parallel} at a time: {same}")
+    return ratios
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", default="sims/sweeps/smoke.toml")
+    parser.add_argument(
+        "--parallel", type=int, default=2, help="runs at a time in (c); 0 leaves (c) out"
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run (a), (b) and (c) this many times, interleaved; the medians of the ratios last",
+    )
+    args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error(f"--repeat: got {args.repeat}; allowed: 1 or more")
+    if args.parallel < 0 or args.parallel == 1:
+        parser.error(f"--parallel: got {args.parallel}; allowed: 0 (no (c)) or 2 or more")
+    sweep = load_sweep(args.sweep)
+    runs = []
+    for i in range(args.repeat):
+        if args.repeat > 1:
+            print(f"-- repetition {i + 1} of {args.repeat}")
+        runs.append(compare_once(sweep, args.parallel))
+    if args.repeat > 1:
+        print(f"-- medians of {args.repeat} repetitions")
+        for name in runs[0]:
+            values = [r[name] for r in runs]
+            listed = " / ".join(f"{v:.2f}" for v in values)
+            print(f"{name}/(a): {statistics.median(values):.2f}x  ({listed})")
 
 
 if __name__ == "__main__":
