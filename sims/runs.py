@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from fedmerge.run_end import FINISHED_STATUSES
+
 if TYPE_CHECKING:
     from strategies.config import RunConfig
 
@@ -37,8 +39,6 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 TIMING_FILE = "timing.json"
-#: ``summary.json`` statuses of a finished run ("degraded": it lost or refused clients).
-FINISHED_STATUSES: tuple[str, ...] = ("completed", "degraded")
 SWEEP_FILE = "sweep.json"
 
 

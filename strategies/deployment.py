@@ -30,13 +30,12 @@ from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.superlink.grid import InMemoryGrid
 
+from fedmerge.run_end import FINISHED_STATUSES
 from strategies import protocol
 from strategies.metering import WrappedGrid
 
 logger = logging.getLogger(__name__)
 
-#: ``summary.json`` statuses of a run that ran to its end (``sims.runs.FINISHED_STATUSES``).
-FINISHED: tuple[str, ...] = ("completed", "degraded")
 #: How a skip reason names its partition (``strategies.replies``).
 _PARTITION_OF_REASON = re.compile(r"^partition (\d+) ")
 #: First and longest wait (s) between two looks for replies in :func:`send_and_receive`
@@ -241,7 +240,7 @@ def read_status(run_dir: Path) -> str | None:
         status = json.loads((run_dir / "summary.json").read_text()).get("status")
     except (OSError, ValueError, AttributeError):
         return None
-    return status if status in FINISHED else None
+    return status if status in FINISHED_STATUSES else None
 
 
 def log_through_flower() -> None:
