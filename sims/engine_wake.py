@@ -282,8 +282,10 @@ def flush_output(actors: list[Any], timeout: float) -> bool:
     of its own (:data:`FLUSH_LINE`, a token, its index) on both; once all of
     them have come back, everything printed before them has been shown. Those
     lines themselves are taken out before Ray prints the batch they came in,
-    and the wait ends once it has printed the rest of that batch.
+    and the wait ends once it has printed the rest of that batch. An actor
+    whose call fails (it died) or does not return in time is not waited for.
     """
+    import ray
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     def print_line(actor: object, line: str) -> None:
@@ -297,9 +299,11 @@ def flush_output(actors: list[Any], timeout: float) -> bool:
         print(line, flush=True)
         print(line, file=sys.stderr, flush=True)
 
+    deadline = time.monotonic() + timeout
     token = f"{FLUSH_LINE}-{os.urandom(8).hex()}"
     expected = {(i, err) for i in range(len(actors)) for err in (False, True)}
     seen: set[tuple[int, bool]] = set()
+    lock = threading.Lock()  # seen and expected: Ray's printing thread and this one
     shown = threading.Event()
 
     def take(data: dict[str, Any]) -> None:
@@ -307,19 +311,41 @@ def flush_output(actors: list[Any], timeout: float) -> bool:
         ours = [line for line in lines if line.startswith(token)]
         if ours:
             data["lines"] = [line for line in lines if not line.startswith(token)]
-            seen.update((int(line.rsplit(" ", 1)[1]), bool(data.get("is_err"))) for line in ours)
+            err = bool(data.get("is_err"))
+            with lock:
+                seen.update((int(line.rsplit(" ", 1)[1]), err) for line in ours)
 
     def after_printing(data: dict[str, Any]) -> None:
-        if seen >= expected:
-            shown.set()
+        with lock:
+            if seen >= expected:
+                shown.set()
 
     first, last = f"{token}-take", f"{token}-shown"
     with dispatcher._lock:  # first and last, around Ray's own printing
         dispatcher.handlers = [(first, take), *dispatcher.handlers, (last, after_printing)]
     try:
-        for i, actor in enumerate(actors):
-            actor.__ray_call__.remote(print_line, f"{token} {i}")
-        return shown.wait(timeout)
+        calls = [
+            actor.__ray_call__.remote(print_line, f"{token} {i}") for i, actor in enumerate(actors)
+        ]
+        returned, _ = ray.wait(calls, num_returns=len(calls), timeout=timeout)
+
+        def printed(call: Any) -> bool:
+            if call not in returned:  # not back in time
+                return False
+            try:
+                ray.get(call, timeout=0)
+            except Exception:  # the actor died: its lines never come
+                return False
+            return True
+
+        for i, call in enumerate(calls):
+            if not printed(call):
+                with lock:
+                    expected.difference_update({(i, False), (i, True)})
+        with lock:
+            if seen >= expected:
+                shown.set()
+        return shown.wait(max(0.0, deadline - time.monotonic()))
     finally:
         dispatcher.remove_handler(first)
         dispatcher.remove_handler(last)

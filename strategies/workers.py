@@ -81,7 +81,11 @@ def flush_output(timeout: float) -> bool | None:
     flush = _flush
     if flush is None:
         return None
-    arrived = flush(timeout)
+    try:
+        arrived = flush(timeout)
+    except Exception as exc:  # the engine is gone (a run that failed): its output with it
+        logger.debug("the workers' output could not be waited for: %s", exc)
+        return False
     if not arrived:
         logger.debug("the workers' output did not all arrive within %g s", timeout)
     return arrived

@@ -98,3 +98,15 @@ def test_flush_output_asks_the_engine_with_its_timeout(monkeypatch: pytest.Monke
     assert workers.flush_output(1.5) is False  # the first: not in time
     assert workers.flush_output(2.5) is True
     assert asked == [1.5, 2.5]
+
+
+def test_flush_output_of_an_engine_that_is_gone_is_not_in_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(workers, "_flush", None)
+
+    def gone(timeout: float) -> bool:
+        raise ConnectionError("Ray is not connected")
+
+    workers.offer_flush(gone)
+    assert workers.flush_output(1.0) is False
