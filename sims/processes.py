@@ -1,7 +1,8 @@
 """Process trees that fedmerge starts, and a watchdog that stops them when fedmerge dies.
 
-Standard library only: ``python -m sims.processes PARENT_PID GUARD_FILE`` runs
-the watchdog in a process of its own, without importing torch, Flower or Ray.
+Standard library only: ``python -m sims.processes PARENT_PID GUARD_FILE
+[NAME=VALUE]`` runs the watchdog in a process of its own, without importing
+torch, Flower or Ray.
 
 The watchdog polls its parent. When the parent is gone (SIGKILL, an
 out-of-memory kill, a crash), it reads the processes listed in ``GUARD_FILE``
@@ -9,8 +10,10 @@ out-of-memory kill, a crash), it reads the processes listed in ``GUARD_FILE``
 them, each as its PID and start time, so that a PID that another process has
 taken since is left alone), collects every process below them and stops them all: a run's
 ServerApp at once with SIGKILL (:func:`stop_run_tree`), the rest with SIGTERM,
-then SIGKILL after a grace period. A parent that exits normally stops its
-processes itself and then the watchdog.
+then SIGKILL after a grace period. With ``NAME=VALUE``, it then stops every
+process whose environment has that variable (:func:`stop_marked`): those
+that left the trees. A parent that exits normally stops its processes itself
+and then the watchdog.
 """
 
 from __future__ import annotations
@@ -282,10 +285,45 @@ def _signal(pids: list[int], sig: signal.Signals) -> None:
             pass
 
 
-def watch(parent: int, guard_file: Path) -> int:
+def marked(name: str, value: str) -> list[int]:
+    """PIDs of live processes (but this one) whose environment sets ``name`` to ``value``.
+
+    From ``/proc/PID/environ``: the environment a process started with, which
+    a process forked from it shares. Every process of a runtime, the Ray
+    workers of its own head included, starts with the runtime's environment,
+    so a value that names the runtime (its ``FLWR_HOME``, in a folder of its
+    own) finds them all, those re-parented to init included, and nothing else.
+    """
+    wanted = f"{name}={value}".encode()
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        pid = int(entry.name)
+        try:
+            environment = (entry / "environ").read_bytes()
+        except OSError:  # gone, or another user's
+            continue
+        if pid != os.getpid() and wanted in environment.split(b"\0") and alive(pid):
+            found.append(pid)
+    return found
+
+
+def stop_marked(name: str, value: str, grace: float) -> list[int]:
+    """:func:`stop_run_tree` for the processes :func:`marked` finds (and what is below them).
+
+    What a runtime's trees no longer hold: a process whose parent died before
+    it was stopped (a run's ServerApp started by a SuperExec that the warm
+    process had forked, once the warm process was gone) is re-parented to
+    init, in a session of its own. Returns the PIDs signalled.
+    """
+    pids = marked(name, value)
+    return stop_run_tree(pids, grace) if pids else []
+
+
+def watch(parent: int, guard_file: Path, marker: str | None = None) -> int:
     """Wait for ``parent`` to die, then stop every tree listed in ``guard_file``.
 
-    Each line of ``guard_file`` is a root's PID and :func:`start_time`.
+    Each line of ``guard_file`` is a root's PID and :func:`start_time`. Then,
+    with ``marker`` (``NAME=VALUE``), every process :func:`marked` with it.
 
     The folder that holds ``guard_file`` (a runtime's temporary folder: its
     staged app, shims, sockets and Ray's session files) goes with them.
@@ -296,12 +334,17 @@ def watch(parent: int, guard_file: Path) -> int:
         lines = [line.split() for line in guard_file.read_text().splitlines() if line.strip()]
         started = {int(pid): int(start) for pid, start in lines}
     except (OSError, ValueError):
-        return 0
-    stop_run_tree(still_running(started), ORPHAN_GRACE)
-    shutil.rmtree(guard_file.parent, ignore_errors=True)
+        started = None
+    if started is not None:
+        stop_run_tree(still_running(started), ORPHAN_GRACE)
+    if marker is not None:
+        name, _, value = marker.partition("=")
+        stop_marked(name, value, ORPHAN_GRACE)
+    if started is not None:
+        shutil.rmtree(guard_file.parent, ignore_errors=True)
     return 0
 
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    sys.exit(watch(int(sys.argv[1]), Path(sys.argv[2])))
+    sys.exit(watch(int(sys.argv[1]), Path(sys.argv[2]), *sys.argv[3:4]))

@@ -33,6 +33,7 @@ from sims.processes import (
     FLOWER_ENV,
     free_port,
     start_time,
+    stop_marked,
     stop_run_tree,
     stop_tree,
 )
@@ -51,6 +52,10 @@ APP_DIR = Path(__file__).resolve().parent.parent
 
 #: The packages the ServerApp and ClientApp import (see :func:`stage_app`).
 APP_PACKAGES = ("fedmerge", "strategies")
+
+#: The variable of a runtime's environment that names it: its FLWR_HOME, in a folder of
+#: its own. Every process of the runtime starts with it (:func:`sims.processes.marked`).
+MARKER = "FLWR_HOME"
 
 #: Defaults of a runtime's environment that the user's own settings override. Ray
 #: folds its workers' lines that differ only in numbers (a client's partition, round
@@ -215,7 +220,7 @@ class Runtime:
                 **os.environ,
                 **FLOWER_ENV,
                 **FAST_TASK_POLL,
-                "FLWR_HOME": str(self.tmp / "flwr"),
+                MARKER: str(self.tmp / "flwr"),
             },
             app=self.app,
         )
@@ -239,7 +244,10 @@ class Runtime:
             f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
         )
         self.watchdog = subprocess.Popen(
-            [sys.executable, "-m", "sims.processes", str(os.getpid()), str(self.tmp / "guard")],
+            [
+                sys.executable, "-m", "sims.processes", str(os.getpid()), str(self.tmp / "guard"),
+                f"{MARKER}={self.env[MARKER]}",
+            ],
             cwd=APP_DIR, stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
         try:
@@ -450,6 +458,8 @@ class Runtime:
         stop_run_tree([p.pid for p in procs if p.poll() is None], grace)
         for proc in procs:
             proc.wait()
+        # what left the trees: a process whose parent was gone before it was stopped
+        stop_marked(MARKER, self.env[MARKER], grace)
         stop_process(self.watchdog, grace=1.0)
         own_logs = (self.tmp / "ray.log", self.tmp / "warm.log")
         said = b"".join(p.read_bytes() for p in own_logs if p.exists())

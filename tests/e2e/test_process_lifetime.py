@@ -25,7 +25,15 @@ from pathlib import Path
 import pytest
 
 from sims.launch import SimulationError, simulate
-from sims.processes import alive, command_line, descendants, runs_program, stat_fields, stop_tree
+from sims.processes import (
+    alive,
+    command_line,
+    descendants,
+    marked,
+    runs_program,
+    stat_fields,
+    stop_tree,
+)
 from sims.runtime import Runtime
 from sims.scenario_files import load_scenario
 from tests.e2e.short_runs import TEST_SAMPLES
@@ -154,7 +162,9 @@ def test_sigkill_of_simulate_leaves_no_process_behind(tmp_path: Path) -> None:
         assert not shared, (shared, named)
         # the runtime's temporary folder: the watchdog's guard file is in it
         watchdog = next(p for p in tree if "sims.processes" in command_line(p))
-        runtime_tmp = Path(command_line(watchdog).split()[-1]).parent
+        words = command_line(watchdog).split()  # ... -m sims.processes PID GUARD NAME=VALUE
+        guard, marker = words[words.index("sims.processes") + 2 :][:2]
+        runtime_tmp = Path(guard).parent
         assert (runtime_tmp / "guard").is_file() and (runtime_tmp / "app").is_dir()
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -164,6 +174,8 @@ def test_sigkill_of_simulate_leaves_no_process_behind(tmp_path: Path) -> None:
             time.sleep(0.1)
         survivors = {p: command_line(p)[:120] for p in tree if alive(p)}
         assert not survivors, survivors
+        name, _, value = marker.partition("=")
+        assert name == "FLWR_HOME" and marked(name, value) == []  # nor any process of its own
         # ... and the watchdog took the runtime's temporary folder with it
         assert not runtime_tmp.exists(), sorted(p.name for p in runtime_tmp.iterdir())
     finally:

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from fedmerge.run_end import END_OF_RUN
-from sims.processes import alive, command_line, descendants, stat_fields
-from sims.runtime import Runtime
+from sims.processes import alive, command_line, descendants, marked, stat_fields
+from sims.runtime import MARKER, Runtime
 from sims.scenario_files import load_scenario
 from sims.warm import WAKE_ENV
 from tests.e2e.runtime_runs import submit
@@ -142,6 +142,10 @@ def test_runs_are_forked_from_the_warm_process_and_equal_a_cold_one(
         assert run("cold")
     finally:
         runtime.close()
+    # Nothing of the runtime is left: the cold run's ServerApp, started by a SuperExec
+    # that the warm process had forked, lost its parent's tree and outlived close() by
+    # seconds (Flower's parent watch ended it).
+    assert marked(MARKER, runtime.env[MARKER]) == []
     # every run's log is whole, the cold one's too (Flower's own intervals there)
     for name in ("a", "b", "cold"):
         assert _whole_log(tmp_path / name), (tmp_path / name / "flower.log").read_text()

@@ -1,4 +1,7 @@
-"""The watchdog stops the processes on its list when its parent dies, and nothing else.
+"""When its parent dies, the watchdog stops the processes on its list and its runtime's strays.
+
+Nothing else: a stray is a process that started with the runtime's variable
+(``marked``), and a process of another runtime or none is left alone.
 
 Real processes: a parent that starts the watchdog (``python -m sims.processes``)
 as a runtime does, and two processes on the watchdog's list. One of them is
@@ -8,12 +11,13 @@ and the kernel has given the PID to a new one: the watchdog must leave it alone.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from sims.processes import alive, start_time
+from sims.processes import alive, marked, start_time
 from sims.runtime import Runtime
 from tests.sims.warm_requests import ROOT
 
@@ -22,7 +26,7 @@ SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
 #: The watchdog's parent: starts it, says so, and waits to be killed.
 PARENT = """\
 import os, subprocess, sys, time
-subprocess.Popen([sys.executable, "-m", "sims.processes", str(os.getpid()), sys.argv[1]],
+subprocess.Popen([sys.executable, "-m", "sims.processes", str(os.getpid()), *sys.argv[1:]],
                  start_new_session=True)
 print("started", flush=True)
 time.sleep(120)
@@ -78,3 +82,50 @@ def test_a_process_stopped_after_its_runtime_closed_writes_no_guard_file(tmp_pat
     runtime._stop_spawned(proc, grace=1.0)
     assert proc.returncode is not None
     assert not runtime.tmp.exists()
+
+
+def test_marked_finds_the_processes_that_started_with_the_variable() -> None:
+    mine = subprocess.Popen(SLEEPER, env={**os.environ, "FM_TEST_MARK": "runtime-a"})
+    other = subprocess.Popen(SLEEPER, env={**os.environ, "FM_TEST_MARK": "runtime-ab"})
+    plain = subprocess.Popen(SLEEPER)
+    try:
+        found = marked("FM_TEST_MARK", "runtime-a")
+        assert mine.pid in found
+        assert other.pid not in found and plain.pid not in found and os.getpid() not in found
+    finally:
+        for proc in (mine, other, plain):
+            proc.kill()
+            proc.wait()
+    assert marked("FM_TEST_MARK", "runtime-a") == []  # a zombie, then gone: not alive
+
+
+def test_the_watchdog_also_stops_what_left_the_trees(tmp_path: Path) -> None:
+    """A process of the runtime that no listed tree holds (re-parented to init) is stopped."""
+    stray = subprocess.Popen(
+        SLEEPER, env={**os.environ, "FM_TEST_MARK": str(tmp_path)}, start_new_session=True
+    )
+    bystander = subprocess.Popen(SLEEPER, env={**os.environ, "FM_TEST_MARK": "elsewhere"})
+    parent = None
+    try:
+        guard = tmp_path / "runtime" / "guard"
+        guard.parent.mkdir()
+        guard.write_text("")  # nothing listed
+        parent = subprocess.Popen(
+            [sys.executable, "-c", PARENT, str(guard), f"FM_TEST_MARK={tmp_path}"],
+            cwd=ROOT, stdout=subprocess.PIPE,
+        )  # fmt: skip
+        assert parent.stdout is not None and parent.stdout.readline() == b"started\n"
+        time.sleep(0.5)  # the watchdog has looked at its parent at least once
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 30
+        while guard.parent.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not guard.parent.exists()
+        assert stray.wait(timeout=10) == -15  # SIGTERM
+        assert bystander.poll() is None
+    finally:
+        for proc in (stray, bystander, parent):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
