@@ -555,6 +555,8 @@ def _describe(err: ErrorDetails, *, skip: int = 0, owner: Plugin | None = None) 
             )
         return f"{key}: unknown key; allowed: {', '.join(_fields_at(path[:-1], owner))}"
     allowed = msg.removeprefix("Input should be ").removeprefix("Value should be ")
+    if allowed == "an object":  # a section given a value: TOML's word for a section
+        allowed = f"a table [{key}]" if len(path) == 1 else "a table"
     return f"{key}: got {err.get('input')!r}; allowed: {allowed}"
 
 
@@ -659,10 +661,14 @@ def set_dotted(data: Mapping[str, Any], dotted: Mapping[str, Any]) -> dict[str, 
     for key, value in dotted.items():
         node = out
         *parents, leaf = key.split(".")
-        for part in parents:
+        for depth, part in enumerate(parents, 1):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"{key}: {part!r} is not a table")
+                above = ".".join(parents[:depth])
+                raise ConfigError(
+                    f"{key}: got {value!r}; allowed: keys of tables only, "
+                    f"and {above} is {node!r}, not a table"
+                )
         node[leaf] = value
     return out
 

@@ -180,7 +180,8 @@ def test_option_of_another_strategy_is_rejected() -> None:
         ("model.hidden=[1.5, 2]", "model.hidden.0: got 1.5; allowed: a valid integer"),
         ('model.hidden="a,b"', "model.hidden: got 'a,b'; allowed: a valid array"),
         ("dataset.name=3", "dataset.name: got 3; allowed: a valid string"),
-        ("train=3", "train: got 3; allowed: "),
+        ("train=3", "train: got 3; allowed: a table [train]"),
+        ("train.lr.x=1", "train.lr.x: got 1; allowed: keys of tables only, and train.lr is 0.01,"),
     ],
 )
 def test_type_errors_name_key_and_value(override: str, expected: str) -> None:
@@ -257,7 +258,9 @@ def test_flatten_and_set_dotted_hand_worked() -> None:
     assert flatten(nested) == {"a": 1, "b.c": "x", "b.d.e": 2.5, "f": [1, 2, 3]}
     flat = {"a": 1, "b.c": "x", "b.d.e": 2.5}
     assert set_dotted({}, flat) == {"a": 1, "b": {"c": "x", "d": {"e": 2.5}}}
-    with pytest.raises(ConfigError, match=r"^a\.b: 'a' is not a table"):
+    with pytest.raises(
+        ConfigError, match=r"^a\.b: got 2; allowed: keys of tables only, and a is 1, not a table$"
+    ):
         set_dotted({"a": 1}, {"a.b": 2})
 
 
