@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -188,20 +189,42 @@ def compare_once(scenario: RunConfig) -> dict[str, float]:
     return ratios
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--clients", type=int, default=50)
-    parser.add_argument("--per-round", type=int, default=10)
+def add_repeat(parser: argparse.ArgumentParser) -> None:
+    """The ``--repeat N`` option of a benchmark whose ways run interleaved (:func:`repeated`)."""
     parser.add_argument(
         "--repeat",
         type=int,
         default=1,
         help="run (a), (b) and (c) this many times, interleaved; the medians of the ratios last",
     )
+
+
+def repeated(
+    parser: argparse.ArgumentParser, times: int, once: Callable[[], dict[str, float]]
+) -> None:
+    """Call ``once`` ``times`` times; with more than one, print the median of each ratio last."""
+    if times < 1:
+        parser.error(f"--repeat: got {times}; allowed: 1 or more")
+    runs = []
+    for i in range(times):
+        if times > 1:
+            print(f"-- repetition {i + 1} of {times}")
+        runs.append(once())
+    if times > 1:
+        print(f"-- medians of {times} repetitions")
+        for name in runs[0]:
+            values = [r[name] for r in runs]
+            listed = " / ".join(f"{v:.2f}" for v in values)
+            print(f"{name}: {statistics.median(values):.2f}x  ({listed})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--per-round", type=int, default=10)
+    add_repeat(parser)
     args = parser.parse_args()
-    if args.repeat < 1:
-        parser.error(f"--repeat: got {args.repeat}; allowed: 1 or more")
     scenario = load_scenario(
         None,
         [
@@ -217,17 +240,7 @@ def main() -> None:
         f"{scenario.train.epochs} local epoch, {scenario.rounds} rounds; "
         f"torch threads {torch.get_num_threads()}"
     )
-    runs = []
-    for i in range(args.repeat):
-        if args.repeat > 1:
-            print(f"-- repetition {i + 1} of {args.repeat}")
-        runs.append(compare_once(scenario))
-    if args.repeat > 1:
-        print(f"-- medians of {args.repeat} repetitions")
-        for name in RATIOS:
-            values = [r[name] for r in runs]
-            listed = " / ".join(f"{v:.2f}" for v in values)
-            print(f"{name}: {statistics.median(values):.2f}x  ({listed})")
+    repeated(parser, args.repeat, lambda: compare_once(scenario))
 
 
 if __name__ == "__main__":

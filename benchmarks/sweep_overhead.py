@@ -23,7 +23,6 @@ Run:  .venv/bin/python benchmarks/sweep_overhead.py [--sweep sims/sweeps/smoke.t
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sim_overhead import bare_loop
+from sim_overhead import add_repeat, bare_loop, repeated
 
 from sims.compare import Sweep, load_sweep, plan_sweep, run_sweep
 
@@ -55,7 +54,7 @@ def compare_once(sweep: Sweep, parallel: int) -> dict[str, float]:
             summaries = run_sweep(planned, parallel=slots)
             wall = time.perf_counter() - t0
             finals[slots] = [s["final_accuracy"] for s in summaries]
-            ratios[label[:3]] = wall / a
+            ratios[f"{label[:3]}/(a)"] = wall / a
             print(f"{label:<28}: {wall:7.2f} s  = {wall / a:.2f}x (a)")
         if parallel:
             same = finals[1] == finals[parallel]
@@ -69,29 +68,12 @@ def main() -> None:
     parser.add_argument(
         "--parallel", type=int, default=2, help="runs at a time in (c); 0 leaves (c) out"
     )
-    parser.add_argument(
-        "--repeat",
-        type=int,
-        default=1,
-        help="run (a), (b) and (c) this many times, interleaved; the medians of the ratios last",
-    )
+    add_repeat(parser)
     args = parser.parse_args()
-    if args.repeat < 1:
-        parser.error(f"--repeat: got {args.repeat}; allowed: 1 or more")
     if args.parallel < 0 or args.parallel == 1:
         parser.error(f"--parallel: got {args.parallel}; allowed: 0 (no (c)) or 2 or more")
     sweep = load_sweep(args.sweep)
-    runs = []
-    for i in range(args.repeat):
-        if args.repeat > 1:
-            print(f"-- repetition {i + 1} of {args.repeat}")
-        runs.append(compare_once(sweep, args.parallel))
-    if args.repeat > 1:
-        print(f"-- medians of {args.repeat} repetitions")
-        for name in runs[0]:
-            values = [r[name] for r in runs]
-            listed = " / ".join(f"{v:.2f}" for v in values)
-            print(f"{name}/(a): {statistics.median(values):.2f}x  ({listed})")
+    repeated(parser, args.repeat, lambda: compare_once(sweep, args.parallel))
 
 
 if __name__ == "__main__":

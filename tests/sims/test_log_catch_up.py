@@ -32,15 +32,18 @@ with open(sys.argv[1], "a") as log:
 """
 
 
-def _follow(tmp_path: Path, status: str, *items: str) -> tuple[str, int | None]:
+def _follow(
+    tmp_path: Path, status: str, *items: str, earlier: str = "an earlier run's line"
+) -> tuple[str, int | None]:
     """Run the writer on ``flower.log`` beside a summary of ``status``; what the log holds then.
 
-    Returns the log's text once :func:`sims.runtime.log_caught_up` returned,
-    and the writer's exit code at that moment (``None``: still running).
+    The log holds the line ``earlier`` before. Returns the log's text once
+    :func:`sims.runtime.log_caught_up` returned, and the writer's exit code at
+    that moment (``None``: still running).
     """
     (tmp_path / "summary.json").write_text(json.dumps({"status": status}))
     log = tmp_path / "flower.log"
-    log.write_text("an earlier run's line\n")
+    log.write_text(f"{earlier}\n")
     start = log.stat().st_size
     client = subprocess.Popen([sys.executable, "-c", WRITER, str(log), *items])
     try:
@@ -68,18 +71,12 @@ def test_a_completed_run_is_followed_until_its_last_line(tmp_path: Path) -> None
 
 
 def test_the_marker_of_an_earlier_run_does_not_count(tmp_path: Path) -> None:
-    log = tmp_path / "flower.log"
-    (tmp_path / "summary.json").write_text(json.dumps({"status": "completed"}))
-    log.write_text(f"{END_OF_RUN} an earlier run\n")
-    start = log.stat().st_size
-    client = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(log), "SLEEP:0.3", f"{END_OF_RUN} this run", "SLEEP:60"]
+    earlier = f"{END_OF_RUN} an earlier run"
+    text, code = _follow(
+        tmp_path, "completed", "SLEEP:0.3", f"{END_OF_RUN} this run", "SLEEP:60", earlier=earlier
     )
-    try:
-        runtime.log_caught_up(client, log, start)
-        assert log.read_text().splitlines()[-1] == f"{END_OF_RUN} this run"
-    finally:
-        stop_process(client, grace=0)
+    assert text.splitlines() == [earlier, f"{END_OF_RUN} this run"]
+    assert code is None
 
 
 def test_a_failed_run_is_followed_until_flwr_run_ends(tmp_path: Path) -> None:

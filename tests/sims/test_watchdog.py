@@ -33,6 +33,21 @@ time.sleep(120)
 """
 
 
+def _kill_and_wait_for_the_watchdog(parent: subprocess.Popen[bytes], guard: Path) -> None:
+    """SIGKILL ``parent`` once its watchdog runs; return once the watchdog has done its work.
+
+    That is, once it has removed the runtime's folder, which it does last.
+    """
+    assert parent.stdout is not None and parent.stdout.readline() == b"started\n"
+    time.sleep(0.5)  # the watchdog has looked at its parent at least once
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while guard.parent.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not guard.parent.exists()
+
+
 def test_the_watchdog_stops_listed_processes_whose_start_time_matches(tmp_path: Path) -> None:
     listed = subprocess.Popen(SLEEPER)
     reused = subprocess.Popen(SLEEPER)  # stands for a PID taken by another process since
@@ -46,15 +61,7 @@ def test_the_watchdog_stops_listed_processes_whose_start_time_matches(tmp_path: 
         parent = subprocess.Popen(
             [sys.executable, "-c", PARENT, str(guard)], cwd=ROOT, stdout=subprocess.PIPE
         )
-        assert parent.stdout is not None and parent.stdout.readline() == b"started\n"
-        time.sleep(0.5)  # the watchdog has looked at its parent at least once
-        parent.kill()
-        parent.wait()
-        # the watchdog removes the runtime's folder once it has stopped the list
-        deadline = time.monotonic() + 30
-        while guard.parent.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not guard.parent.exists()
+        _kill_and_wait_for_the_watchdog(parent, guard)
         assert not alive(listed.pid)
         assert alive(reused.pid) and reused.poll() is None
     finally:
@@ -114,14 +121,7 @@ def test_the_watchdog_also_stops_what_left_the_trees(tmp_path: Path) -> None:
             [sys.executable, "-c", PARENT, str(guard), f"FM_TEST_MARK={tmp_path}"],
             cwd=ROOT, stdout=subprocess.PIPE,
         )  # fmt: skip
-        assert parent.stdout is not None and parent.stdout.readline() == b"started\n"
-        time.sleep(0.5)  # the watchdog has looked at its parent at least once
-        parent.kill()
-        parent.wait()
-        deadline = time.monotonic() + 30
-        while guard.parent.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not guard.parent.exists()
+        _kill_and_wait_for_the_watchdog(parent, guard)
         assert stray.wait(timeout=10) == -15  # SIGTERM
         assert bystander.poll() is None
     finally:
