@@ -435,20 +435,24 @@ def run_dir_lock(run_dir: Path) -> Iterator[Path]:
         os.close(fd)  # releases the lock
 
 
-def model_allocation_error(config: RunConfig, exc: BaseException) -> BaseException:
+def model_allocation_error(
+    config: RunConfig, exc: BaseException, key: str = "model", got: str | None = None
+) -> BaseException:
     """A :class:`ConfigError` for a model that could not be allocated; other errors unchanged.
 
     ``exc`` is a :class:`MemoryError`, or a :class:`RuntimeError` from
     PyTorch's allocator (its message says "allocate"); any other
-    ``RuntimeError`` is returned as it is (a bug, not an input).
+    ``RuntimeError`` is returned as it is (a bug, not an input). The error
+    names ``key`` and what it got (default: the ``model`` section).
     """
     text = str(exc)
     if isinstance(exc, RuntimeError) and "alloc" not in text.lower():
         return exc
     found = re.search(r"allocate (\d+) bytes", text)
     size = f"{int(found.group(1)) / 2**30:.1f} GiB" if found else "more memory than there is"
-    model = ", ".join(f"{k}={v!r}" for k, v in config.to_dict()["model"].items())
+    if got is None:
+        got = ", ".join(f"{k}={v!r}" for k, v in config.to_dict()["model"].items())
     return ConfigError(
-        f"model: got {model}, which needs {size}; allowed: a model that fits in this "
+        f"{key}: got {got}, which needs {size}; allowed: a model that fits in this "
         f"machine's memory (a smaller width or hidden size)"
     )

@@ -27,6 +27,7 @@ from fedmerge.align import permutation_spec_for
 from fedmerge.atomic import atomic_write_text
 from fedmerge.data import DatasetBundle
 from fedmerge.errors import one_line
+from fedmerge.tasks import get_task
 from fedmerge.topology import build_graph, mixing_matrix
 from sims.checks import (
     check_run_dir,
@@ -136,6 +137,7 @@ def preflight(config: RunConfig) -> None:
         raise _factory_error(config, "raised", exc) from None
     if config.model.factory and not config.task.self_supervised:
         _check_factory_outputs(config, fed, model)
+    _check_other_networks(config, fed, model)
     plugin = config.strategy.plugin
     if plugin.aligns:  # a model that cannot be traced fails here, not in the ServerApp
         permutation_spec_for(model, fed.example_input)
@@ -145,6 +147,31 @@ def preflight(config: RunConfig) -> None:
             mixing_matrix(graph, config.topology.mixing)  # checks an edge file's weights too
         except ValueError as exc:  # the kernel names the topology's own field
             raise ConfigError(f"topology.{exc}") from None
+
+
+def _check_other_networks(config: RunConfig, fed: Federation, model: torch.nn.Module) -> None:
+    """Build the networks beside the run's model that a client may build: fail here if they cannot.
+
+    The widest of a strategy's ``client_widths``, and a task's networks of a
+    client's own (BYOL's target and predictor). One that cannot be allocated
+    is refused with its key (:func:`sims.checks.model_allocation_error`);
+    before, it failed in the first client that built it.
+    """
+    widths = list(getattr(config.strategy.options, "client_widths", ()) or ())
+    builds: list[tuple[str, str, Callable[[], object]]] = []
+    if widths and max(widths) > config.model.width:
+        widest = max(widths)
+        builds.append(("strategy.client_widths", str(widths), lambda: fed.model_at_width(widest)))
+    local = getattr(get_task(config.task.name), "local_networks", None)
+    if local is not None:
+        task = config.to_dict()["task"]
+        got = ", ".join(f"{k}={v!r}" for k, v in task.items() if k.endswith(("_dim", "_hidden")))
+        builds.append(("task", got, lambda: local(model, config.task, None, config.seed)))
+    for key, got, build in builds:
+        try:
+            build()
+        except (MemoryError, RuntimeError) as exc:
+            raise model_allocation_error(config, exc, key, got) from None
 
 
 def declared_run_config() -> dict[str, Any]:

@@ -224,6 +224,16 @@ CASES = [
         ["model: got", "width=100000000", "fits in this machine's memory"],
     ),
     (
+        "client-width-too-large-to-allocate",
+        [*_DIGITS, "--set", "strategy.name=ot", "--set", "strategy.client_widths=[100000000]"],
+        ["strategy.client_widths: got [100000000], which needs", "fits in this machine's memory"],
+    ),
+    (
+        "byol-predictor-too-large-to-allocate",
+        [*_DIGITS, "--set", "task.name=byol", "--set", "task.predictor_hidden=10000000000"],
+        ["task: got", "predictor_hidden=10000000000, which needs", "fits in this machine's memory"],
+    ),
+    (
         "cuda-device-missing",
         [*_DIGITS, "--set", f"device=cuda:{_GPUS}"],
         [f"device: got 'cuda:{_GPUS}'", f"torch sees {_GPUS} CUDA device"],
