@@ -8,8 +8,8 @@ runtime stops ``flwr run`` once the ServerApp's last line has reached it
 (:meth:`sims.runtime.Runtime.run`), which took 0.15-0.73 s after the summary
 here. :func:`install`, called in the simulation processes and SuperLinks
 that the warm process forks (:mod:`sims.warm`), sets both intervals to
-:data:`INTERVAL`: 0.06 s then, for about 0.05 s more of the SuperLink's CPU
-in a run of ten seconds. Other processes keep Flower's intervals.
+:data:`INTERVAL`: 0.06-0.15 s then, for about 0.05 s more of the SuperLink's
+CPU in a run of ten seconds. Other processes keep Flower's intervals.
 """
 
 from __future__ import annotations
