@@ -51,7 +51,7 @@ def client_accuracy(run: RunRecord) -> list[float]:
     if isinstance(peer, list):
         if not all(_is_accuracy(a) for a in peer):
             raise ValueError(
-                f"{run.run_dir / METRICS_FILE}: peer_accuracy: got {str(peer)[:80]}; "
+                f"{run.run_dir / METRICS_FILE}: peer_accuracy: got {one_line(peer, 80)}; "
                 f"allowed: a list of accuracies in [0, 1]"
             )
         return [float(a) for a in peer]

@@ -159,8 +159,8 @@ def _check_other_networks(config: RunConfig, fed: Federation, model: torch.nn.Mo
     """
     widths = list(getattr(config.strategy.options, "client_widths", ()) or ())
     builds: list[tuple[str, str, Callable[[], object]]] = []
-    if widths and max(widths) > config.model.width:
-        widest = max(widths)
+    widest = max(widths, default=0)
+    if widest > config.model.width:
         builds.append(("strategy.client_widths", str(widths), lambda: fed.model_at_width(widest)))
     local = getattr(get_task(config.task.name), "local_networks", None)
     if local is not None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from fedmerge.errors import one_line
 from fedmerge.run_end import FINISHED_STATUSES
 
 if TYPE_CHECKING:
@@ -52,9 +53,8 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def _shown(value: Any, limit: int = 60) -> str:
-    """``value`` as JSON for a message, cut to ``limit`` characters."""
-    text = json.dumps(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """``value`` as JSON for a message, cut to ``limit`` characters (:func:`one_line`)."""
+    return one_line(json.dumps(value), limit)
 
 
 def _is_integer(value: Any) -> bool:

@@ -9,7 +9,6 @@ scenario into the run that a :class:`Runtime` carries out.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -37,7 +36,7 @@ from sims.processes import (
     stop_run_tree,
     stop_tree,
 )
-from sims.runs import parse_row
+from sims.runs import SUMMARY_FILE, parse_row, read_json
 from sims.warm import (
     KEEP_ACTORS_ENV,
     WAKE_ENV,
@@ -157,11 +156,7 @@ def log_caught_up(client: subprocess.Popen[bytes], log_path: Path, start: int) -
     Flower's traceback, after that line). At the latest after
     :data:`LOG_CATCH_UP` seconds.
     """
-    try:
-        summary = json.loads((log_path.parent / "summary.json").read_text())
-    except (OSError, ValueError):
-        summary = {}
-    failed = isinstance(summary, dict) and summary.get("status") == "failed"
+    failed = read_json(log_path.parent / SUMMARY_FILE).get("status") == "failed"
     marker = END_OF_RUN.encode()
     deadline = time.monotonic() + LOG_CATCH_UP
     with log_path.open("rb") as log:
