@@ -18,6 +18,8 @@ messages were stored for come first, in the order the messages were stored
 its first round (:func:`strategies.workers.wait`), so that the actors' start
 is start-up, not part of round 1's time. In a shared runtime with a Ray head
 of its own, it keeps the run's actors for the next run (:func:`keep_actors`).
+And Ray's driver connects as soon as the head's raylet is up
+(:func:`wait_for_raylet`), not up to a second later.
 
 A simulation process started without the warm process keeps Flower's loop,
 and its ServerApp does not wait.
@@ -31,6 +33,7 @@ import itertools
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -56,6 +59,11 @@ logger = logging.getLogger(__name__)
 FLOWER_RELEASE = "1.42."
 #: Seconds between two looks when no message is stored meanwhile (Flower's interval).
 LOOK_EVERY = 0.1
+#: Seconds between two looks for the Ray head's raylet (:func:`wait_for_raylet`).
+RAYLET_LOOK_EVERY = 0.02
+#: Seconds that :func:`wait_for_raylet` looks for at most; then Ray's driver looks on,
+#: once a second, up to its own limit.
+RAYLET_WAIT = 10.0
 
 
 def add_messages_to_queue(
@@ -158,10 +166,80 @@ def install() -> bool:
     from flwr.server.superlink.fleet.vce.backend import raybackend  # imports Ray
 
     setattr(raybackend.RayBackend, "build", _build_and_report(raybackend.RayBackend.build))  # noqa: B010
+    setattr(raybackend.RayBackend, "init_ray", _after_raylet(raybackend.RayBackend.init_ray))  # noqa: B010
     namespace = os.environ.get(KEEP_ACTORS_ENV)
     if namespace:
         keep_actors(namespace)
     return True
+
+
+def wait_for_raylet(address: str, timeout: float = RAYLET_WAIT) -> bool:
+    """Wait until the Ray cluster at ``address`` (``HOST:PORT``) has a raylet alive.
+
+    A driver that connects before the head's raylet has registered with the
+    head's GCS sleeps a whole second before it looks again (Ray's
+    ``get_node_to_connect_for_driver``). A runtime submits its first run
+    while its head starts, and the raylet registers once its agents are up,
+    forked from the warm process after its imports: the first run's driver
+    often came that early. This asks the GCS the same question every
+    :data:`RAYLET_LOOK_EVERY` seconds, so that the driver that follows finds
+    the raylet at once.
+
+    Returns
+    -------
+    bool
+        Whether a raylet was alive within ``timeout`` seconds. If not, or if
+        nothing listens at ``address`` yet (Ray's client would wait for it
+        for half a minute), the driver connects, waits or fails as Ray's own
+        does.
+    """
+    # imported by Flower's backend already; Ray's type stubs leave both out
+    from ray._raylet import GcsClient  # type: ignore[attr-defined]
+    from ray.core.generated.gcs_pb2 import GcsNodeInfo  # type: ignore[attr-defined]
+
+    deadline = time.monotonic() + timeout
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=min(timeout, 1.0)).close()
+        client = GcsClient(address=address)
+    except (OSError, ValueError) as exc:
+        logger.debug("no Ray head answers at %s yet: %s", address, exc)
+        return False
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            alive = client.get_all_node_info(
+                timeout=min(left, 1.0), state_filter=GcsNodeInfo.GcsNodeState.ALIVE
+            )
+        except Exception as exc:  # Ray's own connect reports what stays
+            logger.debug("the Ray head at %s did not answer: %s", address, exc)
+            return False
+        if alive:
+            return True
+        time.sleep(RAYLET_LOOK_EVERY)
+
+
+def _after_raylet(
+    init_ray: Callable[[RayBackend, Any], None],
+) -> Callable[[RayBackend, Any], None]:
+    """``RayBackend.init_ray``, after its cluster's raylet is up (:func:`wait_for_raylet`).
+
+    Only where ``RAY_ADDRESS`` is ``HOST:PORT``, the form a runtime sets for
+    its own head or a scenario's ``simulation.ray_address``; a Ray Client
+    address (``ray://``) connects as Ray's own.
+    """
+
+    def init_after_raylet(backend: RayBackend, backend_config: Any) -> None:
+        import ray  # imported by Flower's backend already
+
+        address = os.environ.get("RAY_ADDRESS", "")
+        if ":" in address and "://" not in address and not ray.is_initialized():
+            wait_for_raylet(address)
+        init_ray(backend, backend_config)
+
+    return init_after_raylet
 
 
 def keep_actors(namespace: str) -> None:

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from sims.engine_wake import wait_for_raylet
 from sims.launch import shared_runtimes
-from sims.processes import FLOWER_ENV, free_port
-from sims.ray_head import HEAD_ENV, head_command, last_words
+from sims.ray_head import last_words
+from tests.ray_support import start_ray_head, stop_ray_head
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,34 +93,15 @@ def ray_head() -> Iterator[tuple[str, int]]:
     :mod:`sims.warm`, or below the head when they are started cold).
     """
     tmp = Path(tempfile.mkdtemp(prefix="fmray-"))
-    port = free_port()
-    # as a Runtime starts its head (sims.ray_head), with the GPUs left out
-    env = {**os.environ, **FLOWER_ENV, **HEAD_ENV, "RAY_TMPDIR": str(tmp)}
-    said = tmp / "ray.log"
-    with said.open("ab") as out:
-        proc = subprocess.Popen(
-            head_command(tmp / "bin", port, ray_head_cpus(), tmp, num_gpus=0),
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
-        )  # fmt: skip
-    address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ray start exited with code {proc.returncode}{last_words(said)}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.5)
-    time.sleep(2)  # the GCS port opens before the raylet is ready
+    proc, address = start_ray_head(tmp, ray_head_cpus())
     try:
+        if not wait_for_raylet(address):  # the GCS port opens before the raylet is ready
+            raise RuntimeError(
+                f"the Ray head's raylet was not up in time{last_words(tmp / 'ray.log')}"
+            )
         yield address, proc.pid
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_ray_head(proc)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
