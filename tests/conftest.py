@@ -34,7 +34,7 @@ SLOW_FILES = (
     "tests/e2e/test_references.py",  # 50 s
     "tests/e2e/test_merge_operators.py",  # 45 s
     "tests/e2e/test_federation_up_down.py",  # 40 s
-    "tests/e2e/test_process_lifetime.py",  # 30 s
+    "tests/e2e/test_process_lifetime.py",  # 45 s
 )
 
 

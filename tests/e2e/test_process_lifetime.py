@@ -1,7 +1,8 @@
-"""Nothing ``fedmerge simulate`` starts outlives it, even when it is killed with SIGKILL;
-a Ray worker that dies stops the run, which then resumes.
+"""Nothing ``fedmerge simulate`` starts outlives it, even when it is killed with SIGKILL,
+and the run killed so resumes as if never killed; a Ray worker that dies stops the
+run, which then resumes.
 
-The run starts its own SuperLink and Ray head (no ``simulation.ray_address``),
+The first run starts its own SuperLink and Ray head (no ``simulation.ray_address``),
 so the tree below the CLI holds every kind of process a run has: the
 watchdog, the SuperLink and its SuperExec, ``flwr run``, the simulation
 process, Ray's daemons and the ClientApp actors.
@@ -23,6 +24,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from sims.launch import SimulationError, simulate
 from sims.processes import (
@@ -34,9 +37,10 @@ from sims.processes import (
     stat_fields,
     stop_tree,
 )
+from sims.runs import read_json
 from sims.runtime import Runtime
 from sims.scenario_files import load_scenario
-from tests.e2e.short_runs import TEST_SAMPLES
+from tests.e2e.short_runs import SHORT, TEST_SAMPLES
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
@@ -188,6 +192,71 @@ def test_sigkill_of_simulate_leaves_no_process_behind(tmp_path: Path) -> None:
     time.sleep(2)
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == rows_at_kill
     assert not (run_dir / "summary.json").exists()
+
+
+def test_a_run_killed_with_sigkill_resumes_with_the_numbers_of_an_uninterrupted_one(
+    ray_address: str, tmp_path: Path
+) -> None:
+    """``kill -9`` of ``fedmerge simulate`` mid-run, then the same run again: as if never killed.
+
+    The watchdog stops the killed run's processes (its ServerApp first); the
+    resumed run goes on from the last checkpoint, on the session's runtime,
+    and ends with the rows and the model of a run that nobody stopped.
+    """
+    overrides = [
+        "rounds=4", "num_clients=4", "clients_per_round=2", "partition.scheme='dirichlet'",
+        *SHORT, f"simulation.ray_address='{ray_address}'",
+    ]  # fmt: skip
+    run_dir = tmp_path / "killed"
+    argv = [sys.executable, "-m", "sims.cli", "simulate", "default", "--run-dir", str(run_dir)]
+    with (tmp_path / "killed.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [*argv, *(x for item in overrides for x in ("--set", item))],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    tree: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while read_json(run_dir / "checkpoint.json").get("round", -1) < 1:
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "round 1 was never checkpointed"
+            time.sleep(0.05)
+        tree = descendants(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while any(alive(p) for p in tree):  # the watchdog stops them
+            assert time.monotonic() < deadline, {p: command_line(p)[:120] for p in tree}
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        stop_tree([p for p in tree if alive(p)], 1.0)  # whatever a failed test left
+    killed_at = read_json(run_dir / "checkpoint.json")["round"]
+    assert not (run_dir / "summary.json").exists(), (
+        f"the run ended before the kill took ({killed_at})"
+    )
+    scenario = load_scenario(None, overrides)
+    resumed = simulate(scenario, run_dir)
+    assert f"resuming after round {killed_at}" in (run_dir / "flower.log").read_text()
+    reference = simulate(scenario, tmp_path / "reference")
+    assert resumed["status"] == reference["status"] == "completed"
+    rows, expected = _metrics(run_dir), _metrics(tmp_path / "reference")
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+    for a, b in zip(rows, expected, strict=True):
+        for key in ("round", "accuracy", "loss", "train_loss", "sampled", "bytes_up"):
+            assert a[key] == b[key], (a["round"], key)
+    weights, same = (
+        load_file(str(d / "model.safetensors")) for d in (run_dir, tmp_path / "reference")
+    )
+    assert weights.keys() == same.keys()
+    for key in same:
+        torch.testing.assert_close(weights[key], same[key], rtol=0, atol=0)
+
+
+def _metrics(run_dir: Path) -> list[dict[str, object]]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
 
 
 @contextlib.contextmanager
