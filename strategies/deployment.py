@@ -13,7 +13,9 @@ attributed back to the node, and hence the partition, they were sent to.
 what happened: ``failed`` with the error, or which partitions were lost.
 :class:`RejoiningGrid`, and :class:`PromptGrid` for a run whose partitions
 are assigned (a simulation's), look for replies every few milliseconds
-rather than at the intervals of Flower's Grids (:func:`send_and_receive`).
+rather than at the intervals of Flower's Grids (:func:`send_and_receive`);
+in a simulation, whose replies are stored in the ServerApp's own process,
+each stored reply wakes the look at once (:func:`reply_stored`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -41,8 +44,10 @@ _PARTITION_OF_REASON = re.compile(r"^partition (\d+) ")
 #: First and longest wait (s) between two looks for replies in :func:`send_and_receive`
 #: through a deployed SuperLink (each look is a request to it).
 REPLY_POLL: tuple[float, float] = (0.01, 0.2)
-#: The same through a simulation's in-memory state (each look checks each awaited message).
-IN_MEMORY_POLL: tuple[float, float] = (0.002, 0.02)
+#: The same through a simulation's in-memory state (each look checks each awaited message),
+#: where every stored reply also wakes the look (:func:`reply_stored`): these looks only
+#: catch what is not stored that way (Flower's replies for messages that expired).
+IN_MEMORY_POLL: tuple[float, float] = (0.02, 0.2)
 #: A wait is at least this many times as long as the look before it: many awaited messages
 #: make each look longer, and the looks must not take the time the replies need.
 LOOK_SHARE = 10.0
@@ -54,6 +59,7 @@ def send_and_receive(
     *,
     timeout: float | None,
     poll: tuple[float, float] = REPLY_POLL,
+    wake: threading.Event | None = None,
 ) -> list[Message]:
     """``grid.send_and_receive``, looking for replies every few ms instead of every 0.1 or 3 s.
 
@@ -64,12 +70,16 @@ def send_and_receive(
     once, then after a wait that grows by half each time from ``poll``'s
     first to its longest, and is never shorter than :data:`LOOK_SHARE` times
     the look before it; like Flower's, ``timeout=None`` waits for every reply.
+    A ``wake`` event (:func:`reply_stored`) set meanwhile ends the wait at
+    once, past that shortest share.
     """
     ids = {str(i) for i in grid.push_messages(messages)}
     end = None if timeout is None else time.monotonic() + timeout
     wait, longest = poll
     replies: list[Message] = []
     while True:
+        if wake is not None:
+            wake.clear()  # a reply stored from here on wakes the wait below
         started = time.monotonic()
         got = list(grid.pull_messages(ids))
         look = time.monotonic() - started
@@ -77,14 +87,46 @@ def send_and_receive(
         ids.difference_update(m.metadata.reply_to_message_id for m in got)
         if not ids or (end is not None and time.monotonic() >= end):
             return replies
-        time.sleep(max(wait, LOOK_SHARE * look))  # looks take at most a tenth of the time
+        share = LOOK_SHARE * look  # looks take at most a tenth of the time
+        if wake is None:
+            time.sleep(max(wait, share))
+        else:
+            time.sleep(share)
+            wake.wait(max(0.0, wait - share))
         wait = min(longest, wait * 1.5)
+
+
+def reply_stored(grid: InMemoryGrid) -> threading.Event:
+    """An event set whenever a reply is stored in ``grid``'s in-memory state.
+
+    In a simulation, Flower's engine stores each ClientApp's reply in the
+    state that the ServerApp's Grid reads (``store_message_res``, wrapped
+    here on that state object only). The wrapper stays for the process's
+    life; a second call for the same state returns the same event.
+    """
+    state = grid.state
+    store = state.store_message_res
+    known = getattr(store, "reply_stored", None)
+    if isinstance(known, threading.Event):
+        return known
+    stored = threading.Event()
+
+    def store_and_wake(message: Message) -> str | None:
+        try:
+            return store(message)
+        finally:
+            stored.set()
+
+    setattr(store_and_wake, "reply_stored", stored)  # noqa: B010
+    setattr(state, "store_message_res", store_and_wake)  # noqa: B010  # this state object only
+    return stored
 
 
 class PromptGrid(WrappedGrid):
     """A Grid whose ``send_and_receive`` looks for replies often (:func:`send_and_receive`).
 
-    Through a simulation's in-memory state every 2-20 ms (:data:`IN_MEMORY_POLL`),
+    Through a simulation's in-memory state as soon as a reply is stored
+    (:func:`reply_stored`) and every 20-200 ms besides (:data:`IN_MEMORY_POLL`),
     through a SuperLink every 10-200 ms (:data:`REPLY_POLL`).
 
     Parameters
@@ -96,12 +138,15 @@ class PromptGrid(WrappedGrid):
     def __init__(self, grid: Grid) -> None:
         super().__init__(grid)
         self._poll = IN_MEMORY_POLL if isinstance(grid, InMemoryGrid) else REPLY_POLL
+        self._wake = reply_stored(grid) if isinstance(grid, InMemoryGrid) else None
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> list[Message]:
         """Push ``messages``; pull until every one has its reply or ``timeout`` passes."""
-        return send_and_receive(self._grid, messages, timeout=timeout, poll=self._poll)
+        return send_and_receive(
+            self._grid, messages, timeout=timeout, poll=self._poll, wake=self._wake
+        )
 
 
 def with_source(reply: Message, node: int) -> Message:

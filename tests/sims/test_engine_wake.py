@@ -16,53 +16,29 @@ from uuid import uuid4
 
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.proto.task_pb2 import Task
 from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
-from flwr.server.superlink.linkstate import InMemoryLinkState, LinkStateFactory
-from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
-from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
-from flwr.supercore.object_store import ObjectStoreFactory
-from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
-from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid import InMemoryGrid
 
 from sims import engine_wake
-from strategies import workers
+from strategies import deployment, workers
 from strategies.deployment import IN_MEMORY_POLL, PromptGrid
+from tests.flower_state import SERVERAPP_IDENTITY, simulation_state
 
 #: Far longer than the test waits: a message that arrives came through the wake-up.
 NEVER = 120.0
-RUN_ID, TASK_ID = 7, 11
 
 
 @pytest.fixture(autouse=True)
 def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     """The process-wide identity that Flower's simulation process sets for its ServerApp."""
-    monkeypatch.setattr(TaskIdentity, "_task_id", TASK_ID)
-    monkeypatch.setattr(TaskIdentity, "_run_id", RUN_ID)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
-
-
-def _simulation_state(nodes: int) -> tuple[LinkStateFactory, Run, dict[int, int]]:
-    """Flower's in-memory state with one run and ``nodes`` nodes, as its simulation has it."""
-    factory = LinkStateFactory(
-        FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory()
-    )
-    state = factory.state()
-    assert isinstance(state, InMemoryLinkState)
-    run = Run.create_empty(run_id=RUN_ID)
-    run.primary_task_id = TASK_ID
-    run.federation_id = NOOP_FEDERATION_ID
-    state.run_ids[run.run_id] = RunRecord(run=run)
-    state.task_store[TASK_ID] = Task(task_id=TASK_ID, run_id=run.run_id)
-    return factory, run, vce_api._register_nodes(nodes, factory)
+    for name, value in SERVERAPP_IDENTITY.items():
+        monkeypatch.setattr(TaskIdentity, name, value)
 
 
 def test_a_stored_message_is_queued_without_waiting_for_the_next_look() -> None:
-    factory, run, nodes = _simulation_state(3)
+    factory, run, nodes = simulation_state(3)
     state = factory.state()
     grid = InMemoryGrid(factory)
     grid.set_run(run)
@@ -111,7 +87,7 @@ class HeldQueue(Queue[Message]):
 
 
 def test_messages_reach_the_queue_in_the_order_they_were_stored() -> None:
-    factory, run, nodes = _simulation_state(3)
+    factory, run, nodes = simulation_state(3)
     state = factory.state()
     grid = InMemoryGrid(factory)
     grid.set_run(run)
@@ -140,7 +116,7 @@ def test_messages_reach_the_queue_in_the_order_they_were_stored() -> None:
 
 
 def test_prompt_grid_gets_replies_stored_by_the_engine() -> None:
-    factory, run, nodes = _simulation_state(2)
+    factory, run, nodes = simulation_state(2)
     state = factory.state()
     queue: Queue[Message] = Queue()
     stop = threading.Event()
@@ -183,6 +159,44 @@ def test_prompt_grid_gets_replies_stored_by_the_engine() -> None:
         for t in threads:
             t.join(timeout=30)
     assert not any(t.is_alive() for t in threads)
+
+
+def test_a_stored_reply_ends_the_prompt_grids_wait_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a simulation the ServerApp's Grid looks again when a reply is stored, not later."""
+    factory, run, nodes = simulation_state(2)
+    state = factory.state()
+    grid = InMemoryGrid(factory)
+    grid.set_run(run)
+    monkeypatch.setattr(deployment, "IN_MEMORY_POLL", (NEVER, NEVER))  # no look but the first
+    prompt = PromptGrid(grid)
+    assert deployment.reply_stored(grid) is prompt._wake  # one wrapper per state
+    stored: list[str | None] = []
+
+    def actors() -> None:  # as Flower's engine: one reply per message, stored in the state
+        answered: set[int] = set()
+        deadline = time.monotonic() + 30
+        while answered != set(nodes) and time.monotonic() < deadline:
+            for node in set(nodes) - answered:
+                for message in state.get_message_ins(node_id=node, limit=1):
+                    time.sleep(0.2)  # the Grid has made its first look, and waits
+                    reply = Message(
+                        RecordDict({"config": ConfigRecord({"node": node})}), reply_to=message
+                    )
+                    reply.metadata.__dict__["_message_id"] = str(uuid4())
+                    stored.append(state.store_message_res(reply))
+                    answered.add(node)
+            time.sleep(0.01)
+
+    messages = [Message(RecordDict(), n, "train") for n in nodes]
+    got: Queue[list[Message]] = Queue()
+    caller = threading.Thread(  # a Grid that missed the wake-up would wait NEVER seconds
+        target=lambda: got.put(prompt.send_and_receive(messages, timeout=NEVER)), daemon=True
+    )
+    for thread in (threading.Thread(target=actors, daemon=True), caller):
+        thread.start()
+    replies = got.get(timeout=30)
+    assert sorted(int(r.content["config"]["node"]) for r in replies) == sorted(nodes)
+    assert len(stored) == 2 and None not in stored  # the wrapper returns what Flower's does
 
 
 def test_install_replaces_the_engines_loop_only_under_its_flower_release(
