@@ -59,7 +59,7 @@ def send_and_receive(
     *,
     timeout: float | None,
     poll: tuple[float, float] = REPLY_POLL,
-    wake: threading.Event | None = None,
+    wake: RepliesStored | None = None,
 ) -> list[Message]:
     """``grid.send_and_receive``, looking for replies every few ms instead of every 0.1 or 3 s.
 
@@ -70,16 +70,15 @@ def send_and_receive(
     once, then after a wait that grows by half each time from ``poll``'s
     first to its longest, and is never shorter than :data:`LOOK_SHARE` times
     the look before it; like Flower's, ``timeout=None`` waits for every reply.
-    A ``wake`` event (:func:`reply_stored`) set meanwhile ends the wait at
-    once, past that shortest share.
+    With ``wake`` (:func:`reply_stored`), a reply stored since the look
+    began ends the wait at once, past that shortest share.
     """
     ids = {str(i) for i in grid.push_messages(messages)}
     end = None if timeout is None else time.monotonic() + timeout
     wait, longest = poll
     replies: list[Message] = []
     while True:
-        if wake is not None:
-            wake.clear()  # a reply stored from here on wakes the wait below
+        seen = wake.count if wake is not None else 0  # a reply stored from here on wakes us
         started = time.monotonic()
         got = list(grid.pull_messages(ids))
         look = time.monotonic() - started
@@ -92,32 +91,55 @@ def send_and_receive(
             time.sleep(max(wait, share))
         else:
             time.sleep(share)
-            wake.wait(max(0.0, wait - share))
+            wake.wait_past(seen, max(0.0, wait - share))
         wait = min(longest, wait * 1.5)
 
 
-def reply_stored(grid: InMemoryGrid) -> threading.Event:
-    """An event set whenever a reply is stored in ``grid``'s in-memory state.
+class RepliesStored:
+    """How many replies a state has stored so far (:func:`reply_stored`); a wait for the next.
+
+    A count, not an event that each waiter clears: any number of threads
+    may wait, each for a reply stored after its own look began.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self.count = 0
+
+    def note(self) -> None:
+        """One more reply is stored: wake every wait."""
+        with self._changed:
+            self.count += 1
+            self._changed.notify_all()
+
+    def wait_past(self, seen: int, timeout: float) -> None:
+        """Return once :attr:`count` is no longer ``seen``, or after ``timeout`` seconds."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.count != seen, timeout)
+
+
+def reply_stored(grid: InMemoryGrid) -> RepliesStored:
+    """What counts the replies stored in ``grid``'s in-memory state from now on.
 
     In a simulation, Flower's engine stores each ClientApp's reply in the
     state that the ServerApp's Grid reads (``store_message_res``, wrapped
     here on that state object only). The wrapper stays for the process's
-    life; a second call for the same state returns the same event.
+    life; a second call for the same state returns the same count.
     """
     state = grid.state
     store = state.store_message_res
-    known = getattr(store, "reply_stored", None)
-    if isinstance(known, threading.Event):
+    known = getattr(store, "replies_stored", None)
+    if isinstance(known, RepliesStored):
         return known
-    stored = threading.Event()
+    stored = RepliesStored()
 
     def store_and_wake(message: Message) -> str | None:
         try:
             return store(message)
         finally:
-            stored.set()
+            stored.note()
 
-    setattr(store_and_wake, "reply_stored", stored)  # noqa: B010
+    setattr(store_and_wake, "replies_stored", stored)  # noqa: B010
     setattr(state, "store_message_res", store_and_wake)  # noqa: B010  # this state object only
     return stored
 

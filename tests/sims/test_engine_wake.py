@@ -199,6 +199,29 @@ def test_a_stored_reply_ends_the_prompt_grids_wait_at_once(monkeypatch: pytest.M
     assert len(stored) == 2 and None not in stored  # the wrapper returns what Flower's does
 
 
+def test_every_wait_ends_with_a_reply_stored_after_its_own_look() -> None:
+    """Waits on one state's count of stored replies: none is lost to another waiter."""
+    stored = deployment.RepliesStored()
+    seen = stored.count
+    stored.note()  # stored between a look and its wait: the wait does not begin
+    stored.wait_past(seen, NEVER)
+    seen = stored.count
+    ended: Queue[int] = Queue()
+    waiters = [
+        threading.Thread(target=lambda i=i: (stored.wait_past(seen, NEVER), ended.put(i)))
+        for i in range(3)
+    ]
+    for waiter in waiters:
+        waiter.start()
+    time.sleep(0.2)  # all three wait
+    assert ended.empty()
+    stored.note()
+    assert sorted(ended.get(timeout=30) for _ in waiters) == [0, 1, 2]
+    started = time.monotonic()
+    stored.wait_past(stored.count, 0.05)  # nothing stored: it waits its time out
+    assert time.monotonic() - started >= 0.05
+
+
 def test_install_replaces_the_engines_loop_only_under_its_flower_release(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
