@@ -28,16 +28,15 @@ import sys
 import threading
 import time
 from pathlib import Path
-from uuid import uuid4
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.flower_state
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.server.superlink.linkstate import LinkState
 from flwr.superlink.grid import InMemoryGrid
 
 from strategies.deployment import PromptGrid, send_and_receive
-from tests.flower_state import set_serverapp_identity, simulation_state
+from tests.flower_state import node_reply, set_serverapp_identity, simulation_state
 
 #: (a)'s looks: first and longest wait (s), as ``IN_MEMORY_POLL`` was without wake-ups.
 POLLING = (0.002, 0.02)
@@ -52,9 +51,7 @@ def engine(state: LinkState, nodes: list[int], delays: list[float], last: list[f
                 started = started or time.monotonic()
                 time.sleep(max(0.0, started + delays[i] - time.monotonic()))
                 i += 1
-                reply = Message(RecordDict({"c": ConfigRecord({"node": node})}), reply_to=message)
-                reply.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's workers do
-                state.store_message_res(reply)
+                state.store_message_res(node_reply(message))
                 last[0] = time.monotonic()
                 pending.remove(node)
         time.sleep(0.001)

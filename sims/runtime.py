@@ -391,7 +391,7 @@ class Runtime:
         """
         atomic_write_text(run_dir / "run_config.toml", run_config)
         metrics = run_dir / "metrics.jsonl"
-        summary_path = run_dir / "summary.json"
+        summary_path = run_dir / SUMMARY_FILE
         summary_path.unlink(missing_ok=True)
         log_path = run_dir / "flower.log"
         start = log_path.stat().st_size if log_path.exists() else 0

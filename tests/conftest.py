@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,9 +14,6 @@ from sims.engine_wake import wait_for_raylet
 from sims.launch import shared_runtimes
 from sims.ray_head import last_words
 from tests.ray_support import start_ray_head, stop_ray_head
-
-ROOT = Path(__file__).resolve().parent.parent
-
 
 #: The test files that take longest (seconds of one `make test` run). They are collected
 #: first, and `make test` hands files out in collection order (``--no-loadscope-reorder``;
@@ -101,8 +97,7 @@ def ray_head() -> Iterator[tuple[str, int]]:
             )
         yield address, proc.pid
     finally:
-        stop_ray_head(proc)
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_ray_head(proc, tmp)
 
 
 @pytest.fixture(scope="session")

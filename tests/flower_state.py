@@ -7,6 +7,9 @@ Grid are Flower's own.
 
 from __future__ import annotations
 
+from uuid import uuid4
+
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.proto.task_pb2 import Task
 from flwr.server.superlink.fleet.vce import vce_api
@@ -44,3 +47,11 @@ def set_serverapp_identity() -> None:
     """Set :data:`SERVERAPP_IDENTITY` on ``TaskIdentity`` for this process."""
     for name, value in SERVERAPP_IDENTITY.items():
         setattr(TaskIdentity, name, value)
+
+
+def node_reply(message: Message) -> Message:
+    """A reply to ``message`` naming its node (``config.node``), as Flower's workers make one."""
+    node = message.metadata.dst_node_id
+    reply = Message(RecordDict({"config": ConfigRecord({"node": node})}), reply_to=message)
+    reply.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's workers do
+    return reply

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,15 +40,28 @@ def start_ray_head(
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return proc, f"127.0.0.1:{port}"
         time.sleep(0.05)
-    stop_ray_head(proc)
+    stop_ray_head(proc, tmp, started_within=0.0)
     raise RuntimeError(f"the Ray head's GCS did not listen within {timeout:g} s{last_words(said)}")
 
 
-def stop_ray_head(proc: subprocess.Popen[bytes]) -> None:
-    """Stop ``ray start`` and its daemons (its session) by its PID."""
+def stop_ray_head(proc: subprocess.Popen[bytes], tmp: Path, started_within: float = 60.0) -> None:
+    """Stop ``ray start`` and its daemons (its session) by its PID; remove ``tmp``.
+
+    ``ray start`` handles SIGTERM only once it has started everything (it
+    says "Ray runtime started."); stopped before, it waits half a minute for
+    its GCS. So it first gets up to ``started_within`` seconds to say so.
+    """
+    deadline = time.monotonic() + started_within
+    while (
+        proc.poll() is None
+        and time.monotonic() < deadline
+        and b"Ray runtime started." not in (tmp / "ray.log").read_bytes()
+    ):
+        time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    shutil.rmtree(tmp, ignore_errors=True)

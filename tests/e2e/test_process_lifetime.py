@@ -37,7 +37,7 @@ from sims.processes import (
     stat_fields,
     stop_tree,
 )
-from sims.runs import read_json
+from sims.runs import read_json, read_rows
 from sims.runtime import Runtime
 from sims.scenario_files import load_scenario
 from tests.e2e.short_runs import SHORT, TEST_SAMPLES
@@ -242,7 +242,7 @@ def test_a_run_killed_with_sigkill_resumes_with_the_numbers_of_an_uninterrupted_
     assert f"resuming after round {killed_at}" in (run_dir / "flower.log").read_text()
     reference = simulate(scenario, tmp_path / "reference")
     assert resumed["status"] == reference["status"] == "completed"
-    rows, expected = _metrics(run_dir), _metrics(tmp_path / "reference")
+    rows, expected = read_rows(run_dir), read_rows(tmp_path / "reference")
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
     for a, b in zip(rows, expected, strict=True):
         for key in ("round", "accuracy", "loss", "train_loss", "sampled", "bytes_up"):
@@ -253,10 +253,6 @@ def test_a_run_killed_with_sigkill_resumes_with_the_numbers_of_an_uninterrupted_
     assert weights.keys() == same.keys()
     for key in same:
         torch.testing.assert_close(weights[key], same[key], rtol=0, atol=0)
-
-
-def _metrics(run_dir: Path) -> list[dict[str, object]]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
 
 
 @contextlib.contextmanager

@@ -12,10 +12,9 @@ import logging
 import threading
 import time
 from queue import Empty, Queue
-from uuid import uuid4
 
 import pytest
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 from flwr.supercore.task_identity import TaskIdentity
@@ -24,7 +23,7 @@ from flwr.superlink.grid import InMemoryGrid
 from sims import engine_wake
 from strategies import deployment, workers
 from strategies.deployment import IN_MEMORY_POLL, PromptGrid
-from tests.flower_state import SERVERAPP_IDENTITY, simulation_state
+from tests.flower_state import SERVERAPP_IDENTITY, node_reply, simulation_state
 
 #: Far longer than the test waits: a message that arrives came through the wake-up.
 NEVER = 120.0
@@ -127,10 +126,7 @@ def test_prompt_grid_gets_replies_stored_by_the_engine() -> None:
                 message = queue.get(timeout=0.1)
             except Empty:
                 continue
-            content = RecordDict({"config": ConfigRecord({"node": message.metadata.dst_node_id})})
-            reply = Message(content, reply_to=message)
-            reply.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's workers do
-            state.store_message_res(reply)
+            state.store_message_res(node_reply(message))
 
     grid = InMemoryGrid(factory)
     grid.set_run(run)
@@ -179,11 +175,7 @@ def test_a_stored_reply_ends_the_prompt_grids_wait_at_once(monkeypatch: pytest.M
             for node in set(nodes) - answered:
                 for message in state.get_message_ins(node_id=node, limit=1):
                     time.sleep(0.2)  # the Grid has made its first look, and waits
-                    reply = Message(
-                        RecordDict({"config": ConfigRecord({"node": node})}), reply_to=message
-                    )
-                    reply.metadata.__dict__["_message_id"] = str(uuid4())
-                    stored.append(state.store_message_res(reply))
+                    stored.append(state.store_message_res(node_reply(message)))
                     answered.add(node)
             time.sleep(0.01)
 
